@@ -1,0 +1,40 @@
+// The `fastbound` operator library: every op's schema, in one place.
+// Backends add implementations with TORCH_LIBRARY_IMPL (csrc/cpu/*.cpp, and
+// csrc/cuda/bindings.cpp when built with CUDA); fake (meta) implementations
+// and autograd formulas are registered from Python in `fastbound/_ops.py`.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/vectorize.h"
+
+TORCH_LIBRARY(fastbound, m) {
+  // Losses: flattened (N, V) scores, per-row sigma / scale and ids. Return the
+  // per-row loss (N,) and, when need_grad, d loss / d score (N, V).
+  m.def(
+      "dse_forward(Tensor score, Tensor sigma, Tensor x_t, Tensor x0, Tensor row_scale, int graph, "
+      "int ignore_index, bool need_grad) -> (Tensor, Tensor)");
+  m.def(
+      "dse_forward_inplace(Tensor(a!) score, Tensor sigma, Tensor x_t, Tensor x0, Tensor row_scale, "
+      "int graph, int ignore_index) -> Tensor");
+  m.def(
+      "dce_forward(Tensor logits, Tensor x_t, Tensor x0, Tensor row_scale, int mask_id, "
+      "int ignore_index, bool need_grad) -> (Tensor, Tensor)");
+  m.def(
+      "dce_forward_inplace(Tensor(a!) logits, Tensor x_t, Tensor x0, Tensor row_scale, int mask_id, "
+      "int ignore_index) -> Tensor");
+}
+
+namespace {
+
+PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(fastbound::cpu::isa_name()); }
+
+PyMethodDef kMethods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS,
+     "The x86-64 level the CPU kernels run at on this machine: 'avx512', 'avx2' or 'baseline'."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "fastbound's compiled operators.", -1, kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&kModule); }
