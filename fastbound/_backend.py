@@ -1,0 +1,44 @@
+"""Chooses the kernel backend for a device.
+
+Backends: "cpu" (the C++ kernels), "cuda" (the CUDA C++ kernels, when fastbound
+was built against a CUDA torch) and "triton" (the Triton kernels; on CPU tensors
+they run only under ``TRITON_INTERPRET=1``, which is how the tests check them).
+``backend=None`` reads ``FASTBOUND_BACKEND``, else "auto": "cpu" on CPU, and on
+GPU "cuda" when built, else "triton".
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._validate import check_choice
+
+BACKENDS = ("auto", "cpu", "cuda", "triton")
+
+
+def has_cuda_kernels(op: str = "fastbound::dse_forward") -> bool:
+    """Whether this build of fastbound has CUDA kernels (built against a CUDA torch)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+
+
+def select(device: torch.device, backend: str | None) -> str:
+    """Resolves ``backend`` (None, "auto", "cpu", "cuda" or "triton") for tensors on ``device``."""
+    requested = backend if backend is not None else os.environ.get("FASTBOUND_BACKEND", "auto")
+    check_choice("backend", requested, BACKENDS)
+    if device.type == "cpu":
+        if requested == "cuda":
+            raise ValueError("backend='cuda' needs CUDA tensors; these are on the CPU")
+        if requested == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("backend='triton' runs on CPU tensors only under TRITON_INTERPRET=1")
+        return "triton" if requested == "triton" else "cpu"
+    if device.type == "cuda":
+        if requested == "cpu":
+            raise ValueError("backend='cpu' needs CPU tensors; these are on CUDA")
+        if requested == "auto":
+            return "cuda" if has_cuda_kernels() else "triton"
+        if requested == "cuda" and not has_cuda_kernels():
+            raise ValueError("this fastbound was built without CUDA kernels; use backend='triton' or rebuild")
+        return requested
+    raise ValueError(f"fastbound has no kernels for device type {device.type!r}")

@@ -1,0 +1,109 @@
+"""Loads the compiled operators and gives them what `torch.compile` needs.
+
+The C++ library (`fastbound._C`, schemas in `csrc/ops.cpp`) registers the
+kernels per device. Here we add, per op, a fake (meta) implementation for
+tracing and the autograd formula, so models that call our losses compile with
+`fullgraph=True`.
+
+Every fused loss op has the same contract: it returns the per-row loss (N,)
+and the gradient of that loss with respect to the scores, already multiplied by
+the row scale (weight, and 1/count for ``reduction="mean"``). The backward is
+then one multiplication by the incoming per-row gradient, skipped in eager mode
+when that gradient is all ones (the usual ``loss.backward()`` after a sum).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
+
+GRAPH_CODES = {"absorb": 0, "uniform": 1}
+"""Graph names to the integer codes the kernels take (`csrc/include/fastbound/elementwise.h`)."""
+
+
+def scale_rows(grad: torch.Tensor, row_grad: torch.Tensor) -> torch.Tensor:
+    """Chain rule for a fused loss: d out / d score = grad * row_grad[:, None].
+
+    In eager mode a row gradient of all ones (from ``loss.sum().backward()``)
+    returns ``grad`` itself, so the backward costs nothing.
+    """
+    if not torch.compiler.is_compiling() and bool((row_grad == 1).all()):
+        return grad
+    return grad * row_grad.to(grad.dtype)[:, None]
+
+
+def _loss_fake(score: torch.Tensor, row_scale: torch.Tensor, need_grad: bool):
+    loss = row_scale.new_empty(score.shape[0])
+    grad = score.new_empty(score.shape) if need_grad else score.new_empty(0)
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    n_inputs = ctx.n_inputs
+    return (scale_rows(grad, grad_loss),) + (None,) * (n_inputs - 1)
+
+
+def register_fused_loss(op_name: str, n_inputs: int) -> None:
+    """Registers the autograd formula of a fused loss op whose first input is the scores."""
+
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.n_inputs = n_inputs
+
+    torch.library.register_autograd(op_name, _backward, setup_context=setup_context)
+
+
+@torch.library.register_fake("fastbound::dse_forward")
+def _dse_forward_fake(score, sigma, x_t, x0, row_scale, graph, ignore_index, need_grad):
+    return _loss_fake(score, row_scale, need_grad)
+
+
+@torch.library.register_fake("fastbound::dse_forward_inplace")
+def _dse_forward_inplace_fake(score, sigma, x_t, x0, row_scale, graph, ignore_index):
+    return row_scale.new_empty(score.shape[0])
+
+
+@torch.library.register_fake("fastbound::dce_forward")
+def _dce_forward_fake(logits, x_t, x0, row_scale, mask_id, ignore_index, need_grad):
+    return _loss_fake(logits, row_scale, need_grad)
+
+
+@torch.library.register_fake("fastbound::dce_forward_inplace")
+def _dce_forward_inplace_fake(logits, x_t, x0, row_scale, mask_id, ignore_index):
+    return row_scale.new_empty(logits.shape[0])
+
+
+register_fused_loss("fastbound::dse_forward", n_inputs=8)
+register_fused_loss("fastbound::dce_forward", n_inputs=7)
+
+
+class InplaceFusedLoss(torch.autograd.Function):
+    """Autograd for the ``inplace=True`` ops, which overwrite the scores with the gradient.
+
+    ``run(scores)`` calls a ``*_forward_inplace`` op on the (N, V) scores and
+    returns the per-row loss. The overwritten buffer is the saved gradient, as
+    in Liger-Kernel's cross entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, score: torch.Tensor, run) -> torch.Tensor:
+        buffer = score.detach()
+        loss = run(buffer)
+        ctx.save_for_backward(buffer)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (buffer,) = ctx.saved_tensors
+        return scale_rows(buffer, grad_loss), None
+
+
+def cpu_isa() -> str:
+    """The x86-64 level the CPU kernels run at here: 'avx512', 'avx2' or 'baseline'."""
+    return _C.cpu_isa()
