@@ -15,11 +15,23 @@ when that gradient is all ones (the usual ``loss.backward()`` after a sum).
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
 
 GRAPH_CODES = {"absorb": 0, "uniform": 1}
 """Graph names to the integer codes the kernels take (`csrc/include/fastbound/elementwise.h`)."""
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    """True while dynamo, AOTAutograd or make_fx trace (no data to branch on)."""
+    return (
+        torch.compiler.is_compiling()
+        or is_fake(t)
+        or torch._is_functional_tensor(t)
+        or get_proxy_mode() is not None
+    )
 
 
 def scale_rows(grad: torch.Tensor, row_grad: torch.Tensor) -> torch.Tensor:
@@ -28,7 +40,7 @@ def scale_rows(grad: torch.Tensor, row_grad: torch.Tensor) -> torch.Tensor:
     In eager mode a row gradient of all ones (from ``loss.sum().backward()``)
     returns ``grad`` itself, so the backward costs nothing.
     """
-    if not torch.compiler.is_compiling() and bool((row_grad == 1).all()):
+    if not _tracing(row_grad) and bool((row_grad == 1).all()):
         return grad
     return grad * row_grad.to(grad.dtype)[:, None]
 
@@ -39,22 +51,21 @@ def _loss_fake(score: torch.Tensor, row_scale: torch.Tensor, need_grad: bool):
     return loss, grad
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[1])
-
-
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
-    n_inputs = ctx.n_inputs
-    return (scale_rows(grad, grad_loss),) + (None,) * (n_inputs - 1)
+    score_grad = None if grad_loss is None else scale_rows(grad, grad_loss)
+    return (score_grad,) + (None,) * (ctx.n_inputs - 1)
 
 
 def register_fused_loss(op_name: str, n_inputs: int) -> None:
     """Registers the autograd formula of a fused loss op whose first input is the scores."""
 
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
+        ctx.save_for_backward(output[1])
         ctx.n_inputs = n_inputs
+        # The second output (the gradient buffer) never receives a gradient:
+        # do not let autograd fill an (N, V) tensor of zeros for it.
+        ctx.set_materialize_grads(False)
 
     torch.library.register_autograd(op_name, _backward, setup_context=setup_context)
 

@@ -1,0 +1,324 @@
+"""Fused DSE / DCE losses (C++ CPU kernels) against the oracle in `fastbound.reference`."""
+
+import pytest
+import torch
+
+import fastbound as fb
+from fastbound import reference as ref
+
+TOL = {  # (loss rtol, atol), (grad rtol, atol) against the float64 oracle
+    torch.float64: ((1e-10, 1e-10), (1e-10, 1e-12)),
+    torch.float32: ((1e-5, 1e-5), (1e-5, 1e-6)),
+    torch.bfloat16: ((1e-5, 1e-5), (1.6e-2, 1e-3)),
+    torch.float16: ((1e-5, 1e-5), (2e-3, 1e-4)),
+}
+
+
+def make_case(graph, shape, n_cols, dtype, *, seed=0, mask_frac=0.6, scale=1.0):
+    """Random scores and ids; for the absorbing graph the mask is column V-1."""
+    g = torch.Generator().manual_seed(seed)
+    score = (scale * torch.randn(*shape, n_cols, generator=g)).to(dtype)
+    n_real = n_cols - 1 if graph in ("absorb", "dce") else n_cols
+    x0 = torch.randint(0, n_real, shape, generator=g)
+    if graph == "uniform":
+        x_t = torch.where(torch.rand(shape, generator=g) < 0.5, x0, torch.randint(0, n_cols, shape, generator=g))
+    else:
+        x_t = torch.where(torch.rand(shape, generator=g) < mask_frac, torch.full_like(x0, n_cols - 1), x0)
+    sigma = torch.rand(shape[:1] + (1,) * (len(shape) - 1), generator=g) * 3 + 0.05
+    return score, sigma, x_t, x0
+
+
+def fused(graph, score, sigma, x_t, x0, **kw):
+    if graph == "dce":
+        return fb.dce_loss(score, x_t, x0, **kw)
+    return fb.dse_loss(score, sigma, x_t, x0, graph=graph, **kw)
+
+
+def oracle(graph, score, sigma, x_t, x0, **kw):
+    if graph == "dce":
+        return ref.dce_loss(score, x_t, x0, **kw)
+    return ref.dse_loss(score, sigma, x_t, x0, graph=graph, **kw)
+
+
+def _magnitude(t):
+    return max(1.0, t.abs().max().item()) if t.numel() else 1.0
+
+
+def check_against_oracle(graph, score, sigma, x_t, x0, **kw):
+    """Compares loss and gradient with the oracle evaluated in float64 on the same inputs."""
+    dtype = score.dtype
+    (lr, la), (gr, ga) = TOL[dtype]
+    s = score.detach().clone().requires_grad_()
+    out = fused(graph, s, sigma, x_t, x0, **kw)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    s64 = score.detach().double().requires_grad_()
+    expected = oracle(graph, s64, sigma.double() if torch.is_tensor(sigma) else sigma, x_t, x0, **kw)
+    torch.testing.assert_close(out.double(), expected, rtol=lr, atol=la * _magnitude(expected))
+    if out.numel():
+        probe = torch.randn_like(expected) if out.dim() else torch.tensor(1.0, dtype=torch.float64)
+        (g,) = torch.autograd.grad(out, s, probe.to(out.dtype))
+        (g64,) = torch.autograd.grad(expected, s64, probe)
+        assert g.dtype == dtype and g.shape == score.shape
+        torch.testing.assert_close(g.double(), g64, rtol=gr, atol=ga * _magnitude(g64))
+    return out
+
+
+GRAPHS = ["absorb", "uniform", "dce"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_matches_oracle(graph, dtype, reduction):
+    score, sigma, x_t, x0 = make_case(graph, (3, 5), 37, dtype)
+    check_against_oracle(graph, score, sigma, x_t, x0, reduction=reduction)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("n_cols", [2, 3, 1031, 2049, 50257])
+def test_odd_vocab_sizes(graph, n_cols):
+    score, sigma, x_t, x0 = make_case(graph, (2, 3), n_cols, torch.float32, seed=n_cols, scale=0.5)
+    check_against_oracle(graph, score, sigma, x_t, x0)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_large_vocab(graph):
+    score, sigma, x_t, x0 = make_case(graph, (2,), 131072, torch.float32, seed=1, scale=0.1)
+    check_against_oracle(graph, score, sigma, x_t, x0, reduction="sum")
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_one_token_and_empty_batch(graph):
+    for shape in [(1,), (1, 1), (0, 7), (0,)]:
+        score, sigma, x_t, x0 = make_case(graph, shape, 9, torch.float32)
+        if shape[0] == 1 and graph != "uniform":
+            x_t = torch.full_like(x_t, 8)  # make the single token contribute
+        for reduction in ["none", "sum", "mean"]:
+            out = check_against_oracle(graph, score, sigma, x_t, x0, reduction=reduction)
+            assert out.shape == (x_t.shape if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_sliced_and_noncontiguous_scores(graph):
+    wide, sigma, x_t, x0 = make_case(graph, (4, 6), 40, torch.float32)
+    sliced = wide[..., :33]  # row stride 40, unit column stride
+    x_t = torch.where(x_t == 39, 32, x_t).clamp_max(32)
+    x0 = x0.clamp_max(31)
+    check_against_oracle(graph, sliced, sigma, x_t, x0)
+    transposed = wide[..., :33].permute(0, 2, 1).contiguous().permute(0, 2, 1)  # column stride 6
+    assert transposed.stride(-1) != 1
+    check_against_oracle(graph, transposed, sigma, x_t, x0)
+    every_other = wide[::2]  # batch stride doubled
+    check_against_oracle(graph, every_other[..., :33], sigma[::2], x_t[::2], x0[::2])
+
+
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+def test_sigma_per_token_and_scalar(graph):
+    score, _, x_t, x0 = make_case(graph, (3, 4), 17, torch.float32)
+    per_token = torch.rand(3, 4) * 2 + 1e-3
+    check_against_oracle(graph, score, per_token, x_t, x0)
+    check_against_oracle(graph, score, 0.7, x_t, x0)
+    tiny = torch.full((3, 1), 1e-6)  # expm1 keeps the small-sigma digits
+    check_against_oracle(graph, score, tiny, x_t, x0)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_weight_and_ignore_index(graph):
+    score, sigma, x_t, x0 = make_case(graph, (3, 5), 23, torch.float32)
+    x0 = x0.clone()
+    x0[0, 1] = -100
+    x0[2, 4] = -100
+    weight = torch.rand(3, 1) + 0.5
+    for reduction in ["none", "sum", "mean"]:
+        out = check_against_oracle(graph, score, sigma, x_t, x0, weight=weight, reduction=reduction)
+        if reduction == "none":
+            assert out[0, 1] == 0 and out[2, 4] == 0
+    x0[...] = 7
+    x0[1, 2] = -1
+    check_against_oracle(graph, score, sigma, x_t, x0, ignore_index=-1, weight=0.25, reduction="mean")
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_writes_gradient_over_scores(graph, dtype):
+    score, sigma, x_t, x0 = make_case(graph, (3, 5), 29, dtype)
+    leaf = score.clone().requires_grad_()
+    expected = fused(graph, leaf, sigma, x_t, x0, reduction="sum")
+    (g_expected,) = torch.autograd.grad(expected, leaf)
+
+    leaf2 = score.clone().requires_grad_()
+    buffer = leaf2 * 1  # a non-leaf whose producer does not need it for backward
+    out = fused(graph, buffer, sigma, x_t, x0, reduction="sum", inplace=True)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(buffer.detach(), g_expected)  # clobbered with the gradient
+    (g,) = torch.autograd.grad(2 * out, leaf2)
+    torch.testing.assert_close(g, 2 * g_expected)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_no_grad_path_writes_no_gradient(graph):
+    score, sigma, x_t, x0 = make_case(graph, (3, 5), 19, torch.float32)
+    score.requires_grad_()
+    with torch.no_grad():
+        a = fused(graph, score, sigma, x_t, x0)
+    b = oracle(graph, score.detach().double(), sigma.double(), x_t, x0)
+    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    assert not a.requires_grad
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_gradcheck_float64(graph):
+    score, sigma, x_t, x0 = make_case(graph, (2, 3), 7, torch.float64)
+    score.requires_grad_()
+    weight = torch.rand(2, 3, dtype=torch.float64) + 0.5
+    for reduction in ["none", "mean"]:
+        assert torch.autograd.gradcheck(
+            lambda s: fused(graph, s, sigma.double(), x_t, x0, weight=weight, reduction=reduction), (score,)
+        )
+        assert torch.autograd.gradgradcheck is not None
+
+
+def _op_samples(graph):
+    score, sigma, x_t, x0 = make_case(graph, (6,), 13, torch.float32)
+    flat = score.requires_grad_()
+    rows = torch.rand(6) + 0.5
+    xt, x0 = x_t.long(), x0.long()
+    if graph == "dce":
+        return torch.ops.fastbound.dce_forward, (flat, xt, x0, rows, 12, -100, True)
+    return torch.ops.fastbound.dse_forward, (flat, sigma.expand(6).contiguous(), xt, x0, rows, fb._ops.GRAPH_CODES[graph], -100, True)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_opcheck(graph):
+    op, args = _op_samples(graph)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_torch_compile_fullgraph(graph):
+    torch._dynamo.reset()
+    score, sigma, x_t, x0 = make_case(graph, (2, 4), 21, torch.float32)
+    lin = torch.nn.Linear(21, 21).double().float()
+
+    def step(h):
+        return fused(graph, lin(h), sigma, x_t, x0, reduction="mean")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    h = score.clone().requires_grad_()
+    out = compiled(h)
+    (g,) = torch.autograd.grad(out, h)
+    h2 = score.clone().requires_grad_()
+    expected = step(h2)
+    (g2,) = torch.autograd.grad(expected, h2)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(g, g2)
+
+
+def test_matches_sedd_formula_with_small_and_large_sigma():
+    """SEDD computes e^sigma - 1 with expm1 below 0.5 and exp - 1 above; both agree with ours."""
+    score, _, x_t, x0 = make_case("absorb", (4, 8), 12, torch.float64)
+    for s in [1e-4, 0.3, 0.6, 8.0]:
+        out = fb.dse_loss(score, s, x_t, x0)
+        sig = torch.tensor(s, dtype=torch.float64)
+        esigm1 = torch.where(sig < 0.5, torch.expm1(sig), torch.exp(sig) - 1)
+        r = 1 / esigm1
+        masked = x_t == 11
+        direct = score[..., :-1].exp().sum(-1) - r * score.gather(-1, x0[..., None]).squeeze(-1) + r * (r.log() - 1)
+        torch.testing.assert_close(out, torch.where(masked, direct, torch.zeros_like(direct)))
+
+
+def test_cpu_isa_is_reported():
+    assert fb.cpu_isa() in ("avx512", "avx2", "baseline")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _good(graph="absorb"):
+    score, sigma, x_t, x0 = make_case(graph, (2, 3), 10, torch.float32)
+    return score, sigma, x_t, x0
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, match",
+    [
+        (lambda a: a.update(score=a["score"].long()), TypeError, "score"),
+        (lambda a: a.update(score=[1.0, 2.0]), TypeError, "score"),
+        (lambda a: a.update(x_t=a["x_t"].float()), TypeError, "x_t"),
+        (lambda a: a.update(x0=a["x0"].float()), TypeError, "x0"),
+        (lambda a: a.update(x_t=a["x_t"][:, :2]), ValueError, "x_t"),
+        (lambda a: a.update(x0=a["x0"][:1]), ValueError, "x0"),
+        (lambda a: a.update(x0=torch.full_like(a["x0"], 10)), ValueError, "x0"),
+        (lambda a: a.update(x0=torch.full_like(a["x0"], 9)), ValueError, "x0"),  # the mask id
+        (lambda a: a.update(x_t=torch.full_like(a["x_t"], -3)), ValueError, "x_t"),
+        (lambda a: a.update(sigma=torch.zeros(2, 1)), ValueError, "sigma"),
+        (lambda a: a.update(sigma=torch.tensor([[1.0], [float("nan")]])), ValueError, "sigma"),
+        (lambda a: a.update(sigma=-1.0), ValueError, "sigma"),
+        (lambda a: a.update(sigma=torch.ones(3, 3)), ValueError, "sigma"),
+        (lambda a: a.update(sigma=torch.ones(2, 1, requires_grad=True)), ValueError, "sigma"),
+        (lambda a: a.update(weight=torch.ones(4)), ValueError, "weight"),
+        (lambda a: a.update(weight="x"), TypeError, "weight"),
+        (lambda a: a.update(reduction="avg"), ValueError, "reduction"),
+        (lambda a: a.update(graph="absorbing"), ValueError, "graph"),
+        (lambda a: a.update(backend="metal"), ValueError, "backend"),
+        (lambda a: a.update(backend="cuda"), ValueError, "backend"),
+        (lambda a: a.update(x0=a["x0"].to("meta")), ValueError, "x0"),
+    ],
+)
+def test_dse_bad_input(mutate, exc, match):
+    score, sigma, x_t, x0 = _good()
+    args = dict(score=score, sigma=sigma, x_t=x_t, x0=x0)
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        fb.dse_loss(**args)
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, match",
+    [
+        (lambda a: a.update(logits=a["logits"].int()), TypeError, "logits"),
+        (lambda a: a.update(x_t=a["x_t"].double()), TypeError, "x_t"),
+        (lambda a: a.update(x0=a["x0"][:, 1:]), ValueError, "x0"),
+        (lambda a: a.update(x0=torch.full_like(a["x0"], 9)), ValueError, "mask id"),
+        (lambda a: a.update(x0=torch.full_like(a["x0"], 12)), ValueError, "x0"),
+        (lambda a: a.update(x_t=torch.full_like(a["x_t"], 11)), ValueError, "x_t"),
+        (lambda a: a.update(mask_id=-2), ValueError, "mask_id"),
+        (lambda a: a.update(mask_id="9"), ValueError, "mask_id"),
+        (lambda a: a.update(ignore_index=1.5), TypeError, "ignore_index"),
+    ],
+)
+def test_dce_bad_input(mutate, exc, match):
+    score, _, x_t, x0 = _good("dce")
+    args = dict(logits=score, x_t=x_t, x0=x0)
+    mutate(args)
+    with pytest.raises(exc, match=match):
+        fb.dce_loss(**args)
+
+
+def test_mask_id_outside_logits():
+    """mask_id >= V: the logits hold the real tokens only and nothing is excluded."""
+    score, _, x_t, x0 = make_case("dce", (3, 4), 8, torch.float32)
+    x_t = torch.where(x_t == 7, 8, x_t)
+    check_against_oracle("dce", score, None, x_t, x0, mask_id=8)
+
+
+def test_sizes_that_overflow_int32_are_refused():
+    huge = torch.zeros(1, 1).expand(2**31, 2)  # no memory behind it
+    ids = torch.zeros(1, dtype=torch.long).expand(2**31)
+    with pytest.raises(ValueError, match="score has 2147483648 positions"):
+        fb.dse_loss(huge, 1.0, ids, ids)
+    wide = torch.zeros(1, 1).expand(1, 2**31)
+    one = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="logits has 2147483648 columns"):
+        fb.dce_loss(wide, one, one)
+
+
+def test_raw_op_refuses_out_of_range_ids():
+    """Even without the Python checks (as under torch.compile) the kernel never reads out of bounds."""
+    op, args = _op_samples("absorb")
+    args = list(args)
+    args[3] = torch.full_like(args[3], 99)
+    args[2] = torch.full_like(args[2], 12)
+    with pytest.raises(ValueError, match="x0 contains id 99"):
+        op(*args)
