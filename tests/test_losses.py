@@ -322,3 +322,18 @@ def test_raw_op_refuses_out_of_range_ids():
     args[2] = torch.full_like(args[2], 12)
     with pytest.raises(ValueError, match="x0 contains id 99"):
         op(*args)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradient_is_the_rounded_float32_gradient(graph, dtype):
+    """The kernels compute in float32 and round once: the 16-bit gradient equals torch's rounding
+    of the float32 kernel's gradient bit for bit, over values from subnormal to overflow."""
+    score, sigma, x_t, x0 = make_case(graph, (8, 16), 300, dtype, scale=6.0)
+    score[0, :, :40] = torch.linspace(-30, 12, 40).to(dtype)  # tiny and huge exp(score)
+    outs = {}
+    for dt in (dtype, torch.float32):
+        s = score.to(dt).requires_grad_()
+        loss = fused(graph, s, sigma, x_t, x0, weight=3.0, reduction="sum")
+        (outs[dt],) = torch.autograd.grad(loss, s)
+    assert torch.equal(outs[dtype].view(torch.int16), outs[torch.float32].to(dtype).view(torch.int16))

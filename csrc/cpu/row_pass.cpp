@@ -1,12 +1,10 @@
 #include "row_pass.h"
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
+#include "convert.h"
 #include "fastbound/elementwise.h"
 #include "vectorize.h"
 
@@ -20,18 +18,18 @@ FB_CPU_CLONES RowSums<acc_t> row_pass(const scalar_t* s, scalar_t* g, int64_t n,
   if (g == nullptr) {
 #pragma omp simd reduction(+ : sum_exp, sum_score)
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t v = static_cast<acc_t>(s[i]);
+      const acc_t v = to_acc(s[i]);
       sum_exp += exp_acc(v - shift);
       sum_score += v;
     }
   } else {
 #pragma omp simd reduction(+ : sum_exp, sum_score)
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t v = static_cast<acc_t>(s[i]);
+      const acc_t v = to_acc(s[i]);
       const acc_t e = exp_acc(v - shift);
       sum_exp += e;
       sum_score += v;
-      g[i] = static_cast<scalar_t>(scale * e + offset);
+      g[i] = from_acc<scalar_t>(scale * e + offset);
     }
   }
   return {sum_exp, sum_score};
@@ -42,7 +40,7 @@ FB_CPU_CLONES acc_t row_max(const scalar_t* s, int64_t n) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t v = static_cast<acc_t>(s[i]);
+    const acc_t v = to_acc(s[i]);
     m = v > m ? v : m;
   }
   return m;
