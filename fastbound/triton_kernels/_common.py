@@ -1,0 +1,67 @@
+"""What the Triton loss ops share: block sizes, a zero-fill helper and the op contract checks.
+
+Every loss kernel runs one program per row of the flattened (N, V) scores and
+walks the row in chunks of ``BLOCK`` columns, so a row of any length needs no
+more registers than one chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK = 4096
+"""Largest chunk of a row one program holds at once (16 KiB of fp32 scores)."""
+
+MIN_BLOCK = 32
+"""One warp's width: smaller chunks would give two threads the same column."""
+
+
+def block_size(n_cols: int) -> int:
+    """The chunk width for rows of ``n_cols`` columns: a power of two in [`MIN_BLOCK`, `MAX_BLOCK`]."""
+    return min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(int(n_cols))))
+
+
+def num_warps(block: int) -> int:
+    """Warps per program: about 256 columns per warp, and never more threads than columns.
+
+    With more threads than columns Triton gives several warps a copy of the same
+    column; in the in-place ops one copy could then be read after another warp
+    has overwritten it with the gradient.
+    """
+    return max(1, min(16, block // 256))
+
+
+@triton.jit
+def zero_row(row_ptr, n_cols, BLOCK: tl.constexpr):
+    """Writes zeros over one row's ``n_cols`` gradient entries."""
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        tl.store(row_ptr + cols, tl.zeros([BLOCK], row_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+def accumulation_dtype(score: torch.Tensor) -> torch.dtype:
+    """float64 for float64 scores, else float32 (the dtype of the per-row tensors and the loss)."""
+    return torch.float64 if score.dtype == torch.float64 else torch.float32
+
+
+def check_loss_inputs(score: torch.Tensor, per_row: dict[str, torch.Tensor], ids: dict[str, torch.Tensor]) -> None:
+    """Checks the flattened op inputs, as the C++ ops do (`csrc/cpu/loss_rows.h`).
+
+    ``score`` is (N, V) with unit column stride (any row stride); the per-row
+    float tensors are contiguous (N,) of the accumulation dtype and the ids are
+    contiguous (N,) int64. The public functions in `fastbound.losses` always
+    pass such tensors; these checks guard direct calls of the ops.
+    """
+    if score.dim() != 2:
+        raise ValueError(f"score must be (N, V), got shape {tuple(score.shape)}")
+    if score.shape[1] > 1 and score.stride(1) != 1:
+        raise ValueError("score must have unit stride in its last dimension")
+    n, acc = score.shape[0], accumulation_dtype(score)
+    for name, t in per_row.items():
+        if t.dim() != 1 or t.shape[0] != n or not t.is_contiguous() or t.dtype != acc:
+            raise ValueError(f"{name} must be a contiguous ({n},) tensor of dtype {acc}")
+    for name, t in ids.items():
+        if t.dim() != 1 or t.shape[0] != n or not t.is_contiguous() or t.dtype != torch.int64:
+            raise ValueError(f"{name} must be a contiguous ({n},) int64 tensor")

@@ -1,0 +1,109 @@
+r"""Denoising cross-entropy (MDLM's loss, the I-MDCE integrand) as a Triton kernel.
+
+At rows where :math:`x_t` is the mask (Sahoo et al. 2024, MDLM, SUBS
+parameterisation; Jeon et al. 2025, infodis):
+
+.. math:: \ell = \log\textstyle\sum_{y \ne \text{mask}} e^{z_y} - z_{x_0}, \qquad
+          \partial\ell/\partial z_y = \mathrm{softmax}(z)_y - [y = x_0], \ 0 \text{ in the mask column},
+
+times the row scale; the mask column is left out of the softmax when
+``mask_id < V``. Other rows, and rows whose :math:`x_0` is ``ignore_index``, get
+loss 0 and a zero gradient row.
+
+One program per row: a first pass keeps a running maximum and a rescaled sum of
+exponentials (the online softmax of Milakov & Gimelshein 2018, as in
+Liger-Kernel's cross entropy), reading the row once; when the gradient is
+wanted a second pass writes it. The C++ version is `csrc/cpu/dce.cpp`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .. import _ops
+from . import _common
+
+
+@triton.jit
+def _dce_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, x_t_ptr, x0_ptr, scale_ptr, loss_ptr,
+                n_cols, mask_id, ignore_index, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # row * stride may exceed 2^31
+    logits_row = logits_ptr + row * logits_stride
+    grad_row = grad_ptr + row * grad_stride
+    x_t = tl.load(x_t_ptr + row)
+    x0 = tl.load(x0_ptr + row)
+    scale = tl.load(scale_ptr + row)
+    loss = tl.zeros_like(scale)
+    if (x0 != ignore_index) & (x_t == mask_id):
+        # Pass 1: log-sum-exp over the real tokens, and z[x0] from the chunk that holds it.
+        running_max = tl.zeros_like(scale) - float("inf")
+        sum_exp = tl.zeros_like(scale)
+        z_x0 = tl.zeros([BLOCK], scale.dtype)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            real = (cols < n_cols) & (cols != mask_id)
+            z = tl.load(logits_row + cols, mask=cols < n_cols, other=0.0).to(scale.dtype)
+            z = tl.where(real, z, -float("inf"))
+            z_x0 += tl.where(cols == x0, z, 0.0)
+            new_max = tl.maximum(running_max, tl.max(z))
+            shift = tl.where(new_max == -float("inf"), 0.0, new_max)  # an all -inf chunk adds 0
+            sum_exp = sum_exp * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift))
+            running_max = new_max
+        lse = running_max + tl.log(sum_exp)
+        loss = scale * (lse - tl.sum(z_x0))
+        # Pass 2: the gradient. Pass 1 ended in block reductions, so in place every read
+        # of the row is done before this pass overwrites it.
+        if WRITE_GRAD:
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                real = (cols < n_cols) & (cols != mask_id)
+                z = tl.load(logits_row + cols, mask=cols < n_cols, other=0.0).to(scale.dtype)
+                p = tl.where(real, tl.exp(z - lse), 0.0)
+                g = scale * tl.where(cols == x0, p - 1.0, p)
+                tl.store(grad_row + cols, g.to(grad_row.dtype.element_ty), mask=cols < n_cols)
+    elif WRITE_GRAD:
+        _common.zero_row(grad_row, n_cols, BLOCK)
+    tl.store(loss_ptr + row, loss)
+
+
+def _dce_rows(logits, grad, x_t, x0, row_scale, mask_id: int, ignore_index: int, write_grad: bool) -> torch.Tensor:
+    """Runs the kernel over all rows; ``grad`` may be ``logits`` itself (in place). Returns the loss."""
+    if mask_id < 0:
+        raise ValueError(f"mask_id must be non-negative, got {mask_id}")
+    _common.check_loss_inputs(logits, {"row_scale": row_scale}, {"x_t": x_t, "x0": x0})
+    n, n_cols = logits.shape
+    loss = row_scale.new_empty(n)
+    if n == 0:
+        return loss
+    block = _common.block_size(n_cols)
+    wrap_triton(_dce_kernel)[(n,)](
+        logits, logits.stride(0), grad, grad.stride(0) if write_grad else 0, x_t, x0, row_scale, loss,
+        n_cols, mask_id, ignore_index, WRITE_GRAD=write_grad, BLOCK=block, num_warps=_common.num_warps(block),
+    )  # fmt: skip
+    return loss
+
+
+@triton_op("fastbound::dce_forward_triton", mutates_args=())
+def dce_forward_triton(
+    logits: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor, mask_id: int,
+    ignore_index: int, need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row DCE loss (N,) and, when ``need_grad``, its gradient (N, V) scaled by ``row_scale``."""
+    grad = logits.new_empty(logits.shape) if need_grad else logits.new_empty(0)
+    loss = _dce_rows(logits, grad if need_grad else logits, x_t, x0, row_scale, mask_id, ignore_index, need_grad)
+    return loss, grad
+
+
+@triton_op("fastbound::dce_forward_inplace_triton", mutates_args={"logits"})
+def dce_forward_inplace_triton(
+    logits: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor, mask_id: int,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Per-row DCE loss (N,); overwrites ``logits`` with the scaled gradient."""
+    return _dce_rows(logits, logits, x_t, x0, row_scale, mask_id, ignore_index, True)
+
+
+_ops.register_fused_loss("fastbound::dce_forward_triton", n_inputs=7)

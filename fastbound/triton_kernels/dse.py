@@ -1,0 +1,161 @@
+r"""Denoising score entropy (SEDD's loss) as a Triton kernel: loss and gradient in one read.
+
+One program per row streams the scores once in ``BLOCK``-wide chunks; each
+chunk's gradient is written right after it is read, so the gradient costs no
+second pass (the fused-loss design of Liger-Kernel's cross entropy, applied
+here to score entropy). Formulas (Lou, Meng & Ermon 2024, SEDD, ``graph_lib.py``;
+the C++ version is `csrc/include/fastbound/elementwise.h`):
+
+Absorbing graph, mask column V-1, :math:`r = 1/(e^\sigma - 1)`, at rows with
+:math:`x_t = V-1`:
+
+.. math:: \ell = \sum_{y<V-1} e^{s_y} - r\,s_{x_0} + r(\log r - 1), \qquad
+          \partial\ell/\partial s_y = e^{s_y} - r[y = x_0] \ (y < V-1), \ 0 \text{ at } V-1.
+
+Uniform graph, N = V states, :math:`a = e^\sigma - 1`, :math:`\rho = a/(a+N)`,
+:math:`c = \rho` if :math:`x_t = x_0` else 1, sums over :math:`y \ne x_t`:
+
+.. math:: \ell = \tfrac1N \textstyle\sum e^{s_y} - \text{neg} + \text{const}, \qquad
+          \partial\ell/\partial s_y = [y \ne x_t]\,(e^{s_y} - c)/N - [x_t \ne x_0][y = x_0]/a,
+
+with neg and const as in `fastbound.reference.dse_uniform`. Loss and gradient
+are multiplied by the row scale. Rows whose :math:`x_0` is ``ignore_index``
+(and, for the absorbing graph, rows that are not masked) get loss 0 and a zero
+gradient row.
+
+:math:`a = e^\sigma - 1` is computed with ``torch.expm1`` before the launch (an
+(N,) op): Triton has no expm1 that also runs in its CPU interpreter, and
+``exp(sigma) - 1`` loses the digits of small sigma.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from .. import _ops
+from . import _common
+
+
+@triton.jit
+def _dse_absorb_row(score_row, grad_row, n_cols, x0, a, scale, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Loss of one masked row (absorbing graph); writes its gradient when WRITE_GRAD."""
+    r = 1.0 / a
+    konst = r * (tl.log(r) - 1.0)
+    sum_exp = tl.zeros([BLOCK], a.dtype)
+    s_x0 = tl.zeros([BLOCK], a.dtype)  # s[x0] is taken from the chunk that holds it
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < n_cols
+        s = tl.load(score_row + cols, mask=in_row, other=0.0).to(a.dtype)
+        e = tl.where(cols < n_cols - 1, tl.exp(s), 0.0)  # the mask column has no exp term
+        at_x0 = cols == x0
+        sum_exp += e
+        s_x0 += tl.where(at_x0, s, 0.0)
+        if WRITE_GRAD:
+            g = scale * tl.where(at_x0, e - r, e)
+            tl.store(grad_row + cols, g.to(grad_row.dtype.element_ty), mask=in_row)
+    return scale * (tl.sum(sum_exp) - r * tl.sum(s_x0) + konst)
+
+
+@triton.jit
+def _dse_uniform_row(score_row, grad_row, n_cols, x_t, x0, a, scale, WRITE_GRAD: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """Loss of one row (uniform graph); writes its gradient when WRITE_GRAD."""
+    n = tl.zeros_like(a) + n_cols
+    inv_n = 1.0 / n
+    inv_a = 1.0 / a
+    rho = a / (a + n)
+    same = x_t == x0
+    c = tl.where(same, rho, 1.0)
+    log_rho = tl.log(rho)
+    konst = tl.where(same, (n - 1.0) * inv_n * rho * (log_rho - 1.0), ((-log_rho - 1.0) / rho - (n - 2.0)) * inv_n)
+    sum_exp = tl.zeros([BLOCK], a.dtype)
+    sum_s = tl.zeros([BLOCK], a.dtype)
+    s_x0 = tl.zeros([BLOCK], a.dtype)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        in_row = cols < n_cols
+        s = tl.load(score_row + cols, mask=in_row, other=0.0).to(a.dtype)
+        other = in_row & (cols != x_t)
+        at_x0 = cols == x0
+        e = tl.where(other, tl.exp(s), 0.0)
+        sum_exp += e
+        sum_s += tl.where(other, s, 0.0)
+        s_x0 += tl.where(at_x0, s, 0.0)
+        if WRITE_GRAD:
+            # When x_t == x0 the x0 column is the x_t column, whose gradient is 0.
+            g = tl.where(other, (e - c) * inv_n - tl.where(at_x0, inv_a, 0.0), 0.0)
+            tl.store(grad_row + cols, (scale * g).to(grad_row.dtype.element_ty), mask=in_row)
+    neg_base = tl.sum(sum_s) * inv_n
+    neg = tl.where(same, rho * neg_base, tl.sum(s_x0) * inv_a + neg_base)
+    return scale * (tl.sum(sum_exp) * inv_n - neg + konst)
+
+
+@triton.jit
+def _dse_kernel(score_ptr, score_stride, grad_ptr, grad_stride, a_ptr, x_t_ptr, x0_ptr, scale_ptr, loss_ptr,
+                n_cols, ignore_index, UNIFORM: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # row * stride may exceed 2^31
+    score_row = score_ptr + row * score_stride
+    grad_row = grad_ptr + row * grad_stride
+    x_t = tl.load(x_t_ptr + row)
+    x0 = tl.load(x0_ptr + row)
+    a = tl.load(a_ptr + row)
+    scale = tl.load(scale_ptr + row)
+    if UNIFORM:
+        active = x0 != ignore_index
+    else:
+        active = (x0 != ignore_index) & (x_t == n_cols - 1)
+    loss = tl.zeros_like(a)
+    if active:
+        if UNIFORM:
+            loss = _dse_uniform_row(score_row, grad_row, n_cols, x_t, x0, a, scale, WRITE_GRAD, BLOCK)
+        else:
+            loss = _dse_absorb_row(score_row, grad_row, n_cols, x0, a, scale, WRITE_GRAD, BLOCK)
+    elif WRITE_GRAD:
+        _common.zero_row(grad_row, n_cols, BLOCK)
+    tl.store(loss_ptr + row, loss)
+
+
+def _dse_rows(score, grad, sigma, x_t, x0, row_scale, graph: int, ignore_index: int, write_grad: bool) -> torch.Tensor:
+    """Runs the kernel over all rows; ``grad`` may be ``score`` itself (in place). Returns the loss."""
+    if graph not in _ops.GRAPH_CODES.values():
+        raise ValueError(f"graph must be one of the codes {_ops.GRAPH_CODES}, got {graph}")
+    _common.check_loss_inputs(score, {"sigma": sigma, "row_scale": row_scale}, {"x_t": x_t, "x0": x0})
+    n, n_cols = score.shape
+    loss = row_scale.new_empty(n)
+    if n == 0:
+        return loss
+    block = _common.block_size(n_cols)
+    wrap_triton(_dse_kernel)[(n,)](
+        score, score.stride(0), grad, grad.stride(0) if write_grad else 0, torch.expm1(sigma), x_t, x0,
+        row_scale, loss, n_cols, ignore_index,
+        UNIFORM=graph == _ops.GRAPH_CODES["uniform"], WRITE_GRAD=write_grad, BLOCK=block,
+        num_warps=_common.num_warps(block),
+    )  # fmt: skip
+    return loss
+
+
+@triton_op("fastbound::dse_forward_triton", mutates_args=())
+def dse_forward_triton(
+    score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
+    graph: int, ignore_index: int, need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row DSE loss (N,) and, when ``need_grad``, its gradient (N, V) scaled by ``row_scale``."""
+    grad = score.new_empty(score.shape) if need_grad else score.new_empty(0)
+    loss = _dse_rows(score, grad if need_grad else score, sigma, x_t, x0, row_scale, graph, ignore_index, need_grad)
+    return loss, grad
+
+
+@triton_op("fastbound::dse_forward_inplace_triton", mutates_args={"score"})
+def dse_forward_inplace_triton(
+    score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
+    graph: int, ignore_index: int,
+) -> torch.Tensor:
+    """Per-row DSE loss (N,); overwrites ``score`` with the scaled gradient."""
+    return _dse_rows(score, score, sigma, x_t, x0, row_scale, graph, ignore_index, True)
+
+
+_ops.register_fused_loss("fastbound::dse_forward_triton", n_inputs=8)

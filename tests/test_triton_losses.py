@@ -1,0 +1,296 @@
+"""Triton DSE / DCE kernels (`fastbound.triton_kernels`) against the oracle and the C++ kernels.
+
+On a machine without a GPU these run in Triton's interpreter (see conftest.py),
+which is slow: every shape here is tiny.
+"""
+
+import pytest
+import torch
+
+import fastbound as fb
+from fastbound import reference as ref
+from conftest import TRITON_DEVICE
+
+pytestmark = pytest.mark.triton
+
+DEV = TRITON_DEVICE
+TOL = {  # (loss rtol, atol), (grad rtol, atol) against the float64 oracle
+    torch.float64: ((1e-10, 1e-10), (1e-10, 1e-12)),
+    torch.float32: ((1e-5, 1e-5), (1e-5, 1e-6)),
+    torch.bfloat16: ((1e-5, 1e-5), (1.6e-2, 1e-3)),
+    torch.float16: ((1e-5, 1e-5), (2e-3, 1e-4)),
+}
+LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _ops_loaded():
+    import fastbound.triton_kernels  # noqa: F401
+
+
+def make_case(loss, shape, n_cols, dtype, *, seed=0):
+    """Random scores and ids on DEV; masked rows (x_t = V-1) for "absorb" and "dce"."""
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randn(*shape, n_cols, generator=g).to(dtype)
+    n_real = n_cols - 1 if loss in ("absorb", "dce") else n_cols
+    x0 = torch.randint(0, n_real, shape, generator=g)
+    if loss == "uniform":
+        x_t = torch.where(torch.rand(shape, generator=g) < 0.5, x0, torch.randint(0, n_cols, shape, generator=g))
+    else:
+        x_t = torch.where(torch.rand(shape, generator=g) < 0.6, torch.full_like(x0, n_cols - 1), x0)
+    sigma = torch.rand(shape[:1] + (1,) * (len(shape) - 1), generator=g) * 3 + 0.05
+    return score.to(DEV), sigma.to(DEV), x_t.to(DEV), x0.to(DEV)
+
+
+def run(impl, loss, score, sigma, x_t, x0, **kw):
+    """Loss and the gradient of ``out . probe`` for backend "triton", "cpu" or the oracle "ref"."""
+    s = score.detach().clone().requires_grad_()
+    if impl == "ref":
+        fn = ref.dce_loss if loss == "dce" else ref.dse_loss
+        kw.pop("inplace", None)
+    else:
+        fn, kw = (fb.dce_loss if loss == "dce" else fb.dse_loss), dict(kw, backend=impl)
+    if loss == "dce":
+        out = fn(s, x_t, x0, **kw)
+    else:
+        out = fn(s, sigma, x_t, x0, graph=loss, **kw)
+    probe = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=out.device).view(out.shape)
+    (grad,) = torch.autograd.grad(out, s, probe) if out.numel() else (torch.zeros_like(s),)
+    return out.detach(), grad
+
+
+def _magnitude(t):
+    return max(1.0, t.abs().max().item()) if t.numel() else 1.0
+
+
+def check(loss, score, sigma, x_t, x0, **kw):
+    """Triton against the float64 oracle and against the C++ kernels (same dtype)."""
+    out, grad = run("triton", loss, score, sigma, x_t, x0, **kw)
+    acc = torch.float64 if score.dtype == torch.float64 else torch.float32
+    assert out.dtype == acc and grad.dtype == score.dtype and grad.shape == score.shape
+
+    sig64 = sigma.double() if torch.is_tensor(sigma) else sigma
+    exp_out, exp_grad = run("ref", loss, score.double(), sig64, x_t, x0, **kw)
+    (lr, la), (gr, ga) = TOL[score.dtype]
+    magnitude = _magnitude(exp_out)
+    torch.testing.assert_close(out.double(), exp_out, rtol=lr, atol=la * magnitude)
+    torch.testing.assert_close(grad.double(), exp_grad, rtol=gr, atol=ga * _magnitude(exp_grad))
+
+    if torch.device(DEV).type == "cpu":
+        cpu_out, cpu_grad = run("cpu", loss, score, sigma, x_t, x0, **kw)
+        torch.testing.assert_close(out, cpu_out, rtol=1e-5, atol=1e-5 * magnitude)
+        torch.testing.assert_close(grad, cpu_grad)  # dtype-default tolerances: at most an ulp or so
+    return out, grad
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_matches_oracle_and_cpu(loss, dtype, reduction):
+    score, sigma, x_t, x0 = make_case(loss, (2, 3), 13, dtype)
+    check(loss, score, sigma, x_t, x0, reduction=reduction)
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+def test_float64(loss):
+    score, sigma, x_t, x0 = make_case(loss, (2, 3), 13, torch.float64)
+    check(loss, score, sigma, x_t, x0, weight=torch.rand(2, 3, dtype=torch.float64, device=DEV))
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+def test_gradcheck(loss):
+    score, sigma, x_t, x0 = make_case(loss, (3,), 5, torch.float64, seed=1)
+    x_t[0] = 4  # at least one masked row
+
+    def f(s):
+        if loss == "dce":
+            return fb.dce_loss(s, x_t, x0, backend="triton")
+        return fb.dse_loss(s, sigma.view(3), x_t, x0, graph=loss, backend="triton")
+
+    assert torch.autograd.gradcheck(f, (score.requires_grad_(),))
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_weight_and_ignore_index(loss, reduction):
+    score, sigma, x_t, x0 = make_case(loss, (2, 4), 11, torch.float32, seed=2)
+    x0[0, 1] = x0[1, 3] = -7
+    x_t[0, 1] = x_t[1, 3] = 10  # would contribute if not ignored
+    weight = torch.rand(2, 4, device=DEV) + 0.5
+    out, grad = check(loss, score, sigma, x_t, x0, weight=weight, reduction=reduction, ignore_index=-7)
+    assert not grad[0, 1].any() and not grad[1, 3].any()
+    if reduction == "none":
+        assert out[0, 1] == 0 and out[1, 3] == 0
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform"])
+@pytest.mark.parametrize("sigma_form", ["float", "per_sequence", "per_token"])
+def test_sigma_forms(loss, sigma_form):
+    score, sigma, x_t, x0 = make_case(loss, (2, 3), 9, torch.float32, seed=3)
+    sigma = {"float": 0.8, "per_sequence": sigma, "per_token": torch.rand(2, 3, device=DEV) * 2 + 0.01}[sigma_form]
+    check(loss, score, sigma, x_t, x0, reduction="sum")
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace(loss, dtype):
+    score, sigma, x_t, x0 = make_case(loss, (2, 3), 13, dtype, seed=4)
+    out, grad = run("triton", loss, score, sigma, x_t, x0, reduction="sum")
+    out_ip, grad_ip = run("triton", loss, score, sigma, x_t, x0, reduction="sum", inplace=True)
+    torch.testing.assert_close(out_ip, out, rtol=0, atol=0)
+    torch.testing.assert_close(grad_ip, grad, rtol=0, atol=0)
+    check(loss, score, sigma, x_t, x0, reduction="sum", inplace=True)
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+@pytest.mark.parametrize("n_cols", [2, 1031])
+def test_odd_vocab_sizes(loss, n_cols):
+    score, sigma, x_t, x0 = make_case(loss, (3,), n_cols, torch.float32, seed=5)
+    check(loss, score, sigma, x_t, x0)
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+def test_many_blocks_per_row(loss, monkeypatch):
+    """Rows that span several chunks, with x0 and x_t in later chunks than the first."""
+    from fastbound.triton_kernels import _common
+
+    monkeypatch.setattr(_common, "MAX_BLOCK", 32)
+    score, sigma, x_t, x0 = make_case(loss, (4,), 75, torch.float32, seed=6)
+    x0[:2] = torch.tensor([40, 73])
+    check(loss, score, sigma, x_t, x0)
+
+
+def test_dce_chunk_of_minus_inf(monkeypatch):
+    """A whole chunk of -inf logits (a masked-out vocabulary range) adds nothing, not NaN."""
+    from fastbound.triton_kernels import _common
+
+    monkeypatch.setattr(_common, "MAX_BLOCK", 32)
+    score, _, x_t, x0 = make_case("dce", (3,), 80, torch.float32, seed=7)
+    score[:, :40] = float("-inf")
+    x_t[:] = 79
+    x0[:] = torch.tensor([40, 55, 78])
+    out, grad = check("dce", score, None, x_t, x0)
+    assert torch.isfinite(out).all() and not grad[:, :40].any()
+
+
+@pytest.mark.parametrize("mask_id", [0, 5, 13, 20])
+def test_dce_mask_id(mask_id):
+    """mask_id inside the logits (left out of the softmax) or beyond them (real tokens only)."""
+    score, _, x_t, x0 = make_case("dce", (6,), 13, torch.float32, seed=8)
+    x0 = torch.where(x0 == mask_id, (x0 + 1) % 12, x0)
+    x_t = torch.where(torch.arange(6, device=DEV) < 4, torch.full_like(x_t, mask_id), x0)
+    _, grad = check("dce", score, None, x_t, x0, mask_id=mask_id)
+    if mask_id < 13:
+        assert not grad[:, mask_id].any()
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (0,), (2, 0)])
+def test_one_token_and_empty_batch(loss, shape):
+    score, sigma, x_t, x0 = make_case(loss, shape, 7, torch.float32, seed=9)
+    if x_t.numel():
+        x_t.fill_(6 if loss != "uniform" else 2)
+    out, _ = check(loss, score, sigma, x_t, x0)
+    assert out.shape == shape
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+def test_sliced_scores(loss):
+    """Scores that are a column slice of a wider tensor: rows strided by more than V."""
+    score, sigma, x_t, x0 = make_case(loss, (2, 3), 21, torch.float32, seed=10)
+    narrow = score[..., :12]
+    x_t, x0 = x_t.clamp(max=11), x0.clamp(max=10)
+    if loss != "uniform":
+        x_t[:, :2] = 11
+    assert narrow.stride(-2) == 21
+    check(loss, narrow, sigma, x_t, x0)
+
+
+def _op_args(loss, score, sigma, x_t, x0):
+    scale = torch.rand(score.shape[0], device=DEV) + 0.5
+    if loss == "dce":
+        return (score, x_t, x0, scale, score.shape[1] - 1, -100)
+    code = fb._ops.GRAPH_CODES[loss]
+    return (score, sigma.expand(x_t.shape).contiguous(), x_t, x0, scale, code, -100)
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+@pytest.mark.parametrize("need_grad", [False, True])
+def test_ops_match_cpp_ops(loss, need_grad):
+    """The raw *_triton ops on row-strided (N, V) scores give what the C++ ops give."""
+    if torch.device(DEV).type != "cpu":
+        pytest.skip("the C++ ops run on CPU tensors")
+    score, sigma, x_t, x0 = make_case(loss, (5,), 10, torch.float32, seed=11)
+    wide = torch.randn(5, 16)
+    wide[:, :10] = score
+    args = _op_args(loss, wide[:, :10], sigma, x_t, x0)
+    name = "dce_forward" if loss == "dce" else "dse_forward"
+    loss_t, grad_t = getattr(torch.ops.fastbound, name + "_triton")(*args, need_grad)
+    loss_c, grad_c = getattr(torch.ops.fastbound, name)(*args, need_grad)
+    torch.testing.assert_close(loss_t, loss_c)
+    torch.testing.assert_close(grad_t, grad_c)
+    assert grad_t.shape == ((5, 10) if need_grad else (0,))
+
+    buf_t, buf_c = wide.clone(), wide.clone()
+    loss_ip = getattr(torch.ops.fastbound, name + "_inplace_triton")(buf_t[:, :10], *args[1:])
+    getattr(torch.ops.fastbound, name + "_inplace")(buf_c[:, :10], *args[1:])
+    torch.testing.assert_close(loss_ip, loss_c)
+    torch.testing.assert_close(buf_t, buf_c)  # the columns past the slice are untouched
+    assert torch.equal(buf_t[:, 10:], wide[:, 10:])
+
+
+def test_no_grad_returns_loss_only():
+    score, sigma, x_t, x0 = make_case("absorb", (4,), 9, torch.float32, seed=12)
+    with torch.no_grad():
+        out = fb.dse_loss(score.requires_grad_(), sigma.view(4), x_t, x0, backend="triton")
+    expected = ref.dse_loss(score.detach(), sigma.view(4), x_t, x0)
+    torch.testing.assert_close(out, expected)
+    assert out.grad_fn is None
+
+
+def test_backend_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    score, sigma, x_t, x0 = make_case("absorb", (2,), 5, torch.float32)
+    with pytest.raises(ValueError, match="backend='triton'.*TRITON_INTERPRET"):
+        fb.dse_loss(score.cpu(), 1.0, x_t.cpu(), x0.cpu(), backend="triton")
+    with pytest.raises(ValueError, match="backend='triton'.*TRITON_INTERPRET"):
+        fb.dce_loss(score.cpu(), x_t.cpu(), x0.cpu(), backend="triton")
+
+
+def test_op_input_checks_name_the_argument():
+    score, sigma, x_t, x0 = make_case("absorb", (3,), 6, torch.float32)
+    args = _op_args("absorb", score, sigma, x_t, x0)
+    op = torch.ops.fastbound.dse_forward_triton
+    with pytest.raises(ValueError, match="score"):
+        op(score.view(-1), *args[1:], False)
+    with pytest.raises(ValueError, match="sigma"):
+        op(score, args[1].double(), *args[2:], False)
+    with pytest.raises(ValueError, match="x0"):
+        op(score, args[1], x_t, x0.int(), *args[4:], False)
+    with pytest.raises(ValueError, match="graph"):
+        op(*args[:5], 7, -100, False)
+    dce_args = _op_args("dce", score, None, x_t, x0)
+    with pytest.raises(ValueError, match="row_scale"):
+        torch.ops.fastbound.dce_forward_triton(score, x_t, x0, dce_args[3][:2], 5, -100, False)
+    with pytest.raises(ValueError, match="mask_id"):
+        torch.ops.fastbound.dce_forward_triton(score, x_t, x0, dce_args[3], -1, -100, False)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("loss", ["absorb", "dce"])
+def test_compiles_fullgraph(loss):
+    """torch.compile traces through the triton_ops (needs a GPU: the interpreter cannot be traced)."""
+    score, sigma, x_t, x0 = make_case(loss, (2, 3), 13, torch.float32, seed=13)
+
+    def f(s):
+        if loss == "dce":
+            return fb.dce_loss(s, x_t, x0, reduction="mean", backend="triton")
+        return fb.dse_loss(s, sigma, x_t, x0, reduction="mean", backend="triton")
+
+    eager_s, compiled_s = score.clone().requires_grad_(), score.clone().requires_grad_()
+    expected = f(eager_s)
+    expected.backward()
+    out = torch.compile(f, fullgraph=True)(compiled_s)
+    out.backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(compiled_s.grad, eager_s.grad)
