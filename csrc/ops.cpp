@@ -1,6 +1,6 @@
 // The `fastbound` operator library: every op's schema, in one place.
 // Backends add implementations with TORCH_LIBRARY_IMPL (csrc/cpu/*.cpp, and
-// csrc/cuda/bindings.cpp when built with CUDA); fake (meta) implementations
+// csrc/cuda/*_binding.cpp when built with CUDA); fake (meta) implementations
 // and autograd formulas are registered from Python in `fastbound/_ops.py`.
 #include <Python.h>
 #include <torch/library.h>
