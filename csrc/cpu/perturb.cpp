@@ -25,6 +25,7 @@
 
 #include "fastbound/elementwise.h"
 #include "fastbound/philox.h"
+#include "perturb_checks.h"
 #include "vectorize.h"
 
 namespace fastbound {
@@ -160,33 +161,6 @@ void exact_k_rows(const id_t* x0, id_t* x_t, uint8_t* mask, const uint8_t* maska
       write_checked<id_t, kUniform>(x0 + first, x_t + first, mask + first, sel.data(), w1.data(), cols, a);
     }
   });
-}
-
-void check_perturb_inputs(const at::Tensor& x0, const std::optional<at::Tensor>& threshold,
-                          const std::optional<at::Tensor>& num_masked, const std::optional<at::Tensor>& maskable,
-                          int64_t vocab_size, int64_t graph) {
-  TORCH_CHECK(x0.dim() == 2 && x0.is_contiguous(), "fastbound.perturb: x0 must be contiguous (B, L)");
-  const int64_t rows = x0.size(0), cols = x0.size(1);
-  TORCH_CHECK(threshold.has_value() != num_masked.has_value(),
-              "fastbound.perturb: pass exactly one of threshold and num_masked");
-  if (threshold.has_value()) {
-    const at::Tensor& t = *threshold;
-    TORCH_CHECK(t.dim() == 2 && t.scalar_type() == at::kInt && (t.size(0) == 1 || t.size(0) == rows) &&
-                    (t.size(1) == 1 || t.size(1) == cols) && (t.size(1) == 1 || t.stride(1) == 1),
-                "fastbound.perturb: threshold must be int32 of shape (B or 1, L or 1) with unit column stride");
-  } else {
-    const at::Tensor& k = *num_masked;
-    TORCH_CHECK(k.dim() == 1 && k.size(0) == rows && k.scalar_type() == at::kLong && k.is_contiguous(),
-                "fastbound.perturb: num_masked must be contiguous int64 (B,)");
-  }
-  if (maskable.has_value()) {
-    TORCH_CHECK(maskable->sizes() == x0.sizes() && maskable->scalar_type() == at::kBool && maskable->is_contiguous(),
-                "fastbound.perturb: maskable must be contiguous bool of x0's shape");
-  }
-  TORCH_CHECK(graph == kGraphAbsorb || graph == kGraphUniform, "fastbound.perturb: unknown graph code ", graph);
-  TORCH_CHECK(vocab_size >= 1 && vocab_size <= INT64_C(0xFFFFFFFF),
-              "fastbound.perturb: vocab_size must lie in [1, 2^32 - 1]");
-  TORCH_CHECK(cols <= INT64_C(0xFFFFFFFF), "fastbound.perturb: rows longer than 2^32 - 1 are not supported");
 }
 
 std::tuple<at::Tensor, at::Tensor> perturb(const at::Tensor& x0, const std::optional<at::Tensor>& threshold,

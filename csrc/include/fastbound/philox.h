@@ -102,7 +102,11 @@ FB_HD Words philox4x32_10(Words counter, uint32_t k0, uint32_t k1) {
   constexpr uint64_t kLow = 0xFFFFFFFFu;
   uint64_t c0 = counter.w0, c1 = counter.w1, c2 = counter.w2, c3 = counter.w3;
   uint64_t key0 = k0, key1 = k1;
+#if defined(__CUDACC__)
+#pragma unroll
+#else
 #pragma GCC unroll 16
+#endif
   for (int r = 0; r < kRounds; ++r) {
     const uint64_t p0 = uint64_t{kMul0} * (c0 & kLow), p1 = uint64_t{kMul1} * (c2 & kLow);
     c0 = (p1 >> 32) ^ c1 ^ key0;
