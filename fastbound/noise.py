@@ -182,14 +182,16 @@ def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: to
     t = v.check_float_tensor(name, value)
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x0 is on {device}; move it to {device}")
-    t = _per_position(name, t.detach(), rows, cols, one_row).double()
-    if v.eager() and t.numel():
-        if is_sigma and not bool((torch.isfinite(t) & (t >= 0)).all()):
+    p = _per_position(name, t.detach(), rows, cols, one_row).to(torch.float64, copy=True)
+    if v.eager() and p.numel():
+        lo, hi = (float(x) for x in torch.aminmax(p))  # NaN makes both comparisons fail
+        if is_sigma and not (lo >= 0 and hi < math.inf):
             raise ValueError("sigma must be finite and >= 0 everywhere")
-        if not is_sigma and not bool(((t >= 0) & (t <= 1)).all()):
+        if not is_sigma and not (lo >= 0 and hi <= 1):
             raise ValueError("mask_ratio must lie in [0, 1] everywhere")
-    p = torch.expm1(-t).neg_() if is_sigma else t
-    return p.mul_(2**UNIFORM_BITS).ceil_().to(torch.int32).contiguous()
+    if is_sigma:
+        p.neg_().expm1_().neg_()  # p = 1 - e^{-sigma}
+    return p.mul_(float(2**UNIFORM_BITS)).ceil_().to(torch.int32)
 
 
 def _num_masked(value, rows: int, cols: int, maskable: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -328,7 +330,9 @@ def perturb(
     op = _kernel(kernel_backend, "perturb")
     x_t, mask = op(flat.contiguous(), threshold, k, maskable, vocab_size, mask_id, _ops.GRAPH_CODES[graph],
                    seed_bits, offset_bits)
-    return Perturbed(x_t.view(x0.shape), mask.view(x0.shape))
+    if one_row:
+        x_t, mask = x_t.view(x0.shape), mask.view(x0.shape)
+    return Perturbed(x_t, mask)
 
 
 # -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@
 //   * Bernoulli: element selected iff (w0 >> 8) < threshold (per row or per
 //     element; the Python layer computes threshold = ceil(p * 2^24));
 //   * exact-k: in each row, the num_masked[row] maskable elements with the
-//     smallest (w0, column) keys, found with one nth_element (average O(L)).
+//     smallest (w0, column) keys, found by a bucket select (average O(L), no sort).
 // A selected element becomes mask_id (absorbing graph) or the token
 // floor(w1 * V / 2^32) (uniform graph); `mask` records the selection.
 #include <ATen/Dispatch.h>
@@ -125,6 +125,37 @@ void bernoulli_rows(const id_t* x0, id_t* x_t, uint8_t* mask, const uint8_t* mas
   });
 }
 
+// The k-th smallest (w0, column) key among the row's maskable elements, 1 <= k <= their
+// number (the caller checks). Bucket select: a histogram of the top kBucketBits of w0
+// finds the bucket holding the k-th key, and nth_element orders only that bucket
+// (about cols / 2^kBucketBits keys), so a row costs a few linear passes, no sort.
+constexpr int kBucketBits = 8;
+
+struct RowSelect {
+  std::vector<int64_t> histogram = std::vector<int64_t>(size_t{1} << kBucketBits);
+  std::vector<uint64_t> bucket;
+};
+
+uint64_t kth_key(const uint32_t* w0, const uint8_t* maskable, int64_t cols, int64_t k, RowSelect& scratch) {
+  constexpr int kShift = 32 - kBucketBits;
+  std::fill(scratch.histogram.begin(), scratch.histogram.end(), 0);
+  for (int64_t col = 0; col < cols; ++col) {
+    scratch.histogram[w0[col] >> kShift] += maskable == nullptr || maskable[col];
+  }
+  uint32_t target = 0;
+  int64_t below = 0;
+  while (below + scratch.histogram[target] < k) below += scratch.histogram[target++];
+  scratch.bucket.clear();
+  for (int64_t col = 0; col < cols; ++col) {
+    if ((w0[col] >> kShift) == target && (maskable == nullptr || maskable[col])) {
+      scratch.bucket.push_back(philox::rank_key(w0[col], static_cast<uint32_t>(col)));
+    }
+  }
+  const auto nth = scratch.bucket.begin() + (k - below - 1);
+  std::nth_element(scratch.bucket.begin(), nth, scratch.bucket.end());
+  return *nth;
+}
+
 // Exact-k mode: per row, the k maskable elements with the smallest (w0, column) keys.
 template <typename id_t, bool kUniform>
 void exact_k_rows(const id_t* x0, id_t* x_t, uint8_t* mask, const uint8_t* maskable, const int64_t* num_masked,
@@ -132,31 +163,26 @@ void exact_k_rows(const id_t* x0, id_t* x_t, uint8_t* mask, const uint8_t* maska
   const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(1, cols));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> w0(cols), w1(kUniform ? cols : 0);
-    std::vector<uint64_t> keys;
     std::vector<uint8_t> sel(cols);
-    keys.reserve(cols);
+    RowSelect scratch;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t first = row * cols;
       const uint8_t* m = maskable != nullptr ? maskable + first : nullptr;
+      const int64_t available = m == nullptr ? cols : std::count(m, m + cols, uint8_t{1});
+      const int64_t k = num_masked[row];
+      TORCH_CHECK_VALUE(k >= 0 && k <= available, "fastbound.perturb: num_masked[", row, "] = ", k,
+                        " is outside [0, ", available, "], the number of maskable positions of row ", row);
       for (int64_t col = 0; col < cols; col += kTile) {
         tile_words<kUniform>(a.seed, a.offset, static_cast<uint64_t>(first + col), std::min(kTile, cols - col),
                              w0.data() + col, kUniform ? w1.data() + col : nullptr);
       }
-      keys.clear();
-      for (int64_t col = 0; col < cols; ++col) {
-        if (m == nullptr || m[col]) keys.push_back(philox::rank_key(w0[col], static_cast<uint32_t>(col)));
-      }
-      const int64_t k = num_masked[row];
-      TORCH_CHECK_VALUE(k >= 0 && k <= static_cast<int64_t>(keys.size()), "fastbound.perturb: num_masked[", row,
-                        "] = ", k, " is outside [0, ", keys.size(), "], the number of maskable positions of row ",
-                        row);
-      uint64_t kth = 0;
-      if (k > 0) {
-        std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end());
-        kth = keys[k - 1];
-      }
-      for (int64_t col = 0; col < cols; ++col) {
-        sel[col] = k > 0 && (m == nullptr || m[col]) && philox::rank_key(w0[col], static_cast<uint32_t>(col)) <= kth;
+      if (k == 0) {
+        std::fill(sel.begin(), sel.end(), uint8_t{0});
+      } else {
+        const uint64_t kth = kth_key(w0.data(), m, cols, k, scratch);
+        for (int64_t col = 0; col < cols; ++col) {
+          sel[col] = (m == nullptr || m[col]) && philox::rank_key(w0[col], static_cast<uint32_t>(col)) <= kth;
+        }
       }
       write_checked<id_t, kUniform>(x0 + first, x_t + first, mask + first, sel.data(), w1.data(), cols, a);
     }

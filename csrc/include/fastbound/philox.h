@@ -34,6 +34,9 @@
 //   w1, the token word: a uniform token in [0, V) is floor(w1 * V / 2^32)
 //     (uniform_below below), exact integer arithmetic on every backend.
 //   w2, w3: unused by the noise kernels.
+//
+//   The time samplers of fastbound/noise.py read w0 of counters offset + i too:
+//   `sample_times` through u, `sample_num_masked` as documented there.
 #pragma once
 
 #include <cstdint>
@@ -56,14 +59,6 @@ constexpr uint32_t kMul1 = 0xCD9E8D57u;
 constexpr uint32_t kWeyl0 = 0x9E3779B9u;
 constexpr uint32_t kWeyl1 = 0xBB67AE85u;
 constexpr int kRounds = 10;
-
-// Which Philox output word each decision reads (the contract above).
-constexpr int kSelectWord = 0;
-constexpr int kTokenWord = 1;
-
-// u = (w >> 8) * 2^-24 uses 24 bits: the Bernoulli threshold lives on this grid.
-constexpr int kUniformBits = 24;
-constexpr uint32_t kThresholdOne = 1u << kUniformBits;  // T for p = 1
 
 struct Words {
   uint32_t w0, w1, w2, w3;
