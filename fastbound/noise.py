@@ -433,6 +433,10 @@ def sample_num_masked(
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     v.check_choice("weights", weights, NUM_MASKED_WEIGHTS)
     dev = _device(device, length)
+    if device is not None and isinstance(length, torch.Tensor):
+        asked = torch.device(device)
+        if asked.type != dev.type or asked.index not in (None, dev.index):
+            raise ValueError(f"length is on {dev} but device={device!r} was asked for")
     if isinstance(length, int) and not isinstance(length, bool):
         lengths = torch.full((n,), length, dtype=torch.int64, device=dev)
     elif isinstance(length, torch.Tensor):

@@ -149,6 +149,19 @@ def test_perturb_same_call_same_bits_and_offsets_give_fresh_noise():
     assert not torch.equal(a.mask, perturb(x0, sigma=1.0, vocab_size=9, seed=5, offset=0).mask)
 
 
+def test_perturb_does_not_depend_on_the_thread_count():
+    x0 = torch.randint(0, 9, (64, 1024))
+    k = torch.arange(64) * 16
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [perturb(x0, sigma=1.0, vocab_size=9, seed=8), perturb(x0, num_masked=k, vocab_size=9, seed=8)]
+    finally:
+        torch.set_num_threads(threads)
+    _assert_same(one[0], perturb(x0, sigma=1.0, vocab_size=9, seed=8))
+    _assert_same(one[1], perturb(x0, num_masked=k, vocab_size=9, seed=8))
+
+
 def test_perturb_masks_are_nested_across_noise_levels():
     x0 = torch.randint(0, 9, (16, 128))
     masks = [perturb(x0, sigma=s, vocab_size=9, seed=6).mask for s in (0.1, 0.5, 2.0)]

@@ -201,7 +201,8 @@ std::tuple<at::Tensor, at::Tensor> perturb(const at::Tensor& x0, const std::opti
   const NoiseArgs a{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset), static_cast<uint32_t>(vocab_size),
                     mask_id, graph == kGraphUniform};
   // bool tensors hold one byte per element, 0 or 1.
-  const uint8_t* m = maskable.has_value() ? reinterpret_cast<const uint8_t*>(maskable->const_data_ptr<bool>()) : nullptr;
+  const uint8_t* m =
+      maskable.has_value() ? reinterpret_cast<const uint8_t*>(maskable->const_data_ptr<bool>()) : nullptr;
   AT_DISPATCH_INTEGRAL_TYPES(x0.scalar_type(), "perturb_cpu", [&] {
     const scalar_t* in = x0.const_data_ptr<scalar_t>();
     scalar_t* out = x_t.mutable_data_ptr<scalar_t>();

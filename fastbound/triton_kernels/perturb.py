@@ -44,7 +44,7 @@ MAX_ROW_BLOCK = 1024
 def _replace(x, selected, w1, vocab_size, mask_id, UNIFORM: tl.constexpr):
     """x_t for one block: the replacement where selected, x elsewhere."""
     if UNIFORM:
-        replacement = tl.math.umulhi(w1, vocab_size.to(tl.uint32)).to(x.dtype)
+        replacement = tl.math.umulhi(w1, tl.full(w1.shape, vocab_size, tl.uint32)).to(x.dtype)
     else:
         replacement = tl.full(x.shape, mask_id, x.dtype)
     return tl.where(selected, replacement, x)
