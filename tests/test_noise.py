@@ -176,6 +176,42 @@ def test_noise_stream_hands_out_disjoint_ranges():
     assert wrapping.take(3) == 2**64 - 2 and wrapping.offset == 1
 
 
+# Seed 24 gives two equal selection words in a row of 2^14: columns 2683 and 3281,
+# ranks 14419 and 14420 of the row (found by search; checked below).
+TIE_SEED, TIE_COLS, TIE_RANK, TIE_LEN = 24, (2683, 3281), 14419, 2**14
+
+
+def _boundary_ratio(seed: int, column: int) -> float:
+    """The mask ratio whose threshold equals the 24-bit uniform of ``column``: u < p must be false there."""
+    return int(reference.noise_words(column + 1, seed)[column, 0] >> 8) / 2**24
+
+
+def _check_bernoulli_boundary(backend, device):
+    x0 = torch.zeros(1, 8, dtype=torch.long, device=device)
+    ratio = _boundary_ratio(31, 3)
+    at = perturb(x0, mask_ratio=ratio, vocab_size=2, seed=31, backend=backend).mask[0, 3].item()
+    above = perturb(x0, mask_ratio=ratio + 2**-24, vocab_size=2, seed=31, backend=backend).mask[0, 3].item()
+    assert (at, above) == (False, True)
+
+
+def test_bernoulli_comparison_is_strict():
+    _check_bernoulli_boundary("cpu", "cpu")
+
+
+def test_exact_k_breaks_word_ties_by_column():
+    words = philox_words(TIE_LEN, seed=TIE_SEED)[:, 0]
+    assert words[TIE_COLS[0]] == words[TIE_COLS[1]]
+    assert int((words < words[TIE_COLS[0]]).sum()) == TIE_RANK
+    x0 = torch.zeros(1, TIE_LEN, dtype=torch.long)
+    picked = []
+    for k in (TIE_RANK, TIE_RANK + 1, TIE_RANK + 2):
+        mask = perturb(x0, num_masked=k, vocab_size=2, seed=TIE_SEED).mask
+        picked.append(mask[0, list(TIE_COLS)].tolist())
+    assert picked == [[False, False], [True, False], [True, True]]
+    ref = reference.perturb(x0, num_masked=[TIE_RANK + 1], vocab_size=2, mask_id=2, seed=TIE_SEED)
+    _assert_same(perturb(x0, num_masked=TIE_RANK + 1, vocab_size=2, seed=TIE_SEED), ref)
+
+
 # -----------------------------------------------------------------------------
 # Statistics
 # -----------------------------------------------------------------------------
@@ -492,6 +528,15 @@ def test_triton_matches_cpu_bit_for_bit():
 
 
 @pytest.mark.triton
+def test_triton_bernoulli_boundary_and_ties_match_cpu():
+    _check_bernoulli_boundary("triton", TRITON_DEVICE)
+    x0 = torch.zeros(1, TIE_LEN, dtype=torch.long)
+    cpu = perturb(x0, num_masked=TIE_RANK + 1, vocab_size=2, seed=TIE_SEED)
+    out = perturb(x0.to(TRITON_DEVICE), num_masked=TIE_RANK + 1, vocab_size=2, seed=TIE_SEED, backend="triton")
+    _assert_same(cpu, (out.x_t.cpu(), out.mask.cpu()))
+
+
+@pytest.mark.triton
 def test_triton_rejects_ids_outside_the_vocabulary():
     x0 = _x0().to(TRITON_DEVICE)
     x0[0, 3] = 10
@@ -504,6 +549,11 @@ def test_cuda_matches_cpu_bit_for_bit():
     for counter, seed, words in _kat_inputs("cuda"):
         assert torch.ops.fastbound.philox4x32(counter, _signed(seed))[0].tolist() == words
     _compare_backends("cuda", "cuda")
+    _check_bernoulli_boundary("cuda", "cuda")
+    x0 = torch.zeros(1, TIE_LEN, dtype=torch.long)
+    cpu = perturb(x0, num_masked=TIE_RANK + 1, vocab_size=2, seed=TIE_SEED)
+    out = perturb(x0.cuda(), num_masked=TIE_RANK + 1, vocab_size=2, seed=TIE_SEED, backend="cuda")
+    _assert_same(cpu, (out.x_t.cpu(), out.mask.cpu()))
 
 
 @pytest.mark.cuda
