@@ -217,6 +217,9 @@ class Settings:
 
 
 MIN_ROUNDS, MAX_ROUNDS = 3, 200
+ESTIMATE_CALLS, ESTIMATE_SHARE = 5, 0.2
+"""Rounds are estimated from the fastest of up to ESTIMATE_CALLS warm calls, made while they
+take less than ESTIMATE_SHARE of the target time (one noisy call must not cut the rounds)."""
 
 
 def _sync(device: torch.device) -> None:
@@ -343,6 +346,13 @@ def provider_fn(spec: Spec) -> Callable[..., object]:
     raise ValueError(f"unknown provider {spec.provider!r}")
 
 
+def _seconds(target: Callable[..., None], leaves: Inputs) -> float:
+    """Duration of one call of ``target(**leaves)``."""
+    start = time.perf_counter()
+    target(**leaves)
+    return time.perf_counter() - start
+
+
 def _check(spec: Spec, actual: Result, expected: Result, inputs: Inputs) -> None:
     if spec.provider == "floor":
         assert torch.equal(actual["output0"], inputs[spec.case.floor]), "floor: clone() differs from its input"
@@ -371,18 +381,17 @@ def run(spec: Spec, benchmark, settings: Settings) -> None:
     # 1. Agreement with the oracle (also the warm-up, and compilation for "compile").
     start = time.perf_counter()
     actual = outcome(fn, inputs, grad_inputs, device)
-    per_call = time.perf_counter() - start
+    first_call = time.perf_counter() - start
     _check(spec, actual, expected, inputs)
     del actual
 
-    # 2. Timing: rounds from the duration of a warm call; leaves are made in setup (not timed).
+    # 2. Timing: rounds from the duration of warm calls; leaves are made in setup (not timed).
     rounds = 1
     if not settings.smoke:
-        if spec.provider == "compile":  # the first call compiled
-            start = time.perf_counter()
-            target(**setup()[1])
-            per_call = time.perf_counter() - start
-        rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(settings.seconds / max(per_call, 1e-9))))
+        calls = [] if spec.provider == "compile" else [first_call]  # the first call compiled
+        while len(calls) < ESTIMATE_CALLS and sum(calls) < ESTIMATE_SHARE * settings.seconds:
+            calls.append(_seconds(target, setup()[1]))
+        rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(settings.seconds / max(min(calls), 1e-9))))
     benchmark.group = spec.group
     benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
 

@@ -1,9 +1,10 @@
 """Benchmarks of `fastbound.perturb`: absorbing forward noise drawn with a counter-based RNG.
 
 Skipped until `fastbound.perturb(x0, *, sigma, vocab_size, seed, offset=0) -> (x_t, mask)`
-exists. The eager baseline is ``torch.rand`` + ``torch.where`` with the mask id V - 1 (the
-last column, as in `fastbound.dse_loss`). Providers draw different random numbers, so the
-check is statistical rather than elementwise (`check_perturb`).
+exists. ``vocab_size`` is the number of real tokens, V - 1, so the mask id (perturb's default,
+``vocab_size``) is the last score column, as in `fastbound.dse_loss`. The eager baseline is
+``torch.rand`` + ``torch.where``. Providers draw different random numbers, so the check is
+statistical rather than elementwise (`check_perturb`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ Z_MAX = 6.0
 def perturb_inputs(shape: Shape, dtype: torch.dtype, generator: torch.Generator) -> dict:
     sigma, _ = data.SCHEDULE(data.times(shape, generator))
     x0 = data.clean_ids(shape, shape.vocab - 1, generator).to(dtype)
-    return dict(x0=x0, sigma=sigma, vocab_size=shape.vocab)
+    return dict(x0=x0, sigma=sigma, vocab_size=shape.vocab - 1)
 
 
 def fastbound_perturb(x0, sigma, vocab_size):
@@ -35,7 +36,7 @@ def fastbound_perturb(x0, sigma, vocab_size):
 
 def eager_perturb(x0, sigma, vocab_size):
     mask = torch.rand(x0.shape, device=x0.device) < -torch.expm1(-sigma)
-    return torch.where(mask, vocab_size - 1, x0), mask
+    return torch.where(mask, vocab_size, x0), mask
 
 
 def check_perturb(actual: dict, expected: dict, inputs: dict) -> None:
