@@ -104,8 +104,8 @@ GRIDS: dict[str, tuple[Shape, ...]] = {
 GRIDS["smoke"] = GRIDS["default"][:1]
 
 WORKING_SET_FACTOR = 8
-"""Bytes needed per fp32 (N, V) element: the cached inputs and reference gradient, plus the
-eager oracle's temporaries (measured: up to ~3 (N, V) buffers for fwd+bwd), with headroom."""
+"""fp32 (N, V) buffers a case may hold at once: the cached input and oracle gradient, a checked
+result, and the eager oracle's peak (measured: up to 4 buffers, uniform graph fwd+bwd), with headroom."""
 
 
 def dense_working_set(shape: Shape) -> int:

@@ -40,6 +40,7 @@ def newest_autosave(root: Path = Path(".benchmarks")) -> Path:
 def collect(run: dict, stat: str) -> dict[tuple, dict[str, dict]]:
     """Rows keyed by (case, mode, dtype, batch, length, vocab), each {provider: {time, peak, floor}}."""
     rows: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    # Key order: case, mode, dtype, batch, length, vocab; sorted below by case, V, tokens, dtype, mode.
     for bench in run["benchmarks"]:
         info = bench["extra_info"]
         if "provider" not in info:
@@ -50,7 +51,8 @@ def collect(run: dict, stat: str) -> dict[tuple, dict[str, dict]]:
             "peak": info["peak_bytes"],
             "floor": info["floor_bytes"],
         }
-    return rows
+    order = {"fp32": 0, "bf16": 1}
+    return dict(sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][5], kv[0][3] * kv[0][4], order.get(kv[0][2], 2), kv[0][1])))
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> str:
