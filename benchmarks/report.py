@@ -1,0 +1,182 @@
+"""Summarises a benchmark run: a markdown table of ratios and a PNG bar chart.
+
+    pytest benchmarks --benchmark-json=bench.json
+    python -m benchmarks.report bench.json            # writes bench.md and bench.png
+
+Without a path it reads the newest JSON that ``--benchmark-autosave`` stored under
+``.benchmarks/``. Per case (op, mode, dtype, shape) the table gives each provider's time
+(the minimum over rounds by default, the statistic least disturbed by other processes;
+``--stat median`` for the typical run), fastbound's speed-up over the eager oracle and over
+``torch.compile`` of it, fastbound's time over the ``clone()`` floor (1.0 = as fast as
+copying the scores once), peak memory per provider, and the share of the eager oracle's
+peak that fastbound saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from .harness import MODE_LABELS, PROVIDERS
+
+MIB = 2**20
+
+
+def load(path: Path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def newest_autosave(root: Path = Path(".benchmarks")) -> Path:
+    runs = sorted(root.glob("**/*.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise SystemExit(f"no benchmark JSON given and none under {root}/ (run pytest with --benchmark-json=FILE)")
+    return runs[-1]
+
+
+def collect(run: dict, stat: str) -> dict[tuple, dict[str, dict]]:
+    """Rows keyed by (case, mode, dtype, batch, length, vocab), each {provider: {time, peak, floor}}."""
+    rows: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    # Key order: case, mode, dtype, batch, length, vocab; sorted below by case, V, tokens, dtype, mode.
+    for bench in run["benchmarks"]:
+        info = bench["extra_info"]
+        if "provider" not in info:
+            continue  # not one of ours
+        key = (info["case"], info["mode"], info["dtype"], info["batch"], info["length"], info["vocab"])
+        rows[key][info["provider"]] = {
+            "time": bench["stats"][stat],
+            "peak": info["peak_bytes"],
+            "floor": info["floor_bytes"],
+        }
+    order = {"fp32": 0, "bf16": 1}
+    return dict(sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][5], kv[0][3] * kv[0][4], order.get(kv[0][2], 2), kv[0][1])))
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or denominator is None or denominator == 0:
+        return "–"
+    return f"{numerator / denominator:.2f}×"
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    ms = seconds * 1e3
+    return f"{ms:.3g}" if ms < 1000 else f"{ms:.0f}"
+
+
+def _mib(nbytes: int | None) -> str:
+    return "–" if nbytes is None else f"{nbytes / MIB:.1f}"
+
+
+def _saved(fast: int | None, eager: int | None) -> str:
+    if fast is None or not eager:
+        return "–"
+    return f"{100 * (1 - fast / eager):.0f}%"
+
+
+def header(run: dict, stat: str) -> list[str]:
+    infos = [b["extra_info"] for b in run["benchmarks"] if "provider" in b["extra_info"]]
+    first = infos[0] if infos else {}
+    commit = run.get("commit_info", {})
+    return [
+        f"Device: {first.get('device_name', '?')} ({first.get('device', '?')}, {first.get('threads', '?')} threads, "
+        f"fastbound CPU ISA {first.get('cpu_isa', '?')}), torch {first.get('torch', '?')}, "
+        f"run {run.get('datetime', '?')}, commit {str(commit.get('id', '?'))[:10]}"
+        f"{' (dirty)' if commit.get('dirty') else ''}.",
+        "",
+        f"Times in ms ({stat} over the rounds). `vs eager` / `vs compile`: fastbound's speed-up; "
+        "`/ floor`: fastbound's time over `clone()` of the largest input (the memory-traffic floor). "
+        f"Peak memory in MiB beyond the inputs ({first.get('memory_method', '?')}); "
+        "`saved`: share of the eager oracle's peak that fastbound does not need.",
+        "",
+    ]
+
+
+def table(rows: dict[tuple, dict[str, dict]]) -> list[str]:
+    columns = (
+        ["case", "mode", "dtype", "tokens", "V"]
+        + [f"{p} ms" for p in PROVIDERS]
+        + ["vs eager", "vs compile", "/ floor"]
+        + [f"peak {p}" for p in PROVIDERS]
+        + ["saved"]
+    )
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for (case, mode, dtype, batch, length, vocab), providers in rows.items():
+        time = {p: providers.get(p, {}).get("time") for p in PROVIDERS}
+        peak = {p: providers.get(p, {}).get("peak") for p in PROVIDERS}
+        cells = [case, MODE_LABELS[mode], dtype, f"{batch}×{length}", str(vocab)]
+        cells += [_ms(time[p]) for p in PROVIDERS]
+        cells += [
+            _ratio(time["eager"], time["fastbound"]),
+            _ratio(time["compile"], time["fastbound"]),
+            _ratio(time["fastbound"], time["floor"]),
+        ]
+        cells += [_mib(peak[p]) for p in PROVIDERS]
+        cells += [_saved(peak["fastbound"], peak["eager"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def chart(rows: dict[tuple, dict[str, dict]], path: Path, title: str) -> None:
+    """Two panels per case: time relative to the eager oracle, and peak memory relative to the
+    floor's input size (log scales; lower is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{c} {MODE_LABELS[m]} {d}\n{b}×{l} V={v}" for c, m, d, b, l, v in rows]
+    width = 0.8 / len(PROVIDERS)
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(rows)), 9), sharex=True)
+    for i, provider in enumerate(PROVIDERS):
+        xs, rel_time, rel_peak = [], [], []
+        for x, providers in enumerate(rows.values()):
+            mine, eager = providers.get(provider), providers.get("eager")
+            if mine is None or eager is None:
+                continue
+            xs.append(x + (i - (len(PROVIDERS) - 1) / 2) * width)
+            rel_time.append(mine["time"] / eager["time"])
+            rel_peak.append(max(mine["peak"], 1) / max(mine["floor"], 1))
+        axes[0].bar(xs, rel_time, width, label=provider)
+        axes[1].bar(xs, rel_peak, width, label=provider)
+    axes[0].set_ylabel("time / eager oracle")
+    axes[1].set_ylabel("peak memory / input size")
+    for ax in axes:
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.grid(axis="y", which="both", alpha=0.3)
+    axes[0].legend(ncols=len(PROVIDERS), loc="upper left")
+    axes[0].set_title(title)
+    axes[1].set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="?", type=Path, help="pytest-benchmark JSON (default: newest autosave)")
+    parser.add_argument("--stat", default="min", choices=("min", "median", "mean"), help="time statistic")
+    parser.add_argument("--out", type=Path, help="output prefix for .md and .png (default: next to the JSON)")
+    args = parser.parse_args(argv)
+
+    path = args.json or newest_autosave()
+    run = load(path)
+    rows = collect(run, args.stat)
+    if not rows:
+        raise SystemExit(f"{path}: no fastbound benchmarks in this file")
+    prefix = str(args.out or path.with_suffix(""))
+    markdown = "\n".join(header(run, args.stat) + table(rows)) + "\n"
+    Path(prefix + ".md").write_text(markdown)
+    device = next(b["extra_info"] for b in run["benchmarks"] if "provider" in b["extra_info"])
+    chart(rows, Path(prefix + ".png"), f"fastbound on {device['device_name']} ({device['device']})")
+    sys.stdout.write(markdown)
+    print(f"\nwrote {prefix}.md and {prefix}.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
