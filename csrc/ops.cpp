@@ -22,6 +22,12 @@ TORCH_LIBRARY(fastbound, m) {
   m.def(
       "dce_forward_inplace(Tensor(a!) logits, Tensor x_t, Tensor x0, Tensor row_scale, int mask_id, "
       "int ignore_index) -> Tensor");
+  // Likelihood integration step: per sequence b, S_b = weight_b * sum_i loss_i of the
+  // (B, L, V) denoiser output; acc[index_b] += (S_b, S_b^2) in place (float64, no grad).
+  // loss: 0 = DSE (graph: 0 absorb, 1 uniform), 1 = DCE (mask_id as in dce_forward).
+  m.def(
+      "integrate_step(Tensor out, Tensor x_t, Tensor x0, Tensor sigma, Tensor weight, "
+      "Tensor(a!) acc, Tensor? index, int loss, int graph, int mask_id, int ignore_index) -> ()");
 }
 
 namespace {
