@@ -45,6 +45,17 @@ Identities, for a sequence :math:`x_0` with M positions that may be corrupted:
 Conditional likelihood (``maskable``): the same identities with only the maskable
 positions corrupted and scored give :math:`-\log p(x_0[\text{maskable}] \mid
 x_0[\lnot\text{maskable}])`, with M the number of maskable positions.
+
+Sampling and error bars (measured on the exact Markov-chain denoisers of
+`fastbound.testing`): each sequence gets its own stratified uniforms (one per
+stratum of [0, 1), as MDLM's time sampler), which set k (time-free) or t (mc), and
+the standard error is the successive-difference estimate of a systematic sample.
+The mc times are :math:`t = u^2` (weight :math:`2u`): with uniform t the absorbing
+estimator's variance diverges like :math:`\int dt/t` at t = 0 (a rare masked token
+weighed by 1/t); quadrature uses the same substitution, under which Gauss–Legendre
+also converges fast on the uniform graph's :math:`\log(1/t)` endpoint behaviour. On
+the uniform graph such rare large draws remain (weight ~ log(1/t)/t): the standard
+error is right on average but the per-sequence z-scores have heavier tails.
 """
 
 from __future__ import annotations
@@ -98,8 +109,8 @@ class NLLEstimate:
         integrand: (B, n) an estimate of the integrand there, for plots: the weighted
             loss :math:`w(t)\sum_i \ell_i` of each draw (``"mc"``; the draws have density
             :math:`1/(2\sqrt t)`), the node's mean weighted loss
-            :math:`w(t)\\,\\mathbb E[\\ell_t]` (``"quadrature"``), or
-            :math:`M/k \\sum_{i\\in I}\\ell_i` (``"time_free"``). The terminal term of the
+            :math:`w(t)\,\mathbb E[\ell_t]` (``"quadrature"``), or
+            :math:`M/k \sum_{i\in I}\ell_i` (``"time_free"``). The terminal term of the
             uniform graph is not part of it.
     """
 
