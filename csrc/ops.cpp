@@ -31,6 +31,12 @@ TORCH_LIBRARY(fastbound, m) {
       "int mask_id, int graph, int seed, int offset) -> (Tensor, Tensor)");
   // Philox4x32-10 words (N, 4) of the counters (N, 4) (each entry's low 32 bits) under key = seed.
   m.def("philox4x32(Tensor counter, int seed) -> Tensor");
+  // Likelihood integration step: per sequence b, S_b = weight_b * sum_i loss_i of the
+  // (B, L, V) denoiser output; acc[index_b] += (S_b, S_b^2) in place (float64, no grad).
+  // loss: 0 = DSE (graph: 0 absorb, 1 uniform), 1 = DCE (mask_id as in dce_forward).
+  m.def(
+      "integrate_step(Tensor out, Tensor x_t, Tensor x0, Tensor sigma, Tensor weight, "
+      "Tensor(a!) acc, Tensor? index, int loss, int graph, int mask_id, int ignore_index) -> ()");
 }
 
 namespace {

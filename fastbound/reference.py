@@ -227,3 +227,56 @@ def perturb_eager(x0: torch.Tensor, p, *, mask_id: int, generator: torch.Generat
     """
     u = torch.rand(x0.shape, device=x0.device, generator=generator)
     return torch.where(u < p, mask_id, x0)
+
+# =============================================================================
+# Likelihood estimators (I-MDCE / I-MDSE): oracles of the integration step and
+# of the estimators. Everything below belongs to `fastbound.integrate` and
+# `fastbound.estimators`.
+# =============================================================================
+
+
+def integrate_step(out, x_t, x0, sigma, weight, acc, *, loss="dce", graph="absorb", mask_id=None,
+                   ignore_index=-100, index=None):
+    r"""Oracle for `fastbound.integrate_step`: the reference loss, summed per sequence.
+
+    :math:`S_b = w_b \sum_i \ell_{b,i}` with :math:`\ell` from `dce_loss` or `dse_loss`
+    (per-sequence ``sigma``), then ``acc[index[b]] += (S_b, S_b^2)``. Returns a new
+    tensor (``acc`` itself is left unchanged).
+    """
+    n_seq = out.shape[0]
+    if loss == "dce":
+        per_token = dce_loss(out, x_t, x0, mask_id=mask_id, ignore_index=ignore_index)
+    else:
+        sig = torch.as_tensor(sigma, dtype=torch.float64, device=out.device).expand(n_seq)
+        sig = sig.to(_acc(out).dtype)[:, None]
+        per_token = dse_loss(out, sig, x_t, x0, graph=graph, ignore_index=ignore_index)
+    w = torch.as_tensor(1.0 if weight is None else weight, dtype=torch.float64, device=out.device)
+    total = per_token.double().sum(-1) * w.expand(n_seq)
+    rows = torch.arange(n_seq, device=out.device) if index is None else index.long()
+    return acc.index_add(0, rows, torch.stack([total, total * total], -1))
+
+
+def estimate_nll(denoiser, x0, **kwargs):
+    """`fastbound.estimate_nll` with the integration step replaced by the eager oracle.
+
+    Same arguments, same draws (seed for seed), same result up to float rounding; the
+    denoiser output goes through the dense reference loss and a sum instead of the
+    fused kernel. The speed baseline of the estimator benchmarks.
+    """
+    from .estimators import _estimate_nll
+
+    return _estimate_nll(denoiser, x0, step=_reference_step, **kwargs)
+
+
+def log_likelihood_ratio(denoiser, x_a, x_b, **kwargs):
+    """`fastbound.log_likelihood_ratio` with the eager-oracle integration step."""
+    from .estimators import _log_likelihood_ratio
+
+    return _log_likelihood_ratio(denoiser, x_a, x_b, step=_reference_step, **kwargs)
+
+
+def _reference_step(out, x_t, x0, sigma, weight, acc, *, loss, graph, mask_id, ignore_index, index,
+                    backend=None):
+    acc.copy_(integrate_step(out, x_t, x0, sigma, weight, acc, loss=loss, graph=graph, mask_id=mask_id,
+                             ignore_index=ignore_index, index=index))
+    return acc
