@@ -5,11 +5,17 @@ Public API:
     schedules                   noise schedules (LogLinear, Geometric, Cosine)
     perturb, sample_times,      fused noise sampling x0 -> x_t and time / mask-count samplers,
     sample_num_masked           reproducible on every backend (counter-based Philox4x32-10)
+    estimate_nll,               likelihood estimators from the I-MDSE / I-MDCE identities,
+    log_likelihood_ratio        with error bars (time-free, Monte Carlo, quadrature)
+    integrate_step              the fused per-timestep NLL integration kernel
+    testing                     exact denoisers (product source, Markov chain) to check pipelines
     reference                   the pure-PyTorch oracle every kernel is tested against
 """
 
-from . import noise, reference, schedules
+from . import noise, reference, schedules, testing
 from ._ops import cpu_isa
+from .estimators import NLLEstimate, RatioEstimate, estimate_nll, log_likelihood_ratio
+from .integrate import integrate_step
 from .losses import dce_loss, dse_loss
 from .noise import NoiseStream, Perturbed, perturb, philox_words, sample_num_masked, sample_times
 
@@ -22,6 +28,12 @@ __all__ = [
     "sample_num_masked",
     "philox_words",
     "NoiseStream",
+    "estimate_nll",
+    "log_likelihood_ratio",
+    "NLLEstimate",
+    "RatioEstimate",
+    "integrate_step",
+    "testing",
     "noise",
     "schedules",
     "reference",
