@@ -9,40 +9,41 @@ Every fused loss op has the same contract: it returns the per-row loss (N,)
 and the gradient of that loss with respect to the scores, already multiplied by
 the row scale (weight, and 1/count for ``reduction="mean"``). The backward is
 then one multiplication by the incoming per-row gradient, skipped in eager mode
-when that gradient is all ones (the usual ``loss.backward()`` after a sum).
+when that gradient is a broadcast 1 (the usual ``loss.backward()`` after a sum,
+which is what ``reduction="sum"|"mean"`` and ``weight=`` give): the saved
+buffer itself becomes the gradient, with no copy.
+
+The losses are differentiable once: the gradient is a constant of the
+forward, so a double backward (``create_graph=True``) raises instead of
+silently returning a wrong second derivative. Because the saved buffer is
+handed out as the gradient, a graph kept with ``retain_graph=True`` can be
+backpropagated again only while that gradient is not modified in place
+(PyTorch's saved-tensor version check raises otherwise).
 """
 
 from __future__ import annotations
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
-from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
+from ._validate import tracing
 
 GRAPH_CODES = {"absorb": 0, "uniform": 1}
 """Graph names to the integer codes the kernels take (`csrc/include/fastbound/elementwise.h`)."""
 
 
-def _tracing(t: torch.Tensor) -> bool:
-    """True while dynamo, AOTAutograd or make_fx trace (no data to branch on)."""
-    return (
-        torch.compiler.is_compiling()
-        or is_fake(t)
-        or torch._is_functional_tensor(t)
-        or get_proxy_mode() is not None
-    )
-
-
 def scale_rows(grad: torch.Tensor, row_grad: torch.Tensor) -> torch.Tensor:
     """Chain rule for a fused loss: d out / d score = grad * row_grad[:, None].
 
-    In eager mode a row gradient of all ones (from ``loss.sum().backward()``)
-    returns ``grad`` itself, so the backward costs nothing.
+    A row gradient that is a broadcast 1 (stride 0) returns ``grad`` itself in eager mode.
     """
-    if not _tracing(row_grad) and bool((row_grad == 1).all()):
-        return grad
-    return grad * row_grad.to(grad.dtype)[:, None]
+    if torch.is_grad_enabled() and not tracing(row_grad):
+        raise RuntimeError(
+            "fastbound's fused losses are differentiable once: double backward (create_graph=True) "
+            "is not supported; use fastbound.reference for higher derivatives"
+        )
+    unit = row_grad.numel() > 0 and row_grad.stride(0) == 0 and not tracing(row_grad) and bool(row_grad[0] == 1)
+    return grad if unit else grad * row_grad.to(grad.dtype)[:, None]
 
 
 def _loss_fake(score: torch.Tensor, row_scale: torch.Tensor, need_grad: bool):
@@ -52,6 +53,8 @@ def _loss_fake(score: torch.Tensor, row_scale: torch.Tensor, need_grad: bool):
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
+    if not ctx.need_grad:
+        raise RuntimeError("the fused loss op ran with need_grad=False: it saved no gradient to backpropagate")
     (grad,) = ctx.saved_tensors
     score_grad = None if grad_loss is None else scale_rows(grad, grad_loss)
     return (score_grad,) + (None,) * (ctx.n_inputs - 1)
@@ -63,6 +66,7 @@ def register_fused_loss(op_name: str, n_inputs: int) -> None:
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1])
         ctx.n_inputs = n_inputs
+        ctx.need_grad = inputs[-1]
         # The second output (the gradient buffer) never receives a gradient:
         # do not let autograd fill an (N, V) tensor of zeros for it.
         ctx.set_materialize_grads(False)

@@ -2,25 +2,74 @@
 
 Shape, dtype and device checks read no data and always run. Value checks
 (ids in range, sigma > 0) read the small per-position tensors, never the
-(..., V) scores; they run in eager mode and are skipped while `torch.compile`
-traces (a data-dependent check would break the graph). The kernels still
-refuse out-of-range ids themselves, so a traced call never reads out of bounds.
+(..., V) scores; a call gathers them in a `ValueChecks` and runs them with one
+host synchronisation. They run in eager mode and are skipped while
+`torch.compile`, AOTAutograd or make_fx trace (a data-dependent check would
+break the graph). The kernels never read out of bounds on bad ids: the CPU
+kernels raise, the CUDA and Triton kernels write NaN for that row.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
 INT32_MAX = 2**31 - 1
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
-def eager() -> bool:
-    """True when value checks may read data (not while torch.compile traces)."""
-    return not torch.compiler.is_compiling()
+def tracing(*tensors: torch.Tensor) -> bool:
+    """True while dynamo, AOTAutograd or make_fx trace: there is no data to branch on."""
+    return (
+        torch.compiler.is_compiling()
+        or get_proxy_mode() is not None
+        or any(is_fake(t) or torch._is_functional_tensor(t) for t in tensors)
+    )
+
+
+def eager(*tensors: torch.Tensor) -> bool:
+    """True when value checks may read the data of ``tensors``."""
+    return not tracing(*tensors)
+
+
+class ValueChecks:
+    """Data-dependent checks gathered during argument parsing and run with one host sync.
+
+    Each check is a boolean tensor marking bad elements and a function that
+    writes the error message (called only on failure, where extra reads are fine).
+    """
+
+    def __init__(self) -> None:
+        self._checks: list[tuple[torch.Tensor, Callable[[], str]]] = []
+
+    def add(self, bad: torch.Tensor, message: Callable[[], str]) -> None:
+        if bad.numel() and eager(bad):
+            self._checks.append((bad, message))
+
+    def ids(self, name: str, ids: torch.Tensor, lo: int, hi: int, *, skip: int | None = None,
+            allow: int | None = None) -> None:
+        """Ids must lie in [lo, hi); ``skip`` (ignore_index) and ``allow`` (a mask id) are exempt."""
+        bad = (ids < lo) | (ids >= hi)
+        if skip is not None:
+            bad &= ids != skip
+        if allow is not None:
+            bad &= ids != allow
+        self.add(bad, lambda: f"{name} contains id {ids[bad].flatten()[0].item()} outside [{lo}, {hi})")
+
+    def positive_finite(self, name: str, value: torch.Tensor) -> None:
+        self.add(~((value > 0) & torch.isfinite(value)), lambda: f"{name} must be positive and finite everywhere")
+
+    def run(self) -> None:
+        if not self._checks:
+            return
+        flags = torch.stack([bad.any() for bad, _ in self._checks])
+        if bool(flags.any()):
+            first = int(flags.to(torch.uint8).argmax())
+            raise ValueError(self._checks[first][1]())
 
 
 def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
@@ -65,17 +114,19 @@ def check_size(name: str, n: int, what: str) -> None:
 
 def check_id_range(name: str, ids: torch.Tensor, lo: int, hi: int, *, skip: int | None = None,
                    allow: int | None = None) -> None:
-    """Ids must lie in [lo, hi); ``skip`` (ignore_index) and ``allow`` (a mask id) are exempt."""
-    if not eager() or ids.numel() == 0:
-        return
-    bad = (ids < lo) | (ids >= hi)
-    if skip is not None:
-        bad &= ids != skip
-    if allow is not None:
-        bad &= ids != allow
-    if bool(bad.any()):
-        first = ids[bad].flatten()[0].item()
-        raise ValueError(f"{name} contains id {first} outside [{lo}, {hi})")
+    """Ids must lie in [lo, hi) (see `ValueChecks.ids`); checked at once."""
+    checks = ValueChecks()
+    checks.ids(name, ids, lo, hi, skip=skip, allow=allow)
+    checks.run()
+
+
+def check_int64(name: str, value: object) -> int:
+    """A Python int that fits the kernels' int64 arguments."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value
 
 
 def as_rows(name: str, value: float | torch.Tensor | None, shape: torch.Size, dtype: torch.dtype,
@@ -100,8 +151,3 @@ def as_rows(name: str, value: float | torch.Tensor | None, shape: torch.Size, dt
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     return torch.full((int(torch.Size(shape).numel()),), float(value), dtype=dtype, device=device)
-
-
-def check_positive_finite(name: str, value: torch.Tensor) -> None:
-    if eager() and value.numel() and not bool(((value > 0) & torch.isfinite(value)).all()):
-        raise ValueError(f"{name} must be positive and finite everywhere")

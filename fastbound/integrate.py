@@ -20,6 +20,7 @@ import torch
 
 from . import _backend, _ops
 from . import _validate as v
+from .losses import check_dce_ids, check_dse_ids, dce_mask_id
 
 LOSS_CODES = {"dse": 0, "dce": 1}
 """Loss names to the codes of the kernels (`csrc/include/fastbound/integrate.h`)."""
@@ -92,8 +93,7 @@ def integrate_step(
     x0 = v.check_ids("x0", x0, out.shape[:2])
     v.check_choice("loss", loss, LOSS_CODES)
     v.check_choice("graph", graph, _ops.GRAPH_CODES)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    v.check_int64("ignore_index", ignore_index)
     acc = v.check_float_tensor("acc", acc, (torch.float64,))
     if acc.dim() != 2 or acc.shape[1] != 2 or not acc.is_contiguous():
         raise ValueError(f"acc must be a contiguous (S, 2) float64 tensor, got shape {tuple(acc.shape)}")
@@ -105,41 +105,29 @@ def integrate_step(
             raise ValueError(f"acc must have one row per sequence ({n_seq}) when index is not given, got {acc.shape[0]}")
     else:
         index = v.check_ids("index", index, torch.Size([n_seq])).long().contiguous()
-        v.check_id_range("index", index, 0, acc.shape[0])
     kernel_backend = _backend.select(out.device, backend)
     xt = x_t.long().contiguous()
     x0l = x0.long().contiguous()
 
+    checks = v.ValueChecks()
+    if index is not None:
+        checks.ids("index", index, 0, acc.shape[0])
     if loss == "dce":
         if graph != "absorb":
             raise ValueError("loss='dce' is the absorbing (masked) graph's loss; use loss='dse' for graph='uniform'")
-        if mask_id is None:
-            mask_id = n_cols - 1
-        if not isinstance(mask_id, int) or isinstance(mask_id, bool) or mask_id < 0:
-            raise ValueError(f"mask_id must be a non-negative int, got {mask_id!r}")
-        if mask_id < n_cols and n_cols < 2:
-            raise ValueError("out needs at least one real token column besides the mask column")
-        v.check_id_range("x_t", xt, 0, n_cols, allow=mask_id)
-        v.check_id_range("x0", x0l, 0, n_cols, skip=ignore_index)
-        if v.eager() and x0l.numel() and bool((x0l == mask_id).any()):
-            raise ValueError(f"x0 contains the mask id {mask_id}; clean tokens cannot be masked")
+        mask_id = dce_mask_id(mask_id, n_cols, "out")
+        check_dce_ids(checks, xt, x0l, n_cols, mask_id, ignore_index)
         sigma_rows = torch.zeros(n_seq, dtype=torch.float64, device=out.device)
     else:
-        if graph == "absorb":
-            if n_cols < 2:
-                raise ValueError("out needs V >= 2 columns for the absorbing graph (tokens + the mask column)")
-            if mask_id is not None and mask_id != n_cols - 1:
-                raise ValueError(f"loss='dse' with graph='absorb' takes the mask as the last column ({n_cols - 1}), got mask_id={mask_id}")
-            v.check_id_range("x_t", xt, 0, n_cols)
-            v.check_id_range("x0", x0l, 0, n_cols - 1, skip=ignore_index)
-        else:
-            v.check_id_range("x_t", xt, 0, n_cols)
-            v.check_id_range("x0", x0l, 0, n_cols, skip=ignore_index)
+        if graph == "absorb" and mask_id is not None and mask_id != n_cols - 1:
+            raise ValueError(f"loss='dse' with graph='absorb' takes the mask as the last column ({n_cols - 1}), got mask_id={mask_id}")
+        check_dse_ids(checks, graph, xt, x0l, n_cols, ignore_index, "out")
         mask_id = n_cols - 1
         if sigma is None:
             raise ValueError("sigma is required for loss='dse'")
         sigma_rows = _per_sequence("sigma", sigma, n_seq, out.device)
-        v.check_positive_finite("sigma", sigma_rows)
+        checks.positive_finite("sigma", sigma_rows)
+    checks.run()
     weight_rows = _per_sequence("weight", 1.0 if weight is None else weight, n_seq, out.device)
     if n_cols > 1 and out.stride(2) != 1:
         out = out.contiguous()

@@ -26,8 +26,8 @@ def _kernel(backend: str, name: str) -> Callable:
     return getattr(torch.ops.fastbound, name)
 
 
-def _prepare(score, x_t, x0, weight, reduction, ignore_index, backend, score_name):
-    """Validates the shared arguments; returns (scores as (N, V), x_t, x0, row scale, backend)."""
+def _prepare(score, x_t, x0, weight, reduction, ignore_index, backend, inplace, score_name):
+    """Validates the shared arguments; returns (scores as (N, V), (x_t, x0) as (N,) int64, row scale, backend)."""
     score = v.check_float_tensor(score_name, score)
     if score.dim() < 1:
         raise ValueError(f"{score_name} must have shape (..., V), got a scalar")
@@ -35,24 +35,56 @@ def _prepare(score, x_t, x0, weight, reduction, ignore_index, backend, score_nam
     x_t = v.check_ids("x_t", x_t, lead)
     x0 = v.check_ids("x0", x0, lead)
     v.check_choice("reduction", reduction, REDUCTIONS)
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    v.check_int64("ignore_index", ignore_index)
     v.check_same_device(score.device, x_t=x_t, x0=x0)
     n, n_cols = x_t.numel(), score.shape[-1]
     v.check_size(score_name, n, "positions")
     v.check_size(score_name, n_cols, "columns")
     kernel_backend = _backend.select(score.device, backend)
 
-    acc = torch.float64 if score.dtype == torch.float64 else torch.float32
-    row_scale = v.as_rows("weight", weight, lead, acc, score.device, default=1.0)
-    if reduction == "mean":
-        count = (x0 != ignore_index).sum().clamp_min(1)
-        row_scale = row_scale / count.to(acc)
     flat = score.reshape(n, n_cols)
     if n_cols > 1 and flat.stride(1) != 1:
         flat = flat.contiguous()
+    if inplace and torch._debug_has_internal_overlap(flat) != 0:
+        raise ValueError(
+            f"inplace=True needs {score_name} rows that do not share memory (it is expanded or overlapping); "
+            "pass a materialised tensor or use inplace=False"
+        )
     ids = (x_t.reshape(n).long().contiguous(), x0.reshape(n).long().contiguous())
+    acc = torch.float64 if score.dtype == torch.float64 else torch.float32
+    row_scale = v.as_rows("weight", weight, lead, acc, score.device, default=1.0)
+    if reduction == "mean":
+        count = (ids[1] != ignore_index).sum().clamp_min(1)
+        row_scale = row_scale / count.to(acc)
     return flat, ids, row_scale, kernel_backend
+
+
+def check_dse_ids(checks: v.ValueChecks, graph: str, x_t: torch.Tensor, x0: torch.Tensor, n_cols: int,
+                  ignore_index: int, score_name: str = "score") -> None:
+    """Id checks of the score entropy: x_t in [0, V); x0 a real token ([0, V-1) when absorbing)."""
+    if graph == "absorb" and n_cols < 2:
+        raise ValueError(f"{score_name} needs V >= 2 columns for the absorbing graph (tokens + the mask column)")
+    checks.ids("x_t", x_t, 0, n_cols)
+    checks.ids("x0", x0, 0, n_cols - 1 if graph == "absorb" else n_cols, skip=ignore_index)
+
+
+def dce_mask_id(mask_id: int | None, n_cols: int, score_name: str = "logits") -> int:
+    """The DCE mask id: default V - 1 (the last column); any id >= V means the logits hold real tokens only."""
+    if mask_id is None:
+        mask_id = n_cols - 1
+    if not isinstance(mask_id, int) or isinstance(mask_id, bool) or not 0 <= mask_id < 2**63:
+        raise ValueError(f"mask_id must be a non-negative int64, got {mask_id!r}")
+    if mask_id < n_cols and n_cols < 2:
+        raise ValueError(f"{score_name} need at least one real token column besides the mask column")
+    return mask_id
+
+
+def check_dce_ids(checks: v.ValueChecks, x_t: torch.Tensor, x0: torch.Tensor, n_cols: int, mask_id: int,
+                  ignore_index: int) -> None:
+    """Id checks of the masked cross-entropy: x_t a token or the mask; x0 a token, never the mask."""
+    checks.ids("x_t", x_t, 0, n_cols, allow=mask_id)
+    checks.ids("x0", x0, 0, n_cols, skip=ignore_index)
+    checks.add(x0 == mask_id, lambda: f"x0 contains the mask id {mask_id}; clean tokens cannot be masked")
 
 
 def _run(flat: torch.Tensor, inplace: bool, fused: Callable, fused_inplace: Callable) -> torch.Tensor:
@@ -109,19 +141,13 @@ def dse_loss(
     """
     v.check_choice("graph", graph, _ops.GRAPH_CODES)
     flat, (xt, x0f), row_scale, kernel_backend = _prepare(
-        score, x_t, x0, weight, reduction, ignore_index, backend, "score"
+        score, x_t, x0, weight, reduction, ignore_index, backend, inplace, "score"
     )
-    n_cols = flat.shape[1]
-    if graph == "absorb":
-        if n_cols < 2:
-            raise ValueError("score needs V >= 2 columns for the absorbing graph (tokens + the mask column)")
-        v.check_id_range("x_t", xt, 0, n_cols)
-        v.check_id_range("x0", x0f, 0, n_cols - 1, skip=ignore_index)
-    else:
-        v.check_id_range("x_t", xt, 0, n_cols)
-        v.check_id_range("x0", x0f, 0, n_cols, skip=ignore_index)
+    checks = v.ValueChecks()
+    check_dse_ids(checks, graph, xt, x0f, flat.shape[1], ignore_index)
     sigma_rows = v.as_rows("sigma", sigma, x_t.shape, row_scale.dtype, flat.device)
-    v.check_positive_finite("sigma", sigma_rows)
+    checks.positive_finite("sigma", sigma_rows)
+    checks.run()
     code = _ops.GRAPH_CODES[graph]
     op, op_inplace = _kernel(kernel_backend, "dse_forward"), _kernel(kernel_backend, "dse_forward_inplace")
     rows = _run(
@@ -166,19 +192,12 @@ def dce_loss(
     Returns float32 (float64 for float64 logits); gradients flow to ``logits`` only.
     """
     flat, (xt, x0f), row_scale, kernel_backend = _prepare(
-        logits, x_t, x0, weight, reduction, ignore_index, backend, "logits"
+        logits, x_t, x0, weight, reduction, ignore_index, backend, inplace, "logits"
     )
-    n_cols = flat.shape[1]
-    if mask_id is None:
-        mask_id = n_cols - 1
-    if not isinstance(mask_id, int) or isinstance(mask_id, bool) or mask_id < 0:
-        raise ValueError(f"mask_id must be a non-negative int, got {mask_id!r}")
-    if mask_id < n_cols and n_cols < 2:
-        raise ValueError("logits need at least one real token column besides the mask column")
-    v.check_id_range("x_t", xt, 0, n_cols, allow=mask_id)
-    v.check_id_range("x0", x0f, 0, n_cols, skip=ignore_index)
-    if v.eager() and x0f.numel() and bool((x0f == mask_id).any()):
-        raise ValueError(f"x0 contains the mask id {mask_id}; clean tokens cannot be masked")
+    mask_id = dce_mask_id(mask_id, flat.shape[1])
+    checks = v.ValueChecks()
+    check_dce_ids(checks, xt, x0f, flat.shape[1], mask_id, ignore_index)
+    checks.run()
     op, op_inplace = _kernel(kernel_backend, "dce_forward"), _kernel(kernel_backend, "dce_forward_inplace")
     rows = _run(
         flat,

@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> dce_forward(const at::Tensor& logits, const a
 
 at::Tensor dce_forward_inplace(at::Tensor& logits, const at::Tensor& x_t, const at::Tensor& x0,
                                const at::Tensor& row_scale, int64_t mask_id, int64_t ignore_index) {
-  check_loss_inputs(logits, row_scale, x_t, x0, row_scale);
+  check_loss_inputs(logits, row_scale, x_t, x0, row_scale, /*inplace=*/true);
   at::Tensor loss = at::empty({logits.size(0)}, row_scale.options());
   dce_rows(logits, &logits, x_t, x0, row_scale, mask_id, ignore_index, loss);
   return loss;

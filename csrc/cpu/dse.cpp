@@ -46,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> dse_forward(const at::Tensor& score, const at
 at::Tensor dse_forward_inplace(at::Tensor& score, const at::Tensor& sigma, const at::Tensor& x_t,
                                const at::Tensor& x0, const at::Tensor& row_scale, int64_t graph,
                                int64_t ignore_index) {
-  check_loss_inputs(score, sigma, x_t, x0, row_scale);
+  check_loss_inputs(score, sigma, x_t, x0, row_scale, /*inplace=*/true);
   at::Tensor loss = at::empty({score.size(0)}, sigma.options());
   dse_rows(score, &score, sigma, x_t, x0, row_scale, graph, ignore_index, loss);
   return loss;

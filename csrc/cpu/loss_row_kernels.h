@@ -77,18 +77,20 @@ constexpr int64_t kLseChunk = 2048;  // 8 KiB of fp32 scores: stays in L1 betwee
 // log sum_{y != skip} e^{s_y}, reading the row once from memory (online over L1-sized chunks).
 template <typename scalar_t, typename acc_t>
 acc_t log_sum_exp(const scalar_t* s, int64_t n, int64_t skip) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity(), sum = 0;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t m = kNegInf, sum = 0;
   for_segments(n, skip, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; c += kLseChunk) {
       const int64_t len = std::min(kLseChunk, hi - c);
-      const acc_t cm = row_max<scalar_t, acc_t>(s + c, len);
+      const acc_t cm = row_max<scalar_t, acc_t>(s + c, len);  // NaN-blind
       if (cm > m) {
-        sum = m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : sum * exp_acc(m - cm);
+        // While m is -inf every value seen was -inf or NaN, so sum is 0 or NaN: keep it.
+        sum = m == kNegInf ? sum : sum * exp_acc(m - cm);
         m = cm;
       }
-      if (m != -std::numeric_limits<acc_t>::infinity()) {
-        sum += row_pass<scalar_t, acc_t>(s + c, nullptr, len, m, acc_t(0), acc_t(0)).sum_exp;
-      }
+      // With m = -inf the chunk holds only -inf and NaN: e^{s} adds 0, or NaN.
+      const acc_t shift = m == kNegInf ? acc_t(0) : m;
+      sum += row_pass<scalar_t, acc_t>(s + c, nullptr, len, shift, acc_t(0), acc_t(0)).sum_exp;
     }
   });
   return m + std::log(sum);

@@ -7,6 +7,7 @@
 // gets an error instead of an out-of-bounds read.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -30,9 +31,11 @@ struct LossRow {
 
 // Checks the flattened inputs of a loss op. `score` is (N, V) with unit
 // column stride; the per-row tensors are contiguous (N,).
+// `inplace`: the gradient will overwrite `score`, so its rows must not share memory.
 inline void check_loss_inputs(const at::Tensor& score, const at::Tensor& sigma,
                               const at::Tensor& x_t, const at::Tensor& x0,
-                              const at::Tensor& row_scale) {
+                              const at::Tensor& row_scale, bool inplace = false) {
+  if (inplace) at::assert_no_internal_overlap(score);
   TORCH_CHECK(score.dim() == 2, "fastbound: score must be (N, V), got ", score.sizes());
   TORCH_CHECK(score.size(1) == 0 || score.stride(1) == 1 || score.size(1) == 1,
               "fastbound: score must have unit stride in its last dimension");

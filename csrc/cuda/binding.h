@@ -38,17 +38,16 @@ static_assert(sizeof(c10::Half) == sizeof(__half), "c10::Half and __half must ha
 static_assert(sizeof(c10::BFloat16) == sizeof(__nv_bfloat16),
               "c10::BFloat16 and __nv_bfloat16 must have the same layout");
 
-// The CPU kernels' shape/dtype contract, plus: everything on one CUDA device,
-// and (in place) no two rows of the scores sharing memory.
+// The CPU kernels' contract (shapes, dtypes, no shared rows in place), plus:
+// everything on one CUDA device.
 inline void check_cuda_loss_inputs(const at::Tensor& score, const at::Tensor& sigma, const at::Tensor& x_t,
                                    const at::Tensor& x0, const at::Tensor& row_scale, bool inplace) {
-  cpu::check_loss_inputs(score, sigma, x_t, x0, row_scale);
+  cpu::check_loss_inputs(score, sigma, x_t, x0, row_scale, inplace);
   TORCH_CHECK(score.is_cuda(), "fastbound: the CUDA kernels need CUDA scores, got ", score.device());
   for (const at::Tensor* t : {&sigma, &x_t, &x0, &row_scale}) {
     TORCH_CHECK(t->device() == score.device(), "fastbound: every input must be on the scores' device ",
                 score.device(), ", got one on ", t->device());
   }
-  if (inplace) at::assert_no_internal_overlap(score);
 }
 
 // Packs the flattened tensors (already checked) into a kernel batch. `grad` is

@@ -33,12 +33,14 @@ constexpr int kGraphUniform = 1;
 // e^x for float, written so that a compiler can vectorise a loop over it with
 // no library call: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a
 // degree-6 minimax polynomial for e^r (Cephes `expf` coefficients, ~1 ulp) and
-// 2^n built in the exponent bits. Overflow gives +inf, underflow 0, NaN stays NaN.
+// 2^n applied as two exponent-built factors 2^(n/2) 2^(n - n/2), so that results
+// near FLT_MAX and in the subnormal range come out right. Overflow gives +inf,
+// underflow 0, NaN stays NaN.
 FB_HD float exp_f32(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  const float lo = -87.3365447f, hi = 88.7228394f;
+  const float lo = -103.972084f, hi = 88.7228394f;  // e^lo < FLT_TRUE_MIN / 2, e^hi ~ FLT_MAX
   float xc = x < lo ? lo : (x > hi ? hi : x);
   // Round-to-nearest by the 1.5 * 2^23 trick: vectorises on every x86 level.
   const float shifter = 12582912.0f;
@@ -52,12 +54,15 @@ FB_HD float exp_f32(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t n1 = ni >> 1, n2 = ni - n1;  // both in [-75, 64]: normal powers of two
   union {
     int32_t i;
     float f;
-  } scale;
-  scale.i = (static_cast<int32_t>(n) + 127) << 23;
-  float y = p * scale.f;
+  } s1, s2;
+  s1.i = (n1 + 127) << 23;
+  s2.i = (n2 + 127) << 23;
+  float y = (p * s1.f) * s2.f;
   y = x < lo ? 0.0f : y;
   y = x > hi ? INFINITY : y;
   return x != x ? x : y;
@@ -70,22 +75,27 @@ FB_HD float exp_acc(float x) { return exp_f32(x); }
 // ---------------------------------------------------------------------------
 // Per-row constants
 // ---------------------------------------------------------------------------
-// a = e^sigma - 1, computed with expm1 so that small sigma keeps its digits.
+// log(e^sigma - 1), finite for every finite sigma > 0: log(expm1(sigma)) while
+// e^sigma is far from overflow (expm1 keeps the digits of small sigma), and
+// sigma + log1p(-e^-sigma) above. Every per-row constant is formed from it, so
+// a huge sigma gives finite constants (r -> 0) instead of inf * 0 = NaN.
 template <typename acc_t>
-FB_HD acc_t expm1_sigma(acc_t sigma) {
-  return expm1(sigma);
+FB_HD acc_t log_expm1(acc_t sigma) {
+  return sigma < acc_t(20) ? log(expm1(sigma)) : sigma + log1p(-exp(-sigma));
 }
 
 // Absorbing-graph score entropy (SEDD), at a masked position with clean token x0:
 //   l = sum_{y < V-1} e^{s_y} - r s_{x0} + r (log r - 1),   r = 1 / (e^sigma - 1)
 // dl/ds_y = e^{s_y} - r [y = x0] for y < V-1, and 0 in the mask column V-1.
+// With log_a = log(e^sigma - 1): r = e^{-log_a} and r (log r - 1) = -r (log_a + 1).
 template <typename acc_t>
 struct AbsorbRow {
   acc_t r;      // 1 / (e^sigma - 1)
   acc_t konst;  // r (log r - 1)
   FB_HD explicit AbsorbRow(acc_t sigma) {
-    r = acc_t(1) / expm1_sigma(sigma);
-    konst = r * (log(r) - acc_t(1));
+    const acc_t log_a = log_expm1(sigma);
+    r = exp(-log_a);
+    konst = -r * (log_a + acc_t(1));
   }
   // Loss from the two reductions the kernel makes.
   FB_HD acc_t loss(acc_t sum_exp_real, acc_t s_x0) const { return sum_exp_real - r * s_x0 + konst; }
@@ -101,21 +111,22 @@ struct AbsorbRow {
 //         = ((-log rho - 1) / rho - (N - 2)) / N  otherwise
 //   l = pos - neg + const
 // dl/ds_y = [y != x_t] (e^{s_y} - c) / N - [x_t != x0][y = x0] / a,
-// with c = rho if x_t == x0 else 1.
+// with c = rho if x_t == x0 else 1. Formed from 1/a = e^{-log_a} as
+// rho = 1 / (1 + N/a) and log rho = -log1p(N/a), finite for every sigma.
 template <typename acc_t>
 struct UniformRow {
   acc_t inv_n, inv_a, rho, c, konst;
   bool same;
   FB_HD UniformRow(acc_t sigma, int64_t n_states, bool x_t_equals_x0) {
     const acc_t n = static_cast<acc_t>(n_states);
-    const acc_t a = expm1_sigma(sigma);
     inv_n = acc_t(1) / n;
-    inv_a = acc_t(1) / a;
-    rho = a / (a + n);
+    inv_a = exp(-log_expm1(sigma));
+    const acc_t log_rho = -log1p(n * inv_a);
+    rho = acc_t(1) / (acc_t(1) + n * inv_a);
     same = x_t_equals_x0;
     c = same ? rho : acc_t(1);
-    konst = same ? (n - acc_t(1)) * inv_n * rho * (log(rho) - acc_t(1))
-                 : ((-log(rho) - acc_t(1)) / rho - (n - acc_t(2))) * inv_n;
+    konst = same ? (n - acc_t(1)) * inv_n * rho * (log_rho - acc_t(1))
+                 : ((-log_rho - acc_t(1)) / rho - (n - acc_t(2))) * inv_n;
   }
   // The gradient of every column other than x_t (and x0 when x_t != x0).
   FB_HD acc_t grad(acc_t e) const { return (e - c) * inv_n; }
