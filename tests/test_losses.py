@@ -114,6 +114,15 @@ def test_sliced_and_noncontiguous_scores(graph):
 
 
 @pytest.mark.parametrize("graph", ["absorb", "uniform"])
+@pytest.mark.parametrize("sigma", [1e-8, 1e-6, 0.3, 19.9, 20.1, 89.0, 100.0, 500.0])
+def test_extreme_sigma_stays_finite_and_exact(graph, sigma):
+    """Per-row constants come from log(e^sigma - 1): no inf * 0 when e^sigma overflows float32."""
+    score, _, x_t, x0 = make_case(graph, (3, 4), 17, torch.float32)
+    out = check_against_oracle(graph, score, sigma, x_t, x0)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
 def test_sigma_per_token_and_scalar(graph):
     score, _, x_t, x0 = make_case(graph, (3, 4), 17, torch.float32)
     per_token = torch.rand(3, 4) * 2 + 1e-3
@@ -176,7 +185,32 @@ def test_gradcheck_float64(graph):
         assert torch.autograd.gradcheck(
             lambda s: fused(graph, s, sigma.double(), x_t, x0, weight=weight, reduction=reduction), (score,)
         )
-        assert torch.autograd.gradgradcheck is not None
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_double_backward_is_refused(graph):
+    """The gradient is a constant of the forward: a second derivative would silently be wrong."""
+    score, sigma, x_t, x0 = make_case(graph, (2, 3), 7, torch.float64)
+    score.requires_grad_()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(fused(graph, score, sigma, x_t, x0, reduction="sum"), score, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(fused(graph, score, sigma, x_t, x0, reduction="none"), score,
+                            torch.ones(2, 3, dtype=torch.float64), create_graph=True)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_retain_graph_backward_twice_accumulates(graph):
+    score, sigma, x_t, x0 = make_case(graph, (3, 4), 9, torch.float32)
+    leaf = score.clone().requires_grad_()
+    loss = fused(graph, leaf, sigma, x_t, x0, reduction="mean")
+    loss.backward(retain_graph=True)
+    once = leaf.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, 2 * once)
+    s64 = score.double().requires_grad_()
+    oracle(graph, s64, sigma.double(), x_t, x0, reduction="mean").backward()
+    torch.testing.assert_close(once.double(), s64.grad, rtol=1e-5, atol=1e-6)
 
 
 def _op_samples(graph):
@@ -226,6 +260,22 @@ def test_matches_sedd_formula_with_small_and_large_sigma():
         masked = x_t == 11
         direct = score[..., :-1].exp().sum(-1) - r * score.gather(-1, x0[..., None]).squeeze(-1) + r * (r.log() - 1)
         torch.testing.assert_close(out, torch.where(masked, direct, torch.zeros_like(direct)))
+
+
+def test_exp_matches_torch_from_subnormal_to_overflow():
+    """The vectorised exp is ~1 ulp from e^x up to FLT_MAX and gradually underflows below FLT_MIN."""
+    x = torch.cat([torch.linspace(-110, 89, 4001), torch.tensor([88.38, 88.6, 88.72, 88.73, -87.4, -103.9, -104.5])])
+    n = x.numel()
+    score = torch.cat([x, torch.zeros(1)])[None].requires_grad_()  # the mask column is last
+    x_t = torch.tensor([n])
+    x0 = torch.tensor([0])
+    loss = fb.dse_loss(score, 1.0, x_t, x0, reduction="sum")
+    (g,) = torch.autograd.grad(loss, score)
+    e = g[0, 1:n]  # d loss / d s_y = e^{s_y} away from x0
+    expected = torch.exp(x[1:].double())
+    finite = expected < torch.finfo(torch.float32).max
+    torch.testing.assert_close(e.double()[finite], expected[finite], rtol=3e-7, atol=1e-45)
+    assert torch.isinf(e[~finite]).all()
 
 
 def test_cpu_isa_is_reported():
@@ -312,6 +362,72 @@ def test_sizes_that_overflow_int32_are_refused():
     one = torch.zeros(1, dtype=torch.long)
     with pytest.raises(ValueError, match="logits has 2147483648 columns"):
         fb.dce_loss(wide, one, one)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_mean_counts_ignored_positions_on_any_id_dtype(dtype):
+    """ignore_index = -100 wraps to 156 in uint8: the count must use the ids the kernel sees."""
+    n_cols = 200
+    score = torch.randn(3, n_cols)
+    x0 = torch.full((3,), 156, dtype=dtype)
+    x_t = torch.full((3,), n_cols - 1, dtype=dtype)
+    out = fb.dse_loss(score, 1.0, x_t, x0, reduction="mean")
+    expected = ref.dse_loss(score.double(), 1.0, x_t.long(), x0.long(), reduction="mean")
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_dce_nan_in_a_whole_leading_chunk_propagates():
+    """A chunk of the online log-sum-exp that holds only NaN / -inf must not drop the NaN."""
+    score, _, x_t, x0 = make_case("dce", (2,), 4097, torch.float32)
+    x_t[:] = 4096
+    score[0, :2048] = float("nan")
+    score[1, :2048] = float("-inf")
+    score[1, 5] = float("nan")
+    out = fb.dce_loss(score, x_t, x0)
+    assert torch.isnan(out).all()
+    assert torch.isnan(ref.dce_loss(score, x_t, x0)).all()
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_inplace_on_overlapping_rows_is_refused(graph):
+    base = torch.randn(1, 11)
+    x_t = torch.full((4,), 10)
+    x0 = torch.full((4,), 3)
+    with pytest.raises(ValueError, match="inplace=True needs"):
+        fused(graph, base.expand(4, 11), torch.ones(4), x_t, x0, inplace=True)
+    with pytest.raises(RuntimeError, match="single memory location"):  # the raw op refuses it too
+        torch.ops.fastbound.dce_forward_inplace(base.expand(4, 11), x_t, x0, torch.ones(4), 10, -100)
+    out = fused(graph, base.expand(4, 11), torch.ones(4), x_t, x0)  # out of place is fine
+    torch.testing.assert_close(out, out[:1].expand(4))
+
+
+def test_ids_that_do_not_fit_int64_are_refused():
+    score, sigma, x_t, x0 = _good()
+    with pytest.raises(ValueError, match="ignore_index"):
+        fb.dse_loss(score, sigma, x_t, x0, ignore_index=2**63)
+    with pytest.raises(ValueError, match="mask_id"):
+        fb.dce_loss(score, x_t, x0, mask_id=2**64)
+
+
+def test_raw_op_without_gradient_cannot_be_backpropagated():
+    op, args = _op_samples("absorb")
+    args = list(args)
+    args[-1] = False
+    loss, _ = op(*args)
+    with pytest.raises(RuntimeError, match="need_grad=False"):
+        loss.sum().backward()
+
+
+def test_make_fx_traces_the_losses():
+    """Tracing with make_fx skips the data-dependent checks instead of failing on them."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    score, sigma, x_t, x0 = make_case("absorb", (2, 3), 7, torch.float32)
+    for mode in ["real", "fake", "symbolic"]:
+        gm = make_fx(lambda s, sg, a, b: fb.dse_loss(s, sg, a, b, reduction="sum"), tracing_mode=mode)(
+            score, sigma, x_t, x0
+        )
+        torch.testing.assert_close(gm(score, sigma, x_t, x0), fb.dse_loss(score, sigma, x_t, x0, reduction="sum"))
 
 
 def test_raw_op_refuses_out_of_range_ids():
