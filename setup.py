@@ -10,6 +10,7 @@ have, without an isolated build environment that would fetch another one:
 
 import glob
 import os
+import shutil
 
 import torch
 from setuptools import find_packages, setup
@@ -29,9 +30,8 @@ def _extension():
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
     include_dirs = [os.path.join(HERE, "csrc", "include"), os.path.join(HERE, "csrc")]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    with_cuda = (
-        torch.version.cuda is not None and CUDA_HOME is not None and not os.environ.get("FASTBOUND_NO_CUDA")
-    )
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    with_cuda = torch.version.cuda is not None and bool(nvcc) and not os.environ.get("FASTBOUND_NO_CUDA")
     if not with_cuda:
         return CppExtension(
             "fastbound._C",
@@ -41,7 +41,9 @@ def _extension():
             extra_link_args=["-fopenmp"],
         )
     sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
-    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo"]
+    # No --use_fast_math: it flushes subnormals and approximates exp/division,
+    # which would make the CUDA kernels disagree with the shared CPU math.
+    nvcc_flags = ["-O3", "-lineinfo"]
     return CUDAExtension(
         "fastbound._C",
         sources,

@@ -28,7 +28,7 @@ fi
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 flags=(-std=c++17 -O3 -gencode arch=compute_90,code=sm_90 -I csrc/include)
-torch_flags=("${flags[@]}" --use_fast_math -lineinfo --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__
+torch_flags=("${flags[@]}" -lineinfo --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERATORS__
   -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__)
 
 shopt -s nullglob

@@ -227,6 +227,9 @@ def _op_samples(graph):
 def test_opcheck(graph):
     op, args = _op_samples(graph)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    inplace = torch.ops.fastbound.dce_forward_inplace if graph == "dce" else torch.ops.fastbound.dse_forward_inplace
+    inplace_args = (args[0].detach().clone(),) + args[1:-1]
+    torch.library.opcheck(inplace, inplace_args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("graph", GRAPHS)
