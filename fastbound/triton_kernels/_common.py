@@ -1,8 +1,8 @@
-"""What the Triton loss ops share: block sizes, a zero-fill helper and the op contract checks.
+"""What the Triton loss kernels share: block sizes, a row-fill helper and the op contract checks.
 
-Every loss kernel runs one program per row of the flattened (N, V) scores and
-walks the row in chunks of ``BLOCK`` columns, so a row of any length needs no
-more registers than one chunk.
+Every loss kernel (and the integration step) handles a row of V scores in one
+program that walks the row in chunks of ``BLOCK`` columns, so a row of any
+length needs no more registers than one chunk.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 MAX_BLOCK = 4096
 """Largest chunk of a row one program holds at once (16 KiB of fp32 scores)."""
@@ -34,11 +35,12 @@ def num_warps(block: int) -> int:
 
 
 @triton.jit
-def zero_row(row_ptr, n_cols, BLOCK: tl.constexpr):
-    """Writes zeros over one row's ``n_cols`` gradient entries."""
+def fill_row(row_ptr, n_cols, value, BLOCK: tl.constexpr):
+    """Writes the scalar ``value`` over one row's ``n_cols`` gradient entries."""
+    chunk = (tl.zeros([BLOCK], value.dtype) + value).to(row_ptr.dtype.element_ty)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        tl.store(row_ptr + cols, tl.zeros([BLOCK], row_ptr.dtype.element_ty), mask=cols < n_cols)
+        tl.store(row_ptr + cols, chunk, mask=cols < n_cols)
 
 
 def accumulation_dtype(score: torch.Tensor) -> torch.dtype:
@@ -65,3 +67,24 @@ def check_loss_inputs(score: torch.Tensor, per_row: dict[str, torch.Tensor], ids
     for name, t in ids.items():
         if t.dim() != 1 or t.shape[0] != n or not t.is_contiguous() or t.dtype != torch.int64:
             raise ValueError(f"{name} must be a contiguous ({n},) int64 tensor")
+
+
+def launch_rows(kernel, score: torch.Tensor, grad: torch.Tensor, row_inputs: tuple, row_scale: torch.Tensor,
+                scalars: tuple, write_grad: bool, **constexprs) -> torch.Tensor:
+    """Runs a loss kernel with one program per row of ``score`` (N, V); returns the (N,) loss.
+
+    The kernel takes ``(score, score row stride, grad, grad row stride, *row_inputs,
+    row_scale, loss, V, *scalars)`` and the constexprs ``WRITE_GRAD``, ``BLOCK`` and
+    ``constexprs``. ``grad`` may be ``score`` itself (in place); it is not written
+    unless ``write_grad``.
+    """
+    n, n_cols = score.shape
+    loss = row_scale.new_empty(n)
+    if n == 0:
+        return loss
+    block = block_size(n_cols)
+    wrap_triton(kernel)[(n,)](
+        score, score.stride(0), grad, grad.stride(0) if write_grad else 0, *row_inputs, row_scale, loss, n_cols,
+        *scalars, WRITE_GRAD=write_grad, BLOCK=block, num_warps=num_warps(block), **constexprs,
+    )  # fmt: skip
+    return loss
