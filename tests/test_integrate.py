@@ -231,3 +231,32 @@ def test_cuda_matches_oracle(loss, graph, dtype):
         got, expected = run_both(out, x_t, x0, sigma, weight, loss=loss, graph=graph, index=index, n_slots=1,
                                  backend="cuda")
         torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-4)
+
+
+EXTREME_SIGMAS = [1e-8, 1e-6, 0.3, 30.0, 89.0, 100.0, 500.0]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_extreme_sigma(graph, dtype):
+    """One sequence per sigma, from 1e-8 to past float32's e^sigma range: the float64 oracle's sums."""
+    out, x_t, x0, _, weight = make_inputs("dse", graph, len(EXTREME_SIGMAS), 3, 9, dtype=dtype, device=TRITON_DEVICE)
+    sigma = torch.tensor(EXTREME_SIGMAS, dtype=torch.float64, device=TRITON_DEVICE)
+    zeros = torch.zeros(len(EXTREME_SIGMAS), 2, dtype=torch.float64, device=TRITON_DEVICE)
+    got = integrate_step(out, x_t, x0, sigma, weight, zeros.clone(), loss="dse", graph=graph, backend="triton")
+    expected = reference.integrate_step(out.double(), x_t, x0, sigma, weight, zeros, loss="dse", graph=graph)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=2e-5 if dtype == torch.float32 else 1e-10, atol=1e-6)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+def test_triton_sigma_past_float64_overflow(graph):
+    """e^1000 overflows float64: the sums are the sigma -> inf limit (the oracle at sigma = 700)."""
+    out, x_t, x0, _, weight = make_inputs("dse", graph, 2, 4, 9, dtype=torch.float64, device=TRITON_DEVICE)
+    zeros = torch.zeros(2, 2, dtype=torch.float64, device=TRITON_DEVICE)
+    got = integrate_step(out, x_t, x0, 1000.0, weight, zeros.clone(), loss="dse", graph=graph, backend="triton")
+    expected = reference.integrate_step(out, x_t, x0, 700.0, weight, zeros, loss="dse", graph=graph)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+

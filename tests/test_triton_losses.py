@@ -294,3 +294,38 @@ def test_compiles_fullgraph(loss):
     out.backward()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(compiled_s.grad, eager_s.grad)
+
+
+EXTREME_SIGMAS = [1e-8, 1e-6, 0.3, 30.0, 89.0, 100.0, 500.0]
+"""From sigma -> 0 (r = 1/(e^sigma - 1) ~ 1e8) to e^sigma far past the float32 range (~88.7)."""
+
+
+def extreme_sigma_case(loss, n_cols, dtype, seed):
+    """Rows that all contribute: masked for "absorb"; for "uniform" half with x_t == x0, half not."""
+    score, _, x_t, x0 = make_case(loss, (4,), n_cols, dtype, seed=seed)
+    if loss == "absorb":
+        x_t[:] = n_cols - 1
+    else:
+        x_t = torch.where(torch.arange(4, device=DEV) % 2 == 0, x0, (x0 + 3) % n_cols)
+    return score, x_t, x0
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sigma", EXTREME_SIGMAS)
+def test_extreme_sigma(loss, dtype, sigma):
+    """Finite, and equal to the float64 oracle and the C++ kernels, for tiny and huge sigma."""
+    score, x_t, x0 = extreme_sigma_case(loss, 9, dtype, seed=14)
+    out, grad = check(loss, score, sigma, x_t, x0)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform"])
+def test_sigma_past_float64_overflow(loss):
+    """e^1000 overflows even float64; the loss is then its sigma -> inf limit (the oracle at sigma = 700)."""
+    score, x_t, x0 = extreme_sigma_case(loss, 9, torch.float64, seed=15)
+    out, grad = run("triton", loss, score, 1000.0, x_t, x0)
+    exp_out, exp_grad = run("ref", loss, score, 700.0, x_t, x0)
+    torch.testing.assert_close(out, exp_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, exp_grad, rtol=1e-12, atol=1e-12)
+

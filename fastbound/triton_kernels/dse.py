@@ -23,9 +23,10 @@ are multiplied by the row scale. Rows whose :math:`x_0` is ``ignore_index``
 (and, for the absorbing graph, rows that are not masked) get loss 0 and a zero
 gradient row.
 
-:math:`a = e^\sigma - 1` is computed with ``torch.expm1`` before the launch (an
-(N,) op): Triton has no expm1 that also runs in its CPU interpreter, and
-``exp(sigma) - 1`` loses the digits of small sigma.
+The per-row constants (:math:`r`, or :math:`1/a` and :math:`\log\rho`; the kernel forms
+:math:`\rho = 1/(1 + N/a)`) are computed in torch before the launch (a few (N,) ops,
+`row_constants`): Triton has no expm1 / log1p that also runs in its CPU interpreter,
+and ``exp(sigma) - 1`` loses the digits of small sigma and overflows for large sigma.
 """
 
 from __future__ import annotations
@@ -39,16 +40,29 @@ from .. import _ops
 from . import _common
 
 
+def log_expm1(sigma: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log(e^\sigma - 1)`, finite for every finite :math:`\sigma > 0` (`log_expm1` of elementwise.h).
+
+    ``log(expm1(sigma))`` keeps the digits of small sigma; above 20 it is
+    :math:`\sigma + \log(1 - e^{-\sigma})`, which does not overflow where :math:`e^\sigma` does.
+    """
+    return torch.where(sigma < 20, torch.expm1(sigma).log(), sigma + torch.log1p(-torch.exp(-sigma)))
+
+
 def row_constants(sigma: torch.Tensor, graph: int, n_states: int) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The two per-row constants `dse_row` takes, from sigma (N,) in the accumulation dtype.
 
-    Absorbing graph: :math:`(r, r(\log r - 1))`; uniform graph: :math:`(1/a, \log\rho)`.
+    Both come from :math:`\log a = \log(e^\sigma - 1)` as in `AbsorbRow` / `UniformRow` of
+    `csrc/include/fastbound/elementwise.h`, so they are finite for any sigma (a huge
+    sigma gives :math:`r = 1/a \to 0`, not :math:`0 \cdot \infty`). Absorbing graph:
+    :math:`r = e^{-\log a}` and :math:`r(\log r - 1) = -r(\log a + 1)`; uniform graph:
+    :math:`1/a = e^{-\log a}` and :math:`\log\rho = -\log(1 + N/a)`.
     """
-    a = torch.expm1(sigma)
-    inv_a = 1.0 / a
+    log_a = log_expm1(sigma)
+    inv_a = torch.exp(-log_a)
     if graph == _ops.GRAPH_CODES["absorb"]:
-        return inv_a, inv_a * (inv_a.log() - 1)
-    return inv_a, (a / (a + n_states)).log()
+        return inv_a, -inv_a * (log_a + 1)
+    return inv_a, -torch.log1p(n_states * inv_a)
 
 
 @triton.jit
