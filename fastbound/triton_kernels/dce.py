@@ -8,7 +8,10 @@ parameterisation; Jeon et al. 2025, infodis):
 
 times the row scale; the mask column is left out of the softmax when
 ``mask_id < V``. Other rows, and rows whose :math:`x_0` is ``ignore_index``, get
-loss 0 and a zero gradient row.
+loss 0 and a zero gradient row. As in the CUDA kernel (`csrc/cuda/dce.cu`), a masked
+row whose :math:`x_0` is outside :math:`[0, V)` or is the mask id gets a NaN loss and a
+NaN gradient row, and the id is never used as an address: the Python checks that
+refuse such ids do not run under ``torch.compile``.
 
 One program per row: a first pass keeps a running maximum and a rescaled sum of
 exponentials (the online softmax of Milakov & Gimelshein 2018, as in
@@ -32,10 +35,17 @@ def dce_row(logits_row, grad_row, n_cols, x_t, x0, scale, mask_id, ignore_index,
             BLOCK: tl.constexpr):
     """The cross-entropy of one row times ``scale``, and its gradient into ``grad_row`` when WRITE_GRAD.
 
-    Used by the loss kernel and by the integration step (`.integrate`, without the gradient).
+    A bad x0 (see the module docstring) gives a NaN loss and gradient row. Used by the
+    loss kernel and by the integration step (`.integrate`, without the gradient).
     """
+    skip = (x0 == ignore_index) | (x_t != mask_id)
+    bad = ((x0 < 0) | (x0 >= n_cols) | (x0 == mask_id)) & ~skip
     loss = tl.zeros_like(scale)
-    if (x0 != ignore_index) & (x_t == mask_id):
+    if bad | skip:
+        loss = tl.where(bad, float("nan"), loss)
+        if WRITE_GRAD:
+            _common.fill_row(grad_row, n_cols, loss, BLOCK)
+    else:
         # Pass 1: log-sum-exp over the real tokens, and z[x0] from the chunk that holds it.
         running_max = tl.zeros_like(scale) - float("inf")
         sum_exp = tl.zeros_like(scale)
@@ -62,8 +72,6 @@ def dce_row(logits_row, grad_row, n_cols, x_t, x0, scale, mask_id, ignore_index,
                 p = tl.where(real, tl.exp(z - lse), 0.0)
                 g = scale * tl.where(cols == x0, p - 1.0, p)
                 tl.store(grad_row + cols, g.to(grad_row.dtype.element_ty), mask=cols < n_cols)
-    elif WRITE_GRAD:
-        _common.fill_row(grad_row, n_cols, loss, BLOCK)
     return loss
 
 

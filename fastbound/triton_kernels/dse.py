@@ -21,7 +21,11 @@ Uniform graph, N = V states, :math:`a = e^\sigma - 1`, :math:`\rho = a/(a+N)`,
 with neg and const as in `fastbound.reference.dse_uniform`. Loss and gradient
 are multiplied by the row scale. Rows whose :math:`x_0` is ``ignore_index``
 (and, for the absorbing graph, rows that are not masked) get loss 0 and a zero
-gradient row.
+gradient row. As in the CUDA kernels (`csrc/cuda/dse.cu`), an id out of range
+(:math:`x_t \notin [0, V)`, or at a contributing row :math:`x_0 \notin [0, V-1)` for the
+absorbing graph, :math:`[0, V)` for the uniform one) gives that row a NaN loss and a
+NaN gradient row, and is never used as an address: the Python checks that refuse
+such ids do not run under ``torch.compile``.
 
 The per-row constants (:math:`r`, or :math:`1/a` and :math:`\log\rho`; the kernel forms
 :math:`\rho = 1/(1 + N/a)`) are computed in torch before the launch (a few (N,) ops,
@@ -121,21 +125,26 @@ def dse_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, ignore_index, U
             WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     """The score entropy of one row times ``scale``, and its gradient into ``grad_row`` when WRITE_GRAD.
 
-    ``k0, k1`` are the row's `row_constants`. Used by the loss kernel and by the
+    ``k0, k1`` are the row's `row_constants`. An id out of range (see the module
+    docstring) gives a NaN loss and gradient row. Used by the loss kernel and by the
     integration step (`.integrate`, without the gradient).
     """
     if UNIFORM:
-        active = x0 != ignore_index
+        skip = x0 == ignore_index
+        x0_bad = (x0 < 0) | (x0 >= n_cols)
     else:
-        active = (x0 != ignore_index) & (x_t == n_cols - 1)
+        skip = (x0 == ignore_index) | (x_t != n_cols - 1)
+        x0_bad = (x0 < 0) | (x0 >= n_cols - 1)  # the mask is no clean token
+    bad = (x_t < 0) | (x_t >= n_cols) | (x0_bad & ~skip)
     loss = tl.zeros_like(scale)
-    if active:
-        if UNIFORM:
-            loss = _uniform_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, WRITE_GRAD, BLOCK)
-        else:
-            loss = _absorb_row(score_row, grad_row, n_cols, x0, k0, k1, scale, WRITE_GRAD, BLOCK)
-    elif WRITE_GRAD:
-        _common.fill_row(grad_row, n_cols, loss, BLOCK)
+    if bad | skip:
+        loss = tl.where(bad, float("nan"), loss)
+        if WRITE_GRAD:
+            _common.fill_row(grad_row, n_cols, loss, BLOCK)
+    elif UNIFORM:
+        loss = _uniform_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, WRITE_GRAD, BLOCK)
+    else:
+        loss = _absorb_row(score_row, grad_row, n_cols, x0, k0, k1, scale, WRITE_GRAD, BLOCK)
     return loss
 
 
