@@ -2,7 +2,9 @@
 
 Every loss kernel (and the integration step) handles a row of V scores in one
 program that walks the row in chunks of ``BLOCK`` columns, so a row of any
-length needs no more registers than one chunk.
+length needs no more registers than one chunk. Every function that walks a row
+first casts V to int64, so the chunk counter and the column indices are int64:
+in int32 ``start + tl.arange(...)`` and the loop counter would wrap for V near 2^31.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def num_warps(block: int) -> int:
 @triton.jit
 def fill_row(row_ptr, n_cols, value, BLOCK: tl.constexpr):
     """Writes the scalar ``value`` over one row's ``n_cols`` gradient entries."""
+    n_cols = tl.cast(n_cols, tl.int64)  # int64 loop counter and columns: no wrap for V near 2^31
     chunk = (tl.zeros([BLOCK], value.dtype) + value).to(row_ptr.dtype.element_ty)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)

@@ -38,6 +38,7 @@ def dce_row(logits_row, grad_row, n_cols, x_t, x0, scale, mask_id, ignore_index,
     A bad x0 (see the module docstring) gives a NaN loss and gradient row. Used by the
     loss kernel and by the integration step (`.integrate`, without the gradient).
     """
+    n_cols = tl.cast(n_cols, tl.int64)  # int64 loop counter and columns: no wrap for V near 2^31
     skip = (x0 == ignore_index) | (x_t != mask_id)
     bad = ((x0 < 0) | (x0 >= n_cols) | (x0 == mask_id)) & ~skip
     loss = tl.zeros_like(scale)

@@ -72,6 +72,7 @@ def row_constants(sigma: torch.Tensor, graph: int, n_states: int) -> tuple[torch
 @triton.jit
 def _absorb_row(score_row, grad_row, n_cols, x0, r, konst, scale, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     """Loss of one masked row (absorbing graph); writes its gradient when WRITE_GRAD."""
+    n_cols = tl.cast(n_cols, tl.int64)  # int64 loop counter and columns: no wrap for V near 2^31
     sum_exp = tl.zeros([BLOCK], r.dtype)
     s_x0 = tl.zeros([BLOCK], r.dtype)  # s[x0] is taken from the chunk that holds it
     for start in range(0, n_cols, BLOCK):
@@ -92,6 +93,7 @@ def _absorb_row(score_row, grad_row, n_cols, x0, r, konst, scale, WRITE_GRAD: tl
 def _uniform_row(score_row, grad_row, n_cols, x_t, x0, inv_a, log_rho, scale, WRITE_GRAD: tl.constexpr,
                  BLOCK: tl.constexpr):
     """Loss of one row (uniform graph); writes its gradient when WRITE_GRAD."""
+    n_cols = tl.cast(n_cols, tl.int64)  # int64 loop counter and columns: no wrap for V near 2^31
     n = tl.zeros_like(inv_a) + n_cols
     inv_n = 1.0 / n
     rho = 1.0 / (1.0 + n * inv_a)

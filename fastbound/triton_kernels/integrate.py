@@ -30,7 +30,7 @@ def _integrate_chunks_kernel(
     length, n_cols, rows_per_chunk, n_chunks, mask_id, ignore_index,
     LOSS: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # so are b, the row counter i and i * stride_l
     b = pid // n_chunks
     lo = (pid % n_chunks) * rows_per_chunk
     hi = tl.minimum(lo + rows_per_chunk, length)
@@ -39,10 +39,10 @@ def _integrate_chunks_kernel(
     one = tl.zeros_like(k0) + 1.0  # the row scale: the weight is applied per sequence
     total = tl.zeros([1], tl.float64)
     for i in range(lo, hi):
-        pos = b.to(tl.int64) * length + i
+        pos = b * length + i
         x_t = tl.load(x_t_ptr + pos)
         x0 = tl.load(x0_ptr + pos)
-        row_ptr = out_ptr + (b.to(tl.int64) * stride_b + i * stride_l)
+        row_ptr = out_ptr + (b * stride_b + i * stride_l)
         if LOSS == LOSS_DCE:
             loss = dce.dce_row(row_ptr, row_ptr, n_cols, x_t, x0, one, mask_id, ignore_index, False, BLOCK)
         else:
