@@ -261,7 +261,6 @@ def test_triton_sigma_past_float64_overflow(graph):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-
 # (loss, graph, (x_t, x0) pairs with an id out of range, a pair whose x0 is never read) for V = 7.
 BAD_IDS = [
     ("dce", "absorb", [(6, 7), (6, 6), (6, -1)], (2, 50)),

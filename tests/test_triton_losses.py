@@ -330,7 +330,6 @@ def test_sigma_past_float64_overflow(loss):
     torch.testing.assert_close(grad, exp_grad, rtol=1e-12, atol=1e-12)
 
 
-
 # Rows (x_t, x0, expected) for V = 13 (DSE absorbing and DCE: mask column 12). "nan": an id out of
 # its range, so loss and gradient row NaN; "zero": a row that does not contribute (its x0 is never
 # read); "loss": an ordinary row.
@@ -388,3 +387,19 @@ def test_dce_op_nan_rows_with_mask_id_beyond_or_first(mask_id):
     assert torch.isfinite(out[~bad]).all() and torch.isfinite(grad[~bad]).all()
     assert out[0] > 0 and out[4] == 0
 
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+def test_inplace_ops_refuse_overlapping_rows(loss):
+    """Writing the gradient over rows that share memory would race: the in-place ops refuse, naming the argument."""
+    score, sigma, x_t, x0 = make_case(loss, (3,), 7, torch.float32, seed=18)
+    args = _op_args(loss, score, sigma, x_t, x0)
+    name = "dce_forward" if loss == "dce" else "dse_forward"
+    op = getattr(torch.ops.fastbound, name + "_inplace_triton")
+    arg_name = "logits" if loss == "dce" else "score"
+    expanded = score[:1].expand(3, 7)
+    overlapping = torch.randn(20, device=DEV).as_strided((3, 7), (4, 1))  # rows 4 apart, 7 long
+    for shared in (expanded, overlapping):
+        with pytest.raises(ValueError, match=f"{arg_name}.*overlap"):
+            op(shared, *args[1:])
+    sliced = torch.randn(3, 9, device=DEV)[:, :7]  # rows apart by more than V: fine
+    op(sliced, *args[1:])

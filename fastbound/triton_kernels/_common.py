@@ -51,19 +51,30 @@ def accumulation_dtype(score: torch.Tensor) -> torch.dtype:
     return torch.float64 if score.dtype == torch.float64 else torch.float32
 
 
-def check_loss_inputs(score: torch.Tensor, per_row: dict[str, torch.Tensor], ids: dict[str, torch.Tensor]) -> None:
+def check_loss_inputs(score: torch.Tensor, per_row: dict[str, torch.Tensor], ids: dict[str, torch.Tensor], *,
+                      score_name: str, inplace: bool) -> None:
     """Checks the flattened op inputs, as the C++ ops do (`csrc/cpu/loss_rows.h`).
 
-    ``score`` is (N, V) with unit column stride (any row stride); the per-row
-    float tensors are contiguous (N,) of the accumulation dtype and the ids are
-    contiguous (N,) int64. The public functions in `fastbound.losses` always
-    pass such tensors; these checks guard direct calls of the ops.
+    ``score`` is (N, V) with unit column stride (any row stride) and, when the op
+    writes the gradient over it (``inplace``), rows that do not share memory; the
+    per-row float tensors are contiguous (N,) of the accumulation dtype and the
+    ids are contiguous (N,) int64. The public functions in `fastbound.losses`
+    always pass such tensors; these checks guard direct calls of the ops.
     """
     if score.dim() != 2:
-        raise ValueError(f"score must be (N, V), got shape {tuple(score.shape)}")
-    if score.shape[1] > 1 and score.stride(1) != 1:
-        raise ValueError("score must have unit stride in its last dimension")
-    n, acc = score.shape[0], accumulation_dtype(score)
+        raise ValueError(f"{score_name} must be (N, V), got shape {tuple(score.shape)}")
+    n, n_cols = score.shape
+    if n_cols > 1 and score.stride(1) != 1:
+        raise ValueError(f"{score_name} must have unit stride in its last dimension")
+    # With unit column stride, rows overlap exactly when they start less than V apart
+    # (an expanded tensor has row stride 0). In place, a program would then read
+    # scores another program has already overwritten (cf. at::assert_no_internal_overlap).
+    if inplace and n > 1 and n_cols > 0 and score.stride(0) < n_cols:
+        raise ValueError(
+            f"{score_name} has rows that overlap in memory (row stride {score.stride(0)} < {n_cols} columns, e.g. "
+            "an expanded tensor); the in-place op would write the gradient over them: pass rows that do not share memory"
+        )
+    acc = accumulation_dtype(score)
     for name, t in per_row.items():
         if t.dim() != 1 or t.shape[0] != n or not t.is_contiguous() or t.dtype != acc:
             raise ValueError(f"{name} must be a contiguous ({n},) tensor of dtype {acc}")

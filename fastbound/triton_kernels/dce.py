@@ -89,7 +89,8 @@ def _dce_rows(logits, grad, x_t, x0, row_scale, mask_id: int, ignore_index: int,
     """Runs the kernel over all rows; ``grad`` may be ``logits`` itself (in place). Returns the loss."""
     if mask_id < 0:
         raise ValueError(f"mask_id must be non-negative, got {mask_id}")
-    _common.check_loss_inputs(logits, {"row_scale": row_scale}, {"x_t": x_t, "x0": x0})
+    _common.check_loss_inputs(logits, {"row_scale": row_scale}, {"x_t": x_t, "x0": x0},
+                              score_name="logits", inplace=write_grad and grad is logits)
     return _common.launch_rows(_dce_kernel, logits, grad, (x_t, x0), row_scale, (mask_id, ignore_index), write_grad)
 
 

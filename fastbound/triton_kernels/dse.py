@@ -165,7 +165,8 @@ def _dse_rows(score, grad, sigma, x_t, x0, row_scale, graph: int, ignore_index: 
     """Runs the kernel over all rows; ``grad`` may be ``score`` itself (in place). Returns the loss."""
     if graph not in _ops.GRAPH_CODES.values():
         raise ValueError(f"graph must be one of the codes {_ops.GRAPH_CODES}, got {graph}")
-    _common.check_loss_inputs(score, {"sigma": sigma, "row_scale": row_scale}, {"x_t": x_t, "x0": x0})
+    _common.check_loss_inputs(score, {"sigma": sigma, "row_scale": row_scale}, {"x_t": x_t, "x0": x0},
+                              score_name="score", inplace=write_grad and grad is score)
     row_inputs = (*row_constants(sigma, graph, score.shape[1]), x_t, x0)
     return _common.launch_rows(_dse_kernel, score, grad, row_inputs, row_scale, (ignore_index,), write_grad,
                                UNIFORM=graph == _ops.GRAPH_CODES["uniform"])
