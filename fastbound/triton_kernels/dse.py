@@ -136,7 +136,7 @@ def dse_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, ignore_index, U
         x0_bad = (x0 < 0) | (x0 >= n_cols)
     else:
         skip = (x0 == ignore_index) | (x_t != n_cols - 1)
-        x0_bad = (x0 < 0) | (x0 >= n_cols - 1)  # the mask is no clean token
+        x0_bad = (x0 < 0) | (x0 >= n_cols - 1)  # x0 = V-1 would be the mask
     bad = (x_t < 0) | (x_t >= n_cols) | (x0_bad & ~skip)
     loss = tl.zeros_like(scale)
     if bad | skip:
