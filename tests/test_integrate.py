@@ -231,3 +231,64 @@ def test_cuda_matches_oracle(loss, graph, dtype):
         got, expected = run_both(out, x_t, x0, sigma, weight, loss=loss, graph=graph, index=index, n_slots=1,
                                  backend="cuda")
         torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-4)
+
+
+EXTREME_SIGMAS = [1e-8, 1e-6, 0.3, 30.0, 89.0, 100.0, 500.0]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_extreme_sigma(graph, dtype):
+    """One sequence per sigma, from 1e-8 to past float32's e^sigma range: the float64 oracle's sums."""
+    out, x_t, x0, _, weight = make_inputs("dse", graph, len(EXTREME_SIGMAS), 3, 9, dtype=dtype, device=TRITON_DEVICE)
+    sigma = torch.tensor(EXTREME_SIGMAS, dtype=torch.float64, device=TRITON_DEVICE)
+    zeros = torch.zeros(len(EXTREME_SIGMAS), 2, dtype=torch.float64, device=TRITON_DEVICE)
+    got = integrate_step(out, x_t, x0, sigma, weight, zeros.clone(), loss="dse", graph=graph, backend="triton")
+    expected = reference.integrate_step(out.double(), x_t, x0, sigma, weight, zeros, loss="dse", graph=graph)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=2e-5 if dtype == torch.float32 else 1e-10, atol=1e-6)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+def test_triton_sigma_past_float64_overflow(graph):
+    """e^1000 overflows float64: the sums are the sigma -> inf limit (the oracle at sigma = 700)."""
+    out, x_t, x0, _, weight = make_inputs("dse", graph, 2, 4, 9, dtype=torch.float64, device=TRITON_DEVICE)
+    zeros = torch.zeros(2, 2, dtype=torch.float64, device=TRITON_DEVICE)
+    got = integrate_step(out, x_t, x0, 1000.0, weight, zeros.clone(), loss="dse", graph=graph, backend="triton")
+    expected = reference.integrate_step(out, x_t, x0, 700.0, weight, zeros, loss="dse", graph=graph)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+# (loss, graph, (x_t, x0) pairs with an id out of range, a pair whose x0 is never read) for V = 7.
+BAD_IDS = [
+    ("dce", "absorb", [(6, 7), (6, 6), (6, -1)], (2, 50)),
+    ("dse", "absorb", [(6, 6), (6, 9), (6, -2), (9, 2), (-1, 2)], (2, 50)),
+    ("dse", "uniform", [(2, 7), (2, -3), (7, 2), (-3, 2), (7, -100)], (2, -100)),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("loss,graph,bad_pairs,unread", BAD_IDS)
+def test_triton_op_nan_for_ids_out_of_range(loss, graph, bad_pairs, unread):
+    """The raw op (no Python checks, as under torch.compile) adds NaN to a sequence with a bad id, as CUDA does."""
+    if torch.device(TRITON_DEVICE).type != "cpu":
+        pytest.skip("compares with the C++ op, which runs on CPU tensors")
+    from fastbound.integrate import LOSS_CODES
+    from fastbound._ops import GRAPH_CODES
+    import fastbound.triton_kernels.integrate  # noqa: F401
+
+    out, x_t, x0, sigma, weight = make_inputs(loss, graph, 3, 4, 7)
+    x_t[2, 0], x0[2, 0] = unread
+    codes = (LOSS_CODES[loss], GRAPH_CODES[graph], 6, -100)
+    for pair in bad_pairs:
+        bad_t, bad_0 = x_t.clone(), x0.clone()
+        bad_t[1, 2], bad_0[1, 2] = pair
+        got = torch.zeros(3, 2, dtype=torch.float64)
+        torch.ops.fastbound.integrate_step_triton(out, bad_t, bad_0, sigma, weight, got, None, *codes)
+        bad_t[1, 2], bad_0[1, 2] = 0, -100  # a row that adds nothing: the C++ op gives the other sequences
+        expected = torch.zeros(3, 2, dtype=torch.float64)
+        torch.ops.fastbound.integrate_step(out, bad_t, bad_0, sigma, weight, expected, None, *codes)
+        assert got[1].isnan().all(), pair
+        torch.testing.assert_close(got[[0, 2]], expected[[0, 2]], rtol=2e-5, atol=2e-4)

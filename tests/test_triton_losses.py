@@ -294,3 +294,112 @@ def test_compiles_fullgraph(loss):
     out.backward()
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(compiled_s.grad, eager_s.grad)
+
+
+EXTREME_SIGMAS = [1e-8, 1e-6, 0.3, 30.0, 89.0, 100.0, 500.0]
+"""From sigma -> 0 (r = 1/(e^sigma - 1) ~ 1e8) to e^sigma far past the float32 range (~88.7)."""
+
+
+def extreme_sigma_case(loss, n_cols, dtype, seed):
+    """Rows that all contribute: masked for "absorb"; for "uniform" half with x_t == x0, half not."""
+    score, _, x_t, x0 = make_case(loss, (4,), n_cols, dtype, seed=seed)
+    if loss == "absorb":
+        x_t[:] = n_cols - 1
+    else:
+        x_t = torch.where(torch.arange(4, device=DEV) % 2 == 0, x0, (x0 + 3) % n_cols)
+    return score, x_t, x0
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sigma", EXTREME_SIGMAS)
+def test_extreme_sigma(loss, dtype, sigma):
+    """Finite, and equal to the float64 oracle and the C++ kernels, for tiny and huge sigma."""
+    score, x_t, x0 = extreme_sigma_case(loss, 9, dtype, seed=14)
+    out, grad = check(loss, score, sigma, x_t, x0)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform"])
+def test_sigma_past_float64_overflow(loss):
+    """e^1000 overflows even float64; the loss is then its sigma -> inf limit (the oracle at sigma = 700)."""
+    score, x_t, x0 = extreme_sigma_case(loss, 9, torch.float64, seed=15)
+    out, grad = run("triton", loss, score, 1000.0, x_t, x0)
+    exp_out, exp_grad = run("ref", loss, score, 700.0, x_t, x0)
+    torch.testing.assert_close(out, exp_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, exp_grad, rtol=1e-12, atol=1e-12)
+
+
+# Rows (x_t, x0, expected) for V = 13 (DSE absorbing and DCE: mask column 12). "nan": an id out of
+# its range, so loss and gradient row NaN; "zero": a row that does not contribute (its x0 is never
+# read); "loss": an ordinary row.
+BAD_ID_ROWS = {
+    "absorb": [(12, 3, "loss"), (13, 3, "nan"), (-1, 3, "nan"), (50, -100, "nan"), (12, 12, "nan"),
+               (12, 50, "nan"), (12, -5, "nan"), (12, -100, "zero"), (4, 50, "zero")],
+    "uniform": [(3, 3, "loss"), (3, 5, "loss"), (13, 3, "nan"), (-1, 3, "nan"), (3, 13, "nan"),
+                (3, -2, "nan"), (13, -100, "nan"), (3, -100, "zero")],
+    "dce": [(12, 3, "loss"), (12, 12, "nan"), (12, 13, "nan"), (12, -1, "nan"), (12, -100, "zero"),
+            (3, 50, "zero"), (50, 3, "zero")],
+}
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+@pytest.mark.parametrize("variant", ["grad", "no_grad", "inplace"])
+def test_ops_give_nan_rows_for_ids_out_of_range(loss, variant):
+    """The raw ops (no Python validation, as under torch.compile) mark a bad id's row NaN, as the CUDA kernels do."""
+    if torch.device(DEV).type != "cpu":
+        pytest.skip("compares with the C++ ops, which run on CPU tensors")
+    rows = BAD_ID_ROWS[loss]
+    x_t = torch.tensor([r[0] for r in rows])
+    x0 = torch.tensor([r[1] for r in rows])
+    expected = [r[2] for r in rows]
+    bad = torch.tensor([e == "nan" for e in expected])
+    score = torch.randn(len(rows), 13, generator=torch.Generator().manual_seed(16))
+    args = _op_args(loss, score, torch.full((1,), 0.7), x_t, x0)
+    name = "dce_forward" if loss == "dce" else "dse_forward"
+    if variant == "inplace":
+        grad = score.clone()
+        out = getattr(torch.ops.fastbound, name + "_inplace_triton")(grad, *args[1:])
+    else:
+        out, grad = getattr(torch.ops.fastbound, name + "_triton")(*args, variant == "grad")
+
+    assert out[bad].isnan().all() and not out[~bad].isnan().any()
+    good_args = [a[~bad] if torch.is_tensor(a) else a for a in args]
+    exp_out, exp_grad = getattr(torch.ops.fastbound, name)(*good_args, True)  # the C++ op: these rows are valid
+    torch.testing.assert_close(out[~bad], exp_out)
+    zero = torch.tensor([e == "zero" for e in expected])
+    assert not out[zero].any()
+    if variant != "no_grad":
+        assert grad[bad].isnan().all()
+        torch.testing.assert_close(grad[~bad], exp_grad)
+
+
+@pytest.mark.parametrize("mask_id", [20, 0])
+def test_dce_op_nan_rows_with_mask_id_beyond_or_first(mask_id):
+    """x0 == mask_id or outside [0, V) is bad wherever the mask id lies; ids other than mask_id in x_t are not."""
+    x_t = torch.tensor([mask_id, mask_id, mask_id, mask_id, 5])
+    x0 = torch.tensor([3, 13, mask_id, -1, 50])
+    bad = torch.tensor([False, True, True, True, False])
+    score = torch.randn(5, 13, generator=torch.Generator().manual_seed(17))
+    scale = torch.ones(5)
+    out, grad = torch.ops.fastbound.dce_forward_triton(score, x_t, x0, scale, mask_id, -100, True)
+    assert out[bad].isnan().all() and grad[bad].isnan().all()
+    assert torch.isfinite(out[~bad]).all() and torch.isfinite(grad[~bad]).all()
+    assert out[0] > 0 and out[4] == 0
+
+
+@pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
+def test_inplace_ops_refuse_overlapping_rows(loss):
+    """Writing the gradient over rows that share memory would race: the in-place ops refuse, naming the argument."""
+    score, sigma, x_t, x0 = make_case(loss, (3,), 7, torch.float32, seed=18)
+    args = _op_args(loss, score, sigma, x_t, x0)
+    name = "dce_forward" if loss == "dce" else "dse_forward"
+    op = getattr(torch.ops.fastbound, name + "_inplace_triton")
+    arg_name = "logits" if loss == "dce" else "score"
+    expanded = score[:1].expand(3, 7)
+    overlapping = torch.randn(20, device=DEV).as_strided((3, 7), (4, 1))  # rows 4 apart, 7 long
+    for shared in (expanded, overlapping):
+        with pytest.raises(ValueError, match=f"{arg_name}.*overlap"):
+            op(shared, *args[1:])
+    sliced = torch.randn(3, 9, device=DEV)[:, :7]  # rows apart by more than V: fine
+    op(sliced, *args[1:])

@@ -1,8 +1,10 @@
-"""What the Triton loss ops share: block sizes, a zero-fill helper and the op contract checks.
+"""What the Triton loss kernels share: block sizes, a row-fill helper and the op contract checks.
 
-Every loss kernel runs one program per row of the flattened (N, V) scores and
-walks the row in chunks of ``BLOCK`` columns, so a row of any length needs no
-more registers than one chunk.
+Every loss kernel (and the integration step) handles a row of V scores in one
+program that walks the row in chunks of ``BLOCK`` columns, so a row of any
+length needs no more registers than one chunk. Every function that walks a row
+first casts V to int64, so the chunk counter and the column indices are int64:
+in int32 ``start + tl.arange(...)`` and the loop counter would wrap for V near 2^31.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 MAX_BLOCK = 4096
 """Largest chunk of a row one program holds at once (16 KiB of fp32 scores)."""
@@ -34,11 +37,13 @@ def num_warps(block: int) -> int:
 
 
 @triton.jit
-def zero_row(row_ptr, n_cols, BLOCK: tl.constexpr):
-    """Writes zeros over one row's ``n_cols`` gradient entries."""
+def fill_row(row_ptr, n_cols, value, BLOCK: tl.constexpr):
+    """Writes the scalar ``value`` over one row's ``n_cols`` gradient entries."""
+    n_cols = tl.cast(n_cols, tl.int64)  # int64 loop counter and columns: no wrap for V near 2^31
+    chunk = (tl.zeros([BLOCK], value.dtype) + value).to(row_ptr.dtype.element_ty)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        tl.store(row_ptr + cols, tl.zeros([BLOCK], row_ptr.dtype.element_ty), mask=cols < n_cols)
+        tl.store(row_ptr + cols, chunk, mask=cols < n_cols)
 
 
 def accumulation_dtype(score: torch.Tensor) -> torch.dtype:
@@ -46,22 +51,54 @@ def accumulation_dtype(score: torch.Tensor) -> torch.dtype:
     return torch.float64 if score.dtype == torch.float64 else torch.float32
 
 
-def check_loss_inputs(score: torch.Tensor, per_row: dict[str, torch.Tensor], ids: dict[str, torch.Tensor]) -> None:
+def check_loss_inputs(score: torch.Tensor, per_row: dict[str, torch.Tensor], ids: dict[str, torch.Tensor], *,
+                      score_name: str, inplace: bool) -> None:
     """Checks the flattened op inputs, as the C++ ops do (`csrc/cpu/loss_rows.h`).
 
-    ``score`` is (N, V) with unit column stride (any row stride); the per-row
-    float tensors are contiguous (N,) of the accumulation dtype and the ids are
-    contiguous (N,) int64. The public functions in `fastbound.losses` always
-    pass such tensors; these checks guard direct calls of the ops.
+    ``score`` is (N, V) with unit column stride (any row stride) and, when the op
+    writes the gradient over it (``inplace``), rows that do not share memory; the
+    per-row float tensors are contiguous (N,) of the accumulation dtype and the
+    ids are contiguous (N,) int64. The public functions in `fastbound.losses`
+    always pass such tensors; these checks guard direct calls of the ops.
     """
     if score.dim() != 2:
-        raise ValueError(f"score must be (N, V), got shape {tuple(score.shape)}")
-    if score.shape[1] > 1 and score.stride(1) != 1:
-        raise ValueError("score must have unit stride in its last dimension")
-    n, acc = score.shape[0], accumulation_dtype(score)
+        raise ValueError(f"{score_name} must be (N, V), got shape {tuple(score.shape)}")
+    n, n_cols = score.shape
+    if n_cols > 1 and score.stride(1) != 1:
+        raise ValueError(f"{score_name} must have unit stride in its last dimension")
+    # With unit column stride, rows overlap exactly when they start less than V apart
+    # (an expanded tensor has row stride 0). In place, a program would then read
+    # scores another program has already overwritten (cf. at::assert_no_internal_overlap).
+    if inplace and n > 1 and n_cols > 0 and score.stride(0) < n_cols:
+        raise ValueError(
+            f"{score_name} has rows that overlap in memory (row stride {score.stride(0)} < {n_cols} columns, e.g. "
+            "an expanded tensor); the in-place op would write the gradient over them: pass rows that do not share memory"
+        )
+    acc = accumulation_dtype(score)
     for name, t in per_row.items():
         if t.dim() != 1 or t.shape[0] != n or not t.is_contiguous() or t.dtype != acc:
             raise ValueError(f"{name} must be a contiguous ({n},) tensor of dtype {acc}")
     for name, t in ids.items():
         if t.dim() != 1 or t.shape[0] != n or not t.is_contiguous() or t.dtype != torch.int64:
             raise ValueError(f"{name} must be a contiguous ({n},) int64 tensor")
+
+
+def launch_rows(kernel, score: torch.Tensor, grad: torch.Tensor, row_inputs: tuple, row_scale: torch.Tensor,
+                scalars: tuple, write_grad: bool, **constexprs) -> torch.Tensor:
+    """Runs a loss kernel with one program per row of ``score`` (N, V); returns the (N,) loss.
+
+    The kernel takes ``(score, score row stride, grad, grad row stride, *row_inputs,
+    row_scale, loss, V, *scalars)`` and the constexprs ``WRITE_GRAD``, ``BLOCK`` and
+    ``constexprs``. ``grad`` may be ``score`` itself (in place); it is not written
+    unless ``write_grad``.
+    """
+    n, n_cols = score.shape
+    loss = row_scale.new_empty(n)
+    if n == 0:
+        return loss
+    block = block_size(n_cols)
+    wrap_triton(kernel)[(n,)](
+        score, score.stride(0), grad, grad.stride(0) if write_grad else 0, *row_inputs, row_scale, loss, n_cols,
+        *scalars, WRITE_GRAD=write_grad, BLOCK=block, num_warps=num_warps(block), **constexprs,
+    )  # fmt: skip
+    return loss

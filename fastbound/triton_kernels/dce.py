@@ -8,7 +8,10 @@ parameterisation; Jeon et al. 2025, infodis):
 
 times the row scale; the mask column is left out of the softmax when
 ``mask_id < V``. Other rows, and rows whose :math:`x_0` is ``ignore_index``, get
-loss 0 and a zero gradient row.
+loss 0 and a zero gradient row. As in the CUDA kernel (`csrc/cuda/dce.cu`), a masked
+row whose :math:`x_0` is outside :math:`[0, V)` or is the mask id gets a NaN loss and a
+NaN gradient row, and the id is never used as an address: the Python checks that
+refuse such ids do not run under ``torch.compile``.
 
 One program per row: a first pass keeps a running maximum and a rescaled sum of
 exponentials (the online softmax of Milakov & Gimelshein 2018, as in
@@ -21,23 +24,29 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _ops
 from . import _common
 
 
 @triton.jit
-def _dce_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, x_t_ptr, x0_ptr, scale_ptr, loss_ptr,
-                n_cols, mask_id, ignore_index, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # row * stride may exceed 2^31
-    logits_row = logits_ptr + row * logits_stride
-    grad_row = grad_ptr + row * grad_stride
-    x_t = tl.load(x_t_ptr + row)
-    x0 = tl.load(x0_ptr + row)
-    scale = tl.load(scale_ptr + row)
+def dce_row(logits_row, grad_row, n_cols, x_t, x0, scale, mask_id, ignore_index, WRITE_GRAD: tl.constexpr,
+            BLOCK: tl.constexpr):
+    """The cross-entropy of one row times ``scale``, and its gradient into ``grad_row`` when WRITE_GRAD.
+
+    A bad x0 (see the module docstring) gives a NaN loss and gradient row. Used by the
+    loss kernel and by the integration step (`.integrate`, without the gradient).
+    """
+    n_cols = tl.cast(n_cols, tl.int64)  # int64 loop counter and columns: no wrap for V near 2^31
+    skip = (x0 == ignore_index) | (x_t != mask_id)
+    bad = ((x0 < 0) | (x0 >= n_cols) | (x0 == mask_id)) & ~skip
     loss = tl.zeros_like(scale)
-    if (x0 != ignore_index) & (x_t == mask_id):
+    if bad | skip:
+        loss = tl.where(bad, float("nan"), loss)
+        if WRITE_GRAD:
+            _common.fill_row(grad_row, n_cols, loss, BLOCK)
+    else:
         # Pass 1: log-sum-exp over the real tokens, and z[x0] from the chunk that holds it.
         running_max = tl.zeros_like(scale) - float("inf")
         sum_exp = tl.zeros_like(scale)
@@ -64,8 +73,15 @@ def _dce_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, x_t_ptr, x0_pt
                 p = tl.where(real, tl.exp(z - lse), 0.0)
                 g = scale * tl.where(cols == x0, p - 1.0, p)
                 tl.store(grad_row + cols, g.to(grad_row.dtype.element_ty), mask=cols < n_cols)
-    elif WRITE_GRAD:
-        _common.zero_row(grad_row, n_cols, BLOCK)
+    return loss
+
+
+@triton.jit
+def _dce_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, x_t_ptr, x0_ptr, scale_ptr, loss_ptr,
+                n_cols, mask_id, ignore_index, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # row * stride may exceed 2^31
+    loss = dce_row(logits_ptr + row * logits_stride, grad_ptr + row * grad_stride, n_cols, tl.load(x_t_ptr + row),
+                   tl.load(x0_ptr + row), tl.load(scale_ptr + row), mask_id, ignore_index, WRITE_GRAD, BLOCK)
     tl.store(loss_ptr + row, loss)
 
 
@@ -73,17 +89,9 @@ def _dce_rows(logits, grad, x_t, x0, row_scale, mask_id: int, ignore_index: int,
     """Runs the kernel over all rows; ``grad`` may be ``logits`` itself (in place). Returns the loss."""
     if mask_id < 0:
         raise ValueError(f"mask_id must be non-negative, got {mask_id}")
-    _common.check_loss_inputs(logits, {"row_scale": row_scale}, {"x_t": x_t, "x0": x0})
-    n, n_cols = logits.shape
-    loss = row_scale.new_empty(n)
-    if n == 0:
-        return loss
-    block = _common.block_size(n_cols)
-    wrap_triton(_dce_kernel)[(n,)](
-        logits, logits.stride(0), grad, grad.stride(0) if write_grad else 0, x_t, x0, row_scale, loss,
-        n_cols, mask_id, ignore_index, WRITE_GRAD=write_grad, BLOCK=block, num_warps=_common.num_warps(block),
-    )  # fmt: skip
-    return loss
+    _common.check_loss_inputs(logits, {"row_scale": row_scale}, {"x_t": x_t, "x0": x0},
+                              score_name="logits", inplace=write_grad and grad is logits)
+    return _common.launch_rows(_dce_kernel, logits, grad, (x_t, x0), row_scale, (mask_id, ignore_index), write_grad)
 
 
 @triton_op("fastbound::dce_forward_triton", mutates_args=())

@@ -21,11 +21,16 @@ Uniform graph, N = V states, :math:`a = e^\sigma - 1`, :math:`\rho = a/(a+N)`,
 with neg and const as in `fastbound.reference.dse_uniform`. Loss and gradient
 are multiplied by the row scale. Rows whose :math:`x_0` is ``ignore_index``
 (and, for the absorbing graph, rows that are not masked) get loss 0 and a zero
-gradient row.
+gradient row. As in the CUDA kernels (`csrc/cuda/dse.cu`), an id out of range
+(:math:`x_t \notin [0, V)`, or at a contributing row :math:`x_0 \notin [0, V-1)` for the
+absorbing graph, :math:`[0, V)` for the uniform one) gives that row a NaN loss and a
+NaN gradient row, and is never used as an address: the Python checks that refuse
+such ids do not run under ``torch.compile``.
 
-:math:`a = e^\sigma - 1` is computed with ``torch.expm1`` before the launch (an
-(N,) op): Triton has no expm1 that also runs in its CPU interpreter, and
-``exp(sigma) - 1`` loses the digits of small sigma.
+The per-row constants (:math:`r`, or :math:`1/a` and :math:`\log\rho`; the kernel forms
+:math:`\rho = 1/(1 + N/a)`) are computed in torch before the launch (a few (N,) ops,
+`row_constants`): Triton has no expm1 / log1p that also runs in its CPU interpreter,
+and ``exp(sigma) - 1`` loses the digits of small sigma and overflows for large sigma.
 """
 
 from __future__ import annotations
@@ -33,23 +38,47 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _ops
 from . import _common
 
 
+def log_expm1(sigma: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log(e^\sigma - 1)`, finite for every finite :math:`\sigma > 0` (`log_expm1` of elementwise.h).
+
+    ``log(expm1(sigma))`` keeps the digits of small sigma; above 20 it is
+    :math:`\sigma + \log(1 - e^{-\sigma})`, which does not overflow where :math:`e^\sigma` does.
+    """
+    return torch.where(sigma < 20, torch.expm1(sigma).log(), sigma + torch.log1p(-torch.exp(-sigma)))
+
+
+def row_constants(sigma: torch.Tensor, graph: int, n_states: int) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""The two per-row constants `dse_row` takes, from sigma (N,) in the accumulation dtype.
+
+    Both come from :math:`\log a = \log(e^\sigma - 1)` as in `AbsorbRow` / `UniformRow` of
+    `csrc/include/fastbound/elementwise.h`, so they are finite for any sigma (a huge
+    sigma gives :math:`r = 1/a \to 0`, not :math:`0 \cdot \infty`). Absorbing graph:
+    :math:`r = e^{-\log a}` and :math:`r(\log r - 1) = -r(\log a + 1)`; uniform graph:
+    :math:`1/a = e^{-\log a}` and :math:`\log\rho = -\log(1 + N/a)`.
+    """
+    log_a = log_expm1(sigma)
+    inv_a = torch.exp(-log_a)
+    if graph == _ops.GRAPH_CODES["absorb"]:
+        return inv_a, -inv_a * (log_a + 1)
+    return inv_a, -torch.log1p(n_states * inv_a)
+
+
 @triton.jit
-def _dse_absorb_row(score_row, grad_row, n_cols, x0, a, scale, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _absorb_row(score_row, grad_row, n_cols, x0, r, konst, scale, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     """Loss of one masked row (absorbing graph); writes its gradient when WRITE_GRAD."""
-    r = 1.0 / a
-    konst = r * (tl.log(r) - 1.0)
-    sum_exp = tl.zeros([BLOCK], a.dtype)
-    s_x0 = tl.zeros([BLOCK], a.dtype)  # s[x0] is taken from the chunk that holds it
+    n_cols = tl.cast(n_cols, tl.int64)  # int64 loop counter and columns: no wrap for V near 2^31
+    sum_exp = tl.zeros([BLOCK], r.dtype)
+    s_x0 = tl.zeros([BLOCK], r.dtype)  # s[x0] is taken from the chunk that holds it
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < n_cols
-        s = tl.load(score_row + cols, mask=in_row, other=0.0).to(a.dtype)
+        s = tl.load(score_row + cols, mask=in_row, other=0.0).to(r.dtype)
         e = tl.where(cols < n_cols - 1, tl.exp(s), 0.0)  # the mask column has no exp term
         at_x0 = cols == x0
         sum_exp += e
@@ -61,24 +90,23 @@ def _dse_absorb_row(score_row, grad_row, n_cols, x0, a, scale, WRITE_GRAD: tl.co
 
 
 @triton.jit
-def _dse_uniform_row(score_row, grad_row, n_cols, x_t, x0, a, scale, WRITE_GRAD: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _uniform_row(score_row, grad_row, n_cols, x_t, x0, inv_a, log_rho, scale, WRITE_GRAD: tl.constexpr,
+                 BLOCK: tl.constexpr):
     """Loss of one row (uniform graph); writes its gradient when WRITE_GRAD."""
-    n = tl.zeros_like(a) + n_cols
+    n_cols = tl.cast(n_cols, tl.int64)  # int64 loop counter and columns: no wrap for V near 2^31
+    n = tl.zeros_like(inv_a) + n_cols
     inv_n = 1.0 / n
-    inv_a = 1.0 / a
-    rho = a / (a + n)
+    rho = 1.0 / (1.0 + n * inv_a)
     same = x_t == x0
     c = tl.where(same, rho, 1.0)
-    log_rho = tl.log(rho)
     konst = tl.where(same, (n - 1.0) * inv_n * rho * (log_rho - 1.0), ((-log_rho - 1.0) / rho - (n - 2.0)) * inv_n)
-    sum_exp = tl.zeros([BLOCK], a.dtype)
-    sum_s = tl.zeros([BLOCK], a.dtype)
-    s_x0 = tl.zeros([BLOCK], a.dtype)
+    sum_exp = tl.zeros([BLOCK], inv_a.dtype)
+    sum_s = tl.zeros([BLOCK], inv_a.dtype)
+    s_x0 = tl.zeros([BLOCK], inv_a.dtype)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < n_cols
-        s = tl.load(score_row + cols, mask=in_row, other=0.0).to(a.dtype)
+        s = tl.load(score_row + cols, mask=in_row, other=0.0).to(inv_a.dtype)
         other = in_row & (cols != x_t)
         at_x0 = cols == x0
         e = tl.where(other, tl.exp(s), 0.0)
@@ -95,27 +123,41 @@ def _dse_uniform_row(score_row, grad_row, n_cols, x_t, x0, a, scale, WRITE_GRAD:
 
 
 @triton.jit
-def _dse_kernel(score_ptr, score_stride, grad_ptr, grad_stride, a_ptr, x_t_ptr, x0_ptr, scale_ptr, loss_ptr,
-                n_cols, ignore_index, UNIFORM: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)  # row * stride may exceed 2^31
-    score_row = score_ptr + row * score_stride
-    grad_row = grad_ptr + row * grad_stride
-    x_t = tl.load(x_t_ptr + row)
-    x0 = tl.load(x0_ptr + row)
-    a = tl.load(a_ptr + row)
-    scale = tl.load(scale_ptr + row)
+def dse_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, ignore_index, UNIFORM: tl.constexpr,
+            WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """The score entropy of one row times ``scale``, and its gradient into ``grad_row`` when WRITE_GRAD.
+
+    ``k0, k1`` are the row's `row_constants`. An id out of range (see the module
+    docstring) gives a NaN loss and gradient row. Used by the loss kernel and by the
+    integration step (`.integrate`, without the gradient).
+    """
     if UNIFORM:
-        active = x0 != ignore_index
+        skip = x0 == ignore_index
+        x0_bad = (x0 < 0) | (x0 >= n_cols)
     else:
-        active = (x0 != ignore_index) & (x_t == n_cols - 1)
-    loss = tl.zeros_like(a)
-    if active:
-        if UNIFORM:
-            loss = _dse_uniform_row(score_row, grad_row, n_cols, x_t, x0, a, scale, WRITE_GRAD, BLOCK)
-        else:
-            loss = _dse_absorb_row(score_row, grad_row, n_cols, x0, a, scale, WRITE_GRAD, BLOCK)
-    elif WRITE_GRAD:
-        _common.zero_row(grad_row, n_cols, BLOCK)
+        skip = (x0 == ignore_index) | (x_t != n_cols - 1)
+        x0_bad = (x0 < 0) | (x0 >= n_cols - 1)  # x0 = V-1 would be the mask
+    bad = (x_t < 0) | (x_t >= n_cols) | (x0_bad & ~skip)
+    loss = tl.zeros_like(scale)
+    if bad | skip:
+        loss = tl.where(bad, float("nan"), loss)
+        if WRITE_GRAD:
+            _common.fill_row(grad_row, n_cols, loss, BLOCK)
+    elif UNIFORM:
+        loss = _uniform_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, WRITE_GRAD, BLOCK)
+    else:
+        loss = _absorb_row(score_row, grad_row, n_cols, x0, k0, k1, scale, WRITE_GRAD, BLOCK)
+    return loss
+
+
+@triton.jit
+def _dse_kernel(score_ptr, score_stride, grad_ptr, grad_stride, k0_ptr, k1_ptr, x_t_ptr, x0_ptr, scale_ptr,
+                loss_ptr, n_cols, ignore_index, UNIFORM: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # row * stride may exceed 2^31
+    loss = dse_row(score_ptr + row * score_stride, grad_ptr + row * grad_stride, n_cols, tl.load(x_t_ptr + row),
+                   tl.load(x0_ptr + row), tl.load(k0_ptr + row), tl.load(k1_ptr + row), tl.load(scale_ptr + row),
+                   ignore_index, UNIFORM, WRITE_GRAD, BLOCK)
     tl.store(loss_ptr + row, loss)
 
 
@@ -123,19 +165,11 @@ def _dse_rows(score, grad, sigma, x_t, x0, row_scale, graph: int, ignore_index: 
     """Runs the kernel over all rows; ``grad`` may be ``score`` itself (in place). Returns the loss."""
     if graph not in _ops.GRAPH_CODES.values():
         raise ValueError(f"graph must be one of the codes {_ops.GRAPH_CODES}, got {graph}")
-    _common.check_loss_inputs(score, {"sigma": sigma, "row_scale": row_scale}, {"x_t": x_t, "x0": x0})
-    n, n_cols = score.shape
-    loss = row_scale.new_empty(n)
-    if n == 0:
-        return loss
-    block = _common.block_size(n_cols)
-    wrap_triton(_dse_kernel)[(n,)](
-        score, score.stride(0), grad, grad.stride(0) if write_grad else 0, torch.expm1(sigma), x_t, x0,
-        row_scale, loss, n_cols, ignore_index,
-        UNIFORM=graph == _ops.GRAPH_CODES["uniform"], WRITE_GRAD=write_grad, BLOCK=block,
-        num_warps=_common.num_warps(block),
-    )  # fmt: skip
-    return loss
+    _common.check_loss_inputs(score, {"sigma": sigma, "row_scale": row_scale}, {"x_t": x_t, "x0": x0},
+                              score_name="score", inplace=write_grad and grad is score)
+    row_inputs = (*row_constants(sigma, graph, score.shape[1]), x_t, x0)
+    return _common.launch_rows(_dse_kernel, score, grad, row_inputs, row_scale, (ignore_index,), write_grad,
+                               UNIFORM=graph == _ops.GRAPH_CODES["uniform"])
 
 
 @triton_op("fastbound::dse_forward_triton", mutates_args=())

@@ -82,6 +82,7 @@ def _row_words(seed, offset, row_start, cols, maskable_ptr, n_cols, HAS_MASKABLE
 def _exact_k_kernel(x0_ptr, x_t_ptr, mask_ptr, num_masked_ptr, maskable_ptr, n_cols, vocab_size, mask_id, seed,
                     offset, HAS_MASKABLE: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    n_cols = tl.cast(n_cols, tl.int64)  # int64 loop counter and columns: no wrap for V near 2^31
     row_start = row * n_cols
     k = tl.load(num_masked_ptr + row)
     # The k-th smallest selection word: the largest v with #{w0 < v} < k, built bit by bit.
@@ -92,7 +93,7 @@ def _exact_k_kernel(x0_ptr, x_t_ptr, mask_ptr, num_masked_ptr, maskable_ptr, n_c
         candidate = kth + (tl.full((), 1, tl.int64) << (31 - step))
         count = tl.zeros((), tl.int64)
         for start in range(0, n_cols, BLOCK):
-            cols = start + tl.arange(0, BLOCK).to(tl.int64)
+            cols = start + tl.arange(0, BLOCK)
             w0, _, takes_part = _row_words(seed, offset, row_start, cols, maskable_ptr, n_cols, HAS_MASKABLE)
             count += tl.sum((takes_part & (w0 < candidate)).to(tl.int64))
         take = count < k
@@ -102,7 +103,7 @@ def _exact_k_kernel(x0_ptr, x_t_ptr, mask_ptr, num_masked_ptr, maskable_ptr, n_c
     ties_left = k - below
     ties_seen = tl.zeros((), tl.int64)
     for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK).to(tl.int64)
+        cols = start + tl.arange(0, BLOCK)
         in_row = cols < n_cols
         w0, w1, takes_part = _row_words(seed, offset, row_start, cols, maskable_ptr, n_cols, HAS_MASKABLE)
         tie = takes_part & (w0 == kth)
