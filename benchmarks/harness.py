@@ -4,8 +4,9 @@ A `Case` describes one op: how to make its inputs for a shape and dtype, the fas
 call, and the eager call (the oracle, `fastbound.reference`). The harness derives the
 other two providers itself:
 
-* ``compile``: ``torch.compile(case.eager, dynamic=False, fullgraph=True)``, compiled and
-  warmed before timing (dynamo is reset per benchmark, so every shape gets its own graph);
+* ``compile``: ``torch.compile(case.eager, dynamic=False, fullgraph=case.fullgraph)``,
+  compiled and warmed before timing (dynamo is reset per benchmark, so every shape gets its
+  own graph);
 * ``floor``: ``inputs[case.floor].clone()``, one read and one write of the largest input,
   the memory-traffic floor for a one-pass kernel. An op that only reads that input (a
   reduction such as the integration step) passes its own ``floor_call``, e.g. one ``sum()``.
