@@ -4,10 +4,12 @@ A `Case` describes one op: how to make its inputs for a shape and dtype, the fas
 call, and the eager call (the oracle, `fastbound.reference`). The harness derives the
 other two providers itself:
 
-* ``compile``: ``torch.compile(case.eager, dynamic=False, fullgraph=True)``, compiled and
-  warmed before timing (dynamo is reset per benchmark, so every shape gets its own graph);
+* ``compile``: ``torch.compile(case.eager, dynamic=False, fullgraph=case.fullgraph)``,
+  compiled and warmed before timing (dynamo is reset per benchmark, so every shape gets its
+  own graph);
 * ``floor``: ``inputs[case.floor].clone()``, one read and one write of the largest input,
-  the memory-traffic floor for a one-pass kernel.
+  the memory-traffic floor for a one-pass kernel. An op that only reads that input (a
+  reduction such as the integration step) passes its own ``floor_call``, e.g. one ``sum()``.
 
 Every (case, shape, dtype, mode, provider) is one pytest-benchmark test that
 
@@ -34,7 +36,9 @@ Adding an op (e.g. ``perturb``, or the integration step) is one small file
 
 (`benchmarks/conftest.py` parametrises ``spec`` over the module's ``CASES`` and the grid.)
 A case with no ``grad_inputs`` is forward only; a case whose outputs are random passes its
-own ``check`` (the default compares every tensor with dtype-dependent tolerances).
+own ``check`` (the default compares every tensor with dtype-dependent tolerances). A case
+whose oracle cannot be captured in one graph (Python loops, data-dependent checks) sets
+``fullgraph=False``; ``info`` adds entries to ``extra_info`` for the report.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -124,6 +128,13 @@ compute in fp32 (fp64 for fp64) and round once, so low-precision results differ 
 unit in the last place (bf16: 2**-7 relative)."""
 
 
+def read_floor(name: str) -> Callable[..., torch.Tensor]:
+    """A ``floor_call`` that reads ``inputs[name]`` once (its ``sum()``): the floor of an op
+    that only reads that input and writes a few numbers (``clone()`` would also write, and
+    fault in, a fresh buffer of the same size)."""
+    return lambda **inputs: inputs[name].sum()
+
+
 def assert_close_results(actual: Result, expected: Result, inputs: Inputs) -> None:
     """Default check: every output and gradient equals the oracle's within `TOLERANCES`."""
     assert actual.keys() == expected.keys(), f"results {sorted(actual)} != oracle's {sorted(expected)}"
@@ -152,6 +163,13 @@ class Case:
             disagrees with the oracle's (``expected``); default `assert_close_results`.
         shapes: per-grid shapes that replace `GRIDS` for this case (ops whose cost is not (N, V)).
         working_set: ``shape -> bytes`` needed; shapes that do not fit are skipped.
+        floor_call: ``(**inputs) -> tensor``, the ``floor`` provider (default: ``clone()`` of
+            ``inputs[floor]``, checked to equal it); not compared with the oracle.
+        floor_op: how the floor touches ``inputs[floor]``, for the report (``"clone"``, ``"sum"``).
+        fullgraph: passed to ``torch.compile`` for the ``compile`` provider.
+        smoke_providers: the providers of the smoke grid (CI), e.g. without a ``compile``
+            whose many graphs take longer to build than the whole smoke run should.
+        info: extra entries for ``benchmark.extra_info`` (e.g. an estimator's number of draws).
     """
 
     name: str
@@ -164,6 +182,11 @@ class Case:
     check: Callable[[Result, Result, Inputs], None] = assert_close_results
     shapes: dict[str, tuple[Shape, ...]] | None = None
     working_set: Callable[[Shape], int] = dense_working_set
+    floor_call: Callable[..., object] | None = None
+    floor_op: str = "clone"
+    fullgraph: bool = True
+    smoke_providers: tuple[str, ...] = PROVIDERS
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -201,7 +224,7 @@ def specs(cases: list[Case], grid: str) -> Iterator[Spec]:
         for shape in shapes:
             for dtype in case.dtypes:
                 for mode in case.modes:
-                    for provider in PROVIDERS:
+                    for provider in case.smoke_providers if grid == "smoke" else PROVIDERS:
                         yield Spec(case, shape, dtype, mode, provider)
 
 
@@ -340,9 +363,9 @@ def provider_fn(spec: Spec) -> Callable[..., object]:
         return case.eager
     if spec.provider == "compile":
         torch._dynamo.reset()
-        return torch.compile(case.eager, dynamic=False, fullgraph=True)
+        return torch.compile(case.eager, dynamic=False, fullgraph=case.fullgraph)
     if spec.provider == "floor":
-        return lambda **inputs: inputs[case.floor].detach().clone()
+        return case.floor_call or (lambda **inputs: inputs[case.floor].detach().clone())
     raise ValueError(f"unknown provider {spec.provider!r}")
 
 
@@ -355,7 +378,8 @@ def _seconds(target: Callable[..., None], leaves: Inputs) -> float:
 
 def _check(spec: Spec, actual: Result, expected: Result, inputs: Inputs) -> None:
     if spec.provider == "floor":
-        assert torch.equal(actual["output0"], inputs[spec.case.floor]), "floor: clone() differs from its input"
+        if spec.case.floor_call is None:
+            assert torch.equal(actual["output0"], inputs[spec.case.floor]), "floor: clone() differs from its input"
         return
     if not spec.backward:
         expected = {k: v for k, v in expected.items() if not k.startswith("grad[")}
@@ -399,7 +423,7 @@ def run(spec: Spec, benchmark, settings: Settings) -> None:
     leaves = setup()[1]
     peak = peak_memory(lambda: _call(fn, leaves, spec.backward, device), device)
     floor_bytes = inputs[spec.case.floor].nbytes
-    if spec.provider == "floor":
+    if spec.provider == "floor" and spec.case.floor_call is None:
         assert peak >= floor_bytes, f"peak memory {peak} B misses the clone's {floor_bytes} B"
     benchmark.extra_info.update(
         case=spec.case.name,
@@ -417,5 +441,7 @@ def run(spec: Spec, benchmark, settings: Settings) -> None:
         rounds=rounds,
         peak_bytes=peak,
         floor_bytes=floor_bytes,
+        floor_op=spec.case.floor_op,
         memory_method="cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler(profile_memory)",
+        **spec.case.info,
     )

@@ -7,9 +7,14 @@ Without a path it reads the newest JSON that ``--benchmark-autosave`` stored und
 ``.benchmarks/``. Per case (op, mode, dtype, shape) the table gives each provider's time
 (the minimum over rounds by default, the statistic least disturbed by other processes;
 ``--stat median`` for the typical run), fastbound's speed-up over the eager oracle and over
-``torch.compile`` of it, fastbound's time over the ``clone()`` floor (1.0 = as fast as
-copying the scores once), peak memory per provider, and the share of the eager oracle's
-peak that fastbound saves.
+``torch.compile`` of it, fastbound's time over the floor (1.0 = as fast as copying the
+scores once with ``clone()``, or, for ops that only read them, as reading them once with
+``sum()``), peak memory per provider, and the share of the eager oracle's peak that
+fastbound saves.
+
+Estimator cases (``extra_info["draws"]``, `benchmarks/test_estimate_nll.py`) get their own
+table: with a denoiser that does no work, an estimate's time is the estimator's overhead,
+shown over the floor of one read of the denoiser output per denoiser call.
 """
 
 from __future__ import annotations
@@ -50,6 +55,10 @@ def collect(run: dict, stat: str) -> dict[tuple, dict[str, dict]]:
             "time": bench["stats"][stat],
             "peak": info["peak_bytes"],
             "floor": info["floor_bytes"],
+            "floor_op": info.get("floor_op", "clone"),
+            "draws": info.get("draws"),
+            "method": info.get("method"),
+            "denoiser": info.get("denoiser_seconds", 0.0),
         }
     order = {"fp32": 0, "bf16": 1}
     return dict(sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][5], kv[0][3] * kv[0][4], order.get(kv[0][2], 2), kv[0][1])))
@@ -78,6 +87,20 @@ def _saved(fast: int | None, eager: int | None) -> str:
     return f"{100 * (1 - fast / eager):.0f}%"
 
 
+def is_estimator(providers: dict[str, dict]) -> bool:
+    return any(p.get("draws") for p in providers.values())
+
+
+def floors(rows: dict[tuple, dict[str, dict]]) -> str:
+    """'case, case: op; ...': the floor each case is timed against."""
+    by_op: dict[str, list[str]] = defaultdict(list)
+    for (case, *_), providers in rows.items():
+        op = next((p["floor_op"] for p in providers.values()), "clone")
+        if case not in by_op[op]:
+            by_op[op].append(case)
+    return "; ".join(f"{', '.join(cases)}: `{op}()`" for op, cases in by_op.items())
+
+
 def header(run: dict, stat: str) -> list[str]:
     infos = [b["extra_info"] for b in run["benchmarks"] if "provider" in b["extra_info"]]
     first = infos[0] if infos else {}
@@ -88,15 +111,21 @@ def header(run: dict, stat: str) -> list[str]:
         f"run {run.get('datetime', '?')}, commit {str(commit.get('id', '?'))[:10]}"
         f"{' (dirty)' if commit.get('dirty') else ''}.",
         "",
-        f"Times in ms ({stat} over the rounds). `vs eager` / `vs compile`: fastbound's speed-up; "
-        "`/ floor`: fastbound's time over `clone()` of the largest input (the memory-traffic floor). "
-        f"Peak memory in MiB beyond the inputs ({first.get('memory_method', '?')}); "
-        "`saved`: share of the eager oracle's peak that fastbound does not need.",
+        f"Times in ms ({stat} over the rounds). Peak memory in MiB beyond the inputs "
+        f"({first.get('memory_method', '?')}).",
         "",
     ]
 
 
 def table(rows: dict[tuple, dict[str, dict]]) -> list[str]:
+    """The ops' table, with its notes."""
+    notes = [
+        "`vs eager` / `vs compile`: fastbound's speed-up over the eager oracle / `torch.compile` of it; "
+        "`/ floor`: fastbound's time over the memory-traffic floor on the largest input, `clone()` (a read "
+        "and a write) or, for ops that only read it, `sum()` (one read). Floors: " + floors(rows) + ". "
+        "`saved`: share of the eager oracle's peak that fastbound does not need.",
+        "",
+    ]
     columns = (
         ["case", "mode", "dtype", "tokens", "V"]
         + [f"{p} ms" for p in PROVIDERS]
@@ -104,7 +133,7 @@ def table(rows: dict[tuple, dict[str, dict]]) -> list[str]:
         + [f"peak {p}" for p in PROVIDERS]
         + ["saved"]
     )
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines = notes + ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for (case, mode, dtype, batch, length, vocab), providers in rows.items():
         time = {p: providers.get(p, {}).get("time") for p in PROVIDERS}
         peak = {p: providers.get(p, {}).get("peak") for p in PROVIDERS}
@@ -116,6 +145,53 @@ def table(rows: dict[tuple, dict[str, dict]]) -> list[str]:
             _ratio(time["fastbound"], time["floor"]),
         ]
         cells += [_mib(peak[p]) for p in PROVIDERS]
+        cells += [_saved(peak["fastbound"], peak["eager"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def estimator_table(rows: dict[tuple, dict[str, dict]]) -> list[str]:
+    """The estimators' table (issue 4's speed targets), with its notes."""
+    notes = [
+        "## Estimator overhead",
+        "",
+        "`fastbound.estimate_nll` with a denoiser that returns a stored (B, L, V) output (no work), so an "
+        "estimate's time is almost all the estimator's own: noise, loss, accumulation and bookkeeping. "
+        "`draws`: denoiser calls per estimate. `floor`: one read (`sum()`) of the denoiser output per call. "
+        "`overhead` = (estimate time − denoiser time) / floor time, the denoiser time (`draws` calls, "
+        "`den. µs`) measured apart (target: at most 1.3×); `eager overhead`: the same for the estimator "
+        "with the eager oracle's step "
+        "(`fastbound.reference.estimate_nll`, same draws). `vs eager` / `vs compile`: fastbound's speed-up over "
+        "that oracle estimator, eager (target: at least 3×) / under `torch.compile` (graph breaks; "
+        "see `benchmarks/test_estimate_nll.py`). `saved`: share of the eager estimator's peak memory that "
+        "fastbound does not need.",
+        "",
+    ]
+    providers_shown = ("fastbound", "eager", "compile")
+    columns = (
+        ["case", "method", "dtype", "tokens", "V", "draws", "den. µs"]
+        + [f"{p} ms" for p in PROVIDERS]
+        + ["overhead", "eager overhead", "vs eager", "vs compile"]
+        + [f"peak {p}" for p in providers_shown]
+        + ["saved"]
+    )
+    lines = notes + ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for (case, mode, dtype, batch, length, vocab), providers in rows.items():
+        time = {p: providers.get(p, {}).get("time") for p in PROVIDERS}
+        peak = {p: providers.get(p, {}).get("peak") for p in PROVIDERS}
+        info = next(iter(providers.values()))
+        denoiser = info["denoiser"]
+        own = {p: None if time[p] is None else time[p] - denoiser for p in ("fastbound", "eager")}
+        cells = [case, str(info.get("method") or "–"), dtype, f"{batch}×{length}", str(vocab),
+                 str(info.get("draws")), f"{denoiser * 1e6:.2g}"]
+        cells += [_ms(time[p]) for p in PROVIDERS]
+        cells += [
+            _ratio(own["fastbound"], time["floor"]),
+            _ratio(own["eager"], time["floor"]),
+            _ratio(time["eager"], time["fastbound"]),
+            _ratio(time["compile"], time["fastbound"]),
+        ]
+        cells += [_mib(peak[p]) for p in providers_shown]
         cells += [_saved(peak["fastbound"], peak["eager"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -170,7 +246,14 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         raise SystemExit(f"{path}: no fastbound benchmarks in this file")
     prefix = str(args.out or path.with_suffix(""))
-    markdown = "\n".join(header(run, args.stat) + table(rows)) + "\n"
+    ops = {key: providers for key, providers in rows.items() if not is_estimator(providers)}
+    estimators = {key: providers for key, providers in rows.items() if is_estimator(providers)}
+    lines = header(run, args.stat)
+    if ops:
+        lines += table(ops)
+    if estimators:
+        lines += ([""] if ops else []) + estimator_table(estimators)
+    markdown = "\n".join(lines) + "\n"
     Path(prefix + ".md").write_text(markdown)
     device = next(b["extra_info"] for b in run["benchmarks"] if "provider" in b["extra_info"])
     chart(rows, Path(prefix + ".png"), f"fastbound on {device['device_name']} ({device['device']})")
