@@ -22,6 +22,21 @@ TORCH_LIBRARY(fastbound, m) {
   m.def(
       "dce_forward_inplace(Tensor(a!) logits, Tensor x_t, Tensor x0, Tensor row_scale, int mask_id, "
       "int ignore_index) -> Tensor");
+  // Noise (fastbound/noise.py; the random-number contract is csrc/include/fastbound/philox.h).
+  // x0 (B, L); exactly one of threshold (int32, (B or 1, L or 1): select iff (w0 >> 8) < threshold)
+  // and num_masked (int64 (B,): exactly k per row); maskable bool (B, L). seed and offset are
+  // uint64 bit patterns. Returns (x_t, mask).
+  m.def(
+      "perturb(Tensor x0, Tensor? threshold, Tensor? num_masked, Tensor? maskable, int vocab_size, "
+      "int mask_id, int graph, int seed, int offset) -> (Tensor, Tensor)");
+  // Philox4x32-10 words (N, 4) of the counters (N, 4) (each entry's low 32 bits) under key = seed.
+  m.def("philox4x32(Tensor counter, int seed) -> Tensor");
+  // Likelihood integration step: per sequence b, S_b = weight_b * sum_i loss_i of the
+  // (B, L, V) denoiser output; acc[index_b] += (S_b, S_b^2) in place (float64, no grad).
+  // loss: 0 = DSE (graph: 0 absorb, 1 uniform), 1 = DCE (mask_id as in dce_forward).
+  m.def(
+      "integrate_step(Tensor out, Tensor x_t, Tensor x0, Tensor sigma, Tensor weight, "
+      "Tensor(a!) acc, Tensor? index, int loss, int graph, int mask_id, int ignore_index) -> ()");
 }
 
 namespace {

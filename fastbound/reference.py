@@ -122,3 +122,161 @@ def dce_loss(logits, x_t, x0, *, mask_id=None, weight=None, reduction="none", ig
     keep = x0 != ignore_index
     x0_safe = torch.where(keep, x0, torch.zeros_like(x0))
     return _weigh_and_reduce(dce(logits, x_t, x0_safe, mask_id), x0, weight, reduction, ignore_index)
+
+
+# =============================================================================
+# Noise sampling (`fastbound.noise`): the oracle of the counter-based RNG
+# =============================================================================
+#
+# Philox4x32-10 (Salmon, Moraes, Dror & Shaw, "Parallel random numbers: as easy
+# as 1, 2, 3", SC 2011; the Random123 library) in plain int64 torch arithmetic,
+# and the rules of `csrc/include/fastbound/philox.h` that turn its words into
+# noise: element i of a call with (seed, offset) reads the words of counter
+# (lo, hi, 0, 0) of offset + i under key (lo, hi) of seed; u = (w0 >> 8) 2^-24;
+# selected iff u < p; uniform replacement floor(w1 V / 2^32); exact-k takes the
+# k smallest (w0, column) pairs of a row.
+
+PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
+_LOW32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of a * b for 32-bit values, in int64 without overflow (16-bit limbs)."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    low = a_lo * b_lo
+    mid = a_hi * b_lo + a_lo * b_hi + (low >> 16)  # < 2^34
+    lo = ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
+    hi = a_hi * b_hi + (mid >> 16)
+    return hi, lo
+
+
+def philox4x32(counter: torch.Tensor, seed: int) -> torch.Tensor:
+    """Philox4x32-10 words (N, 4) of int64 counters (N, 4) (low 32 bits each), key (lo, hi) of ``seed``."""
+    c = [counter[:, j] & _LOW32 for j in range(4)]
+    seed &= 2**64 - 1
+    k0, k1 = seed & _LOW32, seed >> 32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(c[0], PHILOX_MUL[0])
+        hi1, lo1 = _mulhilo32(c[2], PHILOX_MUL[1])
+        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
+        k0, k1 = (k0 + PHILOX_WEYL[0]) & _LOW32, (k1 + PHILOX_WEYL[1]) & _LOW32
+    return torch.stack(c, dim=1)
+
+
+def noise_words(n: int, seed: int, offset: int = 0, device=None) -> torch.Tensor:
+    """Words (n, 4) of the elements 0 .. n-1 of a call with this seed and offset."""
+    index = [(offset + i) % 2**64 for i in range(n)]
+    counter = torch.tensor([[i & _LOW32, i >> 32, 0, 0] for i in index], dtype=torch.int64, device=device)
+    return philox4x32(counter.reshape(n, 4), seed)
+
+
+def uniform_from_word(w: torch.Tensor) -> torch.Tensor:
+    """u = (w >> 8) * 2^-24 in float64: a multiple of 2^-24 in [0, 1)."""
+    return (w >> 8).double() * 2.0**-24
+
+
+def uniform_token_from_word(w: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """floor(w * V / 2^32): a token in [0, V)."""
+    hi, _ = _mulhilo32(w, vocab_size)
+    return hi
+
+
+def perturb_from_uniforms(x0: torch.Tensor, u: torch.Tensor, p, *, replacement, maskable=None):
+    """The corruption rule given the uniforms: mask = (u < p) & maskable, x_t = where(mask, replacement, x0).
+
+    ``p`` is the corruption probability (1 - e^{-σ} for total noise σ; λ for a
+    mask ratio), broadcastable to x0; ``replacement`` the mask id (absorbing) or
+    a tensor of tokens (uniform graph).
+    """
+    mask = u < torch.as_tensor(p, dtype=torch.float64, device=x0.device)
+    if maskable is not None:
+        mask = mask & maskable
+    x_t = torch.where(mask, torch.as_tensor(replacement, dtype=x0.dtype, device=x0.device), x0)
+    return x_t, mask
+
+
+def perturb(x0: torch.Tensor, *, p=None, num_masked=None, graph: str = "absorb", vocab_size: int,
+            mask_id: int | None = None, maskable=None, seed: int, offset: int = 0):
+    """Oracle for `fastbound.perturb` on (B, L) ids: the contract evaluated element by element.
+
+    Exactly one of ``p`` (corruption probability, broadcastable to x0, float64
+    as the kernels compare it) and ``num_masked`` ((B,) ints: the k maskable
+    positions with the smallest (w0, column) keys, by a full sort).
+    """
+    rows, cols = x0.shape
+    words = noise_words(rows * cols, seed, offset, x0.device).reshape(rows, cols, 4)
+    w0, w1 = words[..., 0], words[..., 1]
+    replacement = uniform_token_from_word(w1, vocab_size) if graph == "uniform" else mask_id
+    takes_part = torch.ones_like(x0, dtype=torch.bool) if maskable is None else maskable
+    if p is not None:
+        return perturb_from_uniforms(x0, uniform_from_word(w0), p, replacement=replacement, maskable=takes_part)
+    column = torch.arange(cols, device=x0.device)
+    key = torch.where(takes_part, w0 * cols + column, torch.iinfo(torch.int64).max)  # (w0, column) order
+    rank = key.argsort(dim=1).argsort(dim=1)
+    mask = rank < torch.as_tensor(num_masked, device=x0.device).reshape(-1, 1)
+    x_t = torch.where(mask, torch.as_tensor(replacement, dtype=x0.dtype, device=x0.device), x0)
+    return x_t, mask
+
+
+def perturb_eager(x0: torch.Tensor, p, *, mask_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The usual eager absorbing corruption (MDLM / SEDD): ``torch.rand`` then ``torch.where``.
+
+    Not reproducible across devices; the baseline the fused kernel is timed against.
+    """
+    u = torch.rand(x0.shape, device=x0.device, generator=generator)
+    return torch.where(u < p, mask_id, x0)
+
+# =============================================================================
+# Likelihood estimators (I-MDCE / I-MDSE): oracles of the integration step and
+# of the estimators. Everything below belongs to `fastbound.integrate` and
+# `fastbound.estimators`.
+# =============================================================================
+
+
+def integrate_step(out, x_t, x0, sigma, weight, acc, *, loss="dce", graph="absorb", mask_id=None,
+                   ignore_index=-100, index=None):
+    r"""Oracle for `fastbound.integrate_step`: the reference loss, summed per sequence.
+
+    :math:`S_b = w_b \sum_i \ell_{b,i}` with :math:`\ell` from `dce_loss` or `dse_loss`
+    (per-sequence ``sigma``), then ``acc[index[b]] += (S_b, S_b^2)``. Returns a new
+    tensor (``acc`` itself is left unchanged).
+    """
+    n_seq = out.shape[0]
+    if loss == "dce":
+        per_token = dce_loss(out, x_t, x0, mask_id=mask_id, ignore_index=ignore_index)
+    else:
+        sig = torch.as_tensor(sigma, dtype=torch.float64, device=out.device).expand(n_seq)
+        sig = sig.to(_acc(out).dtype)[:, None]
+        per_token = dse_loss(out, sig, x_t, x0, graph=graph, ignore_index=ignore_index)
+    w = torch.as_tensor(1.0 if weight is None else weight, dtype=torch.float64, device=out.device)
+    total = per_token.double().sum(-1) * w.expand(n_seq)
+    rows = torch.arange(n_seq, device=out.device) if index is None else index.long()
+    return acc.index_add(0, rows, torch.stack([total, total * total], -1))
+
+
+def estimate_nll(denoiser, x0, **kwargs):
+    """`fastbound.estimate_nll` with the integration step replaced by the eager oracle.
+
+    Same arguments, same draws (seed for seed), same result up to float rounding; the
+    denoiser output goes through the dense reference loss and a sum instead of the
+    fused kernel. The speed baseline of the estimator benchmarks.
+    """
+    from .estimators import _estimate_nll
+
+    return _estimate_nll(denoiser, x0, step=_reference_step, **kwargs)
+
+
+def log_likelihood_ratio(denoiser, x_a, x_b, **kwargs):
+    """`fastbound.log_likelihood_ratio` with the eager-oracle integration step."""
+    from .estimators import _log_likelihood_ratio
+
+    return _log_likelihood_ratio(denoiser, x_a, x_b, step=_reference_step, **kwargs)
+
+
+def _reference_step(out, x_t, x0, sigma, weight, acc, *, loss, graph, mask_id, ignore_index, index,
+                    backend=None):
+    acc.copy_(integrate_step(out, x_t, x0, sigma, weight, acc, loss=loss, graph=graph, mask_id=mask_id,
+                             ignore_index=ignore_index, index=index))
+    return acc

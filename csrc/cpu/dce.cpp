@@ -2,67 +2,19 @@
 // Per masked row: an online log-sum-exp over L1-sized chunks (one read of the
 // row from memory), then one pass that writes softmax - onehot(x0). The mask
 // column, when it is a column of the logits, is left out of the softmax.
+// Per-row formula: `loss_row_kernels.h` (shared with the integration step).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <limits>
-
-#include "fastbound/elementwise.h"
+#include "loss_row_kernels.h"
 #include "loss_rows.h"
-#include "row_pass.h"
-#include "vectorize.h"
 
 namespace fastbound {
 namespace cpu {
 namespace {
-
-constexpr int64_t kChunk = 2048;  // 8 KiB of fp32 scores: stays in L1 between the two reads
-
-// log sum_{y != skip} e^{s_y}, reading the row once from memory.
-template <typename scalar_t, typename acc_t>
-acc_t log_sum_exp(const scalar_t* s, int64_t n, int64_t skip) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity(), sum = 0;
-  for_segments(n, skip, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; c += kChunk) {
-      const int64_t len = std::min(kChunk, hi - c);
-      const acc_t cm = row_max<scalar_t, acc_t>(s + c, len);
-      if (cm > m) {
-        sum = m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : sum * exp_acc(m - cm);
-        m = cm;
-      }
-      if (m != -std::numeric_limits<acc_t>::infinity()) {
-        sum += row_pass<scalar_t, acc_t>(s + c, nullptr, len, m, acc_t(0), acc_t(0)).sum_exp;
-      }
-    }
-  });
-  return m + std::log(sum);
-}
-
-template <typename scalar_t, typename acc_t>
-acc_t dce_row(const LossRow<scalar_t, acc_t>& row, int64_t mask_id, int64_t ignore_index) {
-  const int64_t v = row.n_cols;
-  if (row.x0 == ignore_index || row.x_t != mask_id) {
-    zero_row(row.grad, v);
-    return acc_t(0);
-  }
-  check_id(row.x0, v, "x0");
-  TORCH_CHECK_VALUE(row.x0 != mask_id, "fastbound: x0 contains the mask id ", mask_id);
-  const int64_t skip = mask_id < v ? mask_id : -1;
-  const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
-  const acc_t lse = log_sum_exp<scalar_t, acc_t>(row.score, v, skip);
-  if (row.grad != nullptr) {
-    for_segments(v, skip, [&](int64_t lo, int64_t hi) {
-      row_pass<scalar_t, acc_t>(row.score + lo, row.grad + lo, hi - lo, lse, row.scale, acc_t(0));
-    });
-    if (skip >= 0) row.grad[skip] = scalar_t(0);
-    row.grad[row.x0] = static_cast<scalar_t>(row.scale * (exp_acc(s_x0 - lse) - acc_t(1)));
-  }
-  return row.scale * (lse - s_x0);
-}
 
 void dce_rows(const at::Tensor& logits, at::Tensor* grad, const at::Tensor& x_t,
               const at::Tensor& x0, const at::Tensor& row_scale, int64_t mask_id,

@@ -1,0 +1,151 @@
+r"""The likelihood integration step: one read of the denoiser output per timestep.
+
+`integrate_step` is the inner step of the NLL estimators (`fastbound.estimators`).
+For each sequence b of a batch of denoiser outputs (B, L, V) it computes
+
+.. math:: S_b = w_b \sum_i \ell(\text{out}_{b,i}, \sigma_b, x_{t,b,i}, x_{0,b,i})
+
+with :math:`\ell` the DCE (MDLM) or DSE (SEDD, absorbing or uniform graph) per-token
+loss, exactly as `fastbound.dce_loss` / `fastbound.dse_loss` compute it, and adds
+:math:`(S_b, S_b^2)` to a float64 accumulator in place (the second column gives the
+standard error of a Monte-Carlo mean). No gradient and no per-token loss tensor.
+The oracle is `fastbound.reference.integrate_step` (the reference loss, then a sum).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from . import _backend, _ops
+from . import _validate as v
+
+LOSS_CODES = {"dse": 0, "dce": 1}
+"""Loss names to the codes of the kernels (`csrc/include/fastbound/integrate.h`)."""
+
+
+@torch.library.register_fake("fastbound::integrate_step")
+def _integrate_step_fake(out, x_t, x0, sigma, weight, acc, index, loss, graph, mask_id, ignore_index):
+    return None
+
+
+def _op(backend: str):
+    if backend == "triton":
+        from .triton_kernels import integrate as _triton_integrate  # noqa: F401  (registers the op)
+
+        return torch.ops.fastbound.integrate_step_triton
+    return torch.ops.fastbound.integrate_step
+
+
+def _per_sequence(name: str, value: float | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """A float or a (B,) / (B, 1) tensor as a contiguous float64 (B,) tensor."""
+    if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == 1:
+        value = value[:, 0]
+    if isinstance(value, torch.Tensor) and value.dim() > 1:
+        raise ValueError(f"{name} must be a float or a (B,) tensor (one value per sequence), got shape {tuple(value.shape)}")
+    return v.as_rows(name, value, torch.Size([n]), torch.float64, device)
+
+
+def integrate_step(
+    out: torch.Tensor,
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    sigma: float | torch.Tensor | None,
+    weight: float | torch.Tensor | None,
+    acc: torch.Tensor,
+    *,
+    loss: Literal["dce", "dse"] = "dce",
+    graph: Literal["absorb", "uniform"] = "absorb",
+    mask_id: int | None = None,
+    ignore_index: int = -100,
+    index: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""Adds each sequence's weighted loss sum and its square to ``acc``, in place.
+
+    Args:
+        out: (B, L, V) denoiser output: logits / log-probabilities for ``loss="dce"``,
+            log-scores for ``loss="dse"`` (fp32, bf16, fp16 or fp64; any strides with a
+            unit-stride last dimension).
+        x_t, x0: (B, L) noisy and clean ids. Positions whose ``x0`` is ``ignore_index``
+            contribute nothing (e.g. the prompt of a conditional likelihood).
+        sigma: total noise per sequence, a float or (B,) (used by ``loss="dse"``; may be
+            ``None`` for DCE).
+        weight: per-sequence weight :math:`w_b` (a float or (B,); default 1).
+        acc: (S, 2) float64 accumulator, contiguous: ``acc[index[b]] += (S_b, S_b**2)``.
+        loss: ``"dce"`` (masked cross-entropy, absorbing graph; see `fastbound.dce_loss`
+            for ``mask_id``) or ``"dse"`` (score entropy; see `fastbound.dse_loss`:
+            absorbing mask = column V-1).
+        graph: ``"absorb"`` or ``"uniform"`` (``"uniform"`` only with ``loss="dse"``).
+        index: (B,) accumulator row of each sequence (default ``arange(B)``, then S = B);
+            sequences may share a row.
+        backend: ``None``/``"auto"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Returns ``acc``. Runs without autograd.
+    """
+    out = v.check_float_tensor("out", out)
+    if out.dim() != 3:
+        raise ValueError(f"out must have shape (B, L, V), got {tuple(out.shape)}")
+    n_seq, length, n_cols = out.shape
+    x_t = v.check_ids("x_t", x_t, out.shape[:2])
+    x0 = v.check_ids("x0", x0, out.shape[:2])
+    v.check_choice("loss", loss, LOSS_CODES)
+    v.check_choice("graph", graph, _ops.GRAPH_CODES)
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    acc = v.check_float_tensor("acc", acc, (torch.float64,))
+    if acc.dim() != 2 or acc.shape[1] != 2 or not acc.is_contiguous():
+        raise ValueError(f"acc must be a contiguous (S, 2) float64 tensor, got shape {tuple(acc.shape)}")
+    v.check_same_device(out.device, x_t=x_t, x0=x0, acc=acc, index=index)
+    v.check_size("out", n_seq * length, "positions")
+    v.check_size("out", n_cols, "columns")
+    if index is None:
+        if acc.shape[0] != n_seq:
+            raise ValueError(f"acc must have one row per sequence ({n_seq}) when index is not given, got {acc.shape[0]}")
+    else:
+        index = v.check_ids("index", index, torch.Size([n_seq])).long().contiguous()
+        v.check_id_range("index", index, 0, acc.shape[0])
+    kernel_backend = _backend.select(out.device, backend)
+    xt = x_t.long().contiguous()
+    x0l = x0.long().contiguous()
+
+    if loss == "dce":
+        if graph != "absorb":
+            raise ValueError("loss='dce' is the absorbing (masked) graph's loss; use loss='dse' for graph='uniform'")
+        if mask_id is None:
+            mask_id = n_cols - 1
+        if not isinstance(mask_id, int) or isinstance(mask_id, bool) or mask_id < 0:
+            raise ValueError(f"mask_id must be a non-negative int, got {mask_id!r}")
+        if mask_id < n_cols and n_cols < 2:
+            raise ValueError("out needs at least one real token column besides the mask column")
+        v.check_id_range("x_t", xt, 0, n_cols, allow=mask_id)
+        v.check_id_range("x0", x0l, 0, n_cols, skip=ignore_index)
+        if v.eager() and x0l.numel() and bool((x0l == mask_id).any()):
+            raise ValueError(f"x0 contains the mask id {mask_id}; clean tokens cannot be masked")
+        sigma_rows = torch.zeros(n_seq, dtype=torch.float64, device=out.device)
+    else:
+        if graph == "absorb":
+            if n_cols < 2:
+                raise ValueError("out needs V >= 2 columns for the absorbing graph (tokens + the mask column)")
+            if mask_id is not None and mask_id != n_cols - 1:
+                raise ValueError(f"loss='dse' with graph='absorb' takes the mask as the last column ({n_cols - 1}), got mask_id={mask_id}")
+            v.check_id_range("x_t", xt, 0, n_cols)
+            v.check_id_range("x0", x0l, 0, n_cols - 1, skip=ignore_index)
+        else:
+            v.check_id_range("x_t", xt, 0, n_cols)
+            v.check_id_range("x0", x0l, 0, n_cols, skip=ignore_index)
+        mask_id = n_cols - 1
+        if sigma is None:
+            raise ValueError("sigma is required for loss='dse'")
+        sigma_rows = _per_sequence("sigma", sigma, n_seq, out.device)
+        v.check_positive_finite("sigma", sigma_rows)
+    weight_rows = _per_sequence("weight", 1.0 if weight is None else weight, n_seq, out.device)
+    if n_cols > 1 and out.stride(2) != 1:
+        out = out.contiguous()
+    with torch.no_grad():
+        _op(kernel_backend)(
+            out.detach(), xt, x0l, sigma_rows, weight_rows, acc, index,
+            LOSS_CODES[loss], _ops.GRAPH_CODES[graph], mask_id, ignore_index,
+        )
+    return acc
