@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fastbound import schedules
 
 from . import checkpoint, cli, distributed
-from .evaluate import evaluate
+from .evaluate import evaluate, integrand_curve
 from .objective import Objective, derive_seed
 from ..data import ByteText, DataError, MarkovSource
 from ..models import Denoiser, DenoiserConfig
@@ -251,7 +251,7 @@ def _plot(records, last, target, args, out) -> None:
     eval_recs = [r for r in records if r["kind"] == "eval"]
     title = f"{args.loss.upper()} / {args.graph} / {args.schedule}" + (" (oracle)" if args.oracle else "")
     plots.training_curve(train_recs, eval_recs, target, os.path.join(out, "training_curve.png"), title)
-    xs, ys, xlabel = last.estimate.integrand_curve()
+    xs, ys, xlabel = integrand_curve(last.estimate)
     plots.integrand(xs, ys, xlabel, os.path.join(out, "integrand.png"), f"final estimate: {title}")
     print(f"plots: {os.path.join(out, 'training_curve.png')}, {os.path.join(out, 'integrand.png')}", flush=True)
 

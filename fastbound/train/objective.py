@@ -84,19 +84,22 @@ class Objective:
 
     def times(self, seed: int, step: int, global_batch: int, device: torch.device) -> torch.Tensor:
         """(global_batch,) antithetic times of ``step`` in [eps, 1] (VDM; infodis)."""
-        t = fastbound.sample_times(
-            global_batch, method="antithetic", eps=TIME_EPS,
-            seed=derive_seed(seed, _TIMES_STREAM), offset=step * global_batch,
+        return fastbound.sample_times(
+            global_batch, method="antithetic", eps=TIME_EPS, seed=derive_seed(seed, _TIMES_STREAM),
+            offset=step * global_batch, device=device, backend=self._noise_backend,
         )
-        return t.to(device)
 
     def corrupt(self, x0: torch.Tensor, sigma: torch.Tensor, seed: int, counter: int) -> torch.Tensor:
         """x_t for rows of ``x0`` whose first element has flat index ``counter`` in this step's noise."""
         return fastbound.perturb(
-            x0, sigma=sigma[:, None].expand(x0.shape), graph=self.graph, vocab_size=self.num_tokens,
-            mask_id=self.mask_id, seed=derive_seed(seed, _NOISE_STREAM), offset=counter,
-            backend=None if self.oracle else self.backend,
+            x0, sigma=sigma[:, None], graph=self.graph, vocab_size=self.num_tokens, mask_id=self.mask_id,
+            seed=derive_seed(seed, _NOISE_STREAM), offset=counter, backend=self._noise_backend,
         ).x_t
+
+    @property
+    def _noise_backend(self) -> str | None:
+        """The noise is the same bits on every backend; the oracle run draws it with the default one."""
+        return None if self.oracle else self.backend
 
     def __call__(
         self,
