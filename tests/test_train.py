@@ -151,7 +151,8 @@ BAD_FLAGS = [
     (["--d-model", "30", "--n-heads", "4"], "--d-model (30) must be a multiple of 2 x --n-heads"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--data", "/no/such/file.txt"], "--data: no such file: /no/such/file.txt"),
-]
+    (["--markov-symbols", "1"], "--markov-symbols must be >= 2"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: this torch has no CUDA device")])
 
 
 @pytest.mark.parametrize("argv,message", BAD_FLAGS, ids=[a[0] + "=" + "".join(a[1:2]) for a, _ in BAD_FLAGS])
@@ -181,6 +182,13 @@ def test_resume_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*TINY, "--steps", "2", "--lr", "0.5", "--out", out, "--resume"])
     assert "the checkpoint was written with --lr 0.003" in capsys.readouterr().err
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "--eval-every" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv", [["--seq-len", "0"], ["--data", "/no/such/file.txt"]])

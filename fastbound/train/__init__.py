@@ -4,7 +4,7 @@ A small bidirectional transformer (`fastbound.models`) trained as a discrete dif
 fastbound's fused losses on data whose entropy is known (`fastbound.data`), reporting the NLL
 bound it reaches next to the true entropy rate. Modules: `cli` (flags), `objective` (corruption
 and loss), `loop` (the training loop), `evaluate` (held-out NLL), `checkpoint` (atomic save and
-resume), `distributed` (DDP under torchrun), `plots` (PNG figures).
+resume), `metrics` (the per-step record), `distributed` (DDP under torchrun), `plots` (PNG figures).
 """
 
 from .loop import main, train

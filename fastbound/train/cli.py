@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     run = p.add_argument_group("run")
-    run.add_argument("--steps", type=_positive_int, default=1200, help="optimizer steps")
+    run.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps")
     run.add_argument("--batch-size", type=_positive_int, default=64,
                      help="global batch (sequences per step, split evenly across processes)")
     run.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per sequence")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the weights, batches and noise")
     run.add_argument("--out", default="runs/train", help="directory for checkpoints, metrics and plots")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    run.add_argument("--ckpt-every", type=_positive_int, default=200, help="checkpoint every N steps")
+    run.add_argument("--ckpt-every", type=_positive_int, default=250, help="checkpoint every N steps")
     run.add_argument("--crash-after", type=_positive_int, default=None, metavar="N",
                      help="testing: SIGKILL this process right after step N (simulates a crash)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--backend", choices=BACKENDS, default="auto", help="fastbound kernel backend")
 
     model = p.add_argument_group("model")
-    model.add_argument("--d-model", type=_positive_int, default=96, help="transformer width")
+    model.add_argument("--d-model", type=_positive_int, default=64, help="transformer width")
     model.add_argument("--n-layers", type=_positive_int, default=3, help="transformer blocks")
     model.add_argument("--n-heads", type=_positive_int, default=4, help="attention heads")
     model.add_argument("--time-conditioning", choices=("auto", "on", "off"), default="auto",
@@ -99,15 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="FILE", default=None,
                       help="train on the bytes of a text file (V = 256 + mask) instead of the Markov source")
-    data.add_argument("--markov-symbols", type=_positive_int, default=8, help="alphabet of the Markov source")
+    data.add_argument("--markov-symbols", type=_positive_int, default=4, help="alphabet of the Markov source")
     data.add_argument("--markov-order", type=_positive_int, default=2, help="order of the Markov source")
     data.add_argument("--markov-concentration", type=_positive_float, default=0.25,
                       help="Dirichlet concentration of its transition probabilities (lower: less entropy)")
     data.add_argument("--markov-seed", type=_non_negative_int, default=0, help="seed of the chain itself")
 
     ev = p.add_argument_group("evaluation")
-    ev.add_argument("--eval-every", type=_positive_int, default=300, help="evaluate every N steps (and at the end)")
-    ev.add_argument("--eval-sequences", type=_positive_int, default=128, help="held-out sequences")
+    ev.add_argument("--eval-every", type=_positive_int, default=250, help="evaluate every N steps (and at the end)")
+    ev.add_argument("--eval-sequences", type=_positive_int, default=256, help="held-out sequences")
     ev.add_argument("--eval-samples", type=_positive_int, default=16,
                     help="Monte-Carlo samples per sequence of the NLL estimate")
     return p

@@ -33,7 +33,9 @@ def training_curve(train: list[dict], evals: list[dict], target, path: str, titl
                     label="held-out NLL bound (time-free estimate)")
     if target is not None:
         ax.axhline(target.rate, color="black", ls="--", lw=1, label=f"true entropy rate {target.rate:.3f}")
-        ax.axhline(1.1 * target.rate, color="gray", ls=":", lw=1, label="+10%")
+        ax.axhline(target.window, color="black", ls=":", lw=1,
+                   label=f"entropy of a training window {target.window:.3f} (the floor at this length)")
+        ax.axhline(1.1 * target.rate, color="gray", ls="-.", lw=1, label="entropy rate +10%")
     finals = [r["bits"] for r in evals] or [r["bits"] for r in train[-50:]]
     if finals and train:
         lo = min(finals + ([target.rate] if target is not None else []))
