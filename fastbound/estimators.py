@@ -45,6 +45,17 @@ Identities, for a sequence :math:`x_0` with M positions that may be corrupted:
 Conditional likelihood (``maskable``): the same identities with only the maskable
 positions corrupted and scored give :math:`-\log p(x_0[\text{maskable}] \mid
 x_0[\lnot\text{maskable}])`, with M the number of maskable positions.
+
+Sampling and error bars (measured on the exact Markov-chain denoisers of
+`fastbound.testing`): each sequence gets its own stratified uniforms (one per
+stratum of [0, 1), as MDLM's time sampler), which set k (time-free) or t (mc), and
+the standard error is the successive-difference estimate of a systematic sample.
+The mc times are :math:`t = u^2` (weight :math:`2u`): with uniform t the absorbing
+estimator's variance diverges like :math:`\int dt/t` at t = 0 (a rare masked token
+weighed by 1/t); quadrature uses the same substitution, under which Gauss–Legendre
+also converges fast on the uniform graph's :math:`\log(1/t)` endpoint behaviour. On
+the uniform graph such rare large draws remain (weight ~ log(1/t)/t): the standard
+error is right on average but the per-sequence z-scores have heavier tails.
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ import torch
 
 from . import _validate as v
 from .integrate import integrate_step
+from .noise import perturb, sample_times
 from .schedules import LogLinear, Schedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -79,7 +91,7 @@ _T_MIN = 2.0**-30  # a draw at t = 0 exactly (probability 2^-24) is moved here
 
 @dataclass(frozen=True)
 class NLLEstimate:
-    """An estimate of -log p(x0) per sequence, in nats.
+    r"""An estimate of -log p(x0) per sequence, in nats.
 
     Attributes:
         nll: (B,) float64, the estimate.
@@ -97,8 +109,8 @@ class NLLEstimate:
         integrand: (B, n) an estimate of the integrand there, for plots: the weighted
             loss :math:`w(t)\sum_i \ell_i` of each draw (``"mc"``; the draws have density
             :math:`1/(2\sqrt t)`), the node's mean weighted loss
-            :math:`w(t)\\,\\mathbb E[\\ell_t]` (``"quadrature"``), or
-            :math:`M/k \\sum_{i\\in I}\\ell_i` (``"time_free"``). The terminal term of the
+            :math:`w(t)\,\mathbb E[\ell_t]` (``"quadrature"``), or
+            :math:`M/k \sum_{i\in I}\ell_i` (``"time_free"``). The terminal term of the
             uniform graph is not part of it.
     """
 
@@ -255,9 +267,11 @@ class _Plan:
             u = torch.tensor((nodes + 1) / 2, dtype=torch.float64, device=self.device)
             self.nodes = u * u
             self.node_weights = torch.tensor(weights, dtype=torch.float64, device=self.device) * u
-            self.n_slots = self.n_rows if per_draw_slots else setup.n_steps * self.n_seq
+            self.per_node = not per_draw_slots  # accumulate over a node's samples: flat in n_samples
+            self.n_slots = setup.n_steps * self.n_seq if self.per_node else self.n_rows
         else:
-            self.u = _stratified(n, self.n_seq, setup.seed, _TIME_STREAM + stream * _STREAM_STRIDE, self.device)
+            self.u = _stratified(n, self.n_seq, setup.seed, _TIME_STREAM + stream * _STREAM_STRIDE, self.device,
+                                 setup.backend)
             self.n_slots = self.n_rows
 
     # -- per chunk of rows ------------------------------------------------------------
@@ -289,7 +303,7 @@ class _Plan:
             weight = weight * 2 * u
         elif setup.method == "quadrature":
             weight = weight * self.node_weights[node]
-            if self.n_slots != self.n_rows:
+            if self.per_node:
                 slot = node * self.n_seq + b
         return b, sigma, weight, None, slot
 
@@ -317,17 +331,16 @@ class _Plan:
         return b, sigma, weight, bits.bool(), b
 
 
-def _stratified(n: int, n_seq: int, seed: int, offset: int, device: torch.device) -> torch.Tensor:
+def _stratified(n: int, n_seq: int, seed: int, offset: int, device: torch.device, backend: str | None) -> torch.Tensor:
     """(n, B) uniforms in (0, 1), float64: per sequence, one in each stratum, u = (d + v_{d,b}) / n.
 
-    The v are `fastbound.sample_times` i.i.d. uniforms (counters offset + d B + b). Unlike
+    The rule of ``sample_times(method="stratified")`` applied per sequence, with the v from
+    one i.i.d. call (counters offset + d B + b). Unlike
     the antithetic set (one shared random start), independent strata keep the
     successive-difference variance estimate honest when the integrand has steps (the
     integer k of the time-free estimator), and different sequences get independent draws.
     """
-    import fastbound
-
-    v = fastbound.sample_times(n * n_seq, method="iid", eps=0.0, seed=seed, offset=offset, device=device)
+    v = sample_times(n * n_seq, method="iid", eps=0.0, seed=seed, offset=offset, device=device, backend=backend)
     strata = torch.arange(n, dtype=torch.float64, device=device)[:, None]
     return ((strata + v.double().view(n, n_seq)) / n).clamp_min(_T_MIN)
 
@@ -366,8 +379,6 @@ def _output_width(setup: _Setup) -> tuple[int, int]:
 
 def _evaluate(denoiser: Denoiser, x0: torch.Tensor, maskable: torch.Tensor | None, plan: _Plan, step) -> torch.Tensor:
     """Runs every row of the plan through the denoiser in chunks; returns the (slots, 2) accumulator."""
-    import fastbound
-
     setup = plan.setup
     n_seq, length = x0.shape
     acc = torch.zeros(plan.n_slots, 2, dtype=torch.float64, device=x0.device)
@@ -388,7 +399,7 @@ def _evaluate(denoiser: Denoiser, x0: torch.Tensor, maskable: torch.Tensor | Non
         else:
             b, sigma, weight, k, slot = plan.rows(g)
             noise = dict(num_masked=k) if k is not None else dict(sigma=sigma)
-            x_t = fastbound.perturb(
+            x_t = perturb(
                 x0[b], **noise, graph=setup.graph, vocab_size=setup.vocab_size,
                 mask_id=setup.mask_id if setup.graph == "absorb" else None,
                 maskable=None if maskable is None else maskable[b], seed=setup.seed,
@@ -427,7 +438,7 @@ def _per_draw(acc: torch.Tensor, plan: _Plan) -> torch.Tensor:
 
 
 def _mean_and_stderr(values: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Estimate and standard error from per-draw values (B, draws).
+    r"""Estimate and standard error from per-draw values (B, draws).
 
     Quadrature: independent draws per node, the usual variance of a mean per node.
     Antithetic draws (``"mc"``, ``"time_free"``) form a systematic sample of u; their
@@ -456,7 +467,7 @@ def _summarise(acc: torch.Tensor, plan: _Plan) -> NLLEstimate:
     times = integrand = None
     if setup.method == "time_free_exact":
         nll, stderr = acc[:, 0].clone(), torch.zeros_like(acc[:, 0])
-    elif setup.method == "quadrature" and plan.n_slots != plan.n_rows:
+    elif setup.method == "quadrature" and plan.per_node:
         sums = acc.view(setup.n_steps, plan.n_seq, 2).permute(1, 0, 2)  # (B, nodes, 2)
         node_mean = sums[..., 0] / setup_n
         node_var = (sums[..., 1] - setup_n * node_mean**2).clamp_min(0) / (setup_n - 1) if setup_n > 1 else \
