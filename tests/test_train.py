@@ -152,7 +152,10 @@ BAD_FLAGS = [
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--data", "/no/such/file.txt"], "--data: no such file: /no/such/file.txt"),
     (["--markov-symbols", "1"], "--markov-symbols must be >= 2"),
-] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "--device cuda: this torch has no CUDA device")])
+] + ([] if torch.cuda.is_available() else [
+    (["--device", "cuda"], "--device cuda: this torch has no CUDA device"),
+    (["--backend", "cuda"], "--backend cuda: backend='cuda' needs CUDA tensors"),
+])
 
 
 @pytest.mark.parametrize("argv,message", BAD_FLAGS, ids=[a[0] + "=" + "".join(a[1:2]) for a, _ in BAD_FLAGS])

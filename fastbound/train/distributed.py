@@ -46,7 +46,7 @@ def resolve_device(name: str, topo: Topology) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this torch has no CUDA device")
+            raise ValueError("this torch has no CUDA device")
         if device.index is None:
             device = torch.device("cuda", topo.local_rank if topo.world_size > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)

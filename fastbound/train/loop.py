@@ -22,7 +22,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from fastbound import schedules
+from fastbound import _backend, schedules
 
 from . import checkpoint, cli, distributed, metrics
 from .evaluate import Evaluation, evaluate, integrand_curve
@@ -109,8 +109,15 @@ def setup(args) -> Run:
     topo = distributed.topology_from_env()
     try:
         device = distributed.resolve_device(args.device, topo)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--device {args.device}: {e}") from None
+    try:
+        _backend.select(device, None if args.backend == "auto" else args.backend)
+    except ValueError as e:
+        raise UsageError(f"--backend {args.backend}: {e}") from None
+    try:
         source = open_source(args)
-    except ValueError as e:  # DataError included
+    except DataError as e:
         raise UsageError(str(e)) from None
     if args.batch_size % topo.world_size:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes "
