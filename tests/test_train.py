@@ -1,0 +1,242 @@
+"""The reference training script, ``python -m fastbound.train``, on tiny runs (tens of steps).
+
+Runs that must be compared bit for bit, or that must be killed, run as subprocesses with one
+thread each; the others call `fastbound.train.main` in-process.
+"""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastbound.train import checkpoint, main
+from fastbound.train.loop import learning_rate
+from fastbound.train.objective import Objective, derive_seed
+from fastbound import schedules
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--markov-symbols", "4", "--seq-len", "16", "--batch-size", "8", "--d-model", "16", "--n-layers", "1",
+    "--n-heads", "2", "--eval-sequences", "8", "--eval-samples", "2", "--warmup", "2", "--no-plots",
+]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=ROOT)
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+def _run(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fastbound.train", *args], cwd=ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def _records(out, kind="train") -> list[dict]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def _losses(out) -> list[float]:
+    recs = _records(out)
+    assert [r["step"] for r in recs] == list(range(1, len(recs) + 1))
+    return [r["loss"] for r in recs]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_loss_decreases_and_writes_plots(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = [*TINY, "--steps", "60", "--lr", "1e-2", "--eval-every", "30", "--out", out]
+    args.remove("--no-plots")
+    assert main(args) == 0
+    bits = [r["bits"] for r in _records(out)]
+    first, last = sum(bits[:15]) / 15, sum(bits[-15:]) / 15
+    assert last < first - 0.2, (first, last)
+    evals = _records(out, "eval")
+    assert [r["step"] for r in evals] == [30, 60]
+    assert all(r["stderr"] > 0 for r in evals)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["bits"] == evals[-1]["bits"]
+    assert summary["entropy_rate"] < summary["bits"] < 2.2  # above the entropy, below ~uniform guessing
+    for name in ("training_curve.png", "integrand.png"):
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "true entropy rate" in printed and "held-out NLL bound" in printed
+
+
+@pytest.mark.parametrize("loss,graph", [("dce", "absorb"), ("dse", "absorb"), ("dse", "uniform")])
+def test_fused_matches_oracle(tmp_path, loss, graph):
+    """The same loop with fastbound.reference losses gives the same losses for the first steps."""
+    runs = {}
+    for name, extra in (("fused", []), ("oracle", ["--oracle"])):
+        out = str(tmp_path / name)
+        main([*TINY, "--steps", "6", "--loss", loss, "--graph", graph, "--eval-every", "100", "--out", out, *extra])
+        runs[name] = _losses(out)
+    torch.testing.assert_close(torch.tensor(runs["fused"]), torch.tensor(runs["oracle"]), rtol=1e-5, atol=1e-7)
+    assert len(set(runs["fused"])) == 6  # the losses do change from step to step
+
+
+def test_resume_after_kill_is_bit_exact(tmp_path):
+    common = [*TINY, "--steps", "12", "--ckpt-every", "4", "--eval-every", "100"]
+    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
+    done = _run([*common, "--out", whole])
+    assert done.returncode == 0, done.stderr
+    killed = _run([*common, "--out", broken, "--crash-after", "10"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint.load(os.path.join(broken, checkpoint.FILENAME))["step"] == 8
+    assert len(_records(broken)) == 10  # steps 9 and 10 ran but were not checkpointed
+    resumed = _run([*common, "--out", broken, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert _losses(broken) == _losses(whole)  # bit-identical floats, steps 1..12
+    a = checkpoint.load(os.path.join(whole, checkpoint.FILENAME))
+    b = checkpoint.load(os.path.join(broken, checkpoint.FILENAME))
+    assert a["step"] == b["step"] == 12
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert not [f for f in os.listdir(broken) if f.endswith(".tmp")]
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """torchrun with 2 gloo processes (4 sequences each) follows the single-process run (8 sequences)."""
+    common = [*TINY, "--steps", "6", "--eval-every", "100"]
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    one = _run([*common, "--out", single])
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+         "-m", "fastbound.train", *common, "--out", ddp],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "on 2 process(es)" in two.stdout
+    torch.testing.assert_close(torch.tensor(_losses(ddp)), torch.tensor(_losses(single)), rtol=1e-5, atol=1e-6)
+    a = checkpoint.load(os.path.join(single, checkpoint.FILENAME))["model"]
+    b = checkpoint.load(os.path.join(ddp, checkpoint.FILENAME))["model"]
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
+def test_text_file_and_bf16(tmp_path, capsys):
+    data = tmp_path / "text.txt"
+    data.write_text("a small text file, read as bytes, to train on. " * 20)
+    out = str(tmp_path / "run")
+    assert main([*TINY, "--data", str(data), "--steps", "3", "--dtype", "bf16", "--out", out]) == 0
+    assert len(_losses(out)) == 3 and all(math.isfinite(x) for x in _losses(out))
+    cfg = checkpoint.load(os.path.join(out, checkpoint.FILENAME))["model_config"]
+    assert cfg["vocab_size"] == 257  # 256 bytes + the mask
+    assert "bytes of" in capsys.readouterr().out
+
+
+BAD_FLAGS = [
+    (["--loss", "mse"], "invalid choice: 'mse'"),
+    (["--seq-len", "0"], "--seq-len: must be a positive integer, got 0"),
+    (["--steps", "ten"], "--steps: expected a positive integer"),
+    (["--lr", "-1"], "--lr: must be a positive finite number"),
+    (["--loss", "dce", "--graph", "uniform"], "--loss dce needs --graph absorb"),
+    (["--d-model", "30", "--n-heads", "4"], "--d-model (30) must be a multiple of 2 x --n-heads"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--data", "/no/such/file.txt"], "--data: no such file: /no/such/file.txt"),
+    (["--markov-symbols", "1"], "--markov-symbols must be >= 2"),
+] + ([] if torch.cuda.is_available() else [
+    (["--device", "cuda"], "--device cuda: this torch has no CUDA device"),
+    (["--backend", "cuda"], "--backend cuda: backend='cuda' needs CUDA tensors"),
+])
+
+
+@pytest.mark.parametrize("argv,message", BAD_FLAGS, ids=[a[0] + "=" + "".join(a[1:2]) for a, _ in BAD_FLAGS])
+def test_bad_flags_exit_with_a_message(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage:" in err
+
+
+def test_data_file_shorter_than_a_sequence(tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"x" * 15)
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", str(short), "--seq-len", "16", "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    assert "has 15 bytes (tokens), fewer than one sequence of --seq-len 16" in capsys.readouterr().err
+
+
+def test_resume_errors(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        main([*TINY, "--steps", "2", "--out", out, "--resume"])
+    assert "--resume: no checkpoint at" in capsys.readouterr().err
+    main([*TINY, "--steps", "2", "--eval-every", "100", "--out", out])
+    with pytest.raises(SystemExit):
+        main([*TINY, "--steps", "2", "--lr", "0.5", "--out", out, "--resume"])
+    assert "the checkpoint was written with --lr 0.003" in capsys.readouterr().err
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "--eval-every" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--seq-len", "0"], ["--data", "/no/such/file.txt"]])
+def test_cli_errors_have_no_traceback(tmp_path, argv):
+    result = _run([*argv, "--out", str(tmp_path / "run")])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("python -m fastbound.train: error: ")
+
+
+def test_objective_noise_is_sharded_exactly():
+    """The rows [r0, r1) of a global batch get exactly the noise of those rows of the whole batch."""
+    obj = Objective("dce", "absorb", schedules.LogLinear(), num_tokens=5)
+    x0 = torch.randint(0, 5, (8, 10))
+    sigma = torch.full((8,), 1.0)
+    whole = obj.corrupt(x0, sigma, seed=3, counter=7 * 80)
+    part = obj.corrupt(x0[4:], sigma[4:], seed=3, counter=7 * 80 + 4 * 10)
+    assert torch.equal(whole[4:], part)
+    assert not torch.equal(whole, obj.corrupt(x0, sigma, seed=4, counter=7 * 80))
+    t = obj.times(seed=3, step=2, global_batch=8, device=torch.device("cpu"))
+    assert t.shape == (8,) and float(t.min()) >= 1e-3 and float(t.max()) <= 1.0
+    spacing = torch.sort(t).values.diff()
+    torch.testing.assert_close(spacing, torch.full((7,), (1 - 1e-3) / 8), atol=1e-6, rtol=0)  # antithetic
+    assert derive_seed(0, 1) != derive_seed(0, 2) and 0 <= derive_seed(2**40, 3) < 2**62
+
+
+def test_learning_rate_schedule():
+    class Args:
+        lr, warmup, steps = 1.0, 10, 110
+
+    lrs = [learning_rate(s, Args) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_checkpoint_save_is_atomic(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        checkpoint.save_atomic({"step": 2, "bad": Unpicklable()}, path)
+    assert checkpoint.load(path)["step"] == 1  # the previous checkpoint is intact
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # and the temporary file is gone
