@@ -292,3 +292,26 @@ def test_triton_op_nan_for_ids_out_of_range(loss, graph, bad_pairs, unread):
         torch.ops.fastbound.integrate_step(out, bad_t, bad_0, sigma, weight, expected, None, *codes)
         assert got[1].isnan().all(), pair
         torch.testing.assert_close(got[[0, 2]], expected[[0, 2]], rtol=2e-5, atol=2e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("loss,graph,bad_pairs,unread", BAD_IDS)
+def test_cuda_op_nan_for_ids_out_of_range(loss, graph, bad_pairs, unread):
+    """The CUDA op follows the same bad-id rule as the Triton op and the loss kernels."""
+    from fastbound.integrate import LOSS_CODES
+    from fastbound._ops import GRAPH_CODES
+
+    out, x_t, x0, sigma, weight = make_inputs(loss, graph, 3, 4, 7)
+    x_t[2, 0], x0[2, 0] = unread
+    codes = (LOSS_CODES[loss], GRAPH_CODES[graph], 6, -100)
+    for pair in bad_pairs:
+        bad_t, bad_0 = x_t.clone(), x0.clone()
+        bad_t[1, 2], bad_0[1, 2] = pair
+        got = torch.zeros(3, 2, dtype=torch.float64, device="cuda")
+        torch.ops.fastbound.integrate_step(out.cuda(), bad_t.cuda(), bad_0.cuda(), sigma.cuda(), weight.cuda(),
+                                           got, None, *codes)
+        bad_t[1, 2], bad_0[1, 2] = 0, -100
+        expected = torch.zeros(3, 2, dtype=torch.float64)
+        torch.ops.fastbound.integrate_step(out, bad_t, bad_0, sigma, weight, expected, None, *codes)
+        assert got[1].isnan().all(), pair
+        torch.testing.assert_close(got.cpu()[[0, 2]], expected[[0, 2]], rtol=2e-5, atol=2e-4)

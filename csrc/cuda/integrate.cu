@@ -132,8 +132,9 @@ __global__ void __launch_bounds__(kThreads)
         loss = lse - to_acc(row[x0]);
       }
     } else if (p.graph == kGraphAbsorb) {
-      if (x0 == p.ignore_index || xt != v - 1) continue;
-      if (x0 < 0 || x0 >= v - 1) {
+      // The loss kernels' order: x_t is checked first, even on ignored rows.
+      if (xt >= 0 && xt < v && (x0 == p.ignore_index || xt != v - 1)) continue;
+      if (xt < 0 || xt >= v || x0 < 0 || x0 >= v - 1) {
         loss = nan;
       } else {
         acc_t sum_exp, sum_score;
@@ -141,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
         loss = AbsorbRow<acc_t>(sigma).loss(sum_exp, to_acc(row[x0]));
       }
     } else {
-      if (x0 == p.ignore_index) continue;
+      if (xt >= 0 && xt < v && x0 == p.ignore_index) continue;
       if (x0 < 0 || x0 >= v || xt < 0 || xt >= v) {
         loss = nan;
       } else {
