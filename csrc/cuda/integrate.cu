@@ -19,6 +19,7 @@
 #include "fastbound/elementwise.h"
 #include "fastbound/integrate.h"
 #include "integrate.h"
+#include "loss_rows.cuh"
 
 namespace fastbound {
 namespace cuda {
@@ -27,19 +28,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+// Element loads and the accumulation type are the loss kernels' (loss_rows.cuh).
+using gpu::acc_type;
+using gpu::to_acc;
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t neg_inf() {
@@ -109,7 +100,7 @@ __device__ void block_sums(const scalar_t* s, int64_t n, int64_t skip, acc_t* sc
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     integrate_chunks_kernel(IntegrateProblem p, int64_t rows_per_chunk, int64_t n_chunks) {
-  using acc_t = typename AccOf<scalar_t>::type;
+  using acc_t = acc_type<scalar_t>;
   __shared__ acc_t scratch[kWarps];
   const int64_t b = blockIdx.x / n_chunks, chunk = blockIdx.x % n_chunks;
   const int64_t lo = chunk * rows_per_chunk;
