@@ -60,12 +60,12 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     return (score_grad,) + (None,) * (ctx.n_inputs - 1)
 
 
-def register_fused_loss(op_name: str, n_inputs: int) -> None:
+def register_fused_loss(op_name: str) -> None:
     """Registers the autograd formula of a fused loss op whose first input is the scores."""
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[1])
-        ctx.n_inputs = n_inputs
+        ctx.n_inputs = len(inputs)
         ctx.need_grad = inputs[-1]
         # The second output (the gradient buffer) never receives a gradient:
         # do not let autograd fill an (N, V) tensor of zeros for it.
@@ -94,8 +94,8 @@ def _dce_forward_inplace_fake(logits, x_t, x0, row_scale, mask_id, ignore_index)
     return row_scale.new_empty(logits.shape[0])
 
 
-register_fused_loss("fastbound::dse_forward", n_inputs=8)
-register_fused_loss("fastbound::dce_forward", n_inputs=7)
+register_fused_loss("fastbound::dse_forward")
+register_fused_loss("fastbound::dce_forward")
 
 
 class InplaceFusedLoss(torch.autograd.Function):

@@ -183,7 +183,7 @@ def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: to
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x0 is on {device}; move it to {device}")
     p = _per_position(name, t.detach(), rows, cols, one_row).to(torch.float64, copy=True)
-    if v.eager() and p.numel():
+    if v.eager(p) and p.numel():
         lo, hi = (float(x) for x in torch.aminmax(p))  # NaN makes both comparisons fail
         if is_sigma and not (lo >= 0 and hi < math.inf):
             raise ValueError("sigma must be finite and >= 0 everywhere")
@@ -208,7 +208,7 @@ def _num_masked(value, rows: int, cols: int, maskable: torch.Tensor | None, devi
         k = value.reshape(-1).to(torch.int64).expand(rows).contiguous()
     else:
         raise TypeError(f"num_masked must be an int or an integer tensor, got {type(value).__name__}")
-    if v.eager() and rows:
+    if v.eager(k) and rows:
         available = maskable.sum(1) if maskable is not None else torch.full_like(k, cols)
         bad = (k < 0) | (k > available)
         if bool(bad.any()):

@@ -192,4 +192,4 @@ def dse_forward_inplace_triton(
     return _dse_rows(score, score, sigma, x_t, x0, row_scale, graph, ignore_index, True)
 
 
-_ops.register_fused_loss("fastbound::dse_forward_triton", n_inputs=8)
+_ops.register_fused_loss("fastbound::dse_forward_triton")
