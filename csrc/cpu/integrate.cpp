@@ -1,4 +1,4 @@
-// Likelihood integration step, CPU kernel.
+// Likelihood integration step, CPU kernel; the twin of csrc/cuda/integrate.cu.
 //
 // For every sequence b of a batch of denoiser outputs (B, L, V):
 //   S_b = weight_b * sum_i loss(out[b, i], sigma_b, x_t[b, i], x0[b, i])
@@ -17,6 +17,7 @@
 
 #include <vector>
 
+#include "common/checks.h"
 #include "fastbound/elementwise.h"
 #include "fastbound/integrate.h"
 #include "loss_row_kernels.h"
@@ -26,46 +27,13 @@ namespace fastbound {
 namespace cpu {
 namespace {
 
-void check_integrate_inputs(const at::Tensor& out, const at::Tensor& x_t, const at::Tensor& x0,
-                            const at::Tensor& sigma, const at::Tensor& weight, const at::Tensor& acc,
-                            const std::optional<at::Tensor>& index, int64_t loss, int64_t graph) {
-  TORCH_CHECK(out.dim() == 3, "fastbound: out must be (B, L, V), got ", out.sizes());
-  TORCH_CHECK(out.size(2) <= 1 || out.stride(2) == 1, "fastbound: out must have unit stride in its last dimension");
-  const int64_t b = out.size(0), l = out.size(1);
-  for (const auto* t : {&x_t, &x0}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == b && t->size(1) == l && t->is_contiguous() &&
-                    t->scalar_type() == at::kLong,
-                "fastbound: x_t and x0 must be contiguous (B, L) int64");
-  }
-  for (const auto* t : {&sigma, &weight}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == b && t->is_contiguous() && t->scalar_type() == at::kDouble,
-                "fastbound: sigma and weight must be contiguous (B,) float64");
-  }
-  TORCH_CHECK(acc.dim() == 2 && acc.size(1) == 2 && acc.is_contiguous() && acc.scalar_type() == at::kDouble,
-              "fastbound: acc must be a contiguous (S, 2) float64 tensor");
-  if (index.has_value()) {
-    TORCH_CHECK(index->dim() == 1 && index->size(0) == b && index->is_contiguous() &&
-                    index->scalar_type() == at::kLong,
-                "fastbound: index must be contiguous (B,) int64");
-  } else {
-    TORCH_CHECK(acc.size(0) == b, "fastbound: without index, acc must have one row per sequence");
-  }
-  TORCH_CHECK(loss == kLossDse || loss == kLossDce, "fastbound: unknown loss code ", loss);
-  TORCH_CHECK(loss == kLossDce || graph == kGraphAbsorb || graph == kGraphUniform,
-              "fastbound: unknown graph code ", graph);
-  if (loss == kLossDse && graph == kGraphAbsorb) {
-    TORCH_CHECK(out.size(2) >= 2 || b * l == 0, "fastbound: the absorbing graph needs V >= 2 columns");
-  }
-}
-
 // Sum of the per-row losses over each chunk of each sequence: partial[b * n_chunks + c].
 template <typename scalar_t, typename RowFn>
-void chunk_sums(const at::Tensor& out, const at::Tensor& x_t, const at::Tensor& x0,
-                const at::Tensor& sigma, std::vector<double>& partial, int64_t rows_per_chunk,
-                RowFn&& row_fn) {
+void chunk_sums(const at::Tensor& out, const at::Tensor& x_t, const at::Tensor& x0, const at::Tensor& sigma,
+                std::vector<double>& partial, int64_t rows_per_chunk, const RowFn& row_fn) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t l = out.size(1), v = out.size(2);
-  const int64_t n_chunks = (l + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t n_chunks = integrate_chunks(l, rows_per_chunk);
   const scalar_t* base = out.const_data_ptr<scalar_t>();
   const int64_t stride_b = out.stride(0), stride_l = out.stride(1);
   const int64_t* xt = x_t.const_data_ptr<int64_t>();
@@ -91,23 +59,17 @@ void integrate_step(const at::Tensor& out, const at::Tensor& x_t, const at::Tens
                     const at::Tensor& sigma, const at::Tensor& weight, at::Tensor& acc,
                     const std::optional<at::Tensor>& index, int64_t loss, int64_t graph, int64_t mask_id,
                     int64_t ignore_index) {
-  check_integrate_inputs(out, x_t, x0, sigma, weight, acc, index, loss, graph);
+  const LossSpec spec{loss, graph, mask_id, ignore_index};
+  check_integrate_inputs(out, x_t, x0, sigma, weight, acc, index, spec);
   const int64_t b = out.size(0), l = out.size(1), v = out.size(2);
   const int64_t rows_per_chunk = integrate_rows_per_chunk(l, v);
-  const int64_t n_chunks = l == 0 ? 0 : (l + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t n_chunks = integrate_chunks(l, rows_per_chunk);
   std::vector<double> partial(static_cast<size_t>(b * n_chunks), 0.0);
   if (!partial.empty()) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "integrate_step_cpu", [&] {
-      if (loss == kLossDce) {
-        chunk_sums<scalar_t>(out, x_t, x0, sigma, partial, rows_per_chunk,
-                             [&](const auto& row) { return dce_row(row, mask_id, ignore_index); });
-      } else if (graph == kGraphAbsorb) {
-        chunk_sums<scalar_t>(out, x_t, x0, sigma, partial, rows_per_chunk,
-                             [&](const auto& row) { return dse_absorb_row(row, ignore_index); });
-      } else {
-        chunk_sums<scalar_t>(out, x_t, x0, sigma, partial, rows_per_chunk,
-                             [&](const auto& row) { return dse_uniform_row(row, ignore_index); });
-      }
+      visit_row_fn(spec, [&](const auto& row_fn) {
+        chunk_sums<scalar_t>(out, x_t, x0, sigma, partial, rows_per_chunk, row_fn);
+      });
     });
   }
   // Serial, in sequence order: several sequences may share an accumulator row.

@@ -1,11 +1,14 @@
-// The per-row loss functions of the CPU kernels, shared by every op that
-// evaluates a loss: the fused losses (dse.cpp, dce.cpp) and the likelihood
-// integration step (integrate.cpp). One definition of each formula.
+// The per-row loss functions of the CPU kernels (the twin of
+// csrc/cuda/loss_row_kernels.cuh), shared by every op that evaluates a loss:
+// the fused losses (losses.cpp) and the likelihood integration step
+// (integrate.cpp). One definition of each formula and of each id rule.
 //
-// Each function takes one row (pointers already offset to it), returns the
+// Each row function takes one row (pointers already offset to it), returns the
 // row's loss times `row.scale` and, when `row.grad` is not null, writes the
-// gradient of that loss in the same pass. Formulas: `fastbound/elementwise.h`
-// and `fastbound/reference.py`.
+// gradient of that loss in the same pass. The id rules are
+// fastbound/elementwise.h's (shared with the CUDA kernels); a bad id raises a
+// ValueError naming it. Formulas: `fastbound/elementwise.h` and
+// `fastbound/reference.py`.
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -23,54 +26,78 @@
 namespace fastbound {
 namespace cpu {
 
-// Absorbing-graph score entropy (SEDD): only masked positions (x_t == V-1) contribute.
+// Sums of row_pass over the columns [0, n) except `skip`.
 template <typename scalar_t, typename acc_t>
-acc_t dse_absorb_row(const LossRow<scalar_t, acc_t>& row, int64_t ignore_index) {
-  const int64_t v = row.n_cols, mask = v - 1;
-  check_id(row.x_t, v, "x_t");
-  if (row.x0 == ignore_index || row.x_t != mask) {
-    zero_row(row.grad, v);
-    return acc_t(0);
-  }
-  check_id(row.x0, mask, "x0");
-  const AbsorbRow<acc_t> k(row.sigma);
-  const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
-  const auto sums = row_pass<scalar_t, acc_t>(row.score, row.grad, mask, acc_t(0), row.scale, acc_t(0));
-  if (row.grad != nullptr) {
-    row.grad[mask] = scalar_t(0);
-    row.grad[row.x0] = static_cast<scalar_t>(row.scale * (exp_acc(s_x0) - k.r));
-  }
-  return row.scale * k.loss(sums.sum_exp, s_x0);
-}
-
-// Uniform-graph score entropy (SEDD): every position contributes.
-template <typename scalar_t, typename acc_t>
-acc_t dse_uniform_row(const LossRow<scalar_t, acc_t>& row, int64_t ignore_index) {
-  const int64_t v = row.n_cols;
-  check_id(row.x_t, v, "x_t");
-  if (row.x0 == ignore_index) {
-    zero_row(row.grad, v);
-    return acc_t(0);
-  }
-  check_id(row.x0, v, "x0");
-  const UniformRow<acc_t> k(row.sigma, v, row.x_t == row.x0);
-  const acc_t g_scale = row.scale * k.inv_n, g_offset = -row.scale * k.c * k.inv_n;
-  const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
+RowSums<acc_t> row_pass_skipping(const scalar_t* s, scalar_t* g, int64_t n, int64_t skip, acc_t shift, acc_t scale,
+                                 acc_t offset) {
   RowSums<acc_t> sums{0, 0};
-  for_segments(v, row.x_t, [&](int64_t lo, int64_t hi) {
-    const auto part = row_pass<scalar_t, acc_t>(row.score + lo, row.grad ? row.grad + lo : nullptr,
-                                                hi - lo, acc_t(0), g_scale, g_offset);
+  for_segments(n, skip, [&](int64_t lo, int64_t hi) {
+    const auto part = row_pass<scalar_t, acc_t>(s + lo, g ? g + lo : nullptr, hi - lo, shift, scale, offset);
     sums.sum_exp += part.sum_exp;
     sums.sum_score += part.sum_score;
   });
-  if (row.grad != nullptr) {
-    row.grad[row.x_t] = scalar_t(0);
-    if (!k.same) {
+  if (g != nullptr && skip >= 0 && skip < n) g[skip] = scalar_t(0);
+  return sums;
+}
+
+// Applies the id rules' verdict on a row (fastbound/elementwise.h): raises a
+// ValueError naming a bad id, zeroes the gradient row of a skipped row, and
+// returns whether the row runs.
+template <typename scalar_t, typename acc_t>
+bool row_runs(RowRole role, const LossRow<scalar_t, acc_t>& row, int64_t mask_id) {
+  switch (role) {
+    case RowRole::kRun:
+      return true;
+    case RowRole::kSkip:
+      zero_row(row.grad, row.n_cols);
+      return false;
+    case RowRole::kBadXt:
+      check_id(row.x_t, row.n_cols, "x_t");
+      break;
+    case RowRole::kBadX0:
+      check_id(row.x0, row.n_cols, "x0");
+      break;
+    case RowRole::kX0IsMask:
+      break;
+  }
+  TORCH_CHECK_VALUE(false, "fastbound: x0 contains the mask id ", mask_id);
+}
+
+// Absorbing-graph score entropy (SEDD): only masked positions (x_t == mask_id) contribute.
+struct DseAbsorbRow : MaskIds {
+  using MaskIds::MaskIds;
+
+  template <typename scalar_t, typename acc_t>
+  acc_t operator()(const LossRow<scalar_t, acc_t>& row) const {
+    const int64_t v = row.n_cols;
+    if (!row_runs(role(row.x_t, row.x0, v, /*check_x_t=*/true), row, mask_id)) return acc_t(0);
+    const AbsorbRow<acc_t> k(row.sigma);
+    const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
+    const auto sums = row_pass_skipping<scalar_t, acc_t>(row.score, row.grad, v, mask_id, acc_t(0), row.scale, acc_t(0));
+    if (row.grad != nullptr) row.grad[row.x0] = static_cast<scalar_t>(row.scale * (exp_acc(s_x0) - k.r));
+    return row.scale * k.loss(sums.sum_exp, s_x0);
+  }
+};
+
+// Uniform-graph score entropy (SEDD): every position contributes.
+struct DseUniformRow {
+  int64_t ignore_index;
+  explicit DseUniformRow(const LossSpec& spec) : ignore_index(spec.ignore_index) {}
+
+  template <typename scalar_t, typename acc_t>
+  acc_t operator()(const LossRow<scalar_t, acc_t>& row) const {
+    const int64_t v = row.n_cols;
+    if (!row_runs(uniform_role(row.x_t, row.x0, v, ignore_index), row, -1)) return acc_t(0);
+    const UniformRow<acc_t> k(row.sigma, v, row.x_t == row.x0);
+    const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
+    const auto sums = row_pass_skipping<scalar_t, acc_t>(row.score, row.grad, v, row.x_t, acc_t(0),
+                                                         row.scale * k.inv_n, -row.scale * k.c * k.inv_n);
+    if (row.grad != nullptr && !k.same) {
       row.grad[row.x0] = static_cast<scalar_t>(row.scale * (k.grad(exp_acc(s_x0)) - k.inv_a));
     }
+    return row.scale * k.loss(sums.sum_exp, sums.sum_score, s_x0);
   }
-  return row.scale * k.loss(sums.sum_exp, sums.sum_score, s_x0);
-}
+};
 
 constexpr int64_t kLseChunk = 2048;  // 8 KiB of fp32 scores: stays in L1 between the two reads
 
@@ -98,26 +125,35 @@ acc_t log_sum_exp(const scalar_t* s, int64_t n, int64_t skip) {
 
 // Masked cross-entropy (MDLM): -log softmax(s)_{x0} where x_t is the mask; the
 // mask column, when it is a column of the logits, is left out of the softmax.
-template <typename scalar_t, typename acc_t>
-acc_t dce_row(const LossRow<scalar_t, acc_t>& row, int64_t mask_id, int64_t ignore_index) {
-  const int64_t v = row.n_cols;
-  if (row.x0 == ignore_index || row.x_t != mask_id) {
-    zero_row(row.grad, v);
-    return acc_t(0);
+struct DceRow : MaskIds {
+  using MaskIds::MaskIds;
+
+  template <typename scalar_t, typename acc_t>
+  acc_t operator()(const LossRow<scalar_t, acc_t>& row) const {
+    const int64_t v = row.n_cols;
+    if (!row_runs(role(row.x_t, row.x0, v, /*check_x_t=*/false), row, mask_id)) return acc_t(0);
+    const int64_t skip = mask_id < v ? mask_id : -1;
+    const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
+    const acc_t lse = log_sum_exp<scalar_t, acc_t>(row.score, v, skip);
+    if (row.grad != nullptr) {
+      row_pass_skipping<scalar_t, acc_t>(row.score, row.grad, v, skip, lse, row.scale, acc_t(0));
+      row.grad[row.x0] = static_cast<scalar_t>(row.scale * (exp_acc(s_x0 - lse) - acc_t(1)));
+    }
+    return row.scale * (lse - s_x0);
   }
-  check_id(row.x0, v, "x0");
-  TORCH_CHECK_VALUE(row.x0 != mask_id, "fastbound: x0 contains the mask id ", mask_id);
-  const int64_t skip = mask_id < v ? mask_id : -1;
-  const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
-  const acc_t lse = log_sum_exp<scalar_t, acc_t>(row.score, v, skip);
-  if (row.grad != nullptr) {
-    for_segments(v, skip, [&](int64_t lo, int64_t hi) {
-      row_pass<scalar_t, acc_t>(row.score + lo, row.grad + lo, hi - lo, lse, row.scale, acc_t(0));
-    });
-    if (skip >= 0) row.grad[skip] = scalar_t(0);
-    row.grad[row.x0] = static_cast<scalar_t>(row.scale * (exp_acc(s_x0 - lse) - acc_t(1)));
+};
+
+// Calls f(row_fn) with the row function of `spec` (checked by check_loss_inputs
+// or check_integrate_inputs).
+template <typename F>
+void visit_row_fn(const LossSpec& spec, F&& f) {
+  if (spec.loss == kLossDce) {
+    f(DceRow(spec));
+  } else if (spec.graph == kGraphAbsorb) {
+    f(DseAbsorbRow(spec));
+  } else {
+    f(DseUniformRow(spec));
   }
-  return row.scale * (lse - s_x0);
 }
 
 }  // namespace cpu

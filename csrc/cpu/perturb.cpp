@@ -25,7 +25,7 @@
 
 #include "fastbound/elementwise.h"
 #include "fastbound/philox.h"
-#include "perturb_checks.h"
+#include "common/checks.h"
 #include "vectorize.h"
 
 namespace fastbound {
@@ -236,17 +236,7 @@ at::Tensor philox4x32(const at::Tensor& counter, int64_t seed) {
   int64_t* o = out.mutable_data_ptr<int64_t>();
   const uint64_t key = static_cast<uint64_t>(seed);
   at::parallel_for(0, c.size(0), kMinPerThread, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t* ci = in + 4 * i;
-      const philox::Words w = philox::philox4x32_10(
-          philox::Words{static_cast<uint32_t>(ci[0]), static_cast<uint32_t>(ci[1]), static_cast<uint32_t>(ci[2]),
-                        static_cast<uint32_t>(ci[3])},
-          static_cast<uint32_t>(key), static_cast<uint32_t>(key >> 32));
-      o[4 * i] = w.w0;
-      o[4 * i + 1] = w.w1;
-      o[4 * i + 2] = w.w2;
-      o[4 * i + 3] = w.w3;
-    }
+    for (int64_t i = begin; i < end; ++i) philox::counter_row_words(in + 4 * i, o + 4 * i, key);
   });
   return out;
 }

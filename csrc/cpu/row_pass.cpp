@@ -1,3 +1,5 @@
+// The two vectorised row loops of the CPU loss kernels (row_pass.h), compiled
+// once per x86-64 level (FB_CPU_CLONES), and the ISA report (vectorize.h).
 #include "row_pass.h"
 
 #include <algorithm>

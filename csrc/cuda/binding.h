@@ -1,19 +1,14 @@
-// Plumbing shared by the CUDA loss bindings (dse_binding.cpp, dce_binding.cpp):
-// the input checks, the torch -> CUDA element type mapping and the packing of
-// tensors into the torch-free `LossBatch` the kernels take (losses.cuh).
+// What the CUDA torch bindings (losses_binding.cpp, integrate_binding.cpp)
+// share: the torch -> CUDA element type mapping and the dtype dispatch over it.
 // Built only against a CUDA torch.
 #pragma once
 
-#include <ATen/MemoryOverlap.h>
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
-
-#include <initializer_list>
-
-#include "cpu/loss_rows.h"  // check_loss_inputs: the same internal contract as the CPU kernels
-#include "losses.cuh"
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 namespace fastbound {
 namespace gpu {
@@ -38,39 +33,23 @@ static_assert(sizeof(c10::Half) == sizeof(__half), "c10::Half and __half must ha
 static_assert(sizeof(c10::BFloat16) == sizeof(__nv_bfloat16),
               "c10::BFloat16 and __nv_bfloat16 must have the same layout");
 
-// The CPU kernels' contract (shapes, dtypes, no shared rows in place), plus:
-// everything on one CUDA device.
-inline void check_cuda_loss_inputs(const at::Tensor& score, const at::Tensor& sigma, const at::Tensor& x_t,
-                                   const at::Tensor& x0, const at::Tensor& row_scale, bool inplace) {
-  cpu::check_loss_inputs(score, sigma, x_t, x0, row_scale, inplace);
-  TORCH_CHECK(score.is_cuda(), "fastbound: the CUDA kernels need CUDA scores, got ", score.device());
-  for (const at::Tensor* t : {&sigma, &x_t, &x0, &row_scale}) {
-    TORCH_CHECK(t->device() == score.device(), "fastbound: every input must be on the scores' device ",
-                score.device(), ", got one on ", t->device());
-  }
+// A tensor's data as the CUDA element type `cuda_t`.
+template <typename cuda_t>
+const cuda_t* cuda_data(const at::Tensor& t) {
+  return reinterpret_cast<const cuda_t*>(t.const_data_ptr());
 }
-
-// Packs the flattened tensors (already checked) into a kernel batch. `grad` is
-// nullptr (loss only), a fresh (N, V) tensor, or &score (in place).
-template <typename scalar_t>
-LossBatch<cuda_scalar_t<scalar_t>> make_batch(const at::Tensor& score, at::Tensor* grad, const at::Tensor& x_t,
-                                              const at::Tensor& x0, const at::Tensor& row_scale,
-                                              at::Tensor& loss) {
-  using cuda_t = cuda_scalar_t<scalar_t>;
-  using acc_t = acc_type<cuda_t>;
-  LossBatch<cuda_t> batch;
-  batch.score = reinterpret_cast<const cuda_t*>(score.const_data_ptr<scalar_t>());
-  batch.score_stride = score.stride(0);
-  batch.grad = grad != nullptr ? reinterpret_cast<cuda_t*>(grad->mutable_data_ptr<scalar_t>()) : nullptr;
-  batch.grad_stride = grad != nullptr ? grad->stride(0) : 0;
-  batch.x_t = x_t.const_data_ptr<int64_t>();
-  batch.x0 = x0.const_data_ptr<int64_t>();
-  batch.row_scale = row_scale.const_data_ptr<acc_t>();
-  batch.loss = loss.mutable_data_ptr<acc_t>();
-  batch.n_rows = score.size(0);
-  batch.n_cols = score.size(1);
-  return batch;
+template <typename cuda_t>
+cuda_t* cuda_mutable_data(at::Tensor& t) {
+  return reinterpret_cast<cuda_t*>(t.mutable_data_ptr());
 }
 
 }  // namespace gpu
 }  // namespace fastbound
+
+// Runs the body with `cuda_t` the CUDA element type of a float32 / float64 /
+// float16 / bfloat16 tensor type.
+#define FB_DISPATCH_CUDA_FLOATS(type, name, ...)                                \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, type, name, [&] { \
+    using cuda_t = ::fastbound::gpu::cuda_scalar_t<scalar_t>;                   \
+    __VA_ARGS__();                                                              \
+  })

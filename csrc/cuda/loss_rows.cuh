@@ -1,7 +1,9 @@
-// Device building blocks of the fused-loss CUDA kernels (DSE and DCE).
+// Device building blocks of the CUDA row code (the twin of csrc/cpu/loss_rows.h),
+// used by the per-row loss functors (loss_row_kernels.cuh) and so by the loss
+// kernels (losses.cu) and the integration step (integrate.cu).
 //
 // A row of V scores is handled by a group of threads: a whole block when V is
-// large, one warp when V is small (several rows per block). Each thread walks
+// large, one warp when V is small (several groups per block). Each thread walks
 // the row with 16-byte vector loads where the row pointer allows it, keeps
 // per-thread partial sums in the accumulation type, and the group combines
 // them with warp shuffles (and shared memory across the warps of a block).
@@ -9,8 +11,8 @@
 // without overflow.
 //
 // Everything a row does is `__host__ __device__` and templated on the group
-// (its rank, size, sync and allreduce), so tests/cuda_sim/sim_losses.cu can
-// run the same row code on the CPU with a group of std::threads.
+// (its rank, size, sync and allreduce), so tests/cuda_sim/ can run the same
+// row code on the CPU with a group of std::threads.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -21,7 +23,7 @@
 #include <cstdint>
 
 #include "fastbound/elementwise.h"
-#include "losses.cuh"
+#include "losses.h"
 
 namespace fastbound {
 namespace gpu {
@@ -102,15 +104,16 @@ __device__ __forceinline__ Pair<acc_t> warp_allreduce(Pair<acc_t> v, Op op) {
 // ---------------------------------------------------------------------------
 // Thread groups that own one row
 // ---------------------------------------------------------------------------
-// One warp per row, blockDim.x / 32 rows per block. Control flow may differ
+// A group works on items (a row of a loss, a chunk of rows of the integration
+// step) with a grid stride: first_item(), then every items_per_grid().
+//
+// One warp per item, blockDim.x / 32 items per block. Control flow may differ
 // between the warps of a block, so only warp-level synchronisation is used.
 struct WarpPerRow {
   __device__ int rank() const { return threadIdx.x & 31; }
   __device__ int size() const { return 32; }
-  __device__ int64_t first_row() const {
-    return int64_t(blockIdx.x) * rows_per_block() + (threadIdx.x >> 5);
-  }
-  __device__ int64_t rows_per_block() const { return blockDim.x >> 5; }
+  __device__ int64_t first_item() const { return int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); }
+  __device__ int64_t items_per_grid() const { return int64_t(gridDim.x) * (blockDim.x >> 5); }
   __device__ void sync() const { __syncwarp(); }
   template <typename acc_t, typename Op>
   __device__ Pair<acc_t> allreduce(Pair<acc_t> v, Op op) const {
@@ -118,13 +121,13 @@ struct WarpPerRow {
   }
 };
 
-// One block per row. blockDim.x must be a multiple of 32, at most 1024. Every
-// thread of the block walks the same rows, so block barriers are safe.
+// One block per item. blockDim.x must be a multiple of 32, at most 1024. Every
+// thread of the block walks the same items, so block barriers are safe.
 struct BlockPerRow {
   __device__ int rank() const { return threadIdx.x; }
   __device__ int size() const { return blockDim.x; }
-  __device__ int64_t first_row() const { return blockIdx.x; }
-  __device__ int64_t rows_per_block() const { return 1; }
+  __device__ int64_t first_item() const { return blockIdx.x; }
+  __device__ int64_t items_per_grid() const { return gridDim.x; }
   __device__ void sync() const { __syncthreads(); }
   template <typename acc_t, typename Op>
   __device__ Pair<acc_t> allreduce(Pair<acc_t> v, Op op) const {
@@ -257,65 +260,56 @@ struct OnlineLogSumExp {
 // ---------------------------------------------------------------------------
 // Rows
 // ---------------------------------------------------------------------------
-// Row pointers of a batch.
+// One row of a loss: pointers already offset to the row.
 template <typename scalar_t>
-struct RowPointers {
-  const scalar_t* score;
-  scalar_t* grad;  // nullptr when the batch has no gradient
+struct LossRow {
+  const scalar_t* score;  // V scores
+  scalar_t* grad;         // V gradient entries, or nullptr
+  int64_t n_cols;         // V
+  acc_type<scalar_t> sigma;  // total noise (0 for the DCE, which has none)
+  int64_t x_t, x0;           // ids at this position
+  acc_type<scalar_t> scale;  // weight (and 1/count for "mean")
 };
 
-template <typename scalar_t>
-FB_HD RowPointers<scalar_t> row_pointers(const LossBatch<scalar_t>& b, int64_t row) {
-  return {b.score + row * b.score_stride, b.grad != nullptr ? b.grad + row * b.grad_stride : nullptr};
-}
-
-// Finishes a row that does not run the loss: loss `value` (0, or NaN for a bad
-// id) and every gradient entry `value`.
+// Finishes a row that does not run the loss: every gradient entry `value`,
+// and returns `value` as the row's loss (0, or NaN for a bad id).
 template <typename scalar_t, typename Group>
-FB_HD void finish_row(const Group& group, const LossBatch<scalar_t>& b, int64_t row, acc_type<scalar_t> value) {
-  fill_row(group, row_pointers(b, row).grad, b.n_cols, value);
-  if (group.rank() == 0) b.loss[row] = value;
+FB_HD acc_type<scalar_t> finish_row(const Group& group, const LossRow<scalar_t>& row, acc_type<scalar_t> value) {
+  fill_row(group, row.grad, row.n_cols, value);
+  return value;
 }
-
-FB_HD bool in_range(int64_t id, int64_t n) { return id >= 0 && id < n; }
 
 // ---------------------------------------------------------------------------
 // Launching
 // ---------------------------------------------------------------------------
-// Runs row_fn(group, batch, row) for every row; each group walks rows with a
-// grid stride, so any number of rows fits the grid limit.
-template <typename scalar_t, typename Group, typename RowFn>
-__global__ void loss_rows_kernel(LossBatch<scalar_t> batch, RowFn row_fn) {
-  const Group group{};
-  const int64_t stride = int64_t(gridDim.x) * group.rows_per_block();
-  for (int64_t row = group.first_row(); row < batch.n_rows; row += stride) {
-    row_fn(group, batch, row);
-  }
-}
-
 constexpr int64_t kWarpPerRowMaxCols = 1024;  // up to 32 elements per lane
-constexpr int kWarpPerRowThreads = 256;       // 8 rows per block
+constexpr int kWarpPerRowThreads = 256;       // 8 warps per block
+constexpr int kMaxThreads = 512;              // the largest block any row kernel is launched with
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+
+// Rows of at most kWarpPerRowMaxCols columns are handled by a warp, longer ones by a block.
+inline bool warp_per_row(int64_t n_cols) { return n_cols <= kWarpPerRowMaxCols; }
 
 // Block size for one block per row: enough threads that each handles a few
 // 16-byte packs.
 inline int block_threads(int64_t n_cols) {
   if (n_cols <= 4096) return 128;
   if (n_cols <= 16384) return 256;
-  return 512;
+  return kMaxThreads;
 }
 
-template <typename scalar_t, typename RowFn>
-cudaError_t launch_loss_rows(const LossBatch<scalar_t>& batch, const RowFn& row_fn, cudaStream_t stream) {
-  if (batch.n_rows <= 0) return cudaSuccess;
-  if (batch.n_cols <= kWarpPerRowMaxCols) {
-    const int64_t rows_per_block = kWarpPerRowThreads / 32;
-    const int64_t blocks = (batch.n_rows + rows_per_block - 1) / rows_per_block;
-    const unsigned grid = static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks);
-    loss_rows_kernel<scalar_t, WarpPerRow, RowFn><<<grid, kWarpPerRowThreads, 0, stream>>>(batch, row_fn);
+// Calls launch(Group{}, grid, threads) with the group type and launch shape
+// for n_items items of rows of n_cols columns; the grid is capped (each group
+// walks items with a grid stride), so any number of items fits.
+template <typename LaunchFn>
+cudaError_t launch_groups(int64_t n_items, int64_t n_cols, LaunchFn&& launch) {
+  if (n_items <= 0) return cudaSuccess;
+  if (warp_per_row(n_cols)) {
+    const int64_t groups_per_block = kWarpPerRowThreads / 32;
+    const int64_t blocks = (n_items + groups_per_block - 1) / groups_per_block;
+    launch(WarpPerRow{}, static_cast<unsigned>(blocks < kMaxBlocks ? blocks : kMaxBlocks), kWarpPerRowThreads);
   } else {
-    const unsigned grid = static_cast<unsigned>(batch.n_rows < kMaxBlocks ? batch.n_rows : kMaxBlocks);
-    loss_rows_kernel<scalar_t, BlockPerRow, RowFn><<<grid, block_threads(batch.n_cols), 0, stream>>>(batch, row_fn);
+    launch(BlockPerRow{}, static_cast<unsigned>(n_items < kMaxBlocks ? n_items : kMaxBlocks), block_threads(n_cols));
   }
   return cudaGetLastError();
 }

@@ -1,5 +1,5 @@
 // Fused noise sampling x0 -> x_t (fastbound.perturb) and the raw Philox
-// generator, CUDA kernels. Torch-free; launchers declared in perturb.cuh.
+// generator, CUDA kernels. Torch-free; launchers declared in perturb.h.
 //
 // Every element draws its words from its own Philox counter (the contract in
 // csrc/include/fastbound/philox.h), so the result is independent of the launch
@@ -15,7 +15,7 @@
 #include <cstdint>
 
 #include "fastbound/philox.h"
-#include "perturb.cuh"
+#include "perturb.h"
 
 namespace fastbound {
 namespace gpu {
@@ -157,15 +157,7 @@ void launch_graph(const PerturbLaunch& a, cudaStream_t stream) {
 
 __global__ void philox_kernel(const int64_t* counter, int64_t* out, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t* c = counter + 4 * i;
-    const philox::Words w = philox::philox4x32_10(
-        philox::Words{static_cast<uint32_t>(c[0]), static_cast<uint32_t>(c[1]), static_cast<uint32_t>(c[2]),
-                      static_cast<uint32_t>(c[3])},
-        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-    out[4 * i] = w.w0;
-    out[4 * i + 1] = w.w1;
-    out[4 * i + 2] = w.w2;
-    out[4 * i + 3] = w.w3;
+    philox::counter_row_words(counter + 4 * i, out + 4 * i, seed);
   }
 }
 

@@ -12,9 +12,9 @@
 #include <optional>
 #include <tuple>
 
-#include "cpu/perturb_checks.h"
+#include "common/checks.h"
 #include "fastbound/elementwise.h"
-#include "perturb.cuh"
+#include "perturb.h"
 
 namespace fastbound {
 namespace gpu {

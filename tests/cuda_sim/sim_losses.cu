@@ -1,181 +1,26 @@
-// Host simulation of the fused-loss CUDA row code (csrc/cuda/dse.cu, dce.cu),
-// for machines without a GPU. Built and run by .ci/nvcc-check.sh:
+// Host simulation of the fused-loss CUDA row code (csrc/cuda/losses.cu and the
+// row functors of loss_row_kernels.cuh), for machines without a GPU. Built and
+// run by .ci/nvcc-check.sh:
 //
 //   nvcc -std=c++17 -O1 -I csrc/include -o sim tests/cuda_sim/sim_losses.cu && ./sim
 //
-// The row functors of the kernels are `__host__ __device__`; here each row is
-// run by a group of real threads (std::thread) whose sync() is a barrier and
-// whose allreduce() exchanges values through shared slots, as a warp or a
-// block does on the GPU. Every group size, dtype, graph, row length, row
-// alignment and the in-place path are compared with a plain double-precision
-// evaluation of the formulas (fastbound/reference.py), and the padding
-// between rows is checked to be untouched. Exits non-zero on the first
-// mismatch. It checks the index arithmetic and the algebra, not GPU memory
-// semantics or launch configuration: the GPU tests (tests/test_cuda_losses.py)
-// do that.
-#include <condition_variable>
-#include <cmath>
-#include <cstdio>
+// Each row is run by a group of real threads (sim_common.h) through the loss
+// kernel's own per-row step. Every group size, dtype, loss, mask column, row
+// length, row alignment and the in-place path are compared with a plain
+// double-precision evaluation of the formulas, and the padding between rows is
+// checked to be untouched. Exits non-zero on a mismatch. It checks the index
+// arithmetic and the algebra, not GPU memory semantics or launch
+// configuration: the GPU tests (tests/test_cuda_losses.py) do that.
 #include <cstdlib>
 #include <cstring>
-#include <mutex>
 #include <random>
-#include <string>
-#include <thread>
-#include <vector>
 
-#include "../../csrc/cuda/dce.cu"
-#include "../../csrc/cuda/dse.cu"
+#include "../../csrc/cuda/losses.cu"
+#include "sim_common.h"
 
 namespace fastbound {
 namespace gpu {
 namespace sim {
-
-// What a warp or a block shares: a barrier and one reduction slot per thread.
-struct GroupState {
-  explicit GroupState(int n) : size(n), slots(n) {}
-  int size;
-  std::mutex mutex;
-  std::condition_variable arrived_all;
-  int arrived = 0;
-  long generation = 0;
-  std::vector<Pair<double>> slots;  // float partials round-trip through double exactly
-
-  void barrier() {
-    std::unique_lock<std::mutex> lock(mutex);
-    const long my_generation = generation;
-    if (++arrived == size) {
-      arrived = 0;
-      ++generation;
-      arrived_all.notify_all();
-    } else {
-      arrived_all.wait(lock, [&] { return generation != my_generation; });
-    }
-  }
-};
-
-struct SimGroup {
-  GroupState* state;
-  int thread;
-  int rank() const { return thread; }
-  int size() const { return state->size; }
-  void sync() const { state->barrier(); }
-  template <typename acc_t, typename Op>
-  Pair<acc_t> allreduce(Pair<acc_t> v, Op op) const {
-    state->slots[thread] = {double(v.a), double(v.b)};
-    sync();
-    Pair<acc_t> out{acc_t(state->slots[0].a), acc_t(state->slots[0].b)};
-    for (int t = 1; t < size(); ++t) out = op(out, Pair<acc_t>{acc_t(state->slots[t].a), acc_t(state->slots[t].b)});
-    sync();
-    return out;
-  }
-};
-
-// Runs row_fn over every row of the batch, each row by `threads` threads.
-template <typename scalar_t, typename RowFn>
-void run_rows(const LossBatch<scalar_t>& batch, const RowFn& row_fn, int threads) {
-  for (int64_t row = 0; row < batch.n_rows; ++row) {
-    GroupState state(threads);
-    std::vector<std::thread> pool;
-    for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] { row_fn(SimGroup{&state, t}, batch, row); });
-    }
-    for (auto& th : pool) th.join();
-  }
-}
-
-double to_double(float x) { return x; }
-double to_double(double x) { return x; }
-double to_double(__half x) { return __half2float(x); }
-double to_double(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename scalar_t>
-scalar_t from_double(double x) {
-  return from_acc<scalar_t>(acc_type<scalar_t>(x));
-}
-
-template <typename scalar_t>
-double tolerance() {
-  if (sizeof(scalar_t) == 8) return 1e-10;
-  if (sizeof(scalar_t) == 4) return 2e-5;
-  return std::is_same<scalar_t, __half>::value ? 2e-3 : 1.6e-2;  // one rounding of the gradient
-}
-
-// The expected loss and gradient of one row, in double, straight from the formulas.
-struct Expected {
-  double loss;
-  std::vector<double> grad;
-};
-
-enum class Op { kAbsorb, kUniform, kDce };
-
-Expected expected_row(Op op, const std::vector<double>& s, double sigma, int64_t x_t, int64_t x0, double scale,
-                      int64_t mask_id, int64_t ignore_index) {
-  const int64_t v = int64_t(s.size());
-  const double nan = std::nan("");
-  Expected e{0.0, std::vector<double>(v, 0.0)};
-  auto bad = [&] { return Expected{nan, std::vector<double>(v, nan)}; };
-  if (op == Op::kAbsorb) {
-    if (x_t < 0 || x_t >= v) return bad();
-    if (x0 == ignore_index || x_t != v - 1) return e;
-    if (x0 < 0 || x0 >= v - 1) return bad();
-    const double r = 1.0 / std::expm1(sigma);
-    double sum = 0;
-    for (int64_t y = 0; y < v - 1; ++y) {
-      sum += std::exp(s[y]);
-      e.grad[y] = scale * (std::exp(s[y]) - (y == x0 ? r : 0.0));
-    }
-    e.loss = scale * (sum - r * s[x0] + r * (std::log(r) - 1));
-  } else if (op == Op::kUniform) {
-    if (x_t < 0 || x_t >= v) return bad();
-    if (x0 == ignore_index) return e;
-    if (x0 < 0 || x0 >= v) return bad();
-    const double n = double(v), a = std::expm1(sigma), rho = a / (a + n);
-    double mean_exp = 0, mean_s = 0;
-    for (int64_t y = 0; y < v; ++y) {
-      mean_exp += std::exp(s[y]) / n;
-      mean_s += s[y] / n;
-    }
-    const double pos = mean_exp - std::exp(s[x_t]) / n;
-    const double neg_base = mean_s - s[x_t] / n;
-    const bool same = x_t == x0;
-    const double neg = same ? rho * neg_base : s[x0] / a + neg_base;
-    const double konst = same ? (n - 1) / n * rho * (std::log(rho) - 1) : ((-std::log(rho) - 1) / rho - (n - 2)) / n;
-    e.loss = scale * (pos - neg + konst);
-    for (int64_t y = 0; y < v; ++y) {
-      if (y == x_t) continue;
-      e.grad[y] = scale * ((std::exp(s[y]) - (same ? rho : 1.0)) / n - (!same && y == x0 ? 1.0 / a : 0.0));
-    }
-  } else {
-    if (x0 == ignore_index || x_t != mask_id) return e;
-    if (x0 < 0 || x0 >= v || x0 == mask_id) return bad();
-    double m = -INFINITY;
-    for (int64_t y = 0; y < v; ++y)
-      if (y != mask_id) m = std::max(m, s[y]);
-    double sum = 0;
-    for (int64_t y = 0; y < v; ++y)
-      if (y != mask_id) sum += std::exp(s[y] - m);
-    const double lse = m + std::log(sum);
-    e.loss = scale * (lse - s[x0]);
-    for (int64_t y = 0; y < v; ++y) {
-      if (y == mask_id) continue;
-      e.grad[y] = scale * (std::exp(s[y] - lse) - (y == x0 ? 1.0 : 0.0));
-    }
-  }
-  return e;
-}
-
-bool close(double got, double want, double tol) {
-  if (std::isnan(want)) return std::isnan(got);
-  return std::fabs(got - want) <= tol * (1.0 + std::fabs(want));
-}
-
-int failures = 0;
-
-void fail(const std::string& what) {
-  if (failures < 20) std::printf("FAIL %s\n", what.c_str());
-  ++failures;
-}
 
 enum class GradMode { kNone, kSeparate, kSeparateMisaligned, kInPlace };
 
@@ -193,21 +38,20 @@ void check_case(Op op, int64_t v, int threads, int64_t offset, int64_t pad, Grad
     for (int64_t y = 0; y < v; ++y) score_buf[offset + i * stride + y] = from_double<scalar_t>(normal(rng));
   const std::vector<scalar_t> original = score_buf;
 
-  const int64_t mask_col = op == Op::kAbsorb ? v - 1 : mask_id;
   std::vector<int64_t> x_t(n_rows), x0(n_rows);
   std::vector<acc_t> sigma(n_rows), scale(n_rows), loss(n_rows, acc_t(-7));
   std::uniform_real_distribution<double> unit(0.05, 3.0);
   for (int64_t i = 0; i < n_rows; ++i) {
-    const int64_t n_tokens = op == Op::kAbsorb ? v - 1 : v;
-    std::uniform_int_distribution<int64_t> token(0, n_tokens > 0 ? n_tokens - 1 : 0);
+    std::uniform_int_distribution<int64_t> token(0, v - 1);
     x0[i] = token(rng);
-    if (op == Op::kDce && mask_id < v && x0[i] == mask_id) x0[i] = (mask_id + 1) % v;
+    if (op != Op::kUniform && mask_id < v && x0[i] == mask_id) x0[i] = (mask_id + 1) % v;
     const int64_t kind = i % 6;  // the mix of row kinds every batch covers
     x_t[i] = op == Op::kUniform ? (kind == 1 ? x0[i] : std::uniform_int_distribution<int64_t>(0, v - 1)(rng))
-                                : mask_col;
+                                : mask_id;
     if (kind == 2) x0[i] = ignore_index;
     if (kind == 3 && op != Op::kUniform) x_t[i] = 0;                   // not masked: no contribution
-    if (kind == 4) x0[i] = op == Op::kDce ? v + 3 : n_tokens;           // x0 out of range
+    if (kind == 4) x0[i] = op == Op::kDce ? v + 3 : v;                  // x0 out of range
+    if (kind == 4 && op == Op::kAbsorb && i >= 6) x0[i] = mask_id;     // x0 is the mask
     if (kind == 5 && op == Op::kDce && mask_id < v) x0[i] = mask_id;    // x0 is the mask
     if (kind == 5 && op != Op::kDce) x_t[i] = -2;                       // x_t out of range
     sigma[i] = acc_t(unit(rng));
@@ -216,7 +60,7 @@ void check_case(Op op, int64_t v, int threads, int64_t offset, int64_t pad, Grad
 
   std::vector<scalar_t> grad_buf;
   LossBatch<scalar_t> batch{score_buf.data() + offset, stride, nullptr, 0, x_t.data(), x0.data(),
-                            scale.data(), loss.data(), n_rows, v};
+                            op == Op::kDce ? nullptr : sigma.data(), scale.data(), loss.data(), n_rows, v};
   int64_t grad_offset = 0;
   if (mode == GradMode::kSeparate || mode == GradMode::kSeparateMisaligned) {
     grad_offset = mode == GradMode::kSeparate ? offset : offset + 1;
@@ -228,9 +72,12 @@ void check_case(Op op, int64_t v, int threads, int64_t offset, int64_t pad, Grad
     batch.grad_stride = stride;
   }
 
-  if (op == Op::kAbsorb) run_rows(batch, DseAbsorbRows<scalar_t>{sigma.data(), ignore_index}, threads);
-  if (op == Op::kUniform) run_rows(batch, DseUniformRows<scalar_t>{sigma.data(), ignore_index}, threads);
-  if (op == Op::kDce) run_rows(batch, DceRows<scalar_t>{mask_id, ignore_index}, threads);
+  visit_row_fn(spec_of(op, mask_id, ignore_index), [&](const auto& row_fn) {
+    for (int64_t i = 0; i < n_rows; ++i) {
+      run_group(threads, [&](const SimGroup& group) { loss_row(group, batch, row_fn, i); });
+    }
+    return cudaSuccess;
+  });
 
   const std::vector<scalar_t>& out_buf = mode == GradMode::kInPlace ? score_buf : grad_buf;
   const double tol = tolerance<scalar_t>();
@@ -284,9 +131,10 @@ int run_all(std::mt19937& rng) {
           for (GradMode mode :
                {GradMode::kNone, GradMode::kSeparate, GradMode::kSeparateMisaligned, GradMode::kInPlace}) {
             const int64_t pad = (offset + v) % 3;
-            // DCE: the mask as the last column, the first column, and outside the logits.
-            const std::vector<int64_t> masks =
-                op == Op::kDce ? std::vector<int64_t>{v - 1, 0, v} : std::vector<int64_t>{-1};
+            // The mask as the last column, the first column, a middle one, and (DCE) outside the logits.
+            std::vector<int64_t> masks{-1};
+            if (op == Op::kAbsorb) masks = {v - 1, 0, v / 2};
+            if (op == Op::kDce) masks = {v - 1, 0, v};
             for (int64_t mask_id : masks) {
               check_case<scalar_t>(op, v, threads, offset, pad, mode, mask_id, rng);
               ++cases;
@@ -296,8 +144,7 @@ int run_all(std::mt19937& rng) {
       }
     }
   }
-  std::printf("  %s: %d cases, %d failures\n", sizeof(scalar_t) == 8 ? "double" : sizeof(scalar_t) == 4 ? "float"
-                                            : std::is_same<scalar_t, __half>::value ? "half" : "bfloat16",
+  std::printf("  %s: %d cases, %d failures\n", dtype_name(sizeof(scalar_t), std::is_same<scalar_t, __half>::value),
               cases, failures - before);
   return cases;
 }

@@ -15,17 +15,59 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FB_HD __host__ __device__ __forceinline__
-#else
-#define FB_HD inline __attribute__((always_inline))
-#endif
+#include "fastbound/host_device.h"
 
 namespace fastbound {
 
 // Graph codes shared with the Python layer (`fastbound/_ops.py`).
 constexpr int kGraphAbsorb = 0;
 constexpr int kGraphUniform = 1;
+
+// Loss codes shared with the Python layer (`fastbound/integrate.py`).
+constexpr int kLossDse = 0;  // score entropy (SEDD), graph chosen by kGraphAbsorb / kGraphUniform
+constexpr int kLossDce = 1;  // masked cross-entropy (MDLM)
+
+// Which per-row loss a kernel evaluates, and the ids that decide a row's role:
+// rows whose x0 is ignore_index contribute nothing; mask_id is the absorbing
+// graph's mask column (DSE: in [0, V); DCE: any id, >= V when the logits have
+// no mask column); the uniform graph has no mask.
+struct LossSpec {
+  int64_t loss;   // kLossDse / kLossDce
+  int64_t graph;  // kGraphAbsorb / kGraphUniform (DSE only)
+  int64_t mask_id;
+  int64_t ignore_index;
+};
+
+// The id rules of every loss row, for both backends: what a row with ids
+// (x_t, x0) does. The CPU kernels raise a ValueError naming a bad id; the CUDA
+// kernels give the row a NaN loss and gradient.
+enum class RowRole { kRun, kSkip, kBadXt, kBadX0, kX0IsMask };
+
+FB_HD bool id_in_range(int64_t id, int64_t n) { return id >= 0 && id < n; }
+
+// Absorbing graph (DSE absorbing, DCE): a row runs where x_t is the mask, with
+// x0 in [0, V) and not the mask; rows whose x0 is ignore_index, or whose x_t
+// is another id, are skipped (loss 0, zero gradient). The DSE also requires
+// x_t in [0, V) on every row (`check_x_t`, judged first); the DCE accepts any
+// x_t, and a mask_id >= V (logits without a mask column).
+struct MaskIds {
+  int64_t mask_id, ignore_index;
+  FB_HD explicit MaskIds(const LossSpec& spec) : mask_id(spec.mask_id), ignore_index(spec.ignore_index) {}
+  FB_HD RowRole role(int64_t x_t, int64_t x0, int64_t n_cols, bool check_x_t) const {
+    if (check_x_t && !id_in_range(x_t, n_cols)) return RowRole::kBadXt;
+    if (x0 == ignore_index || x_t != mask_id) return RowRole::kSkip;
+    if (!id_in_range(x0, n_cols)) return RowRole::kBadX0;
+    return x0 == mask_id ? RowRole::kX0IsMask : RowRole::kRun;
+  }
+};
+
+// Uniform graph (DSE): every row with x_t and x0 in [0, V) runs, except rows
+// whose x0 is ignore_index (x_t is judged first).
+FB_HD RowRole uniform_role(int64_t x_t, int64_t x0, int64_t n_cols, int64_t ignore_index) {
+  if (!id_in_range(x_t, n_cols)) return RowRole::kBadXt;
+  if (x0 == ignore_index) return RowRole::kSkip;
+  return id_in_range(x0, n_cols) ? RowRole::kRun : RowRole::kBadX0;
+}
 
 // ---------------------------------------------------------------------------
 // exp

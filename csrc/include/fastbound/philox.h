@@ -41,13 +41,7 @@
 
 #include <cstdint>
 
-#ifndef FB_HD  // also defined, identically, by elementwise.h
-#if defined(__CUDACC__)
-#define FB_HD __host__ __device__ __forceinline__
-#else
-#define FB_HD inline __attribute__((always_inline))
-#endif
-#endif
+#include "fastbound/host_device.h"
 
 namespace fastbound {
 namespace philox {
@@ -121,6 +115,18 @@ FB_HD Words element_words(uint64_t seed, uint64_t offset, uint64_t index) {
   const uint64_t n = offset + index;  // wraps mod 2^64 by definition
   const Words counter{static_cast<uint32_t>(n), static_cast<uint32_t>(n >> 32), 0u, 0u};
   return philox4x32_10(counter, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// The raw generator op (`philox4x32`): row i of an (n, 4) int64 counter
+// table (each entry's low 32 bits) to its four words, stored as int64.
+FB_HD void counter_row_words(const int64_t* counter, int64_t* out, uint64_t seed) {
+  const Words w = philox4x32_10(Words{static_cast<uint32_t>(counter[0]), static_cast<uint32_t>(counter[1]),
+                                      static_cast<uint32_t>(counter[2]), static_cast<uint32_t>(counter[3])},
+                                static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  out[0] = w.w0;
+  out[1] = w.w1;
+  out[2] = w.w2;
+  out[3] = w.w3;
 }
 
 // u = (w >> 8) * 2^-24: the 24 high bits as a float in [0, 1), exactly
