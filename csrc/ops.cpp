@@ -9,13 +9,15 @@
 
 TORCH_LIBRARY(fastbound, m) {
   // Losses: flattened (N, V) scores, per-row sigma / scale and ids. Return the
-  // per-row loss (N,) and, when need_grad, d loss / d score (N, V).
+  // per-row loss (N,) and, when need_grad, d loss / d score (N, V). mask_id is
+  // the absorbing graph's mask column: in [0, V) for the DSE (ignored, pass -1,
+  // for graph=uniform); any id for the DCE (>= V: logits without a mask column).
   m.def(
       "dse_forward(Tensor score, Tensor sigma, Tensor x_t, Tensor x0, Tensor row_scale, int graph, "
-      "int ignore_index, bool need_grad) -> (Tensor, Tensor)");
+      "int mask_id, int ignore_index, bool need_grad) -> (Tensor, Tensor)");
   m.def(
       "dse_forward_inplace(Tensor(a!) score, Tensor sigma, Tensor x_t, Tensor x0, Tensor row_scale, "
-      "int graph, int ignore_index) -> Tensor");
+      "int graph, int mask_id, int ignore_index) -> Tensor");
   m.def(
       "dce_forward(Tensor logits, Tensor x_t, Tensor x0, Tensor row_scale, int mask_id, "
       "int ignore_index, bool need_grad) -> (Tensor, Tensor)");
@@ -33,7 +35,7 @@ TORCH_LIBRARY(fastbound, m) {
   m.def("philox4x32(Tensor counter, int seed) -> Tensor");
   // Likelihood integration step: per sequence b, S_b = weight_b * sum_i loss_i of the
   // (B, L, V) denoiser output; acc[index_b] += (S_b, S_b^2) in place (float64, no grad).
-  // loss: 0 = DSE (graph: 0 absorb, 1 uniform), 1 = DCE (mask_id as in dce_forward).
+  // loss: 0 = DSE (graph: 0 absorb, 1 uniform), 1 = DCE; mask_id as in dse_forward / dce_forward.
   m.def(
       "integrate_step(Tensor out, Tensor x_t, Tensor x0, Tensor sigma, Tensor weight, "
       "Tensor(a!) acc, Tensor? index, int loss, int graph, int mask_id, int ignore_index) -> ()");

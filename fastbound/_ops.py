@@ -75,12 +75,12 @@ def register_fused_loss(op_name: str) -> None:
 
 
 @torch.library.register_fake("fastbound::dse_forward")
-def _dse_forward_fake(score, sigma, x_t, x0, row_scale, graph, ignore_index, need_grad):
+def _dse_forward_fake(score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index, need_grad):
     return _loss_fake(score, row_scale, need_grad)
 
 
 @torch.library.register_fake("fastbound::dse_forward_inplace")
-def _dse_forward_inplace_fake(score, sigma, x_t, x0, row_scale, graph, ignore_index):
+def _dse_forward_inplace_fake(score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index):
     return row_scale.new_empty(score.shape[0])
 
 

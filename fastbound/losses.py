@@ -150,11 +150,13 @@ def dse_loss(
     checks.run()
     code = _ops.GRAPH_CODES[graph]
     op, op_inplace = _kernel(kernel_backend, "dse_forward"), _kernel(kernel_backend, "dse_forward_inplace")
+    # The C++ ops take the absorbing graph's mask column (CONTRACTS.md 1); the Triton ops follow.
+    mask = () if kernel_backend == "triton" else (flat.shape[1] - 1 if graph == "absorb" else -1,)
     rows = _run(
         flat,
         inplace,
-        lambda s, need_grad: op(s, sigma_rows, xt, x0f, row_scale, code, ignore_index, need_grad),
-        lambda s: op_inplace(s, sigma_rows, xt, x0f, row_scale, code, ignore_index),
+        lambda s, need_grad: op(s, sigma_rows, xt, x0f, row_scale, code, *mask, ignore_index, need_grad),
+        lambda s: op_inplace(s, sigma_rows, xt, x0f, row_scale, code, *mask, ignore_index),
     )
     return _reduce(rows, x_t.shape, reduction)
 

@@ -1,4 +1,4 @@
-"""The CUDA C++ loss kernels (csrc/cuda/dse.cu, dce.cu) against the oracle and the CPU kernels.
+"""The CUDA C++ loss kernels (csrc/cuda/losses.cu) against the oracle and the CPU kernels.
 
 Needs a CUDA device and a fastbound built against a CUDA torch (skipped otherwise).
 Every test compares values and gradients with `fastbound.reference` evaluated in
@@ -164,8 +164,8 @@ def test_inplace_overwrites_scores_with_gradient(vocab, dtype):
     flat = s.clone()
     row_scale = torch.ones(6, device=DEVICE, dtype=torch.float32)
     sigma32 = sg.float()
-    loss_ip = torch.ops.fastbound.dse_forward_inplace(flat, sigma32, xt, x0d, row_scale, 0, IGNORE)
-    loss, grad = torch.ops.fastbound.dse_forward(s, sigma32, xt, x0d, row_scale, 0, IGNORE, True)
+    loss_ip = torch.ops.fastbound.dse_forward_inplace(flat, sigma32, xt, x0d, row_scale, 0, vocab - 1, IGNORE)
+    loss, grad = torch.ops.fastbound.dse_forward(s, sigma32, xt, x0d, row_scale, 0, vocab - 1, IGNORE, True)
     torch.testing.assert_close(loss_ip, loss, rtol=0, atol=0)
     torch.testing.assert_close(flat, grad, rtol=0, atol=0)
 
@@ -274,15 +274,15 @@ def test_raw_op_out_of_range_ids_give_nan_rows(vocab):
     x_t = torch.full((n,), vocab - 1, device=DEVICE)
     x0 = torch.tensor([0, vocab + 5, -3, 1], device=DEVICE)
     for loss, grad in (
-        torch.ops.fastbound.dse_forward(score, sigma, x_t, x0, row_scale, 0, IGNORE, True),
-        torch.ops.fastbound.dse_forward(score, sigma, x_t, x0, row_scale, 1, IGNORE, True),
+        torch.ops.fastbound.dse_forward(score, sigma, x_t, x0, row_scale, 0, vocab - 1, IGNORE, True),
+        torch.ops.fastbound.dse_forward(score, sigma, x_t, x0, row_scale, 1, -1, IGNORE, True),
         torch.ops.fastbound.dce_forward(score, x_t, x0, row_scale, vocab - 1, IGNORE, True),
     ):
         assert torch.isnan(loss[1:3]).all() and torch.isnan(grad[1:3]).all()
         assert torch.isfinite(loss[[0, 3]]).all() and torch.isfinite(grad[[0, 3]]).all()
     bad_x_t = torch.tensor([0, vocab, -1, vocab - 1], device=DEVICE)
     good_x0 = x0.clamp(0, vocab - 2)
-    loss, grad = torch.ops.fastbound.dse_forward(score, sigma, bad_x_t, good_x0, row_scale, 0, IGNORE, True)
+    loss, grad = torch.ops.fastbound.dse_forward(score, sigma, bad_x_t, good_x0, row_scale, 0, vocab - 1, IGNORE, True)
     assert torch.isnan(loss[1:3]).all() and torch.isnan(grad[1:3]).all()
     assert loss[0] == 0 and (grad[0] == 0).all()
 

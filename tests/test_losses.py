@@ -220,7 +220,8 @@ def _op_samples(graph):
     xt, x0 = x_t.long(), x0.long()
     if graph == "dce":
         return torch.ops.fastbound.dce_forward, (flat, xt, x0, rows, 12, -100, True)
-    return torch.ops.fastbound.dse_forward, (flat, sigma.expand(6).contiguous(), xt, x0, rows, fb._ops.GRAPH_CODES[graph], -100, True)
+    mask = 12 if graph == "absorb" else -1
+    return torch.ops.fastbound.dse_forward, (flat, sigma.expand(6).contiguous(), xt, x0, rows, fb._ops.GRAPH_CODES[graph], mask, -100, True)
 
 
 @pytest.mark.parametrize("graph", GRAPHS)

@@ -29,6 +29,13 @@ inline void check_same_device(const char* op, const at::Tensor& first,
   }
 }
 
+// The absorbing DSE's mask column: one of the V >= 2 columns (when there are rows).
+inline void check_absorb_mask(int64_t n_rows, int64_t n_cols, int64_t mask_id) {
+  TORCH_CHECK_VALUE(n_rows == 0 || (n_cols >= 2 && mask_id >= 0 && mask_id < n_cols),
+                    "fastbound: the absorbing graph needs V >= 2 columns and mask_id in [0, V), got V = ", n_cols,
+                    ", mask_id = ", mask_id);
+}
+
 // The flattened inputs of a loss op: scores (N, V), per-row ids, noise and scale.
 struct LossInputs {
   const at::Tensor& score;
@@ -62,11 +69,7 @@ inline void check_loss_inputs(const LossInputs& in, bool inplace) {
   if (in.spec.loss == kLossDse) {
     TORCH_CHECK(in.spec.graph == kGraphAbsorb || in.spec.graph == kGraphUniform, "fastbound: unknown graph code ",
                 in.spec.graph);
-    if (in.spec.graph == kGraphAbsorb) {
-      TORCH_CHECK_VALUE(n == 0 || (v >= 2 && in.spec.mask_id >= 0 && in.spec.mask_id < v),
-                        "fastbound: the absorbing graph needs V >= 2 columns and mask_id in [0, V), got V = ", v,
-                        ", mask_id = ", in.spec.mask_id);
-    }
+    if (in.spec.graph == kGraphAbsorb) check_absorb_mask(n, v, in.spec.mask_id);
   }
 }
 
@@ -102,11 +105,7 @@ inline void check_integrate_inputs(const at::Tensor& out, const at::Tensor& x_t,
   TORCH_CHECK(spec.loss == kLossDse || spec.loss == kLossDce, "fastbound: unknown loss code ", spec.loss);
   TORCH_CHECK(spec.loss == kLossDce || spec.graph == kGraphAbsorb || spec.graph == kGraphUniform,
               "fastbound: unknown graph code ", spec.graph);
-  if (spec.loss == kLossDse && spec.graph == kGraphAbsorb) {
-    TORCH_CHECK(b * l == 0 || (v >= 2 && spec.mask_id >= 0 && spec.mask_id < v),
-                "fastbound: the absorbing graph needs V >= 2 columns and mask_id in [0, V), got V = ", v,
-                ", mask_id = ", spec.mask_id);
-  }
+  if (spec.loss == kLossDse && spec.graph == kGraphAbsorb) check_absorb_mask(b * l, v, spec.mask_id);
 }
 
 // The `perturb` op.

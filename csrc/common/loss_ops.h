@@ -42,10 +42,9 @@ at::Tensor loss_forward_inplace(at::Tensor& score, const LossInputs& in) {
 }
 
 inline LossInputs dse_inputs(const at::Tensor& score, const at::Tensor& sigma, const at::Tensor& x_t,
-                             const at::Tensor& x0, const at::Tensor& row_scale, int64_t graph,
+                             const at::Tensor& x0, const at::Tensor& row_scale, int64_t graph, int64_t mask_id,
                              int64_t ignore_index) {
-  // The absorbing graph's mask is the last column.
-  return {score, &sigma, x_t, x0, row_scale, {kLossDse, graph, score.dim() == 2 ? score.size(1) - 1 : -1, ignore_index}};
+  return {score, &sigma, x_t, x0, row_scale, {kLossDse, graph, mask_id, ignore_index}};
 }
 
 inline LossInputs dce_inputs(const at::Tensor& logits, const at::Tensor& x_t, const at::Tensor& x0,
@@ -56,14 +55,16 @@ inline LossInputs dce_inputs(const at::Tensor& logits, const at::Tensor& x_t, co
 template <typename Backend>
 void impl_loss_ops(torch::Library& m) {
   m.impl("dse_forward", [](const at::Tensor& score, const at::Tensor& sigma, const at::Tensor& x_t,
-                           const at::Tensor& x0, const at::Tensor& row_scale, int64_t graph, int64_t ignore_index,
-                           bool need_grad) {
-    return loss_forward<Backend>(dse_inputs(score, sigma, x_t, x0, row_scale, graph, ignore_index), need_grad);
+                           const at::Tensor& x0, const at::Tensor& row_scale, int64_t graph, int64_t mask_id,
+                           int64_t ignore_index, bool need_grad) {
+    return loss_forward<Backend>(dse_inputs(score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index),
+                                 need_grad);
   });
   m.impl("dse_forward_inplace", [](at::Tensor& score, const at::Tensor& sigma, const at::Tensor& x_t,
                                    const at::Tensor& x0, const at::Tensor& row_scale, int64_t graph,
-                                   int64_t ignore_index) {
-    return loss_forward_inplace<Backend>(score, dse_inputs(score, sigma, x_t, x0, row_scale, graph, ignore_index));
+                                   int64_t mask_id, int64_t ignore_index) {
+    return loss_forward_inplace<Backend>(score,
+                                         dse_inputs(score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index));
   });
   m.impl("dce_forward", [](const at::Tensor& logits, const at::Tensor& x_t, const at::Tensor& x0,
                            const at::Tensor& row_scale, int64_t mask_id, int64_t ignore_index, bool need_grad) {

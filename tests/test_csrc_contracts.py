@@ -1,0 +1,109 @@
+"""The raw C++ ops' own contracts (csrc/), called through ``torch.ops.fastbound`` directly.
+
+What the Python layer cannot show: the absorbing DSE's ``mask_id`` column anywhere
+(checked against `fastbound.reference` with the columns permuted so that the mask
+sits at V-1, where the oracle puts it), the in-place ops refusing overlapping rows,
+and the precision of the loss at large logits.
+"""
+
+import pytest
+import torch
+
+from fastbound import reference as ref
+
+IGNORE = -100
+ABSORB, UNIFORM = 0, 1
+LOSS_DSE, LOSS_DCE = 0, 1
+
+
+def mask_last(n_cols, mask_id):
+    """The column permutation that moves column mask_id to V-1, and its inverse (old id -> new id)."""
+    perm = torch.tensor([c for c in range(n_cols) if c != mask_id] + [mask_id])
+    return perm, torch.argsort(perm)
+
+
+def absorb_case(n_rows, n_cols, mask_id, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    score = torch.randn(n_rows, n_cols, generator=g).to(dtype)
+    x0 = torch.randint(0, n_cols - 1, (n_rows,), generator=g)
+    x0 = x0 + (x0 >= mask_id).long()  # any column but the mask
+    x_t = torch.where(torch.rand(n_rows, generator=g) < 0.6, torch.full_like(x0, mask_id), x0)
+    x0[::7] = IGNORE
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    sigma = (torch.rand(n_rows, generator=g) * 3 + 0.05).to(acc)
+    row_scale = (torch.rand(n_rows, generator=g) + 0.5).to(acc)
+    return score, sigma, x_t, x0, row_scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mask_at", ["first", "middle", "last"])
+def test_dse_absorb_mask_column_anywhere(dtype, mask_at):
+    """dse_forward's mask_id column: the oracle's loss and gradient with that column moved to V-1."""
+    n_rows, n_cols = 23, 11
+    mask_id = {"first": 0, "middle": 5, "last": n_cols - 1}[mask_at]
+    score, sigma, x_t, x0, row_scale = absorb_case(n_rows, n_cols, mask_id, dtype)
+    loss, grad = torch.ops.fastbound.dse_forward(score, sigma, x_t, x0, row_scale, ABSORB, mask_id, IGNORE, True)
+
+    perm, new_id = mask_last(n_cols, mask_id)
+    s64 = score.double()[:, perm].requires_grad_()
+    keep = x0 != IGNORE
+    ids = lambda x: torch.where(x == IGNORE, x, new_id[x.clamp_min(0)])  # noqa: E731
+    expected = ref.dse_loss(s64, sigma.double(), ids(x_t), ids(x0), graph="absorb") * row_scale.double()
+    (g64,) = torch.autograd.grad(expected.sum(), s64)
+    expected_grad = torch.empty_like(g64)
+    expected_grad[:, perm] = g64
+    assert (loss[~keep] == 0).all()
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss.double(), expected.detach(), **tol)
+    torch.testing.assert_close(grad.double(), expected_grad, **tol)
+    assert (grad[:, mask_id] == 0).all()
+
+    buffer = score.clone()
+    loss_ip = torch.ops.fastbound.dse_forward_inplace(buffer, sigma, x_t, x0, row_scale, ABSORB, mask_id, IGNORE)
+    torch.testing.assert_close(loss_ip, loss, rtol=0, atol=0)
+    torch.testing.assert_close(buffer, grad, rtol=0, atol=0)
+
+
+def test_dse_uniform_ignores_mask_id():
+    score, sigma, x_t, x0, row_scale = absorb_case(9, 6, 5, torch.float32)
+    a = torch.ops.fastbound.dse_forward(score, sigma, x_t, x0, row_scale, UNIFORM, -1, IGNORE, True)
+    b = torch.ops.fastbound.dse_forward(score, sigma, x_t, x0, row_scale, UNIFORM, 2, IGNORE, True)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad_mask", [-1, 11, 50])
+def test_dse_absorb_mask_id_out_of_range_is_refused(bad_mask):
+    score, sigma, x_t, x0, row_scale = absorb_case(4, 11, 10, torch.float32)
+    with pytest.raises(ValueError, match="mask_id"):
+        torch.ops.fastbound.dse_forward(score, sigma, x_t, x0, row_scale, ABSORB, bad_mask, IGNORE, True)
+    with pytest.raises(ValueError, match="mask_id"):
+        torch.ops.fastbound.dse_forward_inplace(score.clone(), sigma, x_t, x0, row_scale, ABSORB, bad_mask, IGNORE)
+
+
+def test_dse_absorb_x0_at_the_mask_column_is_refused():
+    score, sigma, x_t, x0, row_scale = absorb_case(4, 11, 3, torch.float32)
+    x_t[:], x0[1] = 3, 3
+    with pytest.raises(ValueError, match="mask id 3"):
+        torch.ops.fastbound.dse_forward(score, sigma, x_t, x0, row_scale, ABSORB, 3, IGNORE, True)
+
+
+@pytest.mark.parametrize("mask_id", [0, 4, 9])
+def test_integrate_step_absorbing_dse_mask_column_anywhere(mask_id):
+    """integrate_step's mask_id for loss=DSE, graph=absorb: the oracle with the mask column moved to V-1."""
+    n_seq, length, n_cols = 3, 8, 10
+    g = torch.Generator().manual_seed(1)
+    out = torch.randn(n_seq, length, n_cols, generator=g)
+    x0 = torch.randint(0, n_cols - 1, (n_seq, length), generator=g)
+    x0 = x0 + (x0 >= mask_id).long()
+    x_t = torch.where(torch.rand(n_seq, length, generator=g) < 0.5, torch.full_like(x0, mask_id), x0)
+    sigma = torch.rand(n_seq, dtype=torch.float64, generator=g) + 0.1
+    weight = torch.rand(n_seq, dtype=torch.float64, generator=g) + 0.5
+    acc = torch.zeros(n_seq, 2, dtype=torch.float64)
+    torch.ops.fastbound.integrate_step(out, x_t, x0, sigma, weight, acc, None, LOSS_DSE, ABSORB, mask_id, IGNORE)
+    perm, new_id = mask_last(n_cols, mask_id)
+    expected = ref.integrate_step(out.double()[..., perm], new_id[x_t], new_id[x0], sigma, weight,
+                                  torch.zeros(n_seq, 2, dtype=torch.float64), loss="dse", graph="absorb")
+    torch.testing.assert_close(acc, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mask_id"):
+        torch.ops.fastbound.integrate_step(out, x_t, x0, sigma, weight, acc, None, LOSS_DSE, ABSORB, n_cols, IGNORE)
+
