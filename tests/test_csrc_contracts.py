@@ -107,3 +107,39 @@ def test_integrate_step_absorbing_dse_mask_column_anywhere(mask_id):
     with pytest.raises(ValueError, match="mask_id"):
         torch.ops.fastbound.integrate_step(out, x_t, x0, sigma, weight, acc, None, LOSS_DSE, ABSORB, n_cols, IGNORE)
 
+
+def _inplace_calls(n_cols):
+    """(name, call(score)) for each raw in-place op, with valid ids for an (N, n_cols) batch."""
+    rows = torch.ones(3)
+    x_t, x0 = torch.full((3,), n_cols - 1), torch.full((3,), 1)
+    sigma = torch.full((3,), 0.7)
+    return [
+        ("dse absorb", lambda s: torch.ops.fastbound.dse_forward_inplace(s, sigma, x_t, x0, rows, ABSORB, n_cols - 1, IGNORE)),
+        ("dse uniform", lambda s: torch.ops.fastbound.dse_forward_inplace(s, sigma, x_t, x0, rows, UNIFORM, -1, IGNORE)),
+        ("dce", lambda s: torch.ops.fastbound.dce_forward_inplace(s, x_t, x0, rows, n_cols - 1, IGNORE)),
+    ]
+
+
+@pytest.mark.parametrize("row_stride", [0, 1, 4, 6])
+def test_inplace_ops_refuse_overlapping_rows(row_stride):
+    """Rows that share memory (expanded, or as_strided with a row stride below V, which
+    at::assert_no_internal_overlap cannot judge) would race: the raw op refuses them."""
+    n_cols = 7
+    for name, call in _inplace_calls(n_cols):
+        shared = torch.randn(40).as_strided((3, n_cols), (row_stride, 1))
+        before = shared.clone()
+        with pytest.raises(RuntimeError, match="overlap"):
+            call(shared)
+        assert torch.equal(shared, before), name  # refused before anything was written
+
+
+@pytest.mark.parametrize("row_stride", [7, 9])
+def test_inplace_ops_accept_disjoint_strided_rows(row_stride):
+    """Rows at least V apart (a column slice, as_strided) do not overlap: accepted, as in the functional op."""
+    n_cols = 7
+    for name, call in _inplace_calls(n_cols):
+        base = torch.randn(40)
+        rows = base.as_strided((3, n_cols), (row_stride, 1))
+        expected = call(rows.clone())
+        torch.testing.assert_close(call(rows), expected, rtol=0, atol=0, msg=name)
+

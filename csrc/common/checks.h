@@ -8,7 +8,6 @@
 // (the CPU kernels raise, the CUDA kernels give NaN rows).
 #pragma once
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
@@ -51,10 +50,16 @@ struct LossInputs {
 // `inplace`: the gradient will overwrite `score`, so its rows must not share memory.
 inline void check_loss_inputs(const LossInputs& in, bool inplace) {
   const at::Tensor& score = in.score;
-  if (inplace) at::assert_no_internal_overlap(score);
   TORCH_CHECK(score.dim() == 2, "fastbound: score must be (N, V), got ", score.sizes());
   TORCH_CHECK(score.size(1) <= 1 || score.stride(1) == 1, "fastbound: score must have unit stride in its last dimension");
   const int64_t n = score.size(0), v = score.size(1);
+  // With unit column stride the rows are disjoint iff the row stride is at
+  // least V; at::assert_no_internal_overlap gives up ("too hard") on strides
+  // below V from as_strided, which would race on a GPU.
+  TORCH_CHECK(!inplace || n <= 1 || v == 0 || score.stride(0) >= v,
+              "fastbound: the in-place op writes the gradient over score, whose rows overlap in memory (row stride ",
+              score.stride(0), " < ", v, " columns: some elements refer to a single memory location); pass a tensor "
+              "whose rows do not share memory");
   const auto acc = score.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const at::Tensor* t : {in.sigma, &in.row_scale}) {
     TORCH_CHECK(t == nullptr || (t->dim() == 1 && t->size(0) == n && t->is_contiguous() && t->scalar_type() == acc),
