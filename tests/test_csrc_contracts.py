@@ -143,3 +143,45 @@ def test_inplace_ops_accept_disjoint_strided_rows(row_stride):
         expected = call(rows.clone())
         torch.testing.assert_close(call(rows), expected, rtol=0, atol=0, msg=name)
 
+
+def _offset_case(n_rows=64, n_cols=257, offset=1e4, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n_rows, n_cols, generator=g) * 3 + offset).float()
+    x0 = torch.randint(0, n_cols - 1, (n_rows,), generator=g)
+    x_t = torch.full_like(x0, n_cols - 1)
+    return logits, x_t, x0
+
+
+def test_dce_precision_at_large_logits():
+    """Logits offset by 1e4: the kernel's loss and gradient stay as close to the float64 oracle as the
+    float32 oracle is (the loss is formed as (m - s_x0) + log sum, which cancels the offset first)."""
+    logits, x_t, x0 = _offset_case()
+    n_cols = logits.shape[1]
+    s64 = logits.double().requires_grad_()
+    exact = ref.dce_loss(s64, x_t, x0)
+    (exact_grad,) = torch.autograd.grad(exact.sum(), s64)
+    s32 = logits.clone().requires_grad_()
+    fp32 = ref.dce_loss(s32, x_t, x0)
+    (fp32_grad,) = torch.autograd.grad(fp32.sum(), s32)
+    loss, grad = torch.ops.fastbound.dce_forward(logits, x_t, x0, torch.ones(len(x0)), n_cols - 1, IGNORE, True)
+    oracle_err = (fp32.double() - exact).abs().max().item()
+    kernel_err = (loss.double() - exact).abs().max().item()
+    assert kernel_err <= 4 * oracle_err + 1e-6, (kernel_err, oracle_err)
+    oracle_grad_err = (fp32_grad.double() - exact_grad).abs().max().item()
+    kernel_grad_err = (grad.double() - exact_grad).abs().max().item()
+    assert kernel_grad_err <= 4 * oracle_grad_err + 1e-7, (kernel_grad_err, oracle_grad_err)
+
+
+def test_integrate_step_dce_precision_at_large_logits():
+    logits, x_t, x0 = _offset_case(n_rows=48)
+    out, x_t, x0 = logits.view(4, 12, -1), x_t.view(4, 12), x0.view(4, 12)
+    n_cols = out.shape[-1]
+    ones = torch.ones(4, dtype=torch.float64)
+    zeros = torch.zeros(4, 2, dtype=torch.float64)
+    acc = zeros.clone()
+    torch.ops.fastbound.integrate_step(out, x_t, x0, ones, ones, acc, None, LOSS_DCE, ABSORB, n_cols - 1, IGNORE)
+    exact = ref.integrate_step(out.double(), x_t, x0, ones, ones, zeros, loss="dce")
+    fp32 = ref.integrate_step(out, x_t, x0, ones, ones, zeros, loss="dce")
+    oracle_err = (fp32[:, 0] - exact[:, 0]).abs().max().item()
+    kernel_err = (acc[:, 0] - exact[:, 0]).abs().max().item()
+    assert kernel_err <= 4 * oracle_err + 1e-5, (kernel_err, oracle_err)

@@ -101,9 +101,17 @@ struct DseUniformRow {
 
 constexpr int64_t kLseChunk = 2048;  // 8 KiB of fp32 scores: stays in L1 between the two reads
 
+// log sum_y e^{s_y} as (m, sum e^{s_y - m}): the loss is formed as
+// (m - s_{x0}) + log sum, so that a common offset of the logits cancels
+// exactly in m - s_{x0} before it can cost precision.
+template <typename acc_t>
+struct LogSumExp {
+  acc_t max, sum;
+};
+
 // log sum_{y != skip} e^{s_y}, reading the row once from memory (online over L1-sized chunks).
 template <typename scalar_t, typename acc_t>
-acc_t log_sum_exp(const scalar_t* s, int64_t n, int64_t skip) {
+LogSumExp<acc_t> log_sum_exp(const scalar_t* s, int64_t n, int64_t skip) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t m = kNegInf, sum = 0;
   for_segments(n, skip, [&](int64_t lo, int64_t hi) {
@@ -120,7 +128,7 @@ acc_t log_sum_exp(const scalar_t* s, int64_t n, int64_t skip) {
       sum += row_pass<scalar_t, acc_t>(s + c, nullptr, len, shift, acc_t(0), acc_t(0)).sum_exp;
     }
   });
-  return m + std::log(sum);
+  return {m, sum};
 }
 
 // Masked cross-entropy (MDLM): -log softmax(s)_{x0} where x_t is the mask; the
@@ -134,12 +142,14 @@ struct DceRow : MaskIds {
     if (!row_runs(role(row.x_t, row.x0, v, /*check_x_t=*/false), row, mask_id)) return acc_t(0);
     const int64_t skip = mask_id < v ? mask_id : -1;
     const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
-    const acc_t lse = log_sum_exp<scalar_t, acc_t>(row.score, v, skip);
+    const LogSumExp<acc_t> lse = log_sum_exp<scalar_t, acc_t>(row.score, v, skip);
     if (row.grad != nullptr) {
-      row_pass_skipping<scalar_t, acc_t>(row.score, row.grad, v, skip, lse, row.scale, acc_t(0));
-      row.grad[row.x0] = static_cast<scalar_t>(row.scale * (exp_acc(s_x0 - lse) - acc_t(1)));
+      // softmax = e^{s - m} / sum: the shift by m (exact) rather than by m + log sum (rounded).
+      const acc_t g_scale = row.scale / lse.sum;
+      row_pass_skipping<scalar_t, acc_t>(row.score, row.grad, v, skip, lse.max, g_scale, acc_t(0));
+      row.grad[row.x0] = static_cast<scalar_t>(g_scale * exp_acc(s_x0 - lse.max) - row.scale);
     }
-    return row.scale * (lse - s_x0);
+    return row.scale * ((lse.max - s_x0) + std::log(lse.sum));
   }
 };
 

@@ -74,9 +74,9 @@ struct DseUniformRow {
 // Cross-entropy (MDLM), at masked positions (x_t == mask_id): an online
 // log-sum-exp that reads the row once, then, for the gradient, one pass that
 // writes softmax - onehot(x0).
-//   lse  = log sum_{y != mask} e^{s_y}
-//   loss = scale * (lse - s_{x0})
-//   grad = scale * (e^{s_y - lse} - [y = x0]) for y != mask, 0 in the mask column.
+//   m = max_{y != mask} s_y,  sum = sum_{y != mask} e^{s_y - m}
+//   loss = scale * ((m - s_{x0}) + log sum)
+//   grad = scale * (e^{s_y - m} / sum - [y = x0]) for y != mask, 0 in the mask column.
 struct DceRow : MaskIds {
   using MaskIds::MaskIds;
 
@@ -93,12 +93,14 @@ struct DceRow : MaskIds {
     const Pair<acc_t> m_sum =
         group.allreduce(Pair<acc_t>{online.running_max, online.sum}, MergeLogSumExp<acc_t>());
     group.sync();  // every thread has read the row and s[x0] before the gradient pass may overwrite them
-    const acc_t lse = m_sum.a + log(m_sum.b);
+    const acc_t m = m_sum.a, sum = m_sum.b;
     if (row.grad != nullptr) {
-      ExpPass<acc_t> pass(skip, x0, lse, row.scale, acc_t(0), -row.scale);
+      // softmax = e^{s - m} / sum: the shift by m (exact) rather than by m + log sum (rounded).
+      ExpPass<acc_t> pass(skip, x0, m, row.scale / sum, acc_t(0), -row.scale);
       for_each_column(group, row.score, row.grad, v, pass);
     }
-    return row.scale * (lse - s_x0);
+    // (m - s_x0) first: a common offset of the logits cancels exactly before it can cost precision.
+    return row.scale * ((m - s_x0) + log(sum));
   }
 };
 
