@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <mutex>
+#include <random>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -173,6 +174,30 @@ inline int failures = 0;
 inline void fail(const std::string& what) {
   if (failures < 20) std::printf("FAIL %s\n", what.c_str());
   ++failures;
+}
+
+// A type as a value, for the generic lambda of sim_main.
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// Runs run_all(Type<scalar_t>{}, rng) for every element type of the kernels;
+// the exit status: 0 when nothing failed.
+template <typename RunAll>
+int sim_main(const char* title, unsigned seed, const RunAll& run_all) {
+  std::mt19937 rng(seed);
+  std::printf("host simulation of %s:\n", title);
+  run_all(Type<float>{}, rng);
+  run_all(Type<double>{}, rng);
+  run_all(Type<__half>{}, rng);
+  run_all(Type<__nv_bfloat16>{}, rng);
+  if (failures) {
+    std::printf("%d failures\n", failures);
+    return 1;
+  }
+  std::printf("all passed\n");
+  return 0;
 }
 
 }  // namespace sim

@@ -140,16 +140,6 @@ void run_all(std::mt19937& rng) {
 
 int main() {
   using namespace fastbound::gpu::sim;
-  std::mt19937 rng(4321);
-  std::printf("host simulation of the CUDA integration step:\n");
-  run_all<float>(rng);
-  run_all<double>(rng);
-  run_all<__half>(rng);
-  run_all<__nv_bfloat16>(rng);
-  if (failures) {
-    std::printf("%d failures\n", failures);
-    return 1;
-  }
-  std::printf("all passed\n");
-  return 0;
+  return sim_main("the CUDA integration step", 4321,
+                  [](auto type, std::mt19937& rng) { run_all<typename decltype(type)::type>(rng); });
 }

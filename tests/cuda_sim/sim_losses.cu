@@ -155,16 +155,6 @@ int run_all(std::mt19937& rng) {
 
 int main() {
   using namespace fastbound::gpu::sim;
-  std::mt19937 rng(1234);
-  std::printf("host simulation of the CUDA loss rows:\n");
-  run_all<float>(rng);
-  run_all<double>(rng);
-  run_all<__half>(rng);
-  run_all<__nv_bfloat16>(rng);
-  if (failures) {
-    std::printf("%d failures\n", failures);
-    return 1;
-  }
-  std::printf("all passed\n");
-  return 0;
+  return sim_main("the CUDA loss rows", 1234,
+                  [](auto type, std::mt19937& rng) { run_all<typename decltype(type)::type>(rng); });
 }
