@@ -1,4 +1,4 @@
-// Fused noise sampling x0 -> x_t (fastbound.perturb), CPU kernel.
+// Fused noise sampling x0 -> x_t (fastbound.perturb), CPU kernel; the twin of csrc/cuda/perturb.cu.
 //
 // Every element draws its Philox words from its own counter (the contract in
 // csrc/include/fastbound/philox.h), so the result does not depend on how the

@@ -1,5 +1,6 @@
 // Fused noise sampling x0 -> x_t (fastbound.perturb) and the raw Philox
-// generator, CUDA kernels. Torch-free; launchers declared in perturb.h.
+// generator, CUDA kernels; the twin of csrc/cpu/perturb.cpp. Torch-free;
+// launchers declared in perturb.h.
 //
 // Every element draws its words from its own Philox counter (the contract in
 // csrc/include/fastbound/philox.h), so the result is independent of the launch
