@@ -271,6 +271,7 @@ def test_scaled_upstream_and_gradient_accumulation(reduction):
         (scale * unfused("dce", **c2, reduction=reduction).sum()).backward()
     for n in ("hidden", "weight", "bias"):
         torch.testing.assert_close(c[n].grad, c2[n].grad, rtol=1e-5, atol=1e-6)
+        assert not c[n].grad.requires_grad and c[n].grad.grad_fn is None
 
 
 def test_double_backward_is_refused():

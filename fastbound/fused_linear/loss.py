@@ -132,7 +132,8 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[1:])
     else:
         ctx.save_for_backward(hidden, weight, bias, sigma, x_t, x0, row_scale)
-    # The gradient outputs never receive a gradient: no zero buffers for them.
+    # The gradient outputs are constants of the forward: no gradient, no zero buffers for them.
+    ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
 
 
