@@ -9,7 +9,7 @@ Providers, side by side in one run and each checked against the eager oracle:
 * ``unfused``: (a) ``F.linear(hidden, weight, bias)`` (what ``nn.Linear`` runs), then
   `fastbound.dse_loss` / `fastbound.dce_loss`;
 * ``eager``: (b) the same scores, then the eager oracle (`fastbound.reference`);
-* ``compile``: (c) ``torch.compile(fullgraph=True)`` of (a);
+* ``unfused_compile``: (c) ``torch.compile(fullgraph=True)`` of (a);
 * ``cce`` (DCE only): (d) Apple's Cut Cross-Entropy, ``linear_cross_entropy(e, c, targets,
   impl="torch_compile")``; the mask goes through ``ignore_index`` (targets are x0 at masked
   positions), the bias as one more input column (e = [h, 1], c = [W, b]: CCE 25.1 takes no
@@ -25,11 +25,20 @@ forward only) runs against the materialised path: ``F.linear`` then
 provider whose ``fastbound`` call is that provider, and records the provider's name in
 ``extra_info["provider"]`` (with ``mask_rate`` and ``hidden``). The oracle result is shared
 by the providers of one case (same case name). ``--smoke``: a small shape at 50% masking.
+
+Summary table and chart (time and peak memory against the masking rate)::
+
+    python -m pytest benchmarks/test_fused_linear.py --benchmark-json=fused.json
+    python -m benchmarks.test_fused_linear fused.json       # writes fused.md and fused.png
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+from collections import defaultdict
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable
 
@@ -154,10 +163,10 @@ class Op:
 
 OPS = [
     Op("fused_dse", head_inputs,
-       dict(fastbound=fused_dse, unfused=unfused_dse, eager=eager_dse, compile=unfused_dse)),
+       dict(fastbound=fused_dse, unfused=unfused_dse, eager=eager_dse, unfused_compile=unfused_dse)),
     Op("fused_dce", head_inputs,
        dict(fastbound=_drop_sigma(fused_dce), unfused=_drop_sigma(unfused_dce), eager=_drop_sigma(eager_dce),
-            compile=_drop_sigma(unfused_dce), cce=_drop_sigma(cce_dce))),
+            unfused_compile=_drop_sigma(unfused_dce), cce=_drop_sigma(cce_dce))),
     Op("head_integrate_dse", integrate_inputs,
        dict(fastbound=fused_integrate, unfused=unfused_integrate, eager=eager_integrate),
        grad_inputs=(), check=check_integrate),
@@ -181,7 +190,7 @@ class FusedSpec:
     def harness_spec(self) -> Spec:
         """A harness spec whose ``fastbound`` provider is this provider (its oracle: the op's eager call)."""
         call = self.op.providers[self.provider]
-        if self.provider == "compile":
+        if self.provider == "unfused_compile":
             torch._dynamo.reset()
             call = torch.compile(call, dynamic=False, fullgraph=True)
         check = self.op.check or (check_low_precision if self.dtype == torch.bfloat16 else assert_close_results)
@@ -227,3 +236,87 @@ def test_fused_linear(fused_spec, measure, benchmark):
     spec = fused_spec.harness_spec()
     measure(spec)
     benchmark.extra_info.update(provider=fused_spec.provider, mask_rate=fused_spec.rate, hidden=fused_spec.n_hidden)
+
+
+def collect(run: dict, stat: str) -> dict[tuple, dict[float, dict[str, dict]]]:
+    """{(op, dtype, tokens, V, H): {mask rate: {provider: {time, peak}}}} from a pytest-benchmark run."""
+    rows: dict[tuple, dict[float, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for bench in run["benchmarks"]:
+        info = bench["extra_info"]
+        if "mask_rate" not in info:
+            continue
+        key = (info["case"].split(" ")[0], info["dtype"], info["batch"] * info["length"], info["vocab"], info["hidden"])
+        rows[key][info["mask_rate"]][info["provider"]] = {"time": bench["stats"][stat], "peak": info["peak_bytes"]}
+    return rows
+
+
+def summary(rows: dict, stat: str) -> list[str]:
+    providers = ("fastbound", "unfused", "eager", "unfused_compile", "cce")
+    columns = (["op", "dtype", "tokens", "V", "H", "masked"] + [f"{p} ms" for p in providers]
+               + ["vs unfused", "vs compile", "vs cce"] + [f"peak {p} MiB" for p in providers] + ["peak / unfused"])
+    lines = [f"Times in ms ({stat}); peak memory beyond the inputs. `vs X`: X's time over fastbound's.", "",
+             "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for (op, dtype, tokens, vocab, hidden), rates in sorted(rows.items()):
+        for rate, got in sorted(rates.items()):
+            time = {p: got.get(p, {}).get("time") for p in providers}
+            peak = {p: got.get(p, {}).get("peak") for p in providers}
+            fast = time["fastbound"]
+            cells = [op, dtype, str(tokens), str(vocab), str(hidden), f"{100 * rate:.0f}%"]
+            cells += ["–" if t is None else f"{1e3 * t:.3g}" for t in time.values()]
+            cells += ["–" if time[p] is None or not fast else f"{time[p] / fast:.2f}×"
+                      for p in ("unfused", "unfused_compile", "cce")]
+            cells += ["–" if b is None else f"{b / 2**20:.3g}" for b in peak.values()]
+            cells += ["–" if not peak["unfused"] or peak["fastbound"] is None
+                      else f"{peak['fastbound'] / peak['unfused']:.3f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def chart(rows: dict, path: Path) -> None:
+    """Time and peak memory against the masking rate, one column of panels per (op, dtype)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(rows)
+    fig, axes = plt.subplots(2, len(keys), figsize=(4 * len(keys), 7), squeeze=False)
+    for col, key in enumerate(keys):
+        rates = sorted(rows[key])
+        for provider in sorted({p for r in rates for p in rows[key][r]}):
+            have = [r for r in rates if provider in rows[key][r]]
+            axes[0][col].plot([100 * r for r in have], [1e3 * rows[key][r][provider]["time"] for r in have], "o-",
+                              label=provider)
+            axes[1][col].plot([100 * r for r in have], [rows[key][r][provider]["peak"] / 2**20 for r in have], "o-",
+                              label=provider)
+        axes[0][col].set_title(f"{key[0]} {key[1]} N={key[2]} V={key[3]} H={key[4]}", fontsize=9)
+        axes[0][col].set_ylabel("time (ms)")
+        axes[1][col].set_ylabel("peak memory (MiB)")
+        axes[1][col].set_xlabel("masked positions (%)")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, which="both")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.test_fused_linear",
+                                     description="Summarises the fused linear benchmarks of a pytest-benchmark JSON.")
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--stat", default="min", choices=("min", "median", "mean"))
+    args = parser.parse_args(argv)
+    with open(args.json) as f:
+        rows = collect(json.load(f), args.stat)
+    if not rows:
+        raise SystemExit(f"{args.json}: no fused linear benchmarks in this file")
+    markdown = "\n".join(summary(rows, args.stat)) + "\n"
+    args.json.with_suffix(".md").write_text(markdown)
+    chart(rows, args.json.with_suffix(".png"))
+    print(markdown, end="")
+
+
+if __name__ == "__main__":
+    main()
