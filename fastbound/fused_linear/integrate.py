@@ -125,6 +125,7 @@ def head_integrate_step(
             _, s = chunk_scores(spec, flat, weight, bias, r, sig, xt[r])
             part = row_losses(spec, s, sig, xt[r], x0l[r], ones[: r.numel()], False)
             totals.index_add_(0, r // length, part.double())
+            del s  # one chunk of scores at a time
         total = weight_seq * totals
         acc.index_add_(0, index, torch.stack([total, total * total], -1))
     return acc

@@ -108,6 +108,7 @@ def fused_linear_loss(
             _add_mm(gw, s.t(), h)
         if gb.numel():
             gb += s.sum(0, dtype=gb.dtype)
+        del h, s  # one chunk of scores at a time: free it before the next is allocated
     return total, gh, gw.to(weight.dtype), gb.to(weight.dtype)
 
 
