@@ -338,7 +338,9 @@ def test_head_integrate_step_equals_integrate_step(kind, dtype):
     loss, graph = ("dce", "absorb") if kind == "dce" else ("dse", kind)
     w = torch.tensor([1.0, 0.5, 2.0, 3.0], dtype=torch.float64)
     index = torch.tensor([0, 2, 0, 1])
-    kw = dict(loss=loss, graph=graph, index=index)
+    n_cols = case["weight"].shape[0]
+    # the keywords the estimators pass to their step
+    kw = dict(loss=loss, graph=graph, mask_id=n_cols - 1, ignore_index=-100, index=index, backend=None)
     want = fb.integrate_step(scores_of(case["hidden"], case["weight"], case["bias"]), case["x_t"], case["x0"],
                              case["sigma"], w, torch.ones(3, 2, dtype=torch.float64), **kw)
     acc = torch.ones(3, 2, dtype=torch.float64)

@@ -84,7 +84,9 @@ def head_integrate_step(
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; move it to {hidden.device}")
     if index is None:
         if acc.shape[0] != n_seq:
-            raise ValueError(f"acc must have one row per sequence ({n_seq}) when index is not given, got {acc.shape[0]}")
+            raise ValueError(
+                f"acc must have one row per sequence ({n_seq}) when index is not given, got {acc.shape[0]}"
+            )
         index = torch.arange(n_seq, device=hidden.device)
     else:
         index = v.check_ids("index", index, torch.Size([n_seq])).long().contiguous()

@@ -65,12 +65,14 @@ def _outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], row_scale: 
 
 
 def _add_mm(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """out += a @ b with ``out`` in fp32/fp64; bf16/fp16 products are rounded once per chunk."""
+    """out += a @ b with ``out`` in fp32/fp64.
+
+    A bf16/fp16 GEMM accumulates in fp32 internally and rounds its (V, H) product once per
+    chunk; the chunks are then summed in fp32 (the CPU has no bf16 GEMM into an fp32 output).
+    """
     if a.dtype == out.dtype:
         out.addmm_(a, b)
-    elif out.device.type == "cuda":
-        out.add_(torch.mm(a, b, out_dtype=out.dtype))
-    else:  # CPU: no low-precision GEMM into fp32; its bf16/fp16 GEMM accumulates in fp32 internally
+    else:
         out.add_(torch.mm(a, b))
 
 
