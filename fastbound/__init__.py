@@ -15,6 +15,7 @@ Public API:
 from . import noise, reference, schedules, testing
 from ._ops import cpu_isa
 from .estimators import NLLEstimate, RatioEstimate, estimate_nll, log_likelihood_ratio
+from .fused_linear import fused_linear_dce_loss, fused_linear_dse_loss
 from .integrate import integrate_step
 from .losses import dce_loss, dse_loss
 from .noise import NoiseStream, Perturbed, perturb, philox_words, sample_num_masked, sample_times
@@ -22,6 +23,7 @@ from .noise import NoiseStream, Perturbed, perturb, philox_words, sample_num_mas
 __all__ = [
     "dse_loss",
     "dce_loss",
+    "fused_linear_dse_loss", "fused_linear_dce_loss",
     "perturb",
     "Perturbed",
     "sample_times",
