@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import fastbound as fb
+from conftest import TRITON_DEVICE
 from fastbound import _backend
 
 TESTS = pathlib.Path(__file__).parent
@@ -262,3 +263,120 @@ def test_training_step_captures_in_a_cuda_graph(loss_name):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.isfinite(captured).all() and torch.isfinite(eager).all()
+
+
+# --- Triton launches: on the inputs' device, one registration path, no recompiles ---------------
+
+TRITON_SOURCES = pathlib.Path(fb.__file__).parent / "triton_kernels"
+
+
+@pytest.mark.triton
+def test_every_triton_launch_and_registration_goes_through_common():
+    """Only `_common` calls wrap_triton / triton_op: every other module launches via the device-guarded helper."""
+    for path in TRITON_SOURCES.glob("*.py"):
+        if path.name in ("_common.py",) or path.name.startswith("continuous"):
+            continue
+        source = path.read_text()
+        assert "wrap_triton" not in source and "triton_op" not in source, path.name
+
+
+@pytest.mark.triton
+def test_launch_runs_under_the_tensors_device(monkeypatch):
+    from fastbound.triton_kernels import _common
+
+    events = []
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            events.append(("enter", str(self.device)))
+
+        def __exit__(self, *exc):
+            events.append(("exit", str(self.device)))
+
+    def fake_wrap(kernel):
+        return {(7,): lambda *args, **meta: events.append(("launch", kernel, args, meta))}
+
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    monkeypatch.setattr(_common, "wrap_triton", fake_wrap)
+    _common.launch("kernel", (7,), torch.device("cuda", 1), 1, 2, BLOCK=32)
+    assert events == [("enter", "cuda:1"), ("launch", "kernel", (1, 2), {"BLOCK": 32}), ("exit", "cuda:1")]
+    events.clear()
+    _common.launch("kernel", (7,), torch.device("cpu"), 3)
+    assert events == [("launch", "kernel", (3,), {})]
+
+
+@pytest.mark.triton
+def test_every_triton_op_is_registered():
+    import fastbound.triton_kernels  # noqa: F401
+
+    for name in ("dse_forward", "dse_forward_inplace", "dce_forward", "dce_forward_inplace", "integrate_step",
+                 "perturb", "philox4x32"):
+        assert hasattr(torch.ops.fastbound, f"{name}_triton"), name
+
+
+@pytest.mark.triton
+def test_perturb_kernels_do_not_specialise_seed_and_offset():
+    """seed / offset typed int64 and not specialised: an offset crossing 2^31 (or a multiple of 16) reuses the kernel."""
+    from triton.runtime.jit import JITFunction
+
+    from fastbound.triton_kernels import perturb
+
+    for kernel, names in ((perturb._bernoulli_kernel, ("seed", "offset")), (perturb._exact_k_kernel, ("seed", "offset")),
+                          (perturb._philox_kernel, ("seed",))):
+        options = getattr(kernel, "kwargs", None)  # the interpreter keeps jit's options here
+        not_specialised = options["do_not_specialize"] if options is not None else kernel.do_not_specialize
+        params = {p.name: p for p in JITFunction(kernel.fn, do_not_specialize=not_specialised).params}
+        for name in names:
+            assert params[name].do_not_specialize and params[name].annotation_type == "i64", (kernel.fn.__name__, name)
+
+
+@pytest.mark.cuda
+@pytest.mark.triton
+@pytest.mark.multi_gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_triton_ops_run_on_the_inputs_device():
+    """Scores on cuda:1 while cuda:0 is current: same loss as on the CPU (a launch on cuda:0 would fault or differ)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 300, generator=g)
+    x0 = torch.randint(0, 299, (64,), generator=g)
+    x_t = torch.where(torch.rand(64, generator=g) < 0.5, 299, x0)
+    want = fb.dce_loss(logits, x_t, x0)
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    got = fb.dce_loss(logits.to(dev), x_t.to(dev), x0.to(dev), backend="triton")
+    assert got.device == dev
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    acc = torch.zeros(1, 2, dtype=torch.float64, device=dev)
+    fb.integrate_step(logits.to(dev)[None], x_t.to(dev)[None], x0.to(dev)[None], None, 1.0, acc, backend="triton")
+    torch.testing.assert_close(acc[0, 0].cpu().float(), want.sum(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("loss_name", ["dce", "dse"])
+def test_triton_integrate_step_shared_slots_add_in_sequence_order(loss_name):
+    """Sequences sharing accumulator rows are added serially in sequence order: bitwise repeatable,
+    and bitwise equal to adding each sequence's own (S_b, S_b^2) row by row in float64."""
+    g = torch.Generator().manual_seed(3)
+    n_seq, length, n_cols, n_slots = 23, 2, 11, 4
+    out = (torch.randn(n_seq, length, n_cols, generator=g) * 3).to(TRITON_DEVICE)
+    x0 = torch.randint(0, n_cols - 1, (n_seq, length), generator=g).to(TRITON_DEVICE)
+    x_t = torch.where(torch.rand(n_seq, length, generator=g).to(TRITON_DEVICE) < 0.6, n_cols - 1, x0)
+    sigma = (torch.rand(n_seq, generator=g, dtype=torch.float64) + 0.1).to(TRITON_DEVICE)
+    weight = (torch.rand(n_seq, generator=g, dtype=torch.float64) * 5).to(TRITON_DEVICE)
+    index = torch.randint(0, n_slots - 1, (n_seq,), generator=g).to(TRITON_DEVICE)  # slot n_slots-1 stays unused
+    start = torch.randn(n_slots, 2, generator=g, dtype=torch.float64).to(TRITON_DEVICE)
+
+    def step(acc, idx):
+        return fb.integrate_step(out, x_t, x0, sigma, weight, acc, loss=loss_name, index=idx, backend="triton")
+
+    runs = [step(start.clone(), index) for _ in range(3)]
+    assert all(torch.equal(r, runs[0]) for r in runs)
+    own = step(torch.zeros(n_seq, 2, dtype=torch.float64, device=TRITON_DEVICE), None).cpu()
+    serial = start.cpu().clone()
+    for b, slot in enumerate(index.tolist()):
+        serial[slot, 0] += own[b, 0]
+        serial[slot, 1] += own[b, 1]
+    assert torch.equal(runs[0].cpu(), serial)

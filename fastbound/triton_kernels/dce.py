@@ -24,9 +24,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
-
-from .. import _ops
 from . import _common
 
 
@@ -94,7 +91,7 @@ def _dce_rows(logits, grad, x_t, x0, row_scale, mask_id: int, ignore_index: int,
     return _common.launch_rows(_dce_kernel, logits, grad, (x_t, x0), row_scale, (mask_id, ignore_index), write_grad)
 
 
-@triton_op("fastbound::dce_forward_triton", mutates_args=())
+@_common.register_op("dce_forward", fused_loss=True)
 def dce_forward_triton(
     logits: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor, mask_id: int,
     ignore_index: int, need_grad: bool,
@@ -105,7 +102,7 @@ def dce_forward_triton(
     return loss, grad
 
 
-@triton_op("fastbound::dce_forward_inplace_triton", mutates_args={"logits"})
+@_common.register_op("dce_forward_inplace", mutates_args={"logits"})
 def dce_forward_inplace_triton(
     logits: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor, mask_id: int,
     ignore_index: int,
@@ -113,5 +110,3 @@ def dce_forward_inplace_triton(
     """Per-row DCE loss (N,); overwrites ``logits`` with the scaled gradient."""
     return _dce_rows(logits, logits, x_t, x0, row_scale, mask_id, ignore_index, True)
 
-
-_ops.register_fused_loss("fastbound::dce_forward_triton")

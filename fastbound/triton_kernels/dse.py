@@ -38,8 +38,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
-
 from .. import _ops
 from . import _common
 
@@ -172,7 +170,7 @@ def _dse_rows(score, grad, sigma, x_t, x0, row_scale, graph: int, ignore_index: 
                                UNIFORM=graph == _ops.GRAPH_CODES["uniform"])
 
 
-@triton_op("fastbound::dse_forward_triton", mutates_args=())
+@_common.register_op("dse_forward", fused_loss=True)
 def dse_forward_triton(
     score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
     graph: int, ignore_index: int, need_grad: bool,
@@ -183,7 +181,7 @@ def dse_forward_triton(
     return loss, grad
 
 
-@triton_op("fastbound::dse_forward_inplace_triton", mutates_args={"score"})
+@_common.register_op("dse_forward_inplace", mutates_args={"score"})
 def dse_forward_inplace_triton(
     score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
     graph: int, ignore_index: int,
@@ -191,5 +189,3 @@ def dse_forward_inplace_triton(
     """Per-row DSE loss (N,); overwrites ``score`` with the scaled gradient."""
     return _dse_rows(score, score, sigma, x_t, x0, row_scale, graph, ignore_index, True)
 
-
-_ops.register_fused_loss("fastbound::dse_forward_triton")
