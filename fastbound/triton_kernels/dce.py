@@ -13,6 +13,10 @@ row whose :math:`x_0` is outside :math:`[0, V)` or is the mask id gets a NaN los
 NaN gradient row, and the id is never used as an address: the Python checks that
 refuse such ids do not run under ``torch.compile``.
 
+The loss is formed as :math:`(m - z_{x_0}) + \log\sum_y e^{z_y - m}` with :math:`m`
+the row maximum, and the softmax as :math:`e^{(z_y - m) - \log\sum}`, so large logits
+(an offset of :math:`10^4`) lose no digits to the cancellation of :math:`m`.
+
 One program per row: a first pass keeps a running maximum and a rescaled sum of
 exponentials (the online softmax of Milakov & Gimelshein 2018, as in
 Liger-Kernel's cross entropy), reading the row once; when the gradient is
@@ -58,8 +62,10 @@ def dce_row(logits_row, grad_row, n_cols, x_t, x0, scale, mask_id, ignore_index,
             shift = tl.where(new_max == -float("inf"), 0.0, new_max)  # an all -inf chunk adds 0
             sum_exp = sum_exp * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift))
             running_max = new_max
-        lse = running_max + tl.log(sum_exp)
-        loss = scale * (lse - tl.sum(z_x0))
+        # (m - z[x0]) + log sum: the two large terms cancel first, so a logit offset
+        # of 1e4 costs no digits (m + log sum would round log sum to ulp(m)).
+        log_sum = tl.log(sum_exp)
+        loss = scale * ((running_max - tl.sum(z_x0)) + log_sum)
         # Pass 2: the gradient. Pass 1 ended in block reductions, so in place every read
         # of the row is done before this pass overwrites it.
         if WRITE_GRAD:
@@ -67,7 +73,7 @@ def dce_row(logits_row, grad_row, n_cols, x_t, x0, scale, mask_id, ignore_index,
                 cols = start + tl.arange(0, BLOCK)
                 real = (cols < n_cols) & (cols != mask_id)
                 z = tl.load(logits_row + cols, mask=cols < n_cols, other=0.0).to(scale.dtype)
-                p = tl.where(real, tl.exp(z - lse), 0.0)
+                p = tl.where(real, tl.exp((z - running_max) - log_sum), 0.0)
                 g = scale * tl.where(cols == x0, p - 1.0, p)
                 tl.store(grad_row + cols, g.to(grad_row.dtype.element_ty), mask=cols < n_cols)
     return loss

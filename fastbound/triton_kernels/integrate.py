@@ -49,7 +49,8 @@ def _integrate_chunks_kernel(
         if LOSS == LOSS_DCE:
             loss = dce.dce_row(row_ptr, row_ptr, n_cols, x_t, x0, one, mask_id, ignore_index, False, BLOCK)
         else:
-            loss = dse.dse_row(row_ptr, row_ptr, n_cols, x_t, x0, k0, k1, one, ignore_index, UNIFORM, False, BLOCK)
+            loss = dse.dse_row(row_ptr, row_ptr, n_cols, x_t, x0, k0, k1, one, mask_id, ignore_index, UNIFORM, False,
+                               BLOCK)
         total += loss.to(tl.float64)
     tl.store(partial_ptr + pid + tl.arange(0, 1), total)
 
@@ -104,6 +105,7 @@ def integrate_step_triton(
         if loss == LOSS_DCE.value:
             consts = (sigma_acc, sigma_acc)
         else:
+            dse.check_mask_id(graph, mask_id, n_cols)
             consts = dse.row_constants(sigma_acc, graph, n_cols)
         block = _common.block_size(n_cols)
         _common.launch(
