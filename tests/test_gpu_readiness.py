@@ -380,3 +380,40 @@ def test_triton_integrate_step_shared_slots_add_in_sequence_order(loss_name):
         serial[slot, 0] += own[b, 0]
         serial[slot, 1] += own[b, 1]
     assert torch.equal(runs[0].cpu(), serial)
+
+
+# --- The one-shot GPU check, in its CPU mode ---------------------------------------------------
+
+REPO = TESTS.parent
+
+
+def test_gpu_check_dry_run_runs_every_part_that_needs_no_gpu(tmp_path):
+    """`.ci/gpu-check.sh --dry-run`: the CUDA-kernel query, every probe at tiny sizes on CPU (Triton in
+    its interpreter) and the GPU table writer on a one-round CPU benchmark, so the script cannot rot."""
+    env = {k: val for k, val in os.environ.items() if k != "FASTBOUND_REQUIRE_CUDA"}
+    env.update(GPU_CHECK_LOG=str(tmp_path), GPU_CHECK_BUDGET="1500")
+    run = subprocess.run(["bash", str(REPO / ".ci" / "gpu-check.sh"), "--dry-run"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    for stage in ("cuda-kernels", "probes", "bench", "report"):
+        assert f"PASS {stage} (" in run.stdout, stage
+    probes = (tmp_path / "probes.log").read_text()
+    assert "probes: 0 failed" in probes and probes.count("PASS ") == 9, probes
+    table = (tmp_path / "gpu.md").read_text()
+    assert "| dce | fwd+bwd | fp32 | 4×512 | 258 |" in table and "fastbound % HBM" in table
+
+
+def test_gpu_report_shares_of_the_datasheet_peak():
+    from benchmarks import gpu_report
+
+    assert gpu_report.peak_bandwidth("NVIDIA H200") == 4.8e12
+    assert gpu_report.peak_bandwidth("NVIDIA GH200 480GB") == 4.0e12
+    assert gpu_report.peak_bandwidth("NVIDIA H100 80GB HBM3") == 3.35e12
+    assert gpu_report.peak_bandwidth("Tesla T4") is None
+    info = dict(case="dce", mode="fwd_bwd", dtype="bf16", batch=4, length=512, vocab=32769, peak_bytes=0,
+                floor_bytes=10**9, floor_op="clone", device_name="NVIDIA H200", device="cuda")
+    run = {"benchmarks": [{"extra_info": dict(info, provider=p), "stats": {"min": t}}
+                          for p, t in (("fastbound", 0.5e-3), ("floor", 0.45e-3), ("eager", 5e-3))]}
+    row = gpu_report.report(run).strip().splitlines()[-1]
+    # 2 GB of traffic: 4000 GB/s = 83% of 4.8 TB/s for fastbound, 93% for the floor.
+    assert row.endswith("| 0.5 | 5 | 0.45 | 10.00× | 1.11× | 4000 | 83 | 93 |"), row
