@@ -187,6 +187,7 @@ def _dse_rows(score, grad, sigma, x_t, x0, row_scale, graph: int, mask_id: int |
 
 
 def _forward(score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index, need_grad):
+    """The functional op: per-row loss and, when ``need_grad``, the gradient in a new buffer."""
     grad = score.new_empty(score.shape) if need_grad else score.new_empty(0)
     loss = _dse_rows(score, grad if need_grad else score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index,
                      need_grad)
