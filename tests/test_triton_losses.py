@@ -275,7 +275,7 @@ def test_op_input_checks_name_the_argument():
     with pytest.raises(ValueError, match="x0"):
         op(score, args[1], x_t, x0.int(), *args[4:], False)
     with pytest.raises(ValueError, match="graph"):
-        op(*args[:5], 7, -100, False)
+        op(*args[:5], 7, *args[6:], False)
     dce_args = _op_args("dce", score, None, x_t, x0)
     with pytest.raises(ValueError, match="row_scale"):
         torch.ops.fastbound.dce_forward_triton(score, x_t, x0, dce_args[3][:2], 5, -100, False)
