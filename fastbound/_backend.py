@@ -5,6 +5,11 @@ was built against a CUDA torch) and "triton" (the Triton kernels; on CPU tensors
 they run only under ``TRITON_INTERPRET=1``, which is how the tests check them).
 ``backend=None`` reads ``FASTBOUND_BACKEND``, else "auto": "cpu" on CPU, and on
 GPU "cuda" when built, else "triton".
+
+`select` runs inside every public entry point, so it must trace under
+``torch.compile(fullgraph=True)``: Dynamo cannot trace the dispatcher query of
+`has_cuda_kernels` ("torch.* op returned non-Tensor"), so `select` reads
+`CUDA_KERNELS`, the answer computed once when this module is imported.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 
 import torch
 
+from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations that has_cuda_kernels queries)
 from ._validate import check_choice
 
 BACKENDS = ("auto", "cpu", "cuda", "triton")
@@ -21,6 +27,10 @@ BACKENDS = ("auto", "cpu", "cuda", "triton")
 def has_cuda_kernels(op: str = "fastbound::dse_forward") -> bool:
     """Whether this build of fastbound has CUDA kernels (built against a CUDA torch)."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+
+
+CUDA_KERNELS = has_cuda_kernels()
+"""`has_cuda_kernels` of this build, fixed at import (a constant to `torch.compile`)."""
 
 
 def select(device: torch.device, backend: str | None) -> str:
@@ -37,8 +47,8 @@ def select(device: torch.device, backend: str | None) -> str:
         if requested == "cpu":
             raise ValueError("backend='cpu' needs CPU tensors; these are on CUDA")
         if requested == "auto":
-            return "cuda" if has_cuda_kernels() else "triton"
-        if requested == "cuda" and not has_cuda_kernels():
+            return "cuda" if CUDA_KERNELS else "triton"
+        if requested == "cuda" and not CUDA_KERNELS:
             raise ValueError("this fastbound was built without CUDA kernels; use backend='triton' or rebuild")
         return requested
     raise ValueError(f"fastbound has no kernels for device type {device.type!r}")

@@ -211,7 +211,14 @@ def _op_args(loss, score, sigma, x_t, x0):
     if loss == "dce":
         return (score, x_t, x0, scale, score.shape[1] - 1, -100)
     code = fb._ops.GRAPH_CODES[loss]
-    return (score, sigma.expand(x_t.shape).contiguous(), x_t, x0, scale, code, -100)
+    return (score, sigma.expand(x_t.shape).contiguous(), x_t, x0, scale, code, *_mask_arg(score.shape[1] - 1), -100)
+
+
+def _mask_arg(mask_id):
+    """The DSE ops' ``mask_id`` argument, where this build's schema has it (CONTRACTS.md section 1)."""
+    from fastbound.triton_kernels import dse
+
+    return (mask_id,) if dse.TAKES_MASK_ID else ()
 
 
 @pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
@@ -268,7 +275,7 @@ def test_op_input_checks_name_the_argument():
     with pytest.raises(ValueError, match="x0"):
         op(score, args[1], x_t, x0.int(), *args[4:], False)
     with pytest.raises(ValueError, match="graph"):
-        op(*args[:5], 7, -100, False)
+        op(*args[:5], 7, *args[6:], False)
     dce_args = _op_args("dce", score, None, x_t, x0)
     with pytest.raises(ValueError, match="row_scale"):
         torch.ops.fastbound.dce_forward_triton(score, x_t, x0, dce_args[3][:2], 5, -100, False)
@@ -403,3 +410,151 @@ def test_inplace_ops_refuse_overlapping_rows(loss):
             op(shared, *args[1:])
     sliced = torch.randn(3, 9, device=DEV)[:, :7]  # rows apart by more than V: fine
     op(sliced, *args[1:])
+
+
+# --- The absorbing mask column anywhere (CONTRACTS.md section 1) ------------------------------
+
+
+def _dse_triton(score, sigma, x_t, x0, scale, graph, mask_id, need_grad, inplace=False):
+    """The Triton DSE op with ``mask_id``: the registered op where the schema has it, else its body."""
+    from fastbound.triton_kernels import dse
+
+    if dse.TAKES_MASK_ID:
+        if inplace:
+            return torch.ops.fastbound.dse_forward_inplace_triton(score, sigma, x_t, x0, scale, graph, mask_id, -100)
+        return torch.ops.fastbound.dse_forward_triton(score, sigma, x_t, x0, scale, graph, mask_id, -100, need_grad)
+    if inplace:
+        return dse._dse_rows(score, score, sigma, x_t, x0, scale, graph, mask_id, -100, True)
+    return dse._forward(score, sigma, x_t, x0, scale, graph, mask_id, -100, need_grad)
+
+
+def _mask_case(n, n_cols, mask_id, dtype, seed):
+    """Scores, sigma, ids and row scales with the mask in column ``mask_id``; and the permutation
+    of the columns that moves the mask to V-1 (where the oracle has it), with its id map."""
+    g = torch.Generator().manual_seed(seed)
+    score = (torch.randn(n, n_cols, generator=g) * 2).to(dtype)
+    tokens = torch.tensor([c for c in range(n_cols) if c != mask_id])
+    x0 = tokens[torch.randint(0, n_cols - 1, (n,), generator=g)]
+    x_t = torch.where(torch.rand(n, generator=g) < 0.6, mask_id, x0)
+    x0[0] = -100  # an ignored row
+    sigma = (torch.rand(n, generator=g, dtype=torch.float64) * 3 + 0.05).to(ref._acc(score).dtype)
+    scale = (torch.rand(n, generator=g) + 0.5).to(sigma.dtype)
+    perm = torch.cat([tokens, torch.tensor([mask_id])])
+    new_id = torch.empty(n_cols, dtype=torch.long)
+    new_id[perm] = torch.arange(n_cols)
+    return score, sigma, x_t, x0, scale, perm, new_id
+
+
+def _oracle_with_mask_last(score, sigma, x_t, x0, scale, perm, new_id):
+    """The oracle's loss and gradient (in the original column order) on the permuted scores."""
+    s = score.double()[:, perm].requires_grad_()
+    x0_p = torch.where(x0 == -100, x0, new_id[x0.clamp_min(0)])
+    loss = ref.dse_loss(s, sigma.double(), new_id[x_t], x0_p, weight=scale.double())
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    unpermuted = torch.empty_like(grad)
+    unpermuted[:, perm] = grad
+    return loss.detach(), unpermuted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mask_id", [0, 6, 15, 16])
+@pytest.mark.parametrize("variant", ["functional", "inplace", "no_grad"])
+def test_dse_absorb_mask_column_anywhere(mask_id, dtype, variant):
+    score, sigma, x_t, x0, scale, perm, new_id = _mask_case(9, 17, mask_id, dtype, seed=mask_id)
+    want_loss, want_grad = _oracle_with_mask_last(score, sigma, x_t, x0, scale, perm, new_id)
+    args = [t.to(DEV) for t in (score, sigma, x_t, x0, scale)]
+    absorb = fb._ops.GRAPH_CODES["absorb"]
+    if variant == "inplace":
+        buffer = args[0].clone()
+        loss = _dse_triton(buffer, *args[1:], absorb, mask_id, True, inplace=True)
+        grad = buffer
+    else:
+        loss, grad = _dse_triton(*args, absorb, mask_id, variant == "functional")
+    (lr, la), (gr, ga) = TOL[dtype]
+    torch.testing.assert_close(loss.double().cpu(), want_loss, rtol=lr, atol=la * _magnitude(want_loss))
+    if variant == "no_grad":
+        assert grad.numel() == 0
+    else:
+        torch.testing.assert_close(grad.double().cpu(), want_grad, rtol=gr, atol=ga * _magnitude(want_grad))
+        assert not grad[:, mask_id].any()  # the mask column's score is ignored
+
+
+def test_dse_mask_id_checked_and_ignored_by_uniform():
+    score, sigma, x_t, x0, scale, *_ = _mask_case(5, 8, 7, torch.float32, seed=1)
+    args = [t.to(DEV) for t in (score, sigma, x_t, x0, scale)]
+    for bad in (-1, 8):
+        with pytest.raises(ValueError, match="mask_id"):
+            _dse_triton(*args, fb._ops.GRAPH_CODES["absorb"], bad, True)
+    uniform = fb._ops.GRAPH_CODES["uniform"]
+    x0_real = args[3].clamp_min(0)
+    loss_a, grad_a = _dse_triton(*args[:3], x0_real, args[4], uniform, -1, True)
+    loss_b, grad_b = _dse_triton(*args[:3], x0_real, args[4], uniform, 3, True)
+    assert torch.equal(loss_a, loss_b) and torch.equal(grad_a, grad_b)
+
+
+@pytest.mark.parametrize("mask_id", [0, 6, 16])
+def test_integrate_step_dse_mask_column_anywhere(mask_id):
+    """The Triton integration step with the absorbing mask in column mask_id, against the oracle on
+    the permuted columns."""
+    import fastbound.triton_kernels.integrate  # noqa: F401
+
+    n_seq, length, n_cols = 3, 4, 17
+    score, sigma_rows, x_t, x0, _, perm, new_id = _mask_case(n_seq * length, n_cols, mask_id, torch.float32, seed=5)
+    out = score.view(n_seq, length, n_cols)
+    sigma = torch.tensor([0.3, 1.1, 2.5], dtype=torch.float64)
+    weight = torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)
+    got = torch.zeros(n_seq, 2, dtype=torch.float64, device=DEV)
+    torch.ops.fastbound.integrate_step_triton(
+        out.to(DEV), x_t.view(n_seq, length).to(DEV), x0.view(n_seq, length).to(DEV), sigma.to(DEV),
+        weight.to(DEV), got, None, fb.integrate.LOSS_CODES["dse"], fb._ops.GRAPH_CODES["absorb"], mask_id, -100)
+    x0_p = torch.where(x0 == -100, x0, new_id[x0.clamp_min(0)])
+    want = ref.integrate_step(out[..., perm].double(), new_id[x_t].view(n_seq, length), x0_p.view(n_seq, length),
+                              sigma, weight, torch.zeros(n_seq, 2, dtype=torch.float64), loss="dse")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+# --- Large logits (issue 11 item 3) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_dce_large_logits_keep_fp32_accuracy(offset):
+    """(m - z[x0]) + log sum cancels the offset first: the fp32 kernel is as close to the fp64 oracle
+    as the fp32 oracle is (m + log sum - z[x0] loses ~ulp(offset))."""
+    score, _, x_t, x0 = make_case("dce", (16,), 300, torch.float32, seed=4)
+    logits = score + offset
+    out, grad = run("triton", "dce", logits, None, x_t, x0)
+    want, want_grad = run("ref", "dce", logits.double(), None, x_t, x0)
+    fp32_oracle = ref.dce_loss(logits, x_t, x0).double()
+    budget = max(2 * (fp32_oracle - want).abs().max().item(), 1e-6)
+    assert (out.double() - want).abs().max().item() <= budget
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
+    acc = torch.zeros(1, 2, dtype=torch.float64, device=DEV)
+    fb.integrate_step(logits[None], x_t[None], x0[None], None, 1.0, acc, backend="triton")
+    assert abs(acc[0, 0].item() - want.sum().item()) <= 16 * budget
+
+
+# --- Narrow id dtypes in the Triton perturb (issue 11 item 9) --------------------------------
+
+
+@pytest.mark.parametrize("dtype,graph,vocab_size,mask_id", [
+    (torch.uint8, "uniform", 256, 0), (torch.uint8, "absorb", 256, 255), (torch.int8, "uniform", 128, 0),
+    (torch.int8, "absorb", 128, 127), (torch.int16, "absorb", 40000 // 2, 19999),
+])
+@pytest.mark.parametrize("mode", ["bernoulli", "exact_k"])
+def test_perturb_op_narrow_id_dtypes_match_cpu(dtype, graph, vocab_size, mask_id, mode):
+    """Ids at the top of uint8 / int8 / int16 and the mask id at the dtype's maximum: the Triton op
+    writes what the C++ op writes, bit for bit, for a seed and an offset beyond 2^31."""
+    import fastbound.triton_kernels.perturb  # noqa: F401
+
+    g = torch.Generator().manual_seed(7)
+    n_real = vocab_size if graph == "uniform" else mask_id
+    x0 = torch.randint(0, n_real, (3, 37), generator=g).to(dtype)
+    x0[0, :3] = torch.tensor([0, n_real - 1, n_real - 1]).to(dtype)
+    threshold = torch.full((3, 1), 1 << 23, dtype=torch.int32) if mode == "bernoulli" else None
+    num_masked = torch.tensor([0, 17, 37]) if mode == "exact_k" else None
+    args = (vocab_size, mask_id, fb._ops.GRAPH_CODES[graph], -(2**62) - 5, 2**31 + 3)
+    want = torch.ops.fastbound.perturb(x0, threshold, num_masked, None, *args)
+    dev = [None if t is None else t.to(DEV) for t in (x0, threshold, num_masked)]
+    got = torch.ops.fastbound.perturb_triton(*dev, None, *args)
+    assert got[0].dtype == dtype
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])

@@ -1,12 +1,14 @@
-"""Triton kernels for the fused losses, registered as ``torch.ops.fastbound.*_triton``.
+"""Triton kernels, registered as ``torch.ops.fastbound.<op>_triton`` (`_common.register_op`).
 
-Importing this package defines the ops (with the C++ ops' schemas, see
-`csrc/ops.cpp`) and their autograd; `fastbound.losses` imports it when
-``backend="triton"``. On CPU tensors the kernels run only in Triton's
-interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
+Importing this package defines every Triton op (each with the schema of the C++
+op of the same name, see `csrc/ops.cpp`) and the losses' autograd; the public
+functions import it when ``backend="triton"``. On CPU tensors the kernels run
+only in Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported).
 
-Ops: ``dse_forward_triton``, ``dse_forward_inplace_triton`` (`.dse`) and
-``dce_forward_triton``, ``dce_forward_inplace_triton`` (`.dce`).
+Ops: ``dse_forward_triton``, ``dse_forward_inplace_triton`` (`.dse`),
+``dce_forward_triton``, ``dce_forward_inplace_triton`` (`.dce`),
+``integrate_step_triton`` (`.integrate`), ``perturb_triton`` and
+``philox4x32_triton`` (`.perturb`).
 """
 
-from . import dce, dse  # noqa: F401  (registers the ops)
+from . import dce, dse, integrate, perturb  # noqa: F401  (registers the ops)

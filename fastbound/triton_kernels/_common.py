@@ -1,4 +1,10 @@
-"""What the Triton loss kernels share: block sizes, a row-fill helper and the op contract checks.
+"""What the Triton kernels share: op registration, guarded launches, block sizes, a row-fill helper
+and the loss ops' contract checks.
+
+Every ``fastbound::*_triton`` op is registered by `register_op` and launches its
+kernels through `launch`, which runs them on the inputs' device: Triton launches
+on the *current* CUDA device, so scores on ``cuda:1`` while ``cuda:0`` is current
+would otherwise run on the wrong GPU (or fault).
 
 Every loss kernel (and the integration step) handles a row of V scores in one
 program that walks the row in chunks of ``BLOCK`` columns, so a row of any
@@ -9,16 +15,49 @@ in int32 ``start + tl.arange(...)`` and the loop counter would wrap for V near 2
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+from torch.library import triton_op, wrap_triton
+
+from .. import _ops
 
 MAX_BLOCK = 4096
 """Largest chunk of a row one program holds at once (16 KiB of fp32 scores)."""
 
 MIN_BLOCK = 32
 """One warp's width: smaller chunks would give two threads the same column."""
+
+
+def register_op(name: str, mutates_args=(), *, fused_loss: bool = False) -> Callable:
+    """Decorator: registers the function as the op ``fastbound::<name>_triton``.
+
+    ``name`` is the C++ op whose schema it repeats (`csrc/ops.cpp`); ``fused_loss``
+    also registers the fused-loss autograd (`fastbound._ops.register_fused_loss`).
+    """
+    qualname = f"fastbound::{name}_triton"
+
+    def register(fn: Callable) -> Callable:
+        op = triton_op(qualname, mutates_args=mutates_args)(fn)
+        if fused_loss:
+            _ops.register_fused_loss(qualname)
+        return op
+
+    return register
+
+
+def device_guard(device: torch.device):
+    """Makes ``device`` the current CUDA device (a no-op for CPU tensors, run by the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel, grid: tuple, device: torch.device, *args, **meta) -> None:
+    """Launches the Triton ``kernel`` on ``grid`` on ``device`` (the device of the op's tensors)."""
+    with device_guard(device):
+        wrap_triton(kernel)[grid](*args, **meta)
 
 
 def block_size(n_cols: int) -> int:
@@ -97,7 +136,8 @@ def launch_rows(kernel, score: torch.Tensor, grad: torch.Tensor, row_inputs: tup
     if n == 0:
         return loss
     block = block_size(n_cols)
-    wrap_triton(kernel)[(n,)](
+    launch(
+        kernel, (n,), score.device,
         score, score.stride(0), grad, grad.stride(0) if write_grad else 0, *row_inputs, row_scale, loss, n_cols,
         *scalars, WRITE_GRAD=write_grad, BLOCK=block, num_warps=num_warps(block), **constexprs,
     )  # fmt: skip

@@ -13,6 +13,10 @@ row whose :math:`x_0` is outside :math:`[0, V)` or is the mask id gets a NaN los
 NaN gradient row, and the id is never used as an address: the Python checks that
 refuse such ids do not run under ``torch.compile``.
 
+The loss is formed as :math:`(m - z_{x_0}) + \log\sum_y e^{z_y - m}` with :math:`m`
+the row maximum, and the softmax as :math:`e^{(z_y - m) - \log\sum}`, so large logits
+(an offset of :math:`10^4`) lose no digits to the cancellation of :math:`m`.
+
 One program per row: a first pass keeps a running maximum and a rescaled sum of
 exponentials (the online softmax of Milakov & Gimelshein 2018, as in
 Liger-Kernel's cross entropy), reading the row once; when the gradient is
@@ -24,9 +28,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
-
-from .. import _ops
 from . import _common
 
 
@@ -61,8 +62,10 @@ def dce_row(logits_row, grad_row, n_cols, x_t, x0, scale, mask_id, ignore_index,
             shift = tl.where(new_max == -float("inf"), 0.0, new_max)  # an all -inf chunk adds 0
             sum_exp = sum_exp * tl.exp(running_max - shift) + tl.sum(tl.exp(z - shift))
             running_max = new_max
-        lse = running_max + tl.log(sum_exp)
-        loss = scale * (lse - tl.sum(z_x0))
+        # (m - z[x0]) + log sum: the two large terms cancel first, so a logit offset
+        # of 1e4 costs no digits (m + log sum would round log sum to ulp(m)).
+        log_sum = tl.log(sum_exp)
+        loss = scale * ((running_max - tl.sum(z_x0)) + log_sum)
         # Pass 2: the gradient. Pass 1 ended in block reductions, so in place every read
         # of the row is done before this pass overwrites it.
         if WRITE_GRAD:
@@ -70,7 +73,7 @@ def dce_row(logits_row, grad_row, n_cols, x_t, x0, scale, mask_id, ignore_index,
                 cols = start + tl.arange(0, BLOCK)
                 real = (cols < n_cols) & (cols != mask_id)
                 z = tl.load(logits_row + cols, mask=cols < n_cols, other=0.0).to(scale.dtype)
-                p = tl.where(real, tl.exp(z - lse), 0.0)
+                p = tl.where(real, tl.exp((z - running_max) - log_sum), 0.0)
                 g = scale * tl.where(cols == x0, p - 1.0, p)
                 tl.store(grad_row + cols, g.to(grad_row.dtype.element_ty), mask=cols < n_cols)
     return loss
@@ -94,7 +97,7 @@ def _dce_rows(logits, grad, x_t, x0, row_scale, mask_id: int, ignore_index: int,
     return _common.launch_rows(_dce_kernel, logits, grad, (x_t, x0), row_scale, (mask_id, ignore_index), write_grad)
 
 
-@triton_op("fastbound::dce_forward_triton", mutates_args=())
+@_common.register_op("dce_forward", fused_loss=True)
 def dce_forward_triton(
     logits: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor, mask_id: int,
     ignore_index: int, need_grad: bool,
@@ -105,7 +108,7 @@ def dce_forward_triton(
     return loss, grad
 
 
-@triton_op("fastbound::dce_forward_inplace_triton", mutates_args={"logits"})
+@_common.register_op("dce_forward_inplace", mutates_args={"logits"})
 def dce_forward_inplace_triton(
     logits: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor, mask_id: int,
     ignore_index: int,
@@ -113,5 +116,3 @@ def dce_forward_inplace_triton(
     """Per-row DCE loss (N,); overwrites ``logits`` with the scaled gradient."""
     return _dce_rows(logits, logits, x_t, x0, row_scale, mask_id, ignore_index, True)
 
-
-_ops.register_fused_loss("fastbound::dce_forward_triton")

@@ -6,11 +6,13 @@ second pass (the fused-loss design of Liger-Kernel's cross entropy, applied
 here to score entropy). Formulas (Lou, Meng & Ermon 2024, SEDD, ``graph_lib.py``;
 the C++ version is `csrc/include/fastbound/elementwise.h`):
 
-Absorbing graph, mask column V-1, :math:`r = 1/(e^\sigma - 1)`, at rows with
-:math:`x_t = V-1`:
+Absorbing graph, mask column :math:`m` (``mask_id``, any column; V-1 by default in
+`fastbound.dse_loss`), :math:`r = 1/(e^\sigma - 1)`, at rows with :math:`x_t = m`:
 
-.. math:: \ell = \sum_{y<V-1} e^{s_y} - r\,s_{x_0} + r(\log r - 1), \qquad
-          \partial\ell/\partial s_y = e^{s_y} - r[y = x_0] \ (y < V-1), \ 0 \text{ at } V-1.
+.. math:: \ell = \sum_{y \ne m} e^{s_y} - r\,s_{x_0} + r(\log r - 1), \qquad
+          \partial\ell/\partial s_y = e^{s_y} - r[y = x_0] \ (y \ne m), \ 0 \text{ at } m;
+
+columns after :math:`m` are ordinary columns (CONTRACTS.md section 1).
 
 Uniform graph, N = V states, :math:`a = e^\sigma - 1`, :math:`\rho = a/(a+N)`,
 :math:`c = \rho` if :math:`x_t = x_0` else 1, sums over :math:`y \ne x_t`:
@@ -22,8 +24,8 @@ with neg and const as in `fastbound.reference.dse_uniform`. Loss and gradient
 are multiplied by the row scale. Rows whose :math:`x_0` is ``ignore_index``
 (and, for the absorbing graph, rows that are not masked) get loss 0 and a zero
 gradient row. As in the CUDA kernels (`csrc/cuda/dse.cu`), an id out of range
-(:math:`x_t \notin [0, V)`, or at a contributing row :math:`x_0 \notin [0, V-1)` for the
-absorbing graph, :math:`[0, V)` for the uniform one) gives that row a NaN loss and a
+(:math:`x_t \notin [0, V)`, or at a contributing row :math:`x_0 \notin [0, V)` or
+:math:`x_0 = m` for the absorbing graph, :math:`x_0 \notin [0, V)` for the uniform one) gives that row a NaN loss and a
 NaN gradient row, and is never used as an address: the Python checks that refuse
 such ids do not run under ``torch.compile``.
 
@@ -38,8 +40,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
-
 from .. import _ops
 from . import _common
 
@@ -70,7 +70,8 @@ def row_constants(sigma: torch.Tensor, graph: int, n_states: int) -> tuple[torch
 
 
 @triton.jit
-def _absorb_row(score_row, grad_row, n_cols, x0, r, konst, scale, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+def _absorb_row(score_row, grad_row, n_cols, x0, mask_id, r, konst, scale, WRITE_GRAD: tl.constexpr,
+                BLOCK: tl.constexpr):
     """Loss of one masked row (absorbing graph); writes its gradient when WRITE_GRAD."""
     n_cols = tl.cast(n_cols, tl.int64)  # int64 loop counter and columns: no wrap for V near 2^31
     sum_exp = tl.zeros([BLOCK], r.dtype)
@@ -79,7 +80,7 @@ def _absorb_row(score_row, grad_row, n_cols, x0, r, konst, scale, WRITE_GRAD: tl
         cols = start + tl.arange(0, BLOCK)
         in_row = cols < n_cols
         s = tl.load(score_row + cols, mask=in_row, other=0.0).to(r.dtype)
-        e = tl.where(cols < n_cols - 1, tl.exp(s), 0.0)  # the mask column has no exp term
+        e = tl.where(in_row & (cols != mask_id), tl.exp(s), 0.0)  # the mask column has no exp term
         at_x0 = cols == x0
         sum_exp += e
         s_x0 += tl.where(at_x0, s, 0.0)
@@ -123,11 +124,12 @@ def _uniform_row(score_row, grad_row, n_cols, x_t, x0, inv_a, log_rho, scale, WR
 
 
 @triton.jit
-def dse_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, ignore_index, UNIFORM: tl.constexpr,
+def dse_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, mask_id, ignore_index, UNIFORM: tl.constexpr,
             WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     """The score entropy of one row times ``scale``, and its gradient into ``grad_row`` when WRITE_GRAD.
 
-    ``k0, k1`` are the row's `row_constants`. An id out of range (see the module
+    ``k0, k1`` are the row's `row_constants`; ``mask_id`` is the absorbing graph's mask
+    column (unused by the uniform graph). An id out of range (see the module
     docstring) gives a NaN loss and gradient row. Used by the loss kernel and by the
     integration step (`.integrate`, without the gradient).
     """
@@ -135,8 +137,8 @@ def dse_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, ignore_index, U
         skip = x0 == ignore_index
         x0_bad = (x0 < 0) | (x0 >= n_cols)
     else:
-        skip = (x0 == ignore_index) | (x_t != n_cols - 1)
-        x0_bad = (x0 < 0) | (x0 >= n_cols - 1)  # x0 = V-1 would be the mask
+        skip = (x0 == ignore_index) | (x_t != mask_id)
+        x0_bad = (x0 < 0) | (x0 >= n_cols) | (x0 == mask_id)
     bad = (x_t < 0) | (x_t >= n_cols) | (x0_bad & ~skip)
     loss = tl.zeros_like(scale)
     if bad | skip:
@@ -146,50 +148,88 @@ def dse_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, ignore_index, U
     elif UNIFORM:
         loss = _uniform_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, WRITE_GRAD, BLOCK)
     else:
-        loss = _absorb_row(score_row, grad_row, n_cols, x0, k0, k1, scale, WRITE_GRAD, BLOCK)
+        loss = _absorb_row(score_row, grad_row, n_cols, x0, mask_id, k0, k1, scale, WRITE_GRAD, BLOCK)
     return loss
 
 
 @triton.jit
 def _dse_kernel(score_ptr, score_stride, grad_ptr, grad_stride, k0_ptr, k1_ptr, x_t_ptr, x0_ptr, scale_ptr,
-                loss_ptr, n_cols, ignore_index, UNIFORM: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                loss_ptr, n_cols, mask_id, ignore_index, UNIFORM: tl.constexpr, WRITE_GRAD: tl.constexpr,
                 BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # row * stride may exceed 2^31
     loss = dse_row(score_ptr + row * score_stride, grad_ptr + row * grad_stride, n_cols, tl.load(x_t_ptr + row),
                    tl.load(x0_ptr + row), tl.load(k0_ptr + row), tl.load(k1_ptr + row), tl.load(scale_ptr + row),
-                   ignore_index, UNIFORM, WRITE_GRAD, BLOCK)
+                   mask_id, ignore_index, UNIFORM, WRITE_GRAD, BLOCK)
     tl.store(loss_ptr + row, loss)
 
 
-def _dse_rows(score, grad, sigma, x_t, x0, row_scale, graph: int, ignore_index: int, write_grad: bool) -> torch.Tensor:
-    """Runs the kernel over all rows; ``grad`` may be ``score`` itself (in place). Returns the loss."""
+def check_mask_id(graph: int, mask_id: int, n_cols: int) -> int:
+    """The absorbing graph's mask column must be a column, [0, V); the uniform graph ignores it (pass -1)."""
     if graph not in _ops.GRAPH_CODES.values():
         raise ValueError(f"graph must be one of the codes {_ops.GRAPH_CODES}, got {graph}")
+    if graph == _ops.GRAPH_CODES["absorb"] and not 0 <= mask_id < n_cols:
+        raise ValueError(f"mask_id must be a column of the scores, in [0, {n_cols}), got {mask_id}")
+    return mask_id
+
+
+def _dse_rows(score, grad, sigma, x_t, x0, row_scale, graph: int, mask_id: int | None, ignore_index: int,
+              write_grad: bool) -> torch.Tensor:
+    """Runs the kernel over all rows; ``grad`` may be ``score`` itself (in place). Returns the loss.
+
+    ``mask_id`` None is the last column (the schema of a C++ build without ``mask_id``).
+    """
     _common.check_loss_inputs(score, {"sigma": sigma, "row_scale": row_scale}, {"x_t": x_t, "x0": x0},
                               score_name="score", inplace=write_grad and grad is score)
+    mask_id = check_mask_id(graph, score.shape[1] - 1 if mask_id is None else mask_id, score.shape[1])
     row_inputs = (*row_constants(sigma, graph, score.shape[1]), x_t, x0)
-    return _common.launch_rows(_dse_kernel, score, grad, row_inputs, row_scale, (ignore_index,), write_grad,
+    return _common.launch_rows(_dse_kernel, score, grad, row_inputs, row_scale, (mask_id, ignore_index), write_grad,
                                UNIFORM=graph == _ops.GRAPH_CODES["uniform"])
 
 
-@triton_op("fastbound::dse_forward_triton", mutates_args=())
-def dse_forward_triton(
-    score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
-    graph: int, ignore_index: int, need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row DSE loss (N,) and, when ``need_grad``, its gradient (N, V) scaled by ``row_scale``."""
+def _forward(score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index, need_grad):
+    """The functional op: per-row loss and, when ``need_grad``, the gradient in a new buffer."""
     grad = score.new_empty(score.shape) if need_grad else score.new_empty(0)
-    loss = _dse_rows(score, grad if need_grad else score, sigma, x_t, x0, row_scale, graph, ignore_index, need_grad)
+    loss = _dse_rows(score, grad if need_grad else score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index,
+                     need_grad)
     return loss, grad
 
 
-@triton_op("fastbound::dse_forward_inplace_triton", mutates_args={"score"})
-def dse_forward_inplace_triton(
-    score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
-    graph: int, ignore_index: int,
-) -> torch.Tensor:
-    """Per-row DSE loss (N,); overwrites ``score`` with the scaled gradient."""
-    return _dse_rows(score, score, sigma, x_t, x0, row_scale, graph, ignore_index, True)
+TAKES_MASK_ID = any(a.name == "mask_id" for a in torch.ops.fastbound.dse_forward.default._schema.arguments)
+"""Whether this build's C++ DSE ops take ``mask_id`` (CONTRACTS.md section 1); the Triton ops repeat
+their schema, so a C++ build from before that change gets Triton ops with the mask at V-1."""
 
+if TAKES_MASK_ID:
 
-_ops.register_fused_loss("fastbound::dse_forward_triton")
+    @_common.register_op("dse_forward", fused_loss=True)
+    def dse_forward_triton(
+        score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
+        graph: int, mask_id: int, ignore_index: int, need_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row DSE loss (N,) and, when ``need_grad``, its gradient (N, V) scaled by ``row_scale``."""
+        return _forward(score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index, need_grad)
+
+    @_common.register_op("dse_forward_inplace", mutates_args={"score"})
+    def dse_forward_inplace_triton(
+        score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
+        graph: int, mask_id: int, ignore_index: int,
+    ) -> torch.Tensor:
+        """Per-row DSE loss (N,); overwrites ``score`` with the scaled gradient."""
+        return _dse_rows(score, score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index, True)
+
+else:
+
+    @_common.register_op("dse_forward", fused_loss=True)
+    def dse_forward_triton(
+        score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
+        graph: int, ignore_index: int, need_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask-at-V-1 schema of a C++ build without ``mask_id``."""
+        return _forward(score, sigma, x_t, x0, row_scale, graph, None, ignore_index, need_grad)
+
+    @_common.register_op("dse_forward_inplace", mutates_args={"score"})
+    def dse_forward_inplace_triton(
+        score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
+        graph: int, ignore_index: int,
+    ) -> torch.Tensor:
+        """The mask-at-V-1 schema of a C++ build without ``mask_id``."""
+        return _dse_rows(score, score, sigma, x_t, x0, row_scale, graph, None, ignore_index, True)

@@ -4,9 +4,12 @@ One program reduces a chunk of rows of one sequence: each row's loss is the
 per-row code of the loss kernels (`.dce.dce_row`, `.dse.dse_row`, without the
 gradient), so the step and the losses evaluate the same formulas; the program
 writes the chunk's float64 sum. A few torch operations then form
-:math:`S_b = w_b \sum` per sequence and add :math:`(S_b, S_b^2)` to the
-accumulator. Registered as ``fastbound::integrate_step_triton`` with the schema
-of ``fastbound::integrate_step``.
+:math:`S_b = w_b \sum` per sequence, and :math:`(S_b, S_b^2)` is added to the
+accumulator deterministically, as the C++ kernels do: sequences that share an
+accumulator row are added serially in sequence order by one program
+(`_add_to_slots_kernel`), never with float64 atomics (``index_add_`` on a GPU adds
+in whatever order the atomics land). Registered as ``fastbound::integrate_step_triton``
+with the schema of ``fastbound::integrate_step``.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ import triton
 import triton.language as tl
 
 from .. import _ops
+from ..integrate import LOSS_CODES
 from . import _common, dce, dse
 
-LOSS_DCE = tl.constexpr(1)
-"""The DCE's loss code (`fastbound.integrate.LOSS_CODES`); 0 is the DSE."""
+LOSS_DCE = tl.constexpr(LOSS_CODES["dce"])
 
 ROWS_TARGET = 1 << 15  # scores per program, as the C++ kernels (`integrate_rows_per_chunk`)
 
@@ -46,12 +49,47 @@ def _integrate_chunks_kernel(
         if LOSS == LOSS_DCE:
             loss = dce.dce_row(row_ptr, row_ptr, n_cols, x_t, x0, one, mask_id, ignore_index, False, BLOCK)
         else:
-            loss = dse.dse_row(row_ptr, row_ptr, n_cols, x_t, x0, k0, k1, one, ignore_index, UNIFORM, False, BLOCK)
+            loss = dse.dse_row(row_ptr, row_ptr, n_cols, x_t, x0, k0, k1, one, mask_id, ignore_index, UNIFORM, False,
+                               BLOCK)
         total += loss.to(tl.float64)
     tl.store(partial_ptr + pid + tl.arange(0, 1), total)
 
 
-@torch.library.triton_op("fastbound::integrate_step_triton", mutates_args={"acc"})
+@triton.jit
+def _add_to_slots_kernel(rows_ptr, slot_ptr, run_end_ptr, acc_ptr, n_slots):
+    """Program j: if sorted position j starts a run of one slot, adds the run's rows serially.
+
+    ``rows`` (B, 2) holds :math:`(S_b, S_b^2)` and ``slot`` the slots, both stably sorted by
+    slot; ``run_end[j]`` is one past the last position with ``slot[j]``. So each slot is
+    written by one program, its sequences are added in sequence order, and the squares
+    come in rounded (no fused multiply-add). Slots outside [0, n_slots) are skipped.
+    """
+    j = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + j)
+    starts_run = (j == 0) | (tl.load(slot_ptr + tl.maximum(j - 1, 0)) != slot)
+    if starts_run & (slot >= 0) & (slot < n_slots):
+        total = tl.load(acc_ptr + 2 * slot)
+        total_sq = tl.load(acc_ptr + 2 * slot + 1)
+        for k in range(j, tl.load(run_end_ptr + j)):
+            total += tl.load(rows_ptr + 2 * k)
+            total_sq += tl.load(rows_ptr + 2 * k + 1)
+        tl.store(acc_ptr + 2 * slot, total)
+        tl.store(acc_ptr + 2 * slot + 1, total_sq)
+
+
+def _add_to_slots(acc: torch.Tensor, value: torch.Tensor, index: torch.Tensor | None) -> None:
+    """acc[index[b]] += (value_b, value_b^2), deterministically (see the module docstring)."""
+    rows = torch.stack([value, value * value], -1)
+    if index is None:  # one accumulator row per sequence: nothing is shared
+        acc += rows
+        return
+    slot, order = torch.sort(index, stable=True)
+    run_end = torch.searchsorted(slot, slot, right=True)
+    _common.launch(_add_to_slots_kernel, (slot.shape[0],), acc.device, rows[order].contiguous(), slot, run_end, acc,
+                   acc.shape[0])
+
+
+@_common.register_op("integrate_step", mutates_args={"acc"})
 def integrate_step_triton(
     out: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, weight: torch.Tensor,
     acc: torch.Tensor, index: torch.Tensor | None, loss: int, graph: int, mask_id: int, ignore_index: int,
@@ -67,9 +105,11 @@ def integrate_step_triton(
         if loss == LOSS_DCE.value:
             consts = (sigma_acc, sigma_acc)
         else:
+            dse.check_mask_id(graph, mask_id, n_cols)
             consts = dse.row_constants(sigma_acc, graph, n_cols)
         block = _common.block_size(n_cols)
-        torch.library.wrap_triton(_integrate_chunks_kernel)[(n_seq * n_chunks,)](
+        _common.launch(
+            _integrate_chunks_kernel, (n_seq * n_chunks,), out.device,
             out, out.stride(0), out.stride(1), x_t, x0, *consts, partial,
             length, n_cols, rows_per_chunk, n_chunks, mask_id, ignore_index,
             LOSS=loss, UNIFORM=graph == _ops.GRAPH_CODES["uniform"], BLOCK=block, num_warps=_common.num_warps(block),
@@ -77,6 +117,4 @@ def integrate_step_triton(
         sums = partial.view(n_seq, n_chunks).sum(1)
     else:
         sums = torch.zeros(n_seq, dtype=torch.float64, device=out.device)
-    value = sums * weight
-    rows = torch.arange(n_seq, device=out.device) if index is None else index
-    acc.index_add_(0, rows, torch.stack([value, value * value], -1))
+    _add_to_slots(acc, sums * weight, index)

@@ -18,7 +18,14 @@ al. 2011). ``seed`` and ``offset`` arrive as the int64 bit patterns of uint64s.
   column with a running cumulative sum. No sort.
 
 A selected element becomes ``mask_id`` (absorbing graph) or the token
-``floor(w1 * V / 2^32)`` (uniform graph).
+``floor(w1 * V / 2^32)`` (uniform graph), in x0's id dtype (int64 down to
+uint8 / int8: `fastbound.noise.perturb` refuses a mask id or vocabulary the dtype
+cannot hold).
+
+``seed`` and ``offset`` are typed int64 and not specialised
+(``do_not_specialize``): by default Triton types an int argument i32 or i64 by its
+value and specialises on 1 and on divisibility by 16, so a training loop whose
+offset grows would recompile the kernel at 2^31 and on every such value.
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
-GRAPH_UNIFORM = 1
-"""The uniform graph's code (`fastbound._ops.GRAPH_CODES`)."""
+from .. import _ops
+from . import _common
+
+RANDOM_ARGS = ("seed", "offset")
+"""The Philox key and counter base: typed int64, never specialised (see the module docstring)."""
 
 ELEMENTS_PER_PROGRAM = 1024
 """Bernoulli mode: elements one program handles."""
@@ -50,9 +59,9 @@ def _replace(x, selected, w1, vocab_size, mask_id, UNIFORM: tl.constexpr):
     return tl.where(selected, replacement, x)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=RANDOM_ARGS)
 def _bernoulli_kernel(x0_ptr, x_t_ptr, mask_ptr, threshold_ptr, threshold_row_stride, threshold_col_stride,
-                      maskable_ptr, n, n_cols, vocab_size, mask_id, seed, offset,
+                      maskable_ptr, n, n_cols, vocab_size, mask_id, seed: tl.int64, offset: tl.int64,
                       HAS_MASKABLE: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = index < n
@@ -78,9 +87,9 @@ def _row_words(seed, offset, row_start, cols, maskable_ptr, n_cols, HAS_MASKABLE
     return w0.to(tl.int64), w1, takes_part
 
 
-@triton.jit
-def _exact_k_kernel(x0_ptr, x_t_ptr, mask_ptr, num_masked_ptr, maskable_ptr, n_cols, vocab_size, mask_id, seed,
-                    offset, HAS_MASKABLE: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=RANDOM_ARGS)
+def _exact_k_kernel(x0_ptr, x_t_ptr, mask_ptr, num_masked_ptr, maskable_ptr, n_cols, vocab_size, mask_id,
+                    seed: tl.int64, offset: tl.int64, HAS_MASKABLE: tl.constexpr, UNIFORM: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     n_cols = tl.cast(n_cols, tl.int64)  # int64 loop counter and columns: no wrap for V near 2^31
     row_start = row * n_cols
@@ -134,7 +143,7 @@ def _check_inputs(x0, threshold, num_masked, maskable) -> None:
         raise ValueError("maskable must be contiguous bool of x0's shape")
 
 
-@triton_op("fastbound::perturb_triton", mutates_args=())
+@_common.register_op("perturb")
 def perturb_triton(
     x0: torch.Tensor, threshold: Optional[torch.Tensor], num_masked: Optional[torch.Tensor],
     maskable: Optional[torch.Tensor], vocab_size: int, mask_id: int, graph: int, seed: int, offset: int,
@@ -148,26 +157,28 @@ def perturb_triton(
         return x_t, mask
     has_maskable = maskable is not None
     maskable_arg = maskable if has_maskable else mask  # never read when HAS_MASKABLE is False
-    uniform = graph == GRAPH_UNIFORM
+    uniform = graph == _ops.GRAPH_CODES["uniform"]
     if threshold is not None:
         row_stride = 0 if threshold.shape[0] == 1 else threshold.stride(0)
         col_stride = 0 if threshold.shape[1] == 1 else 1
         n = x0.numel()
-        wrap_triton(_bernoulli_kernel)[(triton.cdiv(n, ELEMENTS_PER_PROGRAM),)](
+        _common.launch(
+            _bernoulli_kernel, (triton.cdiv(n, ELEMENTS_PER_PROGRAM),), x0.device,
             x0, x_t, mask, threshold, row_stride, col_stride, maskable_arg, n, cols, vocab_size, mask_id, seed,
             offset, HAS_MASKABLE=has_maskable, UNIFORM=uniform, BLOCK=ELEMENTS_PER_PROGRAM,
         )  # fmt: skip
     else:
         block = min(MAX_ROW_BLOCK, max(32, triton.next_power_of_2(cols)))
-        wrap_triton(_exact_k_kernel)[(rows,)](
+        _common.launch(
+            _exact_k_kernel, (rows,), x0.device,
             x0, x_t, mask, num_masked.contiguous(), maskable_arg, cols, vocab_size, mask_id, seed, offset,
             HAS_MASKABLE=has_maskable, UNIFORM=uniform, BLOCK=block,
         )  # fmt: skip
     return x_t, mask
 
 
-@triton.jit
-def _philox_kernel(counter_ptr, out_ptr, n, seed, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=("seed",))
+def _philox_kernel(counter_ptr, out_ptr, n, seed: tl.int64, BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = index < n
     c0 = tl.load(counter_ptr + 4 * index, mask=valid, other=0).to(tl.uint32)
@@ -181,7 +192,7 @@ def _philox_kernel(counter_ptr, out_ptr, n, seed, BLOCK: tl.constexpr):
     tl.store(out_ptr + 4 * index + 3, w3.to(tl.int64), mask=valid)
 
 
-@triton_op("fastbound::philox4x32_triton", mutates_args=())
+@_common.register_op("philox4x32")
 def philox4x32_triton(counter: torch.Tensor, seed: int) -> torch.Tensor:
     """Philox4x32-10 words (N, 4) of the counters (N, 4) (low 32 bits of each entry), key = seed."""
     if counter.dim() != 2 or counter.shape[1] != 4 or counter.dtype != torch.int64:
@@ -191,5 +202,5 @@ def philox4x32_triton(counter: torch.Tensor, seed: int) -> torch.Tensor:
     n = counter.shape[0]
     if n:
         block = 256
-        wrap_triton(_philox_kernel)[(triton.cdiv(n, block),)](counter, out, n, seed, BLOCK=block)
+        _common.launch(_philox_kernel, (triton.cdiv(n, block),), counter.device, counter, out, n, seed, BLOCK=block)
     return out
