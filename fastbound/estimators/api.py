@@ -49,9 +49,9 @@ def _options(arguments: dict) -> Options:
 
 
 def _method(options: Options, checked: Batch, stream: int, per_draw_slots: bool) -> MethodObject:
-    method = METHODS[options.method](options, checked, stream, per_draw_slots)
-    check_memory(method.kept_draws, options, method.n_seq, checked.x0.device)
-    return method
+    kind, n_seq = METHODS[options.method], checked.x0.shape[0]
+    check_memory(kind.kept_draws(options, n_seq, per_draw_slots), options, n_seq, checked.x0.device)
+    return kind(options, checked, stream, per_draw_slots)
 
 
 def nll(denoiser: Denoiser, x0: torch.Tensor, maskable: torch.Tensor | None, options: Options,

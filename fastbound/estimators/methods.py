@@ -110,10 +110,10 @@ class Method:
         self.n_rows = self.n_draws * self.n_seq
         self.n_slots = self.n_rows
 
-    @property
-    def kept_draws(self) -> int:
-        """How many per-draw records the estimate holds (its memory beyond one chunk)."""
-        return self.n_slots
+    @classmethod
+    def kept_draws(cls, options: Options, n_seq: int, per_draw_slots: bool) -> int:
+        """How many per-draw records an estimate holds (its memory beyond one chunk), before it allocates them."""
+        return options.n_samples * n_seq
 
     def draws(self, g: torch.Tensor) -> Draws:
         raise NotImplementedError
@@ -215,6 +215,10 @@ class Quadrature(Method):
         self.per_node = not per_draw_slots
         self.n_slots = options.n_steps * self.n_seq if self.per_node else self.n_rows
 
+    @classmethod
+    def kept_draws(cls, options, n_seq, per_draw_slots):
+        return options.n_steps * n_seq * (options.n_samples if per_draw_slots else 1)
+
     def draws(self, g):
         d, b = self._split(g)
         node = d // self.options.n_samples
@@ -252,6 +256,10 @@ class TimeFreeExact(Method):
         order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # maskable positions first
         self.positions = order[:, : int(self.n_tokens.max())]
         self.length = batch.x0.shape[1]
+
+    @classmethod
+    def kept_draws(cls, options, n_seq, per_draw_slots):
+        return n_seq
 
     def draws(self, g):
         b = torch.searchsorted(self.first_row, g, right=True) - 1
