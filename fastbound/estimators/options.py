@@ -18,7 +18,8 @@ DEFAULT_N_STEPS = 16
 MAX_EXACT_POSITIONS = 20
 BYTES_PER_DRAW = 160
 """Memory an estimate holds per kept draw (its uniform, accumulator row, per-draw outputs and
-the temporaries of the error estimate), measured with some margin."""
+the temporaries of the error estimate): 88 bytes of peak RSS measured for ``"mc"`` and
+``"time_free"`` (50 sequences x 20000 draws, CPU), with margin."""
 
 
 def check_int(name: str, value: object, minimum: int) -> int:
