@@ -16,7 +16,6 @@ import torch
 from ..integrate import integrate_step
 from ..schedules import Schedule
 from . import loop
-from .methods import METHODS
 from .methods import Method as MethodObject
 from .options import Batch, Options, batch, check_denoiser, check_memory, check_x0
 from .results import NLLEstimate, RatioEstimate
@@ -49,7 +48,7 @@ def _options(arguments: dict) -> Options:
 
 
 def _method(options: Options, checked: Batch, stream: int, per_draw_slots: bool) -> MethodObject:
-    kind, n_seq = METHODS[options.method], checked.x0.shape[0]
+    kind, n_seq = options.kind, checked.x0.shape[0]
     check_memory(kind.kept_draws(options, n_seq, per_draw_slots), options, n_seq, checked.x0.device)
     return kind(options, checked, stream, per_draw_slots)
 
