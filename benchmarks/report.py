@@ -161,7 +161,7 @@ def estimator_table(rows: dict[tuple, dict[str, dict]]) -> list[str]:
         "`overhead` = (estimate time − denoiser time) / floor time, the denoiser time (`draws` calls, "
         "`den. µs`) measured apart (target: at most 1.3×); `eager overhead`: the same for the estimator "
         "with the eager oracle's step "
-        "(`fastbound.reference.estimate_nll`, same draws). `vs eager` / `vs compile`: fastbound's speed-up over "
+        "(`benchmarks.eager_estimator.estimate_nll`, same draws). `vs eager` / `vs compile`: fastbound's speed-up over "
         "that oracle estimator, eager (target: at least 3×) / under `torch.compile` (graph breaks; "
         "see `benchmarks/test_estimate_nll.py`). `saved`: share of the eager estimator's peak memory that "
         "fastbound does not need.",

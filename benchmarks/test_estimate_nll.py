@@ -16,7 +16,7 @@ denoiser has to produce anyway.
 Providers:
 
 * ``fastbound``: `fastbound.estimate_nll`;
-* ``eager``: `fastbound.reference.estimate_nll`, the same estimator with the dense
+* ``eager``: `benchmarks.eager_estimator.estimate_nll`, the same estimator with the dense
   reference loss and a sum in place of the fused step; same arguments, same draws;
 * ``compile``: ``torch.compile(fullgraph=False)`` of that oracle estimator. It cannot be
   one graph (``fullgraph=True`` fails): argument checks read data (``bool(x.any())``,
@@ -42,9 +42,8 @@ import time
 import torch
 
 import fastbound
-from fastbound import reference
 
-from . import data
+from . import data, eager_estimator
 from .harness import Case, Shape
 
 DRAWS = 4
@@ -93,7 +92,7 @@ def fastbound_estimate(denoiser, out, x0):
 
 
 def eager_estimate(denoiser, out, x0):
-    estimate = reference.estimate_nll(denoiser, x0, **_options(out))
+    estimate = eager_estimator.estimate_nll(denoiser, x0, **_options(out))
     return estimate.nll, estimate.stderr
 
 

@@ -10,6 +10,9 @@ Public API:
     integrate_step              the fused per-timestep NLL integration kernel
     testing                     exact denoisers (product source, Markov chain) to check pipelines
     reference                   the pure-PyTorch oracle every kernel is tested against
+    NoiseStream, derive_seed    counter ranges and named sub-seeds of one run's seed
+    select_backend              the kernel backend a device and a backend= argument resolve to
+    GRAPHS, LOSSES, BACKENDS    the accepted graph=, loss= and backend= names
 """
 
 from . import noise, reference, schedules, testing
@@ -18,7 +21,10 @@ from .estimators import NLLEstimate, RatioEstimate, estimate_nll, log_likelihood
 from .fused_linear import fused_linear_dce_loss, fused_linear_dse_loss
 from .integrate import integrate_step
 from .losses import dce_loss, dse_loss
-from .noise import NoiseStream, Perturbed, perturb, philox_words, sample_num_masked, sample_times
+from ._backend import BACKENDS
+from ._backend import select as select_backend
+from ._names import GRAPHS, LOSSES
+from .noise import NoiseStream, Perturbed, derive_seed, perturb, philox_words, sample_num_masked, sample_times
 
 __all__ = [
     "dse_loss",
@@ -30,6 +36,7 @@ __all__ = [
     "sample_num_masked",
     "philox_words",
     "NoiseStream",
+    "derive_seed",
     "estimate_nll",
     "log_likelihood_ratio",
     "NLLEstimate",
@@ -40,5 +47,9 @@ __all__ = [
     "schedules",
     "reference",
     "cpu_isa",
+    "select_backend",
+    "GRAPHS",
+    "LOSSES",
+    "BACKENDS",
 ]
 __version__ = "0.1.0"

@@ -26,10 +26,8 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
+from ._names import GRAPH_CODES  # noqa: F401  (defined in _names; looked up here by the Triton kernels)
 from ._validate import tracing
-
-GRAPH_CODES = {"absorb": 0, "uniform": 1}
-"""Graph names to the integer codes the kernels take (`csrc/include/fastbound/elementwise.h`)."""
 
 
 def scale_rows(grad: torch.Tensor, row_grad: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
@@ -52,7 +53,11 @@ class ValueChecks:
 
     def ids(self, name: str, ids: torch.Tensor, lo: int, hi: int, *, skip: int | None = None,
             allow: int | None = None) -> None:
-        """Ids must lie in [lo, hi); ``skip`` (ignore_index) and ``allow`` (a mask id) are exempt."""
+        """Ids must lie in [lo, hi); ``skip`` (ignore_index) and ``allow`` (a mask id) are exempt.
+
+        Compared in int64: a bound beyond a narrow id dtype (uint8, int8) must not wrap.
+        """
+        ids = ids.long()
         bad = (ids < lo) | (ids >= hi)
         if skip is not None:
             bad &= ids != skip
@@ -151,3 +156,32 @@ def as_rows(name: str, value: float | torch.Tensor | None, shape: torch.Size, dt
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     return torch.full((int(torch.Size(shape).numel()),), float(value), dtype=dtype, device=device)
+
+
+def check_extra_mask_id(mask_id: object, vocab_size: int) -> int:
+    """The absorbing mask as an extra id after the real tokens [0, vocab_size); default vocab_size."""
+    if mask_id is None:
+        return vocab_size
+    if not isinstance(mask_id, (int, np.integer)) or isinstance(mask_id, bool):
+        raise TypeError(f"mask_id must be an int, got {type(mask_id).__name__}")
+    mask_id = int(mask_id)
+    if mask_id < 0:
+        raise ValueError(f"mask_id must be >= 0, got {mask_id}")
+    if mask_id < vocab_size:
+        raise ValueError(f"mask_id {mask_id} is a real token (ids in [0, vocab_size={vocab_size})); "
+                         "the mask must be an extra id >= vocab_size")
+    return mask_id
+
+
+def check_maskable(maskable: object, x0: torch.Tensor) -> torch.Tensor:
+    """A bool tensor broadcastable to ``x0``, returned contiguous with x0's shape."""
+    if not isinstance(maskable, torch.Tensor) or maskable.dtype != torch.bool:
+        got = maskable.dtype if isinstance(maskable, torch.Tensor) else type(maskable).__name__
+        raise TypeError(f"maskable must be a bool tensor, got {got}")
+    if maskable.device != x0.device:
+        raise ValueError(f"maskable is on {maskable.device} but x0 is on {x0.device}; move it to {x0.device}")
+    try:
+        return torch.broadcast_to(maskable, x0.shape).contiguous()
+    except RuntimeError:
+        raise ValueError(f"maskable of shape {tuple(maskable.shape)} does not broadcast to x0's "
+                         f"shape {tuple(x0.shape)}") from None

@@ -18,13 +18,9 @@ from typing import Literal
 
 import torch
 
-from . import _backend, _ops
+from . import _backend, _names, _ops  # noqa: F401  (_ops loads the op schemas)
 from . import _validate as v
 from .losses import check_dce_ids, check_dse_ids, dce_mask_id
-
-LOSS_CODES = {"dse": 0, "dce": 1}
-"""Loss names to the codes of the kernels (`csrc/include/fastbound/integrate.h`)."""
-
 
 @torch.library.register_fake("fastbound::integrate_step")
 def _integrate_step_fake(out, x_t, x0, sigma, weight, acc, index, loss, graph, mask_id, ignore_index):
@@ -91,8 +87,8 @@ def integrate_step(
     n_seq, length, n_cols = out.shape
     x_t = v.check_ids("x_t", x_t, out.shape[:2])
     x0 = v.check_ids("x0", x0, out.shape[:2])
-    v.check_choice("loss", loss, LOSS_CODES)
-    v.check_choice("graph", graph, _ops.GRAPH_CODES)
+    v.check_choice("loss", loss, _names.LOSS_CODES)
+    v.check_choice("graph", graph, _names.GRAPH_CODES)
     v.check_int64("ignore_index", ignore_index)
     acc = v.check_float_tensor("acc", acc, (torch.float64,))
     if acc.dim() != 2 or acc.shape[1] != 2 or not acc.is_contiguous():
@@ -134,6 +130,6 @@ def integrate_step(
     with torch.no_grad():
         _op(kernel_backend)(
             out.detach(), xt, x0l, sigma_rows, weight_rows, acc, index,
-            LOSS_CODES[loss], _ops.GRAPH_CODES[graph], mask_id, ignore_index,
+            _names.LOSS_CODES[loss], _names.GRAPH_CODES[graph], mask_id, ignore_index,
         )
     return acc

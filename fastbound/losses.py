@@ -11,11 +11,11 @@ from typing import Callable, Literal
 
 import torch
 
-from . import _backend, _ops
+from . import _backend, _names, _ops
 from . import _validate as v
 
 Reduction = Literal["none", "sum", "mean"]
-REDUCTIONS = ("none", "sum", "mean")
+REDUCTIONS = _names.REDUCTIONS
 
 
 def _kernel(backend: str, name: str) -> Callable:
@@ -139,7 +139,7 @@ def dse_loss(
     (see `fastbound.reference.dse_uniform`). Returns float32 (float64 for float64 scores);
     gradients flow to ``score`` only.
     """
-    v.check_choice("graph", graph, _ops.GRAPH_CODES)
+    v.check_choice("graph", graph, _names.GRAPH_CODES)
     flat, (xt, x0f), row_scale, kernel_backend = _prepare(
         score, x_t, x0, weight, reduction, ignore_index, backend, inplace, "score"
     )
@@ -148,7 +148,7 @@ def dse_loss(
     sigma_rows = v.as_rows("sigma", sigma, x_t.shape, row_scale.dtype, flat.device)
     checks.positive_finite("sigma", sigma_rows)
     checks.run()
-    code = _ops.GRAPH_CODES[graph]
+    code = _names.GRAPH_CODES[graph]
     op, op_inplace = _kernel(kernel_backend, "dse_forward"), _kernel(kernel_backend, "dse_forward_inplace")
     # The C++ ops take the absorbing graph's mask column (CONTRACTS.md 1); the Triton ops follow.
     mask = () if kernel_backend == "triton" else (flat.shape[1] - 1 if graph == "absorb" else -1,)

@@ -22,18 +22,15 @@ which couples estimators at different σ.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal, NamedTuple
 
-import numpy as np
 import torch
 
-from . import _backend, _ops
+from . import _backend, _harmonic, _names, _ops  # noqa: F401  (_ops loads the op schemas)
 from . import _validate as v
 
-GRAPHS = ("absorb", "uniform")
 TIME_METHODS = ("iid", "antithetic", "stratified")
 NUM_MASKED_WEIGHTS = ("inverse", "uniform")
 
@@ -79,6 +76,21 @@ class NoiseStream:
         start = self.offset
         self.offset = (self.offset + count) % UINT64_RANGE
         return start
+
+
+def derive_seed(seed: int, *streams: int) -> int:
+    """A 62-bit seed for one named random stream of ``seed`` (SplitMix64 finaliser, Steele et al. 2014).
+
+    ``derive_seed(seed, a)`` and ``derive_seed(seed, b)`` give unrelated seeds for a != b, so one
+    run's seed can key several generators (times, corruption, data, evaluation) that never share
+    random numbers; more streams nest: ``derive_seed(seed, a, b) == derive_seed(derive_seed(seed, a), b)``.
+    """
+    for stream in streams:
+        z = (seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        seed = (z ^ (z >> 31)) >> 2
+    return seed
 
 
 # -----------------------------------------------------------------------------
@@ -226,12 +238,7 @@ def _mask_id(mask_id, graph: str, vocab_size: int, dtype: torch.dtype) -> int:
         if vocab_size - 1 > id_max:
             raise ValueError(f"vocab_size {vocab_size} has tokens that x0's dtype {dtype} cannot hold")
         return 0
-    mask_id = vocab_size if mask_id is None else mask_id
-    if not isinstance(mask_id, int) or isinstance(mask_id, bool):
-        raise TypeError(f"mask_id must be an int, got {type(mask_id).__name__}")
-    if mask_id < vocab_size:
-        raise ValueError(f"mask_id {mask_id} collides with a real token (ids in [0, vocab_size={vocab_size})); "
-                         "the mask must be an extra id >= vocab_size")
+    mask_id = v.check_extra_mask_id(mask_id, vocab_size)
     if mask_id > id_max:
         raise ValueError(f"mask_id {mask_id} does not fit x0's dtype {dtype}")
     return mask_id
@@ -289,7 +296,7 @@ def perturb(
     x0 = v.check_ids("x0", x0)
     if x0.dim() not in (1, 2):
         raise ValueError(f"x0 must have shape (B, L) or (L,), got {tuple(x0.shape)}")
-    v.check_choice("graph", graph, GRAPHS)
+    v.check_choice("graph", graph, _names.GRAPHS)
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
         raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
     if not 1 <= vocab_size <= MAX_VOCAB:
@@ -308,15 +315,7 @@ def perturb(
     kernel_backend = _backend.select(device, backend)
 
     if maskable is not None:
-        if not isinstance(maskable, torch.Tensor) or maskable.dtype != torch.bool:
-            raise TypeError("maskable must be a bool tensor")
-        if maskable.device != device:
-            raise ValueError(f"maskable is on {maskable.device} but x0 is on {device}; move it to {device}")
-        try:
-            maskable = torch.broadcast_to(maskable, x0.shape).reshape(rows, cols).contiguous()
-        except RuntimeError:
-            raise ValueError(f"maskable of shape {tuple(maskable.shape)} does not broadcast to x0's "
-                             f"shape {tuple(x0.shape)}") from None
+        maskable = v.check_maskable(maskable, x0).view(rows, cols)
     if sigma is not None or mask_ratio is not None:
         name = "sigma" if sigma is not None else "mask_ratio"
         threshold = _threshold(name, sigma if sigma is not None else mask_ratio, rows, cols, one_row, device)
@@ -328,7 +327,7 @@ def perturb(
     if kernel_backend != "cpu":  # the C++ CPU kernel checks the ids itself, in the same pass
         v.check_id_range("x0", flat, 0, vocab_size)
     op = _kernel(kernel_backend, "perturb")
-    x_t, mask = op(flat.contiguous(), threshold, k, maskable, vocab_size, mask_id, _ops.GRAPH_CODES[graph],
+    x_t, mask = op(flat.contiguous(), threshold, k, maskable, vocab_size, mask_id, _names.GRAPH_CODES[graph],
                    seed_bits, offset_bits)
     if one_row:
         x_t, mask = x_t.view(x0.shape), mask.view(x0.shape)
@@ -386,23 +385,20 @@ def sample_times(
         raise ValueError("eps must be > 0 with importance=True (t = eps^(1-s) needs log eps)")
     u = _uniforms(n, seed, offset, device, backend)
     i = torch.arange(n, dtype=torch.float64, device=u.device)
+    # Divide by a tensor on u's device: with a Python divisor a GPU multiplies by its
+    # reciprocal, which is not the correctly rounded quotient the CPU computes.
+    count = torch.full((), n, dtype=torch.float64, device=u.device)
     if method == "iid":
         s = u
     elif method == "antithetic":
-        s = torch.remainder(u[:1] + i / n, 1.0)
+        s = torch.remainder(u[:1] + i / count, 1.0)
     else:
-        s = (u + i) / n
+        s = (u + i) / count
     if importance:
         t = torch.pow(float(eps), 1.0 - s)
     else:
         t = (1.0 - eps) * s + eps
     return t.float()
-
-
-@functools.lru_cache(maxsize=8)
-def _harmonic_numbers(length: int) -> torch.Tensor:
-    """H_1 .. H_length in float64, summed in order on the host (the same table for every device)."""
-    return torch.from_numpy(np.cumsum(1.0 / np.arange(1, length + 1, dtype=np.float64)))
 
 
 def sample_num_masked(
@@ -456,6 +452,5 @@ def sample_num_masked(
     w0 = philox_words(n, seed=seed, offset=offset, device=dev, backend=backend)[:, 0]
     if weights == "uniform":
         return 1 + ((w0 * lengths) >> 32)
-    harmonic = _harmonic_numbers(hi).to(dev)
-    target = (w0.double() + 0.5) * 2.0**-32 * harmonic[lengths - 1]
-    return torch.searchsorted(harmonic, target) + 1
+    target = (w0.double() + 0.5) * 2.0**-32 * _harmonic.harmonic_numbers(hi, dev)[lengths]
+    return _harmonic.smallest_k(target, hi)

@@ -220,18 +220,10 @@ def perturb(x0: torch.Tensor, *, p=None, num_masked=None, graph: str = "absorb",
     return x_t, mask
 
 
-def perturb_eager(x0: torch.Tensor, p, *, mask_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The usual eager absorbing corruption (MDLM / SEDD): ``torch.rand`` then ``torch.where``.
-
-    Not reproducible across devices; the baseline the fused kernel is timed against.
-    """
-    u = torch.rand(x0.shape, device=x0.device, generator=generator)
-    return torch.where(u < p, mask_id, x0)
-
 # =============================================================================
-# Likelihood estimators (I-MDCE / I-MDSE): oracles of the integration step and
-# of the estimators. Everything below belongs to `fastbound.integrate` and
-# `fastbound.estimators`.
+# Likelihood integration (I-MDCE / I-MDSE): the oracle of `fastbound.integrate`.
+# The estimators themselves are tested against exact likelihoods
+# (`fastbound.testing`); their eager-step speed baseline is `benchmarks.eager_estimator`.
 # =============================================================================
 
 
@@ -254,29 +246,3 @@ def integrate_step(out, x_t, x0, sigma, weight, acc, *, loss="dce", graph="absor
     total = per_token.double().sum(-1) * w.expand(n_seq)
     rows = torch.arange(n_seq, device=out.device) if index is None else index.long()
     return acc.index_add(0, rows, torch.stack([total, total * total], -1))
-
-
-def estimate_nll(denoiser, x0, **kwargs):
-    """`fastbound.estimate_nll` with the integration step replaced by the eager oracle.
-
-    Same arguments, same draws (seed for seed), same result up to float rounding; the
-    denoiser output goes through the dense reference loss and a sum instead of the
-    fused kernel. The speed baseline of the estimator benchmarks.
-    """
-    from .estimators import _estimate_nll
-
-    return _estimate_nll(denoiser, x0, step=_reference_step, **kwargs)
-
-
-def log_likelihood_ratio(denoiser, x_a, x_b, **kwargs):
-    """`fastbound.log_likelihood_ratio` with the eager-oracle integration step."""
-    from .estimators import _log_likelihood_ratio
-
-    return _log_likelihood_ratio(denoiser, x_a, x_b, step=_reference_step, **kwargs)
-
-
-def _reference_step(out, x_t, x0, sigma, weight, acc, *, loss, graph, mask_id, ignore_index, index,
-                    backend=None):
-    acc.copy_(integrate_step(out, x_t, x0, sigma, weight, acc, loss=loss, graph=graph, mask_id=mask_id,
-                             ignore_index=ignore_index, index=index))
-    return acc

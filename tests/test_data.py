@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastbound.data import ByteText, DataError, MarkovSource
+from fastbound.train.data import ByteText, DataError, MarkovSource
 
 
 def _log2_prob(source: MarkovSource, seq: tuple[int, ...]) -> float:
@@ -105,5 +105,41 @@ def test_byte_text_errors(tmp_path):
         ByteText(str(short), 8)
     one = tmp_path / "one.txt"
     one.write_bytes(b"0123456789")
-    data = ByteText(str(one), 8)  # shorter than two sequences: the file is also the held-out set
+    with pytest.warns(UserWarning, match="fewer than two sequences"):
+        data = ByteText(str(one), 8)  # shorter than two sequences: the file is also the held-out set
     assert data.shared_heldout and data.heldout(0, 4, 8).shape == (1, 8)
+
+
+def test_source_is_a_markov_chain_over_contexts():
+    """The source's chain (fastbound.testing.MarkovChain over contexts) gives the exact window likelihood."""
+    source = MarkovSource(3, 2, concentration=0.7, seed=3)
+    x = source.sample(50, 9, seed=1)
+    k = source.num_symbols
+    contexts = torch.stack([x[:, j] * k + x[:, j + 1] for j in range(8)], 1)
+    direct = torch.tensor([_log2_prob(source, tuple(row)) for row in x.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(-source.chain.nll(contexts) / math.log(2), direct)
+    assert math.isclose(source.chain.entropy_rate() / math.log(2), source.entropy_rate())
+    np.testing.assert_allclose(source.chain.stationary().numpy(), source.stationary, atol=1e-12)
+
+
+def test_source_size_is_bounded():
+    from fastbound.train.data import MAX_CONTEXTS
+
+    with pytest.raises(ValueError, match=f"8,000,000 contexts.*at most {MAX_CONTEXTS}"):
+        MarkovSource(200, 3)
+
+
+def test_byte_text_refuses_what_is_not_a_regular_file(tmp_path):
+    import os
+
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="has 0 bytes"):
+        ByteText(str(empty), 8)
+    with pytest.raises(DataError, match="is a directory"):
+        ByteText(str(tmp_path), 8)
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(DataError, match="not a regular file"):
+            ByteText(path, 8)

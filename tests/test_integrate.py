@@ -275,8 +275,7 @@ def test_triton_op_nan_for_ids_out_of_range(loss, graph, bad_pairs, unread):
     """The raw op (no Python checks, as under torch.compile) adds NaN to a sequence with a bad id, as CUDA does."""
     if torch.device(TRITON_DEVICE).type != "cpu":
         pytest.skip("compares with the C++ op, which runs on CPU tensors")
-    from fastbound.integrate import LOSS_CODES
-    from fastbound._ops import GRAPH_CODES
+    from fastbound._names import GRAPH_CODES, LOSS_CODES
     import fastbound.triton_kernels.integrate  # noqa: F401
 
     out, x_t, x0, sigma, weight = make_inputs(loss, graph, 3, 4, 7)
@@ -298,8 +297,7 @@ def test_triton_op_nan_for_ids_out_of_range(loss, graph, bad_pairs, unread):
 @pytest.mark.parametrize("loss,graph,bad_pairs,unread", BAD_IDS)
 def test_cuda_op_nan_for_ids_out_of_range(loss, graph, bad_pairs, unread):
     """The CUDA op follows the same bad-id rule as the Triton op and the loss kernels."""
-    from fastbound.integrate import LOSS_CODES
-    from fastbound._ops import GRAPH_CODES
+    from fastbound._names import GRAPH_CODES, LOSS_CODES
 
     out, x_t, x0, sigma, weight = make_inputs(loss, graph, 3, 4, 7)
     x_t[2, 0], x0[2, 0] = unread

@@ -5,28 +5,8 @@ import torch
 
 import fastbound as fb
 from fastbound import reference as ref
-
-TOL = {  # (loss rtol, atol), (grad rtol, atol) against the float64 oracle
-    torch.float64: ((1e-10, 1e-10), (1e-10, 1e-12)),
-    torch.float32: ((1e-5, 1e-5), (1e-5, 1e-6)),
-    torch.bfloat16: ((1e-5, 1e-5), (1.6e-2, 1e-3)),
-    torch.float16: ((1e-5, 1e-5), (2e-3, 1e-4)),
-}
-
-
-def make_case(graph, shape, n_cols, dtype, *, seed=0, mask_frac=0.6, scale=1.0):
-    """Random scores and ids; for the absorbing graph the mask is column V-1."""
-    g = torch.Generator().manual_seed(seed)
-    score = (scale * torch.randn(*shape, n_cols, generator=g)).to(dtype)
-    n_real = n_cols - 1 if graph in ("absorb", "dce") else n_cols
-    x0 = torch.randint(0, n_real, shape, generator=g)
-    if graph == "uniform":
-        x_t = torch.where(torch.rand(shape, generator=g) < 0.5, x0, torch.randint(0, n_cols, shape, generator=g))
-    else:
-        x_t = torch.where(torch.rand(shape, generator=g) < mask_frac, torch.full_like(x0, n_cols - 1), x0)
-    sigma = torch.rand(shape[:1] + (1,) * (len(shape) - 1), generator=g) * 3 + 0.05
-    return score, sigma, x_t, x0
-
+from helpers import KINDS, TOL, make_case
+from helpers import magnitude as _magnitude
 
 def fused(graph, score, sigma, x_t, x0, **kw):
     if graph == "dce":
@@ -38,10 +18,6 @@ def oracle(graph, score, sigma, x_t, x0, **kw):
     if graph == "dce":
         return ref.dce_loss(score, x_t, x0, **kw)
     return ref.dse_loss(score, sigma, x_t, x0, graph=graph, **kw)
-
-
-def _magnitude(t):
-    return max(1.0, t.abs().max().item()) if t.numel() else 1.0
 
 
 def check_against_oracle(graph, score, sigma, x_t, x0, **kw):
@@ -63,11 +39,10 @@ def check_against_oracle(graph, score, sigma, x_t, x0, **kw):
     return out
 
 
-GRAPHS = ["absorb", "uniform", "dce"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_matches_oracle(graph, dtype, reduction):
@@ -75,20 +50,20 @@ def test_matches_oracle(graph, dtype, reduction):
     check_against_oracle(graph, score, sigma, x_t, x0, reduction=reduction)
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 @pytest.mark.parametrize("n_cols", [2, 3, 1031, 2049, 50257])
 def test_odd_vocab_sizes(graph, n_cols):
     score, sigma, x_t, x0 = make_case(graph, (2, 3), n_cols, torch.float32, seed=n_cols, scale=0.5)
     check_against_oracle(graph, score, sigma, x_t, x0)
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 def test_large_vocab(graph):
     score, sigma, x_t, x0 = make_case(graph, (2,), 131072, torch.float32, seed=1, scale=0.1)
     check_against_oracle(graph, score, sigma, x_t, x0, reduction="sum")
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 def test_one_token_and_empty_batch(graph):
     for shape in [(1,), (1, 1), (0, 7), (0,)]:
         score, sigma, x_t, x0 = make_case(graph, shape, 9, torch.float32)
@@ -99,7 +74,7 @@ def test_one_token_and_empty_batch(graph):
             assert out.shape == (x_t.shape if reduction == "none" else ())
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 def test_sliced_and_noncontiguous_scores(graph):
     wide, sigma, x_t, x0 = make_case(graph, (4, 6), 40, torch.float32)
     sliced = wide[..., :33]  # row stride 40, unit column stride
@@ -132,7 +107,7 @@ def test_sigma_per_token_and_scalar(graph):
     check_against_oracle(graph, score, tiny, x_t, x0)
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 def test_weight_and_ignore_index(graph):
     score, sigma, x_t, x0 = make_case(graph, (3, 5), 23, torch.float32)
     x0 = x0.clone()
@@ -148,7 +123,7 @@ def test_weight_and_ignore_index(graph):
     check_against_oracle(graph, score, sigma, x_t, x0, ignore_index=-1, weight=0.25, reduction="mean")
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inplace_writes_gradient_over_scores(graph, dtype):
     score, sigma, x_t, x0 = make_case(graph, (3, 5), 29, dtype)
@@ -165,7 +140,7 @@ def test_inplace_writes_gradient_over_scores(graph, dtype):
     torch.testing.assert_close(g, 2 * g_expected)
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 def test_no_grad_path_writes_no_gradient(graph):
     score, sigma, x_t, x0 = make_case(graph, (3, 5), 19, torch.float32)
     score.requires_grad_()
@@ -176,7 +151,7 @@ def test_no_grad_path_writes_no_gradient(graph):
     assert not a.requires_grad
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 def test_gradcheck_float64(graph):
     score, sigma, x_t, x0 = make_case(graph, (2, 3), 7, torch.float64)
     score.requires_grad_()
@@ -187,7 +162,7 @@ def test_gradcheck_float64(graph):
         )
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 def test_double_backward_is_refused(graph):
     """The gradient is a constant of the forward: a second derivative would silently be wrong."""
     score, sigma, x_t, x0 = make_case(graph, (2, 3), 7, torch.float64)
@@ -199,7 +174,7 @@ def test_double_backward_is_refused(graph):
                             torch.ones(2, 3, dtype=torch.float64), create_graph=True)
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 def test_retain_graph_backward_twice_accumulates(graph):
     score, sigma, x_t, x0 = make_case(graph, (3, 4), 9, torch.float32)
     leaf = score.clone().requires_grad_()
@@ -224,7 +199,7 @@ def _op_samples(graph):
     return torch.ops.fastbound.dse_forward, (flat, sigma.expand(6).contiguous(), xt, x0, rows, fb._ops.GRAPH_CODES[graph], mask, -100, True)
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 def test_opcheck(graph):
     op, args = _op_samples(graph)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
@@ -233,7 +208,7 @@ def test_opcheck(graph):
     torch.library.opcheck(inplace, inplace_args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 def test_torch_compile_fullgraph(graph):
     torch._dynamo.reset()
     score, sigma, x_t, x0 = make_case(graph, (2, 4), 21, torch.float32)
@@ -392,7 +367,7 @@ def test_dce_nan_in_a_whole_leading_chunk_propagates():
     assert torch.isnan(ref.dce_loss(score, x_t, x0)).all()
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 def test_inplace_on_overlapping_rows_is_refused(graph):
     base = torch.randn(1, 11)
     x_t = torch.full((4,), 10)
@@ -444,7 +419,7 @@ def test_raw_op_refuses_out_of_range_ids():
         op(*args)
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("graph", KINDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_gradient_is_the_rounded_float32_gradient(graph, dtype):
     """The kernels compute in float32 and round once: the 16-bit gradient equals torch's rounding

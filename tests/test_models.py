@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastbound.models import Denoiser, DenoiserConfig, rotary_tables, rotate
+from fastbound.train.models import Denoiser, DenoiserConfig, rotary_tables, rotate
 
 
 def _model(**kw):

@@ -563,3 +563,65 @@ def test_cuda_statistics_at_scale():
     assert torch.equal(out.mask.sum(1).cpu(), torch.arange(256) * 16)
     cpu = perturb(x0.cpu(), num_masked=torch.arange(256) * 16, vocab_size=2, seed=27)
     _assert_same(cpu, (out.x_t.cpu(), out.mask.cpu()))
+
+
+# -----------------------------------------------------------------------------
+# float64 times: the same bits on every device (issue 13, item 6)
+# -----------------------------------------------------------------------------
+
+
+TIME_METHODS = ["iid", "antithetic", "stratified"]
+
+
+def _times_and_counts(device: str, backend: str | None):
+    """Every sampler whose float64 arithmetic could differ between devices."""
+    lengths = torch.tensor([1, 7, 64, 1000, 4099], device=device)
+    return [sample_times(1001, method=m, seed=11, offset=5, device=device, backend=backend) for m in TIME_METHODS] + [
+        sample_num_masked(5, lengths, seed=3, backend=backend),
+        sample_num_masked(2000, 4099, seed=4, device=device, backend=backend),
+    ]
+
+
+def test_times_are_correctly_rounded_quotients():
+    """(u + i) / n and u_0 + i / n are the correctly rounded float64 quotients (not u * (1/n))."""
+    n = 1001
+    u = (reference.noise_words(n, 11, 5)[:, 0] >> 8).double() * 2.0**-24
+    i = torch.arange(n, dtype=torch.float64)
+    want = [(float(a) + k) / n for k, a in enumerate(u.tolist())]
+    got = sample_times(n, method="stratified", eps=0.0, seed=11, offset=5)
+    assert got.tolist() == torch.tensor(want, dtype=torch.float64).float().tolist()
+    assert not torch.equal((u + i) * (1.0 / n), (u + i) / n)  # the reciprocal would differ: the test can fail
+
+
+@pytest.mark.triton
+def test_float64_samplers_cpu_equal_triton():
+    for cpu, tri in zip(_times_and_counts("cpu", None), _times_and_counts(TRITON_DEVICE, "triton")):
+        assert torch.equal(cpu, tri.cpu())
+
+
+@pytest.mark.cuda
+def test_float64_samplers_cpu_equal_cuda():
+    for cpu, gpu in zip(_times_and_counts("cpu", None), _times_and_counts("cuda", None)):
+        assert torch.equal(cpu, gpu.cpu())
+
+
+def test_harmonic_table_is_built_on_the_host_once():
+    from fastbound import _harmonic
+
+    table = _harmonic.harmonic_numbers(50)
+    assert table[0] == 0 and table.dtype == torch.float64 and table.shape == (51,)
+    assert torch.equal(table[1:], torch.cumsum(1 / torch.arange(1, 51, dtype=torch.float64), 0))
+    assert _harmonic.harmonic_numbers(50).data_ptr() == table.data_ptr()  # cached, not recomputed
+    assert torch.equal(_harmonic.smallest_k(table[1:], 50), torch.arange(1, 51))
+
+
+@pytest.mark.triton
+def test_triton_perturb_checks_narrow_ids_in_int64():
+    """uint8 ids with vocab_size 256 are all valid: the bound 256 must not wrap to 0 in uint8."""
+    x0 = torch.arange(256, dtype=torch.uint8).reshape(4, 64)
+    cpu = perturb(x0, sigma=1.0, graph="uniform", vocab_size=256, seed=2)
+    tri = perturb(x0.to(TRITON_DEVICE), sigma=1.0, graph="uniform", vocab_size=256, seed=2, backend="triton")
+    _assert_same(cpu, (tri.x_t.cpu(), tri.mask.cpu()))
+    bad = torch.tensor([[1, 2, 200]], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="x0 contains id 200 outside"):
+        perturb(bad.to(TRITON_DEVICE), sigma=1.0, graph="uniform", vocab_size=100, seed=2, backend="triton")

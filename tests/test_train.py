@@ -17,7 +17,8 @@ import torch
 
 from fastbound.train import checkpoint, main
 from fastbound.train.loop import learning_rate
-from fastbound.train.objective import Objective, derive_seed
+from fastbound.train.objective import Objective
+from fastbound import derive_seed
 from fastbound import schedules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -240,3 +241,117 @@ def test_checkpoint_save_is_atomic(tmp_path):
         checkpoint.save_atomic({"step": 2, "bad": Unpicklable()}, path)
     assert checkpoint.load(path)["step"] == 1  # the previous checkpoint is intact
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # and the temporary file is gone
+
+
+def test_markov_flags_are_bounded(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--markov-symbols", "200", "--markov-order", "3", "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "8,000,000 contexts" in err and "at most 1024" in err
+
+
+def test_data_file_shorter_than_two_sequences_warns(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_bytes(b"x" * 20)
+    with pytest.warns(UserWarning, match="fewer than two sequences of --seq-len 16: the held-out NLL is measured"):
+        assert main([*TINY, "--data", str(short), "--steps", "1", "--eval-every", "100",
+                     "--out", str(tmp_path / "run")]) == 0
+
+
+def test_second_run_in_one_out_is_refused_and_stale_locks_are_taken(tmp_path, capsys):
+    from fastbound.train import lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / lock.FILENAME).write_text(f"{socket.gethostname()} {sleeper.pid}\n")
+        with pytest.raises(SystemExit) as exc:
+            main([*TINY, "--steps", "1", "--eval-every", "100", "--out", str(out)])
+        assert exc.value.code == 2
+        assert f"another training run (pid {sleeper.pid} on" in capsys.readouterr().err
+        assert not (out / "metrics.jsonl").exists()  # the live run's directory is untouched
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # Its process is gone: the lock is stale, the next run takes it over and releases it at the end.
+    assert main([*TINY, "--steps", "1", "--eval-every", "100", "--out", str(out)]) == 0
+    assert not (out / lock.FILENAME).exists()
+
+
+def _bad_checkpoints(out: str) -> dict:
+    ckpt = os.path.join(out, checkpoint.FILENAME)
+    good = open(ckpt, "rb").read()
+    state = checkpoint.load(ckpt)
+    return {
+        "truncated": lambda: open(ckpt, "wb").write(good[: len(good) // 2]),
+        "empty": lambda: open(ckpt, "wb").close(),
+        "garbage": lambda: open(ckpt, "wb").write(b"not a checkpoint at all"),
+        "incomplete": lambda: torch.save({k: v for k, v in state.items() if k != "optimizer"}, ckpt),
+        "directory": lambda: (os.remove(ckpt), os.mkdir(ckpt)),
+    }
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "incomplete", "directory", "metrics"])
+def test_resume_from_a_damaged_run_exits_2_with_one_line(tmp_path, damage):
+    out = str(tmp_path / "run")
+    common = [*TINY, "--steps", "2", "--eval-every", "100", "--out", out]
+    assert main(common) == 0
+    if damage == "metrics":
+        with open(os.path.join(out, "metrics.jsonl"), "r+") as f:
+            lines = f.readlines()
+            f.seek(0)
+            f.writelines(["{broken\n"] + lines)
+    else:
+        _bad_checkpoints(out)[damage]()
+    result = _run([*common, "--resume"])
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m fastbound.train: error: --resume: ")
+    assert ("metrics.jsonl line 1 is not a metrics record" if damage == "metrics" else "checkpoint") in last
+
+
+def test_bad_paths_and_seeds_exit_2_with_one_line(tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x" * 100)
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    cases = [
+        (["--out", str(a_file)], f"--out {a_file} is a file, not a directory"),
+        (["--out", str(a_file / "run")], "cannot create the directory"),
+        (["--seed", str(2**70)], "--seed: must be an integer in [0, 2^63)"),
+        (["--data", str(empty)], "has 0 bytes (tokens), fewer than one sequence"),
+        (["--data", str(tmp_path)], "is a directory, not a text file"),
+        (["--data", "/dev/zero"], "is not a regular file"),
+        (["--data", fifo], "is not a regular file"),
+    ]
+    for argv, message in cases:
+        full = [*TINY, "--steps", "1", *argv]
+        if "--out" not in argv:
+            full += ["--out", str(tmp_path / "run")]
+        result = _run(full)
+        assert result.returncode == 2, (argv, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, argv
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("python -m fastbound.train: error: ") and message in last, (argv, last)
+
+
+def test_train_extra_is_imported_lazily_and_named_when_missing(tmp_path, capsys, monkeypatch):
+    # (torch.hub itself imports tqdm when it is installed, so only matplotlib can be checked here.)
+    probe = "import sys, fastbound, fastbound.train; print('matplotlib' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert loaded.stdout.strip() == "False", loaded.stderr  # the kernels and estimators never need it
+    from fastbound.train import loop
+
+    real = loop.importlib.util.find_spec
+    monkeypatch.setattr(loop.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real(name))
+    with pytest.raises(SystemExit) as exc:
+        main([a for a in TINY if a != "--no-plots"] + ["--steps", "1", "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "needs matplotlib: pip install 'fastbound[train]' (or pass --no-plots)" in err
+    assert main([*TINY, "--steps", "1", "--eval-every", "100", "--out", str(tmp_path / "run")]) == 0  # --no-plots

@@ -10,16 +10,13 @@ import torch
 import fastbound as fb
 from fastbound import reference as ref
 from conftest import TRITON_DEVICE
+import helpers
+from helpers import TOL
+from helpers import magnitude as _magnitude
 
 pytestmark = pytest.mark.triton
 
 DEV = TRITON_DEVICE
-TOL = {  # (loss rtol, atol), (grad rtol, atol) against the float64 oracle
-    torch.float64: ((1e-10, 1e-10), (1e-10, 1e-12)),
-    torch.float32: ((1e-5, 1e-5), (1e-5, 1e-6)),
-    torch.bfloat16: ((1e-5, 1e-5), (1.6e-2, 1e-3)),
-    torch.float16: ((1e-5, 1e-5), (2e-3, 1e-4)),
-}
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -29,17 +26,8 @@ def _ops_loaded():
 
 
 def make_case(loss, shape, n_cols, dtype, *, seed=0):
-    """Random scores and ids on DEV; masked rows (x_t = V-1) for "absorb" and "dce"."""
-    g = torch.Generator().manual_seed(seed)
-    score = torch.randn(*shape, n_cols, generator=g).to(dtype)
-    n_real = n_cols - 1 if loss in ("absorb", "dce") else n_cols
-    x0 = torch.randint(0, n_real, shape, generator=g)
-    if loss == "uniform":
-        x_t = torch.where(torch.rand(shape, generator=g) < 0.5, x0, torch.randint(0, n_cols, shape, generator=g))
-    else:
-        x_t = torch.where(torch.rand(shape, generator=g) < 0.6, torch.full_like(x0, n_cols - 1), x0)
-    sigma = torch.rand(shape[:1] + (1,) * (len(shape) - 1), generator=g) * 3 + 0.05
-    return score.to(DEV), sigma.to(DEV), x_t.to(DEV), x0.to(DEV)
+    """`helpers.make_case` on DEV."""
+    return helpers.make_case(loss, shape, n_cols, dtype, seed=seed, device=DEV)
 
 
 def run(impl, loss, score, sigma, x_t, x0, **kw):
@@ -57,10 +45,6 @@ def run(impl, loss, score, sigma, x_t, x0, **kw):
     probe = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=out.device).view(out.shape)
     (grad,) = torch.autograd.grad(out, s, probe) if out.numel() else (torch.zeros_like(s),)
     return out.detach(), grad
-
-
-def _magnitude(t):
-    return max(1.0, t.abs().max().item()) if t.numel() else 1.0
 
 
 def check(loss, score, sigma, x_t, x0, **kw):

@@ -3,7 +3,11 @@ r"""A first-order Markov chain with exact likelihoods and exact denoisers.
 The chain has an initial distribution :math:`\pi_0` and a transition matrix
 :math:`T` over V tokens; :math:`\log p(x) = \log\pi_0(x_1) + \sum_i \log T(x_{i-1}, x_i)`.
 A product source (i.i.d. tokens with marginal :math:`\pi`) is the chain with
-:math:`\pi_0 = \pi` and every row of T equal to :math:`\pi`.
+:math:`\pi_0 = \pi` and every row of T equal to :math:`\pi`. An order-k chain over K
+symbols is the first-order chain over its :math:`K^k` contexts (the last k symbols,
+`MarkovChain.of_contexts`), which emits the newest symbol of each context. Its entropy rate
+is :math:`h = \sum_c \pi(c) H(T(c, \cdot))` with :math:`\pi` the stationary distribution
+(Cover & Thomas, *Elements of Information Theory*, thm. 4.2.4).
 
 Noisy sequences are observations of a hidden chain (a hidden Markov model): each
 position emits :math:`x_t^i` with a likelihood :math:`e_i(x) = q(x_t^i \mid x_0^i = x)`.
@@ -61,6 +65,43 @@ class MarkovChain:
         logits = torch.randn(vocab_size + 1, vocab_size, generator=gen, dtype=torch.float64) * sharpness
         probs = logits.softmax(-1)
         return cls(probs[0], probs[1:])
+
+    @classmethod
+    def of_contexts(cls, next_symbol: torch.Tensor, initial: torch.Tensor | None = None) -> "MarkovChain":
+        r"""The order-k chain with next-symbol probabilities ``next_symbol`` (K^k, K), as a chain over contexts.
+
+        Context c is the base-K number of the last k symbols (oldest first); after symbol y it
+        becomes :math:`(cK \bmod K^k) + y`. ``initial`` (K^k,) is the law of the first context,
+        i.e. of the first k symbols; default: the stationary distribution. Tokens of the
+        returned chain are contexts: ``context % K`` is the symbol a position emits.
+        """
+        next_symbol = torch.as_tensor(next_symbol, dtype=torch.float64)
+        n_ctx, k = next_symbol.shape
+        if n_ctx % k or k < 1:
+            raise ValueError(f"next_symbol must be (K^k, K), got {tuple(next_symbol.shape)}")
+        following = (torch.arange(n_ctx)[:, None] * k) % n_ctx + torch.arange(k)[None, :]
+        transition = torch.zeros(n_ctx, n_ctx, dtype=torch.float64).scatter_(1, following, next_symbol)
+        chain = cls(torch.full((n_ctx,), 1.0 / n_ctx, dtype=torch.float64) if initial is None else initial, transition)
+        if initial is None:
+            chain.log_initial = chain.stationary().log()
+        return chain
+
+    def stationary(self, tol: float = 1e-15, max_iter: int = 100_000) -> torch.Tensor:
+        r"""The stationary distribution :math:`\pi = \pi T` (V,) float64, by power iteration from uniform."""
+        transition = self.log_transition.exp()
+        pi = torch.full((self.vocab_size,), 1.0 / self.vocab_size, dtype=torch.float64)
+        for _ in range(max_iter):
+            new = pi @ transition
+            if float((new - pi).abs().sum()) < tol:
+                return new / new.sum()
+            pi = new
+        return pi / pi.sum()
+
+    def entropy_rate(self) -> float:
+        r""":math:`h = \sum_x \pi(x) H(T(x, \cdot))` in nats per token."""
+        transition = self.log_transition.exp()
+        plogp = torch.where(transition > 0, transition * self.log_transition, 0.0)
+        return float(-(self.stationary() * plogp.sum(1)).sum())
 
     # -- data and exact likelihoods -------------------------------------------------
 

@@ -34,9 +34,32 @@ def save_atomic(state: dict, path: str) -> None:
         raise
 
 
-def load(path: str) -> dict:
-    """Reads a checkpoint written by `save_atomic` (onto the CPU)."""
-    return torch.load(path, map_location="cpu", weights_only=False)
+KEYS = ("step", "model", "optimizer", "rng", "args", "model_config")
+"""What a training checkpoint holds."""
+
+
+class CheckpointError(ValueError):
+    """The file is not a complete training checkpoint."""
+
+
+def load(path: str) -> object:
+    """Reads a file written by `save_atomic` (onto the CPU); CheckpointError if it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, empty, garbage, a directory: whatever torch.load raises
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+
+
+def load_run(path: str) -> dict:
+    """A training checkpoint (every key of `KEYS`); CheckpointError if the file is not one."""
+    state = load(path)
+    missing = [key for key in KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete checkpoint (missing {', '.join(missing)})")
+    if not isinstance(state["step"], int) or not isinstance(state["args"], dict):
+        raise CheckpointError(f"{path} is not a training checkpoint (bad step or args)")
+    return state
 
 
 def rng_state() -> dict:

@@ -7,13 +7,17 @@ one-line message and exit status 2 (argparse's convention), never a traceback.
 from __future__ import annotations
 
 import argparse
+import math
 
-from .objective import GRAPHS, LOSSES
+import fastbound
+
+from .data import MAX_CONTEXTS
 
 PROG = "python -m fastbound.train"
-SCHEDULES = ("loglinear", "geometric", "cosine")
+SCHEDULES = tuple(fastbound.schedules.SCHEDULES)
 DTYPES = ("fp32", "bf16")
-BACKENDS = ("auto", "cpu", "cuda", "triton")
+SEED_LIMIT = 2**63
+"""Seeds are keys of torch's generators (at most 64 bits); larger ones are refused."""
 
 # Flags that change what is trained: a checkpoint resumes only a run that agrees on all of them.
 TRAJECTORY_FLAGS = (
@@ -23,34 +27,29 @@ TRAJECTORY_FLAGS = (
 )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+class UsageError(ValueError):
+    """A problem with the flags or files the user gave (reported without a traceback)."""
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _number(kind: type, what: str, minimum: float, *, strict: bool = False, limit: float = math.inf):
+    """An argparse type: ``kind`` (int or float) in [minimum, limit) (or (minimum, limit) when ``strict``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value > minimum if strict else value >= minimum) or not value < limit:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
+_positive_int = _number(int, "a positive integer", 1)
+_non_negative_int = _number(int, "a non-negative integer", 0)
+_seed = _number(int, "an integer in [0, 2^63)", 0, limit=SEED_LIMIT)
+_positive_float = _number(float, "a positive finite number", 0, strict=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per sequence")
     run.add_argument("--lr", type=_positive_float, default=3e-3, help="peak AdamW learning rate")
     run.add_argument("--warmup", type=_non_negative_int, default=50, help="linear warm-up steps")
-    run.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the weights, batches and noise")
+    run.add_argument("--seed", type=_seed, default=0, help="seed of the weights, batches and noise")
     run.add_argument("--out", default="runs/train", help="directory for checkpoints, metrics and plots")
     run.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     run.add_argument("--ckpt-every", type=_positive_int, default=250, help="checkpoint every N steps")
@@ -79,13 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
 
     diff = p.add_argument_group("diffusion")
-    diff.add_argument("--loss", choices=LOSSES, default="dce",
+    diff.add_argument("--loss", choices=fastbound.LOSSES, default="dce",
                       help="dce: masked cross-entropy (MDLM); dse: score entropy (SEDD)")
-    diff.add_argument("--graph", choices=GRAPHS, default="absorb", help="corruption graph")
+    diff.add_argument("--graph", choices=fastbound.GRAPHS, default="absorb", help="corruption graph")
     diff.add_argument("--schedule", choices=SCHEDULES, default="loglinear", help="noise schedule")
     diff.add_argument("--oracle", action="store_true",
                       help="use the pure-PyTorch losses of fastbound.reference instead of the fused kernels")
-    diff.add_argument("--backend", choices=BACKENDS, default="auto", help="fastbound kernel backend")
+    diff.add_argument("--backend", choices=fastbound.BACKENDS, default="auto", help="fastbound kernel backend")
 
     model = p.add_argument_group("model")
     model.add_argument("--d-model", type=_positive_int, default=64, help="transformer width")
@@ -99,11 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--data", metavar="FILE", default=None,
                       help="train on the bytes of a text file (V = 256 + mask) instead of the Markov source")
-    data.add_argument("--markov-symbols", type=_positive_int, default=4, help="alphabet of the Markov source")
+    data.add_argument("--markov-symbols", type=_positive_int, default=4, help=f"alphabet of the Markov source (symbols ** order <= {MAX_CONTEXTS})")
     data.add_argument("--markov-order", type=_positive_int, default=2, help="order of the Markov source")
     data.add_argument("--markov-concentration", type=_positive_float, default=0.25,
                       help="Dirichlet concentration of its transition probabilities (lower: less entropy)")
-    data.add_argument("--markov-seed", type=_non_negative_int, default=0, help="seed of the chain itself")
+    data.add_argument("--markov-seed", type=_seed, default=0, help="seed of the chain itself")
 
     ev = p.add_argument_group("evaluation")
     ev.add_argument("--eval-every", type=_positive_int, default=250, help="evaluate every N steps (and at the end)")
@@ -122,6 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "use --loss dse for --graph uniform")
     if args.markov_symbols < 2:
         parser.error(f"--markov-symbols must be >= 2, got {args.markov_symbols}")
+    if args.data is None and args.markov_symbols**args.markov_order > MAX_CONTEXTS:
+        parser.error(f"--markov-symbols {args.markov_symbols} --markov-order {args.markov_order} make "
+                     f"{args.markov_symbols**args.markov_order:,} contexts; the Markov source keeps a dense table "
+                     f"over its contexts and allows at most {MAX_CONTEXTS} (symbols ** order)")
     if args.d_model % (2 * args.n_heads):
         parser.error(f"--d-model ({args.d_model}) must be a multiple of 2 x --n-heads ({args.n_heads}): "
                      "rotary embeddings need an even head size")

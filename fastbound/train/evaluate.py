@@ -55,7 +55,7 @@ def evaluate(
         options = dict(method="mc", loss="dse", graph="uniform", schedule=objective.schedule)
     est = fastbound.estimate_nll(denoiser, x0, vocab_size=objective.num_tokens, n_samples=n_samples,
                                  seed=seed, backend=objective.backend, **options)
-    per_token = est.nll / (est.n_tokens.double() * math.log(2))
+    per_token = est.bits_per_token
     n = per_token.numel()
     if n > 1:
         stderr = float(per_token.std() / math.sqrt(n))

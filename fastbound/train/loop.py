@@ -10,6 +10,7 @@ RNG states are saved and restored as well, so code that does draw from them stay
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -20,22 +21,41 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from fastbound import _backend, schedules
+import fastbound
 
 from . import checkpoint, cli, distributed, metrics
+from .cli import UsageError
+from .data import ByteText, DataError, EntropyTarget, MarkovSource
 from .evaluate import Evaluation, evaluate, integrand_curve
-from .objective import Objective, derive_seed
-from ..data import ByteText, DataError, EntropyTarget, MarkovSource
-from ..models import Denoiser, DenoiserConfig
+from .lock import LockedError, RunLock
+from .models import Denoiser, DenoiserConfig
+from .objective import Objective
 
 SUMMARY = "summary.json"
 _EVAL_STREAM = 3
+EXTRA_HINT = "pip install 'fastbound[train]'"
+"""How to get the training script's own dependencies (tqdm, matplotlib)."""
 
 
-class UsageError(ValueError):
-    """A problem with the flags or files the user gave (reported without a traceback)."""
+def _check_extras(args) -> None:
+    """tqdm (always) and matplotlib (unless --no-plots) come with the ``train`` extra."""
+    needed = ["tqdm"] + ([] if args.no_plots else ["matplotlib"])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"the training script needs {' and '.join(missing)}: {EXTRA_HINT}"
+                         + (" (or pass --no-plots)" if missing == ["matplotlib"] else ""))
+
+
+def _prepare_out(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} is a file, not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the directory is not writable")
 
 
 def learning_rate(step: int, args) -> float:
@@ -74,6 +94,7 @@ class Run:
     source: ByteText | MarkovSource
     target: EntropyTarget | None
     objective: Objective
+    lock: RunLock | None  # held by rank 0 until the run ends
     config: DenoiserConfig
     model: Denoiser
     net: torch.nn.Module  # the model, wrapped in DDP when there are several processes
@@ -98,21 +119,23 @@ class Run:
 
     def evaluate(self, step: int) -> Evaluation:
         result = evaluate(self.model, self.heldout, self.objective, n_samples=self.args.eval_samples,
-                          seed=derive_seed(self.args.seed, _EVAL_STREAM),
+                          seed=fastbound.derive_seed(self.args.seed, _EVAL_STREAM),
                           dtype=torch.bfloat16 if self.autocast is not None else None)
         self.log.write({"kind": "eval", "step": step, "bits": result.bits_per_token, "stderr": result.stderr})
         return result
 
 
 def setup(args) -> Run:
-    """Opens the data, builds the model and optimizer, and loads the checkpoint for ``--resume``."""
+    """Opens the data, takes the lock of ``--out``, builds the model and optimizer, and loads the
+    checkpoint for ``--resume``."""
+    _check_extras(args)
     topo = distributed.topology_from_env()
     try:
         device = distributed.resolve_device(args.device, topo)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--device {args.device}: {e}") from None
     try:
-        _backend.select(device, None if args.backend == "auto" else args.backend)
+        fastbound.select_backend(device, None if args.backend == "auto" else args.backend)
     except ValueError as e:
         raise UsageError(f"--backend {args.backend}: {e}") from None
     try:
@@ -122,19 +145,45 @@ def setup(args) -> Run:
     if args.batch_size % topo.world_size:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes "
                          f"({topo.world_size})")
-    ckpt_path = os.path.join(args.out, checkpoint.FILENAME)
-    state = None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
-        state = checkpoint.load(ckpt_path)
-        _check_resumable(state, args)
-    distributed.start(topo, device)
+    lock = None
     if topo.is_main:
-        os.makedirs(args.out, exist_ok=True)
+        _prepare_out(args.out)
+        lock = RunLock(args.out)
+        try:
+            lock.acquire()
+        except LockedError as e:
+            raise UsageError(f"--out {args.out}: {e}") from None
+    try:
+        return _build(args, topo, device, source, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _load_state(args, ckpt_path: str) -> dict:
+    if not os.path.exists(ckpt_path):
+        raise UsageError(f"--resume: no checkpoint at {ckpt_path}")
+    try:
+        state = checkpoint.load_run(ckpt_path)
+    except checkpoint.CheckpointError as e:
+        raise UsageError(f"--resume: {e}; delete it or choose another --out") from None
+    _check_resumable(state, args)
+    return state
+
+
+def _build(args, topo: distributed.Topology, device: torch.device, source, lock: RunLock | None) -> Run:
+    ckpt_path = os.path.join(args.out, checkpoint.FILENAME)
+    state = _load_state(args, ckpt_path) if args.resume else None
+    metrics_path = os.path.join(args.out, metrics.FILENAME)
+    try:
+        records = metrics.read(metrics_path, state["step"]) if state else []
+    except metrics.MetricsError as e:
+        raise UsageError(f"--resume: {e}") from None
+    distributed.start(topo, device)
 
     objective = Objective(
-        loss=args.loss, graph=args.graph, schedule=schedules.SCHEDULES[args.schedule](),
+        loss=args.loss, graph=args.graph, schedule=fastbound.schedules.SCHEDULES[args.schedule](),
         num_tokens=source.vocab_size, oracle=args.oracle, backend=None if args.backend == "auto" else args.backend,
     )
     config = DenoiserConfig(
@@ -146,20 +195,23 @@ def setup(args) -> Run:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.0)
     start = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        checkpoint.set_rng_state(state["rng"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            checkpoint.set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"--resume: {ckpt_path} does not fit this model ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else 'no detail'})") from None
         start = state["step"]
-    metrics_path = os.path.join(args.out, metrics.FILENAME)
     return Run(
         args=args, topo=topo, device=device, source=source,
         target=source.target(args.seq_len) if isinstance(source, MarkovSource) else None,
-        objective=objective, config=config, model=model,
+        objective=objective, lock=lock, config=config, model=model,
         net=DistributedDataParallel(model) if topo.world_size > 1 else model,
         optimizer=optimizer,
         autocast=torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else None,
         heldout=source.heldout(args.seed, args.eval_sequences, args.seq_len).to(device),
-        log=metrics.MetricsLog(metrics_path, metrics.read(metrics_path, start) if state else [], topo.is_main),
+        log=metrics.MetricsLog(metrics_path, records, topo.is_main),
         start=start,
     )
 
@@ -182,7 +234,21 @@ def train_step(run: Run, step: int) -> float:
 def train(args) -> dict:
     """Runs training from ``args`` (see `cli`); returns the summary (rank 0; {} on other ranks)."""
     run = setup(args)
-    is_main = run.topo.is_main
+    try:
+        return _train(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm  # the train extra (checked by setup)
+
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, file=sys.stderr, unit="step")
+
+
+def _train(run: Run) -> dict:
+    args, is_main = run.args, run.topo.is_main
     if is_main:
         print(f"data: {run.source.describe()}; model: {run.model.num_parameters():,} parameters, "
               f"V = {run.config.vocab_size}; {args.steps} steps of {args.batch_size} x {args.seq_len} tokens "
@@ -193,8 +259,7 @@ def train(args) -> dict:
 
     tokens_per_step = args.batch_size * args.seq_len
     # The bar is drawn by rank 0 on a terminal only; evaluations and the summary are printed anyway.
-    bar = tqdm(total=args.steps, initial=run.start, disable=not (is_main and sys.stderr.isatty()),
-               dynamic_ncols=True, file=sys.stderr, unit="step")
+    bar = _progress_bar(args.steps, run.start, is_main and sys.stderr.isatty())
     t_start, rate, last = time.perf_counter(), None, None
     for step in range(run.start, args.steps):
         t0 = time.perf_counter()

@@ -13,19 +13,40 @@ import os
 FILENAME = "metrics.jsonl"
 
 
+class MetricsError(ValueError):
+    """A line of the metrics file is not a record."""
+
+
+def _record(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("kind"), str)
+    return record if ok else None
+
+
 def read(path: str, upto: int) -> list[dict]:
-    """The records of ``path`` up to step ``upto``, skipping a last line cut short by a kill."""
+    """The records of ``path`` up to step ``upto``, skipping a last line cut short by a kill.
+
+    Raises MetricsError for any other line that is not a record.
+    """
     if not os.path.exists(path):
         return []
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise MetricsError(f"{path} cannot be read ({type(e).__name__})") from None
     keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record["step"] <= upto:
-                keep.append(record)
+    for number, line in enumerate(lines, 1):
+        record = _record(line)
+        if record is None:
+            if number == len(lines):
+                break  # cut short by a kill
+            raise MetricsError(f"{path} line {number} is not a metrics record: {line[:60]!r}")
+        if record["step"] <= upto:
+            keep.append(record)
     return keep
 
 

@@ -34,21 +34,12 @@ import torch
 import fastbound
 from fastbound import reference, schedules
 
-LOSSES = ("dce", "dse")
-GRAPHS = ("absorb", "uniform")
 TIME_EPS = 1e-3
 
-# Sub-streams of the run's seed: the times and the corruption must not share random numbers.
+# Sub-streams of the run's seed (`fastbound.derive_seed`): the times and the corruption must
+# not share random numbers.
 _TIMES_STREAM = 1
 _NOISE_STREAM = 2
-
-
-def derive_seed(seed: int, stream: int) -> int:
-    """A 62-bit seed for one random stream of a run (SplitMix64-style mixing of ``(seed, stream)``)."""
-    z = (seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9) % 2**64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
-    return (z ^ (z >> 31)) >> 2
 
 
 @dataclass(frozen=True)
@@ -66,10 +57,10 @@ class Objective:
     backend: str | None = None
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.graph not in GRAPHS:
-            raise ValueError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
+        if self.loss not in fastbound.LOSSES:
+            raise ValueError(f"loss must be one of {fastbound.LOSSES}, got {self.loss!r}")
+        if self.graph not in fastbound.GRAPHS:
+            raise ValueError(f"graph must be one of {fastbound.GRAPHS}, got {self.graph!r}")
         if self.loss == "dce" and self.graph != "absorb":
             raise ValueError("the DCE loss is defined for the absorbing graph only; use --loss dse with --graph uniform")
 
@@ -84,16 +75,16 @@ class Objective:
 
     def times(self, seed: int, step: int, global_batch: int, device: torch.device) -> torch.Tensor:
         """(global_batch,) antithetic times of ``step`` in [eps, 1] (VDM; infodis)."""
-        return fastbound.sample_times(
-            global_batch, method="antithetic", eps=TIME_EPS, seed=derive_seed(seed, _TIMES_STREAM),
-            offset=step * global_batch, device=device, backend=self._noise_backend,
-        )
+        stream = fastbound.NoiseStream(fastbound.derive_seed(seed, _TIMES_STREAM), offset=step * global_batch)
+        return fastbound.sample_times(global_batch, method="antithetic", eps=TIME_EPS, seed=stream.seed,
+                                      offset=stream.take(global_batch), device=device, backend=self._noise_backend)
 
     def corrupt(self, x0: torch.Tensor, sigma: torch.Tensor, seed: int, counter: int) -> torch.Tensor:
         """x_t for rows of ``x0`` whose first element has flat index ``counter`` in this step's noise."""
+        stream = fastbound.NoiseStream(fastbound.derive_seed(seed, _NOISE_STREAM), offset=counter)
         return fastbound.perturb(
             x0, sigma=sigma[:, None], graph=self.graph, vocab_size=self.num_tokens, mask_id=self.mask_id,
-            seed=derive_seed(seed, _NOISE_STREAM), offset=counter, backend=self._noise_backend,
+            seed=stream.seed, offset=stream.take(x0.numel()), backend=self._noise_backend,
         ).x_t
 
     @property
@@ -119,25 +110,26 @@ class Objective:
         """
         b, seq_len = x0.shape
         t = self.times(seed, step, global_batch, x0.device)[rows]
-        sigma, dsigma = self.schedule(t)
+        sigma = self.schedule.total(t)
         # Step s uses counters [s*B*L, (s+1)*B*L); this shard starts at row rows.start.
         counter = (step * global_batch + rows.start) * seq_len
         x_t = self.corrupt(x0, sigma, seed, counter)
         with autocast if autocast is not None else contextlib.nullcontext():
             out = model(x_t, sigma)
-        total = self._loss(out, sigma, dsigma, x_t, x0)
+        total = self._loss(out, t, sigma, x_t, x0)
         return total / (b * seq_len)
 
-    def _loss(self, out, sigma, dsigma, x_t, x0) -> torch.Tensor:
+    def _loss(self, out, t, sigma, x_t, x0) -> torch.Tensor:
         """Summed weighted loss of one batch."""
         lib = reference if self.oracle else fastbound
         kernel = {} if self.oracle else {"backend": self.backend}
         if self.loss == "dce":
-            w = (dsigma / torch.expm1(sigma))[:, None]
+            w = self.schedule.dce_weight(t)[:, None]
             return lib.dce_loss(out, x_t, x0, mask_id=self.mask_id, weight=w, reduction="sum", **kernel)
         if self.graph == "absorb":
             shift = torch.log(torch.expm1(sigma)) + math.log(self.num_tokens)
             out = out.float() - shift[:, None, None]  # in fp32: the shift is large next to bf16's ulp
         return lib.dse_loss(
-            out, sigma[:, None], x_t, x0, graph=self.graph, weight=dsigma[:, None], reduction="sum", **kernel
+            out, sigma[:, None], x_t, x0, graph=self.graph, weight=self.schedule.dse_weight(t)[:, None],
+            reduction="sum", **kernel
         )

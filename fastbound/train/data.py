@@ -1,10 +1,11 @@
-r"""Training data for `fastbound.train`: a Markov source with a known entropy and byte-level text.
+r"""Training data of `fastbound.train`: a Markov source with a known entropy, and byte-level text.
 
 Both sources hand out batches as a pure function of ``(seed, step)``: batch ``step`` is the same
 whatever happened before it, so a resumed run sees the data an uninterrupted run would, and the
 ranks of a multi-process run can each take their rows of one global batch.
 
-The Markov source is a random order-``k`` chain over ``K`` symbols. Its entropy rate is exact:
+The Markov source is a random order-``k`` chain over ``K`` symbols, a
+`fastbound.testing.MarkovChain` over its contexts. Its entropy rate is exact:
 with :math:`\pi` the stationary distribution over contexts (the last ``k`` symbols) and
 :math:`P(\cdot\mid c)` the next-symbol distribution (Cover & Thomas, *Elements of Information
 Theory*, thm. 4.2.4),
@@ -20,26 +21,28 @@ from __future__ import annotations
 
 import math
 import os
+import stat
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-# Seeds of the generators that pick training batches and the held-out set; they keep the
-# streams apart from each other and from the noise, which is keyed by the run's seed directly.
+import fastbound
+from fastbound.testing import MarkovChain
+
+# Streams of the run's seed (`fastbound.derive_seed`) that pick training batches and the
+# held-out set, and of the chain's own seed; the noise uses other streams of the run's seed.
 _TRAIN_STREAM = 0x5EED_0001
 _HELDOUT_STREAM = 0x5EED_0002
 _CHAIN_STREAM = 0x5EED_0003
+MAX_CONTEXTS = 1024
+"""Most contexts (symbols ** order) of the Markov source: its chain over contexts is a dense
+(contexts, contexts) float64 matrix (8 MiB at this size)."""
 
 
 class DataError(ValueError):
     """The data cannot be used for training (missing file, too short for one sequence...)."""
-
-
-def _generator(seed: int, stream: int, step: int = 0) -> torch.Generator:
-    """A CPU generator seeded by ``(seed, stream, step)``."""
-    mixed = (seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) % 2**63
-    return torch.Generator().manual_seed(mixed)
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class MarkovSource:
     Each of the ``num_symbols**order`` contexts gets a next-symbol distribution drawn from a
     symmetric Dirichlet(``concentration``) (smaller concentration: more predictable chain,
     lower entropy). All probabilities are positive, so the chain over contexts is irreducible
-    and aperiodic and has a unique stationary distribution.
+    and aperiodic and has a unique stationary distribution, from which every window starts.
     """
 
     def __init__(self, num_symbols: int = 8, order: int = 2, concentration: float = 0.25, seed: int = 0):
@@ -66,39 +69,19 @@ class MarkovSource:
             raise ValueError(f"order must be >= 1, got {order}")
         if not concentration > 0:
             raise ValueError(f"concentration must be > 0, got {concentration}")
+        check_contexts(num_symbols, order)
         self.num_symbols, self.order = num_symbols, order
         self.vocab_size = num_symbols
         rng = np.random.default_rng([seed, _CHAIN_STREAM])
-        n_ctx = num_symbols**order
         # Floor the probabilities so that no symbol is (numerically) impossible in any context.
-        probs = rng.dirichlet(np.full(num_symbols, concentration), size=n_ctx) + 1e-6
+        probs = rng.dirichlet(np.full(num_symbols, concentration), size=num_symbols**order) + 1e-6
         self.transition = probs / probs.sum(1, keepdims=True)  # (contexts, K) float64
-        self.stationary = self._stationary()
-        self._cdf = torch.from_numpy(np.cumsum(self.transition, 1))
-        self._stationary_cdf = torch.from_numpy(np.cumsum(self.stationary))
-
-    def _next_context(self) -> np.ndarray:
-        """(contexts, K): the context reached from context c after emitting symbol y."""
-        k, n_ctx = self.num_symbols, self.num_symbols**self.order
-        return (np.arange(n_ctx)[:, None] * k) % n_ctx + np.arange(k)[None, :]
-
-    def _stationary(self) -> np.ndarray:
-        """Stationary distribution over contexts, by power iteration in float64."""
-        n_ctx = self.transition.shape[0]
-        nxt = self._next_context()
-        pi = np.full(n_ctx, 1.0 / n_ctx)
-        for _ in range(100_000):
-            new = np.zeros(n_ctx)
-            np.add.at(new, nxt.ravel(), (pi[:, None] * self.transition).ravel())
-            if np.abs(new - pi).sum() < 1e-15:
-                return new / new.sum()
-            pi = new
-        return pi / pi.sum()
+        self.chain = MarkovChain.of_contexts(torch.from_numpy(self.transition))
+        self.stationary = self.chain.log_initial.exp().numpy()
 
     def entropy_rate(self) -> float:
         r""":math:`h = \sum_c \pi(c) H(P(\cdot\mid c))` in bits per symbol."""
-        p = self.transition
-        return float(-(self.stationary * (p * np.log2(p)).sum(1)).sum())
+        return self.chain.entropy_rate() / math.log(2)
 
     def target(self, seq_len: int) -> EntropyTarget:
         """The entropy rate and the per-token entropy of a stationary window of ``seq_len`` symbols."""
@@ -111,55 +94,76 @@ class MarkovSource:
         h_start = float(-(self.stationary * np.log2(self.stationary)).sum())
         return EntropyTarget(h, (h_start + (seq_len - self.order) * h) / seq_len)
 
-    def sample(self, n: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, seq_len) int64 windows of the chain started from its stationary distribution."""
-        u = torch.rand(seq_len + 1, n, 1, generator=generator, dtype=torch.float64)
-        k, n_ctx = self.num_symbols, len(self.stationary)
-        ctx = torch.searchsorted(self._stationary_cdf, u[0, :, 0]).clamp_max(n_ctx - 1)
-        out = torch.empty(n, max(seq_len, self.order), dtype=torch.int64)
-        for j in range(self.order):  # the first `order` symbols are the digits of the start context
-            out[:, j] = (ctx // k ** (self.order - 1 - j)) % k
-        for j in range(self.order, seq_len):
-            sym = torch.searchsorted(self._cdf[ctx], u[j - self.order + 1]).squeeze(1).clamp_max(k - 1)
-            out[:, j] = sym
-            ctx = (ctx * k) % n_ctx + sym
-        return out[:, :seq_len]
+    def sample(self, n: int, seq_len: int, seed: int) -> torch.Tensor:
+        """(n, seq_len) int64 windows: the digits of a stationary first context, then each new symbol."""
+        k = self.num_symbols
+        contexts = self.chain.sample(n, max(seq_len - self.order + 1, 1), seed=seed)
+        first = contexts[:, :1] // k ** torch.arange(self.order - 1, -1, -1) % k
+        return torch.cat([first, contexts[:, 1:] % k], 1)[:, :seq_len]
 
     def train_batch(self, seed: int, step: int, batch_size: int, seq_len: int) -> torch.Tensor:
         """The global training batch of ``step``: fresh samples, never seen before."""
-        return self.sample(batch_size, seq_len, _generator(seed, _TRAIN_STREAM, step))
+        return self.sample(batch_size, seq_len, fastbound.derive_seed(seed, _TRAIN_STREAM, step))
 
     def heldout(self, seed: int, n: int, seq_len: int) -> torch.Tensor:
         """``n`` held-out windows (a stream disjoint from the training batches)."""
-        return self.sample(n, seq_len, _generator(seed, _HELDOUT_STREAM))
+        return self.sample(n, seq_len, fastbound.derive_seed(seed, _HELDOUT_STREAM))
 
     def describe(self) -> str:
         return f"order-{self.order} Markov chain over {self.num_symbols} symbols"
+
+
+def check_contexts(num_symbols: int, order: int) -> None:
+    """Refuses sources whose table over contexts would exceed `MAX_CONTEXTS`."""
+    if num_symbols**order > MAX_CONTEXTS:
+        raise ValueError(
+            f"{num_symbols} symbols of order {order} make {num_symbols**order:,} contexts; the Markov source "
+            f"keeps a dense table over its contexts and allows at most {MAX_CONTEXTS} (symbols ** order)"
+        )
+
+
+def _read_regular_file(path: str) -> bytes:
+    """The bytes of ``path``, refusing what is not a readable regular file (a directory, a device, a FIFO)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"--data: no such file: {path}") from None
+    except OSError as e:
+        raise DataError(f"--data: cannot read {path}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise DataError(f"--data: {path} is a directory, not a text file")
+    if not stat.S_ISREG(mode):
+        raise DataError(f"--data: {path} is not a regular file (a device, FIFO or socket cannot be trained on)")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f"--data: cannot read {path}: {e.strerror}") from None
 
 
 class ByteText:
     """A text file read as bytes (V = 256 real tokens; the model adds the mask).
 
     The last tenth of the file (at least one sequence) is held out for evaluation when the file
-    holds at least two sequences; a shorter file is used for both, with a warning.
+    holds at least two sequences; a shorter file is used for both, with a `UserWarning`.
     Training batches are random windows of the training part.
     """
 
     vocab_size = 256
 
     def __init__(self, path: str, seq_len: int):
-        if not os.path.isfile(path):
-            raise DataError(f"--data: no such file: {path}")
-        with open(path, "rb") as f:
-            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).long()
-        if data.numel() < seq_len:
+        raw = _read_regular_file(path)
+        if len(raw) < seq_len:
             raise DataError(
-                f"--data: {path} has {data.numel()} bytes (tokens), fewer than one sequence of "
+                f"--data: {path} has {len(raw)} bytes (tokens), fewer than one sequence of "
                 f"--seq-len {seq_len}; use a longer file or a smaller --seq-len"
             )
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
         self.path = path
         self.shared_heldout = data.numel() < 2 * seq_len
         if self.shared_heldout:
+            warnings.warn(f"--data: {path} has {data.numel()} bytes, fewer than two sequences of --seq-len "
+                          f"{seq_len}: the held-out NLL is measured on the training data", stacklevel=2)
             self.train_tokens = self.heldout_tokens = data
         else:
             n_held = max(seq_len, data.numel() // 10)
@@ -171,7 +175,8 @@ class ByteText:
 
     def train_batch(self, seed: int, step: int, batch_size: int, seq_len: int) -> torch.Tensor:
         high = self.train_tokens.numel() - seq_len + 1
-        starts = torch.randint(high, (batch_size,), generator=_generator(seed, _TRAIN_STREAM, step))
+        generator = torch.Generator().manual_seed(fastbound.derive_seed(seed, _TRAIN_STREAM, step))
+        starts = torch.randint(high, (batch_size,), generator=generator)
         return self._windows(self.train_tokens, starts, seq_len)
 
     def heldout(self, seed: int, n: int, seq_len: int) -> torch.Tensor:
@@ -183,6 +188,3 @@ class ByteText:
     def describe(self) -> str:
         return f"bytes of {self.path} ({self.train_tokens.numel()} training tokens)"
 
-
-def bits(nats: float) -> float:
-    return nats / math.log(2)

@@ -1,0 +1,45 @@
+"""The import graph: the oracle is a leaf, the training script uses the public API only,
+and the low layers (names, tables, kernels) import no API module."""
+
+import ast
+import pathlib
+
+import fastbound
+
+PACKAGE = pathlib.Path(fastbound.__file__).parent
+API_MODULES = {"losses", "noise", "integrate", "estimators", "schedules", "testing", "train"}
+
+
+def _imports(path: pathlib.Path) -> list[tuple[int, str]]:
+    """(level, dotted name) of every import in a file; ``from . import x`` gives (1, "x")."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(0, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            found += [(node.level, f"{base}.{alias.name}" if base else alias.name) for alias in node.names]
+    return found
+
+
+def test_reference_imports_only_torch_and_math():
+    names = {name.split(".")[0] for level, name in _imports(PACKAGE / "reference.py")}
+    assert names <= {"torch", "math", "__future__"}, names
+
+
+def test_training_script_uses_public_names_only():
+    for path in (PACKAGE / "train").glob("*.py"):
+        for level, name in _imports(path):
+            assert level <= 1, f"{path.name} imports {name} from outside fastbound.train"
+            if name.split(".")[0] == "fastbound":
+                assert not any(part.startswith("_") for part in name.split(".")), f"{path.name} imports {name}"
+        assert "fastbound._" not in path.read_text(), path.name
+
+
+def test_low_layers_import_no_api_module():
+    low = [PACKAGE / "_names.py", PACKAGE / "_harmonic.py", PACKAGE / "_validate.py", PACKAGE / "_ops.py",
+           *(PACKAGE / "triton_kernels").glob("*.py")]
+    for path in low:
+        for level, name in _imports(path):
+            if level:
+                assert name.split(".")[0] not in API_MODULES, f"{path.name} imports the API module {name}"
