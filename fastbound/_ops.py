@@ -148,8 +148,13 @@ register_fused_loss("fastbound::dce_forward")
 # ----------------------------------------------------------------------------- public losses
 
 
+def forward_mode() -> bool:
+    """Whether a forward-mode AD level is open (``torch.func.jvp``, ``forward_ad.dual_level``); cheap."""
+    return forward_ad._current_level >= 0
+
+
 def has_tangent(t: torch.Tensor) -> bool:
-    """Whether ``t`` carries a forward-mode tangent (``torch.func.jvp``, ``forward_ad``)."""
+    """Whether ``t`` carries a forward-mode tangent (call only when `forward_mode` is on)."""
     return not tracing(t) and forward_ad.unpack_dual(t).tangent is not None
 
 

@@ -9,6 +9,7 @@ nothing, for the usual ``loss.backward()``; see `fastbound._ops`). See
 from __future__ import annotations
 
 import operator
+import os
 from typing import Literal
 
 import torch
@@ -35,23 +36,51 @@ def _kernel(backend: str, name: str):
     return op
 
 
-def _prepare(score, x_t, x0, weight, reduction, ignore_index, backend, inplace, score_name):
-    """Validates the shared arguments; returns (scores as (N, V), (x_t, x0) as (N,) int64, row scale, backend)."""
+_CHECKED: dict[tuple, str] = {}
+"""Argument signatures (types, dtypes, shapes, devices, options) already validated -> kernel backend."""
+_MAX_CHECKED = 256
+
+
+def _check_arguments(score, x_t, x0, reduction, ignore_index, backend, score_name) -> str:
+    """The checks that read no data (types, shapes, dtypes, devices, sizes); returns the kernel backend."""
     score = v.check_float_tensor(score_name, score)
     if score.dim() < 1:
         raise ValueError(f"{score_name} must have shape (..., V), got a scalar")
     lead = score.shape[:-1]
-    x_t = v.check_ids("x_t", x_t, lead)
-    x0 = v.check_ids("x0", x0, lead)
-    if reduction not in REDUCTIONS:
-        v.check_choice("reduction", reduction, REDUCTIONS)
+    v.check_ids("x_t", x_t, lead)
+    v.check_ids("x0", x0, lead)
+    v.check_choice("reduction", reduction, REDUCTIONS)
     v.check_int64("ignore_index", ignore_index)
     v.check_same_device(score.device, x_t=x_t, x0=x0)
-    n, n_cols = x_t.numel(), score.shape[-1]
-    v.check_size(score_name, n, "positions")
-    v.check_size(score_name, n_cols, "columns")
-    kernel_backend = _backend.select(score.device, backend)
+    v.check_size(score_name, x_t.numel(), "positions")
+    v.check_size(score_name, score.shape[-1], "columns")
+    return _backend.select(score.device, backend)
 
+
+def _signature(score, x_t, x0, reduction, ignore_index, backend) -> tuple | None:
+    """What `_check_arguments` depends on, for plain eager tensors (None: check every time)."""
+    if type(score) not in v.PLAIN or type(x_t) not in v.PLAIN or type(x0) not in v.PLAIN or v.tracing(score):
+        return None
+    if score.is_nested or x_t.is_nested or x0.is_nested or not isinstance(ignore_index, int):
+        return None
+    return (score.dtype, score.shape, score.device, score.layout, x_t.dtype, x_t.shape, x_t.device, x_t.layout,
+            x0.dtype, x0.shape, x0.device, x0.layout, reduction, ignore_index, type(ignore_index), backend,
+            os.environ.get("FASTBOUND_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+
+
+def _prepare(score, x_t, x0, weight, reduction, ignore_index, backend, inplace, score_name):
+    """Validates the shared arguments; returns (scores as (N, V), (x_t, x0) as (N,) int64, row scale, backend).
+
+    The data-free checks run once per argument signature (then cached: they cost more than a
+    small kernel); what depends on values (weight, ids, sigma) is checked on every call.
+    """
+    key = _signature(score, x_t, x0, reduction, ignore_index, backend)
+    kernel_backend = _CHECKED.get(key) if key is not None else None
+    if kernel_backend is None:
+        kernel_backend = _check_arguments(score, x_t, x0, reduction, ignore_index, backend, score_name)
+        if key is not None and len(_CHECKED) < _MAX_CHECKED:
+            _CHECKED[key] = kernel_backend
+    n, n_cols = x_t.numel(), score.shape[-1]
     flat = score.reshape(n, n_cols)
     if n_cols > 1 and flat.stride(1) != 1:
         flat = flat.contiguous()
@@ -59,7 +88,7 @@ def _prepare(score, x_t, x0, weight, reduction, ignore_index, backend, inplace, 
         _check_inplace(score, flat, score_name)
     ids = (x_t.reshape(n).long().contiguous(), x0.reshape(n).long().contiguous())
     acc = torch.float64 if score.dtype == torch.float64 else torch.float32
-    row_scale = v.as_rows("weight", weight, lead, acc, score.device, default=1.0, differentiable=True)
+    row_scale = v.as_rows("weight", weight, score.shape[:-1], acc, score.device, default=1.0, differentiable=True)
     if reduction == "mean":
         count = (ids[1] != ignore_index).sum().clamp_min(1)
         row_scale = row_scale / count.to(acc)
@@ -143,6 +172,14 @@ def check_dce_ids(checks: v.ValueChecks, x_t: torch.Tensor, x0: torch.Tensor, n_
     checks.add(x0 == mask_id, lambda: f"x0 contains the mask id {mask_id}; clean tokens cannot be masked")
 
 
+def _ids_within(ids: torch.Tensor, n_cols: int, mask_id: int) -> bool:
+    """Whether all ids lie in [0, V), from one reduction (the common case of a mask inside the logits)."""
+    if ids.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(ids)
+    return lo.item() >= 0 and hi.item() < n_cols
+
+
 def _log_expm1(sigma: torch.Tensor) -> torch.Tensor:
     """log(e^sigma - 1), finite for every positive finite sigma (as `fastbound/elementwise.h`)."""
     big = sigma >= 20
@@ -213,15 +250,18 @@ class DceKernel:
         return self.op_inplace(score, self.x_t, self.x0, row_scale, *self.ints)
 
 
-def _run(flat, sigma, row_scale, kernel, inplace: bool) -> torch.Tensor:
+def _run(flat, sigma, row_scale, kernel, inplace: bool, traced: bool) -> torch.Tensor:
     """Calls the fused op through `fastbound._ops.FusedLoss` and returns per-row losses."""
     grad_on = torch.is_grad_enabled()
-    tangents = [t is not None and _ops.has_tangent(t) for t in (flat, sigma, row_scale)]
+    tangents = [_ops.forward_mode() and t is not None and _ops.has_tangent(t) for t in (flat, sigma, row_scale)]
     need_grad = (grad_on and flat.requires_grad) or tangents[0]
     need_sigma = sigma is not None and ((grad_on and sigma.requires_grad) or tangents[1])
     need_scale = (grad_on and row_scale.requires_grad) or tangents[2]
-    if not (need_grad or need_sigma or need_scale):
-        return kernel.run(flat, sigma, row_scale, False)[0]
+    if not (need_grad or need_scale or need_sigma):
+        if traced:
+            return kernel.run(flat, sigma, row_scale, False)[0]
+        with torch._C._AutoDispatchBelowAutograd():  # skips the raw op's Python autograd wrapper
+            return kernel.run(flat, sigma, row_scale, False)[0]
     function = _ops.FusedLossWithTangents if any(tangents) else _ops.FusedLoss
     return function.apply(flat, sigma, row_scale, kernel, need_grad, inplace and need_grad, need_sigma, need_scale)[0]
 
@@ -281,17 +321,22 @@ def dse_loss(
     )
     n_cols = flat.shape[1]
     mask = dse_mask_id(mask_id, graph, n_cols)
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and not (0 < sigma < float("inf")):
+        raise ValueError(f"sigma must be positive and finite, got {sigma!r}")
     sigma_rows = v.as_rows("sigma", sigma, x_t.shape, row_scale.dtype, flat.device, differentiable=True)
-    checks = v.ValueChecks()
-    if kernel_backend != "cpu" or mask >= 0 and mask != n_cols - 1:
-        check_dse_ids(checks, graph, xt, x0f, n_cols, ignore_index, mask_id=mask if mask >= 0 else None)
-    # The CPU kernels raise on ids out of range themselves (x0 where it is read).
-    checks.positive_finite(
-        "sigma", sigma_rows, f" (in {sigma_rows.dtype}, the accumulation dtype of {flat.dtype} scores)"
-    )
-    checks.run()
+    traced = v.tracing(flat)
+    if not traced:
+        checks = v.ValueChecks()
+        if kernel_backend != "cpu" or mask >= 0 and mask != n_cols - 1:
+            # The CPU kernels raise on ids out of range themselves (x0 where it is read).
+            check_dse_ids(checks, graph, xt, x0f, n_cols, ignore_index, mask_id=mask if mask >= 0 else None)
+        if isinstance(sigma, torch.Tensor):
+            checks.positive_finite(
+                "sigma", sigma_rows.detach(), f" (in {sigma_rows.dtype}, the accumulation dtype of {flat.dtype} scores)"
+            )
+        checks.run()
     kernel = DseKernel(kernel_backend, _ops.GRAPH_CODES[graph], mask, n_cols, xt, x0f, ignore_index)
-    return _reduce(_run(flat, sigma_rows, row_scale, kernel, inplace), x_t.shape, reduction)
+    return _reduce(_run(flat, sigma_rows, row_scale, kernel, inplace, traced), x_t.shape, reduction)
 
 
 def dce_loss(
@@ -331,11 +376,11 @@ def dce_loss(
         logits, x_t, x0, weight, reduction, ignore_index, backend, inplace, "logits"
     )
     mask_id = dce_mask_id(mask_id, flat.shape[1])
-    checks = v.ValueChecks()
-    if kernel_backend == "cpu":
-        checks.ids("x_t", xt, 0, flat.shape[1], allow=mask_id)  # the CPU kernel checks x0 itself
-    else:
+    traced = v.tracing(flat)
+    if not traced and not (kernel_backend == "cpu" and _ids_within(xt, flat.shape[1], mask_id)):
+        # Off the CPU, or when x_t is not plainly in range: the full checks (the CPU kernel checks x0).
+        checks = v.ValueChecks()
         check_dce_ids(checks, xt, x0f, flat.shape[1], mask_id, ignore_index)
-    checks.run()
+        checks.run()
     kernel = DceKernel(kernel_backend, mask_id, xt, x0f, ignore_index)
-    return _reduce(_run(flat, None, row_scale, kernel, inplace), x_t.shape, reduction)
+    return _reduce(_run(flat, None, row_scale, kernel, inplace, traced), x_t.shape, reduction)

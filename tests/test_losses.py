@@ -686,3 +686,16 @@ def test_dce_columns_after_the_mask_enter_the_softmax():
     torch.testing.assert_close(fb.dce_loss(score, x_t, x0, mask_id=4), base)
     score[..., 7] = 50.0  # a column after the mask: in the softmax
     assert (fb.dce_loss(score, x_t, x0, mask_id=4) > base + 10).all()
+
+
+def test_cached_argument_checks_still_check_values_and_the_backend(monkeypatch):
+    """The data-free checks are cached per signature; ids, sigma and the backend choice are not."""
+    score, sigma, x_t, x0 = _good()
+    fb.dse_loss(score, sigma, x_t, x0)
+    with pytest.raises(ValueError, match="x_t"):
+        fb.dse_loss(score, sigma, torch.full_like(x_t, 10), x0)
+    with pytest.raises(ValueError, match="sigma"):
+        fb.dse_loss(score, -sigma, x_t, x0)
+    monkeypatch.setenv("FASTBOUND_BACKEND", "metal")
+    with pytest.raises(ValueError, match="backend"):
+        fb.dse_loss(score, sigma, x_t, x0)
