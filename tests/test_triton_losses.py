@@ -50,10 +50,11 @@ def run(impl, loss, score, sigma, x_t, x0, **kw):
         kw.pop("inplace", None)
     else:
         fn, kw = (fb.dce_loss if loss == "dce" else fb.dse_loss), dict(kw, backend=impl)
+    t = s * 1.0 if kw.get("inplace") else s  # inplace=True refuses a leaf that requires grad
     if loss == "dce":
-        out = fn(s, x_t, x0, **kw)
+        out = fn(t, x_t, x0, **kw)
     else:
-        out = fn(s, sigma, x_t, x0, graph=loss, **kw)
+        out = fn(t, sigma, x_t, x0, graph=loss, **kw)
     probe = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=out.device).view(out.shape)
     (grad,) = torch.autograd.grad(out, s, probe) if out.numel() else (torch.zeros_like(s),)
     return out.detach(), grad
