@@ -33,6 +33,8 @@ buffer itself) must not be modified in place before the next backward
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd import forward_ad
 
@@ -153,6 +155,13 @@ def forward_mode() -> bool:
     return forward_ad._current_level >= 0
 
 
+def below_autograd(t: torch.Tensor):
+    """In eager mode, a context that calls ops below the Autograd key: the raw ops' Python
+    autograd wrapper (registered above) costs more than a small kernel, and `FusedLoss` (or a
+    call without gradients) needs none of it. While tracing, a no-op context."""
+    return contextlib.nullcontext() if tracing(t) else torch._C._AutoDispatchBelowAutograd()
+
+
 def has_tangent(t: torch.Tensor) -> bool:
     """Whether ``t`` carries a forward-mode tangent (call only when `forward_mode` is on)."""
     return not tracing(t) and forward_ad.unpack_dual(t).tangent is not None
@@ -183,11 +192,12 @@ class FusedLoss(torch.autograd.Function):
         if need_scale:
             live = (row_scale != 0).to(row_scale.dtype)
             used = torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale)
-        if inplace and need_grad:
-            loss = kernel.run_inplace(score, sigma, used)
-            grad = score
-        else:
-            loss, grad = kernel.run(score, sigma, used, need_grad)
+        with below_autograd(score):
+            if inplace and need_grad:
+                loss = kernel.run_inplace(score, sigma, used)
+                grad = score
+            else:
+                loss, grad = kernel.run(score, sigma, used, need_grad)
         unscaled = loss / used if need_scale else None
         if live is not None:
             loss = loss * live

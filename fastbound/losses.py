@@ -250,7 +250,7 @@ class DceKernel:
         return self.op_inplace(score, self.x_t, self.x0, row_scale, *self.ints)
 
 
-def _run(flat, sigma, row_scale, kernel, inplace: bool, traced: bool) -> torch.Tensor:
+def _run(flat, sigma, row_scale, kernel, inplace: bool) -> torch.Tensor:
     """Calls the fused op through `fastbound._ops.FusedLoss` and returns per-row losses."""
     grad_on = torch.is_grad_enabled()
     tangents = [_ops.forward_mode() and t is not None and _ops.has_tangent(t) for t in (flat, sigma, row_scale)]
@@ -258,9 +258,7 @@ def _run(flat, sigma, row_scale, kernel, inplace: bool, traced: bool) -> torch.T
     need_sigma = sigma is not None and ((grad_on and sigma.requires_grad) or tangents[1])
     need_scale = (grad_on and row_scale.requires_grad) or tangents[2]
     if not (need_grad or need_scale or need_sigma):
-        if traced:
-            return kernel.run(flat, sigma, row_scale, False)[0]
-        with torch._C._AutoDispatchBelowAutograd():  # skips the raw op's Python autograd wrapper
+        with _ops.below_autograd(flat):
             return kernel.run(flat, sigma, row_scale, False)[0]
     function = _ops.FusedLossWithTangents if any(tangents) else _ops.FusedLoss
     return function.apply(flat, sigma, row_scale, kernel, need_grad, inplace and need_grad, need_sigma, need_scale)[0]
@@ -324,19 +322,20 @@ def dse_loss(
     if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and not (0 < sigma < float("inf")):
         raise ValueError(f"sigma must be positive and finite, got {sigma!r}")
     sigma_rows = v.as_rows("sigma", sigma, x_t.shape, row_scale.dtype, flat.device, differentiable=True)
-    traced = v.tracing(flat)
-    if not traced:
-        checks = v.ValueChecks()
-        if kernel_backend != "cpu" or mask >= 0 and mask != n_cols - 1:
-            # The CPU kernels raise on ids out of range themselves (x0 where it is read).
+    if not v.tracing(flat):
+        sigma_detail = f" (in {sigma_rows.dtype}, the accumulation dtype of {flat.dtype} scores)"
+        if kernel_backend == "cpu" and mask in (-1, n_cols - 1):
+            # The CPU kernels raise on ids out of range themselves (x0 where it is read): only sigma
+            # is left, checked with the fewest ops (log is finite exactly for positive finite values).
+            if isinstance(sigma, torch.Tensor) and not bool(torch.isfinite(sigma_rows.detach().log()).all()):
+                raise ValueError(f"sigma must be positive and finite everywhere{sigma_detail}")
+        else:
+            checks = v.ValueChecks()
             check_dse_ids(checks, graph, xt, x0f, n_cols, ignore_index, mask_id=mask if mask >= 0 else None)
-        if isinstance(sigma, torch.Tensor):
-            checks.positive_finite(
-                "sigma", sigma_rows.detach(), f" (in {sigma_rows.dtype}, the accumulation dtype of {flat.dtype} scores)"
-            )
-        checks.run()
+            checks.positive_finite("sigma", sigma_rows.detach(), sigma_detail)
+            checks.run()
     kernel = DseKernel(kernel_backend, _ops.GRAPH_CODES[graph], mask, n_cols, xt, x0f, ignore_index)
-    return _reduce(_run(flat, sigma_rows, row_scale, kernel, inplace, traced), x_t.shape, reduction)
+    return _reduce(_run(flat, sigma_rows, row_scale, kernel, inplace), x_t.shape, reduction)
 
 
 def dce_loss(
@@ -376,11 +375,10 @@ def dce_loss(
         logits, x_t, x0, weight, reduction, ignore_index, backend, inplace, "logits"
     )
     mask_id = dce_mask_id(mask_id, flat.shape[1])
-    traced = v.tracing(flat)
-    if not traced and not (kernel_backend == "cpu" and _ids_within(xt, flat.shape[1], mask_id)):
+    if not v.tracing(flat) and not (kernel_backend == "cpu" and _ids_within(xt, flat.shape[1], mask_id)):
         # Off the CPU, or when x_t is not plainly in range: the full checks (the CPU kernel checks x0).
         checks = v.ValueChecks()
         check_dce_ids(checks, xt, x0f, flat.shape[1], mask_id, ignore_index)
         checks.run()
     kernel = DceKernel(kernel_backend, mask_id, xt, x0f, ignore_index)
-    return _reduce(_run(flat, None, row_scale, kernel, inplace, traced), x_t.shape, reduction)
+    return _reduce(_run(flat, None, row_scale, kernel, inplace), x_t.shape, reduction)
