@@ -699,3 +699,10 @@ def test_cached_argument_checks_still_check_values_and_the_backend(monkeypatch):
     monkeypatch.setenv("FASTBOUND_BACKEND", "metal")
     with pytest.raises(ValueError, match="backend"):
         fb.dse_loss(score, sigma, x_t, x0)
+
+
+def test_backward_decides_the_unit_upstream_without_reading_device_values():
+    """Only CPU values are read (no host-device sync): a meta tensor would raise if read."""
+    assert not fb._ops._unit(torch.ones(4, device="meta"))
+    assert fb._ops._unit(torch.ones(1).expand(4))
+    assert not fb._ops._unit(torch.tensor([1.0, 2.0]))
