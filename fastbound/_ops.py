@@ -57,8 +57,9 @@ def _unit(factor: torch.Tensor) -> bool:
     """Whether ``factor`` is known to be all ones without a host-device synchronisation."""
     if factor.device.type != "cpu" or tracing(factor):
         return False
-    probe = factor[:1] if factor.numel() and factor.stride(0) == 0 else factor
-    return bool((probe == 1).all())
+    if factor.numel() and factor.stride(0) == 0:  # a broadcast scalar: one element to read
+        return factor[0].item() == 1
+    return bool((factor == 1).all())
 
 
 def chain_rows(ctx, grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -167,6 +168,54 @@ def has_tangent(t: torch.Tensor) -> bool:
     return not tracing(t) and forward_ad.unpack_dual(t).tangent is not None
 
 
+def _fused_forward(score, sigma, row_scale, kernel, need_grad, inplace, need_sigma, need_scale):
+    terms = kernel.sigma_terms(score) if need_sigma else None
+    live = None
+    used = row_scale
+    if need_scale:
+        live = (row_scale != 0).to(row_scale.dtype)
+        used = torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale)
+    with below_autograd(score):
+        if inplace and need_grad:
+            loss = kernel.run_inplace(score, sigma, used)
+            grad = score
+        else:
+            loss, grad = kernel.run(score, sigma, used, need_grad)
+    unscaled = loss / used if need_scale else None
+    if live is not None:
+        loss = loss * live
+    dsigma = kernel.dloss_dsigma(terms, sigma) if need_sigma else None
+    return loss, grad, unscaled, dsigma, live
+
+
+def _fused_setup(ctx, inputs, output):
+    score, sigma, row_scale, kernel, need_grad, inplace, need_sigma, need_scale = inputs
+    _, grad, unscaled, dsigma, live = output
+    if inplace and need_grad:
+        ctx.mark_dirty(score)
+    ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
+    ctx.set_materialize_grads(False)
+    ctx.need_grad = need_grad
+    ctx.save_for_backward(grad if need_grad else None, row_scale, unscaled, dsigma, live)
+    ctx.save_for_forward(grad if need_grad else None, row_scale, unscaled, dsigma, live)
+
+
+def _fused_backward(ctx, upstream, *_):
+    if upstream is None:
+        return (None,) * 8
+    grad, row_scale, unscaled, dsigma, live = ctx.saved_tensors
+    d_score = d_sigma = d_scale = None
+    if ctx.needs_input_grad[0]:
+        if not ctx.need_grad:
+            raise RuntimeError("the fused loss ran without its gradient (the scores did not require grad)")
+        d_score = chain_rows(ctx, grad, upstream if live is None else upstream * live)
+    if ctx.needs_input_grad[1]:
+        d_sigma = upstream * row_scale * dsigma
+    if ctx.needs_input_grad[2]:
+        d_scale = upstream * unscaled
+    return d_score, d_sigma, d_scale, None, None, None, None, None
+
+
 class FusedLoss(torch.autograd.Function):
     """Autograd of the public losses: per-row loss of (N, V) scores, differentiable in the
     scores, in ``sigma`` (N,) and in ``row_scale`` (N,).
@@ -185,59 +234,26 @@ class FusedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(score, sigma, row_scale, kernel, need_grad, inplace, need_sigma, need_scale):
-        terms = kernel.sigma_terms(score) if need_sigma else None
-        live = None
-        used = row_scale
-        if need_scale:
-            live = (row_scale != 0).to(row_scale.dtype)
-            used = torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale)
-        with below_autograd(score):
-            if inplace and need_grad:
-                loss = kernel.run_inplace(score, sigma, used)
-                grad = score
-            else:
-                loss, grad = kernel.run(score, sigma, used, need_grad)
-        unscaled = loss / used if need_scale else None
-        if live is not None:
-            loss = loss * live
-        dsigma = kernel.dloss_dsigma(terms, sigma) if need_sigma else None
-        return loss, grad, unscaled, dsigma, live
+    def forward(ctx, *inputs):
+        # The old style (ctx in forward): a Function with setup_context binds its arguments
+        # with `inspect` on every call, which costs as much as a small kernel.
+        output = _fused_forward(*inputs)
+        _fused_setup(ctx, inputs, output)
+        return output
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        score, sigma, row_scale, kernel, need_grad, inplace, need_sigma, need_scale = inputs
-        _, grad, unscaled, dsigma, live = output
-        if inplace and need_grad:
-            ctx.mark_dirty(score)
-        ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
-        ctx.set_materialize_grads(False)
-        ctx.need_grad = need_grad
-        ctx.save_for_backward(grad if need_grad else None, row_scale, unscaled, dsigma, live)
-        ctx.save_for_forward(grad if need_grad else None, row_scale, unscaled, dsigma, live)
-
-    @staticmethod
-    def backward(ctx, upstream, *_):
-        if upstream is None:
-            return (None,) * 8
-        grad, row_scale, unscaled, dsigma, live = ctx.saved_tensors
-        d_score = d_sigma = d_scale = None
-        if ctx.needs_input_grad[0]:
-            if not ctx.need_grad:
-                raise RuntimeError("the fused loss ran without its gradient (the scores did not require grad)")
-            d_score = chain_rows(ctx, grad, upstream if live is None else upstream * live)
-        if ctx.needs_input_grad[1]:
-            d_sigma = upstream * row_scale * dsigma
-        if ctx.needs_input_grad[2]:
-            d_scale = upstream * unscaled
-        return d_score, d_sigma, d_scale, None, None, None, None, None
+    backward = staticmethod(_fused_backward)
 
 
-class FusedLossWithTangents(FusedLoss):
+class FusedLossWithTangents(torch.autograd.Function):
     """`FusedLoss` with forward-mode AD (``torch.func.jvp``, ``forward_ad``): the output tangent
     is sum_y grad_iy t_iy + c_i dl_i/dsigma t_sigma_i + l_i t_c_i. Separate because Dynamo
-    cannot trace a Function that defines ``jvp``; eager calls with tangents use it.
+    cannot trace a Function that defines ``jvp``; eager calls with tangents use it (functorch
+    needs the ``setup_context`` style).
     """
+
+    forward = staticmethod(_fused_forward)
+    setup_context = staticmethod(_fused_setup)
+    backward = staticmethod(_fused_backward)
 
     @staticmethod
     def jvp(ctx, t_score, t_sigma, t_scale, *_):
