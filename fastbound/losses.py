@@ -63,6 +63,8 @@ def _signature(score, x_t, x0, reduction, ignore_index, backend) -> tuple | None
         return None
     if score.is_nested or x_t.is_nested or x0.is_nested or not isinstance(ignore_index, int):
         return None
+    if not isinstance(reduction, str) or not (backend is None or isinstance(backend, str)):
+        return None  # unhashable or odd options: let the checks name them
     return (score.dtype, score.shape, score.device, score.layout, x_t.dtype, x_t.shape, x_t.device, x_t.layout,
             x0.dtype, x0.shape, x0.device, x0.layout, reduction, ignore_index, type(ignore_index), backend,
             os.environ.get("FASTBOUND_BACKEND"), os.environ.get("TRITON_INTERPRET"))

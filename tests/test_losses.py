@@ -706,3 +706,10 @@ def test_backward_decides_the_unit_upstream_without_reading_device_values():
     assert not fb._ops._unit(torch.ones(4, device="meta"))
     assert fb._ops._unit(torch.ones(1).expand(4))
     assert not fb._ops._unit(torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("bad", [dict(reduction=["sum"]), dict(backend=["cpu"])])
+def test_unhashable_options_are_named(bad):
+    score, sigma, x_t, x0 = _good()
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        fb.dse_loss(score, sigma, x_t, x0, **bad)
