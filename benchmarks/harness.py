@@ -10,6 +10,12 @@ other two providers itself:
 * ``floor``: ``inputs[case.floor].clone()``, one read and one write of the largest input,
   the memory-traffic floor for a one-pass kernel. An op that only reads that input (a
   reduction such as the integration step) passes its own ``floor_call``, e.g. one ``sum()``.
+  ``clone()`` allocates a fresh buffer and writes it once, as the fused kernels allocate and
+  write their gradient, so both pay the same page faults; the floor is timed over at least
+  `FLOOR_MIN_ROUNDS` rounds (the report takes the minimum), so the ratios reproduce.
+
+A case may add providers of its own (``extra_providers``, e.g. ``F.cross_entropy`` for the
+DCE loss, or the bare ``torch.ops`` call that measures fastbound's Python fixed cost).
 
 Every (case, shape, dtype, mode, provider) is one pytest-benchmark test that
 
@@ -106,6 +112,20 @@ GRIDS: dict[str, tuple[Shape, ...]] = {
     ),
 }
 GRIDS["smoke"] = GRIDS["default"][:1]
+SMALL_GRIDS: dict[str, tuple[Shape, ...]] = {
+    # Issue 14: one token (the fixed cost of a call) and 4x64 tokens at small vocabularies
+    # (infodis's V = 4 + mask, characters 26 + mask, bytes 256 + 2).
+    "default": (Shape(1, 1, 27), Shape(4, 64, 5), Shape(4, 64, 27), Shape(4, 64, 258)),
+    "full": (Shape(1, 1, 27), Shape(4, 64, 5), Shape(4, 64, 27), Shape(4, 64, 258)),
+    "smoke": (Shape(1, 1, 27),),
+}
+"""Shapes of the small-size cases (`Case.shapes`)."""
+HEADLINE: dict[str, tuple[Shape, ...]] = {
+    "default": (Shape(4, 512, 32769),),
+    "full": (Shape(4, 512, 32769), Shape(8, 1024, 50257)),
+    "smoke": GRIDS["smoke"],
+}
+"""The headline LM shape only (the backward-form cases)."""
 
 WORKING_SET_FACTOR = 8
 """fp32 (N, V) buffers a case may hold at once: the cached input and oracle gradient, a checked
@@ -168,8 +188,11 @@ class Case:
         floor_op: how the floor touches ``inputs[floor]``, for the report (``"clone"``, ``"sum"``).
         fullgraph: passed to ``torch.compile`` for the ``compile`` provider.
         smoke_providers: the providers of the smoke grid (CI), e.g. without a ``compile``
-            whose many graphs take longer to build than the whole smoke run should.
+            whose many graphs take longer to build than the whole smoke run should (default: all).
         info: extra entries for ``benchmark.extra_info`` (e.g. an estimator's number of draws).
+        extra_providers: more providers, name -> callable like ``fastbound`` (checked against the
+            oracle, shown in the report beside the others).
+        mode_only: time only this mode (e.g. ``"fwd_bwd"`` for a backward form).
     """
 
     name: str
@@ -185,12 +208,20 @@ class Case:
     floor_call: Callable[..., object] | None = None
     floor_op: str = "clone"
     fullgraph: bool = True
-    smoke_providers: tuple[str, ...] = PROVIDERS
+    smoke_providers: tuple[str, ...] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    extra_providers: dict[str, Callable[..., object]] = field(default_factory=dict)
+    mode_only: str | None = None
 
     @property
     def modes(self) -> tuple[str, ...]:
+        if self.mode_only is not None:
+            return (self.mode_only,)
         return MODES if self.grad_inputs else ("fwd",)
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return PROVIDERS + tuple(self.extra_providers)
 
 
 @dataclass(frozen=True)
@@ -224,7 +255,7 @@ def specs(cases: list[Case], grid: str) -> Iterator[Spec]:
         for shape in shapes:
             for dtype in case.dtypes:
                 for mode in case.modes:
-                    for provider in case.smoke_providers if grid == "smoke" else PROVIDERS:
+                    for provider in (case.smoke_providers or case.providers) if grid == "smoke" else case.providers:
                         yield Spec(case, shape, dtype, mode, provider)
 
 
@@ -239,7 +270,9 @@ class Settings:
     """One timed round per benchmark: only checks that every case still runs."""
 
 
-MIN_ROUNDS, MAX_ROUNDS = 3, 200
+MIN_ROUNDS, MAX_ROUNDS = 3, 2000
+FLOOR_MIN_ROUNDS = 20
+"""The floor is the denominator of every ratio: more rounds, so its minimum is stable."""
 ESTIMATE_CALLS, ESTIMATE_SHARE = 5, 0.2
 """Rounds are estimated from the fastest of up to ESTIMATE_CALLS warm calls, made while they
 take less than ESTIMATE_SHARE of the target time (one noisy call must not cut the rounds)."""
@@ -366,6 +399,8 @@ def provider_fn(spec: Spec) -> Callable[..., object]:
         return torch.compile(case.eager, dynamic=False, fullgraph=case.fullgraph)
     if spec.provider == "floor":
         return case.floor_call or (lambda **inputs: inputs[case.floor].detach().clone())
+    if spec.provider in case.extra_providers:
+        return case.extra_providers[spec.provider]
     raise ValueError(f"unknown provider {spec.provider!r}")
 
 
@@ -415,7 +450,8 @@ def run(spec: Spec, benchmark, settings: Settings) -> None:
         calls = [] if spec.provider == "compile" else [first_call]  # the first call compiled
         while len(calls) < ESTIMATE_CALLS and sum(calls) < ESTIMATE_SHARE * settings.seconds:
             calls.append(_seconds(target, setup()[1]))
-        rounds = min(MAX_ROUNDS, max(MIN_ROUNDS, math.ceil(settings.seconds / max(min(calls), 1e-9))))
+        least = FLOOR_MIN_ROUNDS if spec.provider == "floor" else MIN_ROUNDS
+        rounds = min(MAX_ROUNDS, max(least, math.ceil(settings.seconds / max(min(calls), 1e-9))))
     benchmark.group = spec.group
     benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
 

@@ -1,4 +1,4 @@
-"""Summarises a benchmark run: a markdown table of ratios and a PNG bar chart.
+"""Summarises a benchmark run: a markdown table of ratios and a PNG chart, one small panel per op.
 
     pytest benchmarks --benchmark-json=bench.json
     python -m benchmarks.report bench.json            # writes bench.md and bench.png
@@ -117,25 +117,35 @@ def header(run: dict, stat: str) -> list[str]:
     ]
 
 
+def extra_providers(rows: dict[tuple, dict[str, dict]]) -> list[str]:
+    """Providers beyond `PROVIDERS` that some case added (``F.cross_entropy``, the bare op)."""
+    return sorted({p for providers in rows.values() for p in providers} - set(PROVIDERS))
+
+
 def table(rows: dict[tuple, dict[str, dict]]) -> list[str]:
     """The ops' table, with its notes."""
+    extras = extra_providers(rows)
     notes = [
         "`vs eager` / `vs compile`: fastbound's speed-up over the eager oracle / `torch.compile` of it; "
         "`/ floor`: fastbound's time over the memory-traffic floor on the largest input, `clone()` (a read "
         "and a write) or, for ops that only read it, `sum()` (one read). Floors: " + floors(rows) + ". "
-        "`saved`: share of the eager oracle's peak that fastbound does not need.",
+        "`saved`: share of the eager oracle's peak that fastbound does not need."
+        + (" `vs <provider>`: that provider's time over fastbound's (" + ", ".join(f"`{p}`" for p in extras)
+           + "; `bare_op` is the raw `torch.ops` kernel call, so `vs bare_op` below 1 is the Python layer's cost)."
+           if extras else ""),
         "",
     ]
     columns = (
         ["case", "mode", "dtype", "tokens", "V"]
         + [f"{p} ms" for p in PROVIDERS]
         + ["vs eager", "vs compile", "/ floor"]
+        + [c for p in extras for c in (f"{p} ms", f"vs {p}")]
         + [f"peak {p}" for p in PROVIDERS]
         + ["saved"]
     )
     lines = notes + ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for (case, mode, dtype, batch, length, vocab), providers in rows.items():
-        time = {p: providers.get(p, {}).get("time") for p in PROVIDERS}
+        time = {p: providers.get(p, {}).get("time") for p in PROVIDERS + tuple(extras)}
         peak = {p: providers.get(p, {}).get("peak") for p in PROVIDERS}
         cells = [case, MODE_LABELS[mode], dtype, f"{batch}×{length}", str(vocab)]
         cells += [_ms(time[p]) for p in PROVIDERS]
@@ -144,6 +154,8 @@ def table(rows: dict[tuple, dict[str, dict]]) -> list[str]:
             _ratio(time["compile"], time["fastbound"]),
             _ratio(time["fastbound"], time["floor"]),
         ]
+        for p in extras:
+            cells += [_ms(time[p]), _ratio(time[p], time["fastbound"])]
         cells += [_mib(peak[p]) for p in PROVIDERS]
         cells += [_saved(peak["fastbound"], peak["eager"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -197,39 +209,54 @@ def estimator_table(rows: dict[tuple, dict[str, dict]]) -> list[str]:
     return lines
 
 
+PANEL_BARS = (("eager", "speed-up over eager"), ("compile", "speed-up over compile"), ("floor", "floor / time"))
+"""Bars per x position: fastbound's speed-up over a provider (floor: the floor's time over
+fastbound's, so 1 means at the floor and every bar reads "higher is better")."""
+
+
 def chart(rows: dict[tuple, dict[str, dict]], path: Path, title: str) -> None:
-    """Two panels per case: time relative to the eager oracle, and peak memory relative to the
-    floor's input size (log scales; lower is better)."""
+    """One small panel per case: at each size and dtype (forward+backward where timed, else
+    forward), fastbound's speed-up over the eager oracle and over ``torch.compile``, and the
+    floor's time over fastbound's; log scale, a line at 1x (parity, and the floor)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{c} {MODE_LABELS[m]} {d}\n{b}×{l} V={v}" for c, m, d, b, l, v in rows]
-    width = 0.8 / len(PROVIDERS)
-    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(rows)), 9), sharex=True)
-    for i, provider in enumerate(PROVIDERS):
-        xs, rel_time, rel_peak = [], [], []
-        for x, providers in enumerate(rows.values()):
-            mine, eager = providers.get(provider), providers.get("eager")
-            if mine is None or eager is None:
-                continue
-            xs.append(x + (i - (len(PROVIDERS) - 1) / 2) * width)
-            rel_time.append(mine["time"] / eager["time"])
-            rel_peak.append(max(mine["peak"], 1) / max(mine["floor"], 1))
-        axes[0].bar(xs, rel_time, width, label=provider)
-        axes[1].bar(xs, rel_peak, width, label=provider)
-    axes[0].set_ylabel("time / eager oracle")
-    axes[1].set_ylabel("peak memory / input size")
-    for ax in axes:
+    panels: dict[str, list[tuple[str, dict[str, dict]]]] = defaultdict(list)
+    for (case, mode, dtype, batch, length, vocab), providers in rows.items():
+        if is_estimator(providers) or "fastbound" not in providers:
+            continue
+        panels[case].append((mode, f"{batch * length}×{vocab}\n{dtype}", providers))
+    panels = {case: [(label, p) for mode, label, p in entries if mode == "fwd_bwd"]
+              or [(label, p) for mode, label, p in entries] for case, entries in panels.items()}
+    n_cols = 2
+    n_rows = max(1, -(-len(panels) // n_cols))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(8.0, 2.3 * n_rows), squeeze=False)
+    width = 0.8 / len(PANEL_BARS)
+    for ax, (case, entries) in zip(axes.flat, panels.items()):
+        for i, (other, label) in enumerate(PANEL_BARS):
+            xs, heights = [], []
+            for x, (_, providers) in enumerate(entries):
+                if other in providers:
+                    xs.append(x + (i - (len(PANEL_BARS) - 1) / 2) * width)
+                    heights.append(providers[other]["time"] / providers["fastbound"]["time"])
+            ax.bar(xs, heights, width, label=label)
         ax.set_yscale("log")
-        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(entries)), [label for label, _ in entries], fontsize=7)
+        ax.tick_params(axis="y", which="both", labelsize=7)
         ax.grid(axis="y", which="both", alpha=0.3)
-    axes[0].legend(ncols=len(PROVIDERS), loc="upper left")
-    axes[0].set_title(title)
-    axes[1].set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        ax.set_title(case, fontsize=9)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.suptitle(title + "\ntokens×V, dtype; fwd+bwd where timed; higher is better; 1 = parity, or at the floor",
+                 fontsize=9, y=0.995)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1 - 0.5 / fig.get_figheight()),
+               ncols=len(PANEL_BARS), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -28,8 +28,12 @@ def tracing(*tensors: torch.Tensor) -> bool:
     return (
         torch.compiler.is_compiling()
         or get_proxy_mode() is not None
-        or any(is_fake(t) or torch._is_functional_tensor(t) for t in tensors)
+        or any(torch._is_functional_tensor(t) or type(t) not in PLAIN and is_fake(t) for t in tensors)
     )
+
+
+PLAIN = (torch.Tensor, torch.nn.Parameter)
+"""Tensor types that are never fake (checked by type first: `is_fake` costs microseconds)."""
 
 
 def eager(*tensors: torch.Tensor) -> bool:
@@ -65,8 +69,9 @@ class ValueChecks:
             bad &= ids != allow
         self.add(bad, lambda: f"{name} contains id {ids[bad].flatten()[0].item()} outside [{lo}, {hi})")
 
-    def positive_finite(self, name: str, value: torch.Tensor) -> None:
-        self.add(~((value > 0) & torch.isfinite(value)), lambda: f"{name} must be positive and finite everywhere")
+    def positive_finite(self, name: str, value: torch.Tensor, detail: str = "") -> None:
+        """``detail`` ends the message (e.g. the dtype in which a value overflowed)."""
+        self.add(~((value > 0) & torch.isfinite(value)), lambda: f"{name} must be positive and finite everywhere{detail}")
 
     def run(self) -> None:
         if not self._checks:
@@ -84,8 +89,13 @@ def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
 
 
 def check_tensor(name: str, value: object) -> torch.Tensor:
+    """A dense (strided, not nested) torch.Tensor."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_nested:
+        raise TypeError(f"{name} must be a dense tensor, got a nested tensor; pad it (e.g. .to_padded_tensor(0))")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {value.layout}; call .to_dense()")
     return value
 
 
@@ -135,8 +145,11 @@ def check_int64(name: str, value: object) -> int:
 
 
 def as_rows(name: str, value: float | torch.Tensor | None, shape: torch.Size, dtype: torch.dtype,
-            device: torch.device, default: float | None = None) -> torch.Tensor:
-    """Broadcasts a scalar or tensor to ``shape`` and flattens it to (N,) of ``dtype``."""
+            device: torch.device, default: float | None = None, differentiable: bool = False) -> torch.Tensor:
+    """Broadcasts a scalar or tensor to ``shape`` and flattens it to (N,) of ``dtype``.
+
+    ``differentiable``: a tensor that requires grad keeps its graph (else it is refused).
+    """
     if value is None:
         if default is None:
             raise ValueError(f"{name} is required")
@@ -146,7 +159,7 @@ def as_rows(name: str, value: float | torch.Tensor | None, shape: torch.Size, dt
             raise TypeError(f"{name} must be a real number or tensor, got {value.dtype}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but the scores are on {device}; move it to {device}")
-        if value.requires_grad:
+        if value.requires_grad and not differentiable:
             raise ValueError(f"fastbound differentiates the loss with respect to the scores only; pass {name}.detach()")
         try:
             value = torch.broadcast_to(value, shape)
@@ -155,6 +168,8 @@ def as_rows(name: str, value: float | torch.Tensor | None, shape: torch.Size, dt
         return value.reshape(-1).to(dtype).contiguous()
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if abs(float(value)) > torch.finfo(dtype).max:
+        raise ValueError(f"{name} = {value!r} overflows {dtype}, the dtype it is computed in here")
     return torch.full((int(torch.Size(shape).numel()),), float(value), dtype=dtype, device=device)
 
 

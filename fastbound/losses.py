@@ -1,13 +1,16 @@
 """Fused diffusion losses: denoising score entropy (SEDD) and denoising cross-entropy (MDLM).
 
 Both read the model's (..., V) output once and, when it requires grad, write
-the gradient in the same pass; the backward only rescales it (or nothing, for
-the usual ``loss.backward()``). See `fastbound.reference` for the formulas.
+the gradient in the same pass; the backward only rescales it in place (or
+nothing, for the usual ``loss.backward()``; see `fastbound._ops`). See
+`fastbound.reference` for the formulas.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+import operator
+import os
+from typing import Literal
 
 import torch
 
@@ -17,62 +20,141 @@ from . import _validate as v
 Reduction = Literal["none", "sum", "mean"]
 REDUCTIONS = _names.REDUCTIONS
 
-
-def _kernel(backend: str, name: str) -> Callable:
-    if backend == "triton":
-        from . import triton_kernels  # noqa: F401  (registers the *_triton ops)
-
-        name += "_triton"
-    return getattr(torch.ops.fastbound, name)
+_OPS: dict[tuple[str, str], object] = {}
 
 
-def _prepare(score, x_t, x0, weight, reduction, ignore_index, backend, inplace, score_name):
-    """Validates the shared arguments; returns (scores as (N, V), (x_t, x0) as (N,) int64, row scale, backend)."""
+def _kernel(backend: str, name: str):
+    """The op ``name`` of ``backend`` (Triton ops carry the suffix ``_triton``), looked up once."""
+    key = (backend, name)
+    op = _OPS.get(key)
+    if op is None:
+        if backend == "triton":
+            from . import triton_kernels  # noqa: F401  (registers the *_triton ops)
+
+            name += "_triton"
+        op = _OPS[key] = getattr(torch.ops.fastbound, name)
+    return op
+
+
+_CHECKED: dict[tuple, str] = {}
+"""Argument signatures (types, dtypes, shapes, devices, options) already validated -> kernel backend."""
+_MAX_CHECKED = 256
+
+
+def _check_arguments(score, x_t, x0, reduction, ignore_index, backend, score_name) -> str:
+    """The checks that read no data (types, shapes, dtypes, devices, sizes); returns the kernel backend."""
     score = v.check_float_tensor(score_name, score)
     if score.dim() < 1:
         raise ValueError(f"{score_name} must have shape (..., V), got a scalar")
     lead = score.shape[:-1]
-    x_t = v.check_ids("x_t", x_t, lead)
-    x0 = v.check_ids("x0", x0, lead)
+    v.check_ids("x_t", x_t, lead)
+    v.check_ids("x0", x0, lead)
     v.check_choice("reduction", reduction, REDUCTIONS)
     v.check_int64("ignore_index", ignore_index)
     v.check_same_device(score.device, x_t=x_t, x0=x0)
-    n, n_cols = x_t.numel(), score.shape[-1]
-    v.check_size(score_name, n, "positions")
-    v.check_size(score_name, n_cols, "columns")
-    kernel_backend = _backend.select(score.device, backend)
+    v.check_size(score_name, x_t.numel(), "positions")
+    v.check_size(score_name, score.shape[-1], "columns")
+    return _backend.select(score.device, backend)
 
+
+def _signature(score, x_t, x0, reduction, ignore_index, backend) -> tuple | None:
+    """What `_check_arguments` depends on, for plain eager tensors (None: check every time)."""
+    if type(score) not in v.PLAIN or type(x_t) not in v.PLAIN or type(x0) not in v.PLAIN or v.tracing(score):
+        return None
+    if score.is_nested or x_t.is_nested or x0.is_nested or not isinstance(ignore_index, int):
+        return None
+    if not isinstance(reduction, str) or not (backend is None or isinstance(backend, str)):
+        return None  # unhashable or odd options: let the checks name them
+    return (score.dtype, score.shape, score.device, score.layout, x_t.dtype, x_t.shape, x_t.device, x_t.layout,
+            x0.dtype, x0.shape, x0.device, x0.layout, reduction, ignore_index, type(ignore_index), backend,
+            os.environ.get("FASTBOUND_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+
+
+def _prepare(score, x_t, x0, weight, reduction, ignore_index, backend, inplace, score_name):
+    """Validates the shared arguments; returns (scores as (N, V), (x_t, x0) as (N,) int64, row scale, backend).
+
+    The data-free checks run once per argument signature (then cached: they cost more than a
+    small kernel); what depends on values (weight, ids, sigma) is checked on every call.
+    """
+    key = _signature(score, x_t, x0, reduction, ignore_index, backend)
+    kernel_backend = _CHECKED.get(key) if key is not None else None
+    if kernel_backend is None:
+        kernel_backend = _check_arguments(score, x_t, x0, reduction, ignore_index, backend, score_name)
+        if key is not None and len(_CHECKED) < _MAX_CHECKED:
+            _CHECKED[key] = kernel_backend
+    n, n_cols = x_t.numel(), score.shape[-1]
     flat = score.reshape(n, n_cols)
     if n_cols > 1 and flat.stride(1) != 1:
         flat = flat.contiguous()
-    if inplace and torch._debug_has_internal_overlap(flat) != 0:
-        raise ValueError(
-            f"inplace=True needs {score_name} rows that do not share memory (it is expanded or overlapping); "
-            "pass a materialised tensor or use inplace=False"
-        )
+    if inplace:
+        _check_inplace(score, flat, score_name)
     ids = (x_t.reshape(n).long().contiguous(), x0.reshape(n).long().contiguous())
     acc = torch.float64 if score.dtype == torch.float64 else torch.float32
-    row_scale = v.as_rows("weight", weight, lead, acc, score.device, default=1.0)
+    row_scale = v.as_rows("weight", weight, score.shape[:-1], acc, score.device, default=1.0, differentiable=True)
     if reduction == "mean":
         count = (ids[1] != ignore_index).sum().clamp_min(1)
         row_scale = row_scale / count.to(acc)
     return flat, ids, row_scale, kernel_backend
 
 
-def check_dse_ids(checks: v.ValueChecks, graph: str, x_t: torch.Tensor, x0: torch.Tensor, n_cols: int,
-                  ignore_index: int, score_name: str = "score") -> None:
-    """Id checks of the score entropy: x_t in [0, V); x0 a real token ([0, V-1) when absorbing)."""
-    if graph == "absorb" and n_cols < 2:
+def _check_inplace(score: torch.Tensor, flat: torch.Tensor, score_name: str) -> None:
+    """``inplace=True`` writes the gradient over the scores: refuse a leaf that requires grad
+    and rows that share memory (from sizes and strides only, so it traces under torch.compile)."""
+    if score.requires_grad and score.is_leaf:
+        raise ValueError(
+            f"inplace=True would overwrite {score_name}, a leaf tensor that requires grad (e.g. an nn.Parameter); "
+            "pass the output of an op (the model's scores) or use inplace=False"
+        )
+    n, n_cols = flat.shape
+    if n > 1 and n_cols > 0 and flat.stride(0) < n_cols:
+        raise ValueError(
+            f"inplace=True needs {score_name} rows that do not share memory (it is expanded or overlapping); "
+            "pass a materialised tensor or use inplace=False"
+        )
+
+
+def _as_index(name: str, value: object) -> int:
+    """An int (a NumPy integer too, never a bool or a float)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a non-negative int64, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a non-negative int64, got {value!r}") from None
+
+
+def dse_mask_id(mask_id: int | None, graph: str, n_cols: int, score_name: str = "score") -> int:
+    """The absorbing graph's mask column: default V - 1, any column in [0, V); -1 for the uniform graph."""
+    if graph != "absorb":
+        return -1
+    if n_cols < 2:
         raise ValueError(f"{score_name} needs V >= 2 columns for the absorbing graph (tokens + the mask column)")
+    if mask_id is None:
+        return n_cols - 1
+    mask_id = _as_index("mask_id", mask_id)
+    if not 0 <= mask_id < n_cols:
+        raise ValueError(f"mask_id must be a column of {score_name}, in [0, {n_cols}), got {mask_id}")
+    return mask_id
+
+
+def check_dse_ids(checks: v.ValueChecks, graph: str, x_t: torch.Tensor, x0: torch.Tensor, n_cols: int,
+                  ignore_index: int, score_name: str = "score", mask_id: int | None = None) -> None:
+    """Id checks of the score entropy: x_t in [0, V); x0 a real token ([0, V), never the mask when absorbing)."""
+    mask_id = dse_mask_id(mask_id, graph, n_cols, score_name)
     checks.ids("x_t", x_t, 0, n_cols)
-    checks.ids("x0", x0, 0, n_cols - 1 if graph == "absorb" else n_cols, skip=ignore_index)
+    checks.ids("x0", x0, 0, n_cols, skip=ignore_index)
+    if mask_id >= 0:
+        checks.add(x0 == mask_id, lambda: f"x0 contains the mask id {mask_id}; clean tokens cannot be masked")
 
 
 def dce_mask_id(mask_id: int | None, n_cols: int, score_name: str = "logits") -> int:
     """The DCE mask id: default V - 1 (the last column); any id >= V means the logits hold real tokens only."""
     if mask_id is None:
-        mask_id = n_cols - 1
-    if not isinstance(mask_id, int) or isinstance(mask_id, bool) or not 0 <= mask_id < 2**63:
+        if n_cols < 2:
+            raise ValueError(f"{score_name} need at least one real token column besides the mask column (V >= 2)")
+        return n_cols - 1
+    mask_id = _as_index("mask_id", mask_id)
+    if not 0 <= mask_id < 2**63:
         raise ValueError(f"mask_id must be a non-negative int64, got {mask_id!r}")
     if mask_id < n_cols and n_cols < 2:
         raise ValueError(f"{score_name} need at least one real token column besides the mask column")
@@ -87,13 +169,96 @@ def check_dce_ids(checks: v.ValueChecks, x_t: torch.Tensor, x0: torch.Tensor, n_
     checks.add(x0 == mask_id, lambda: f"x0 contains the mask id {mask_id}; clean tokens cannot be masked")
 
 
-def _run(flat: torch.Tensor, inplace: bool, fused: Callable, fused_inplace: Callable) -> torch.Tensor:
-    """Calls the fused op (functional, or in place with its own autograd) and returns per-row losses."""
-    need_grad = torch.is_grad_enabled() and flat.requires_grad
-    if inplace and need_grad:
-        return _ops.InplaceFusedLoss.apply(flat, fused_inplace)
-    loss, _ = fused(flat, need_grad)
-    return loss
+def _ids_within(ids: torch.Tensor, n_cols: int, mask_id: int) -> bool:
+    """Whether all ids lie in [0, V), from one reduction (the common case of a mask inside the logits)."""
+    if ids.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(ids)
+    return lo.item() >= 0 and hi.item() < n_cols
+
+
+def _log_expm1(sigma: torch.Tensor) -> torch.Tensor:
+    """log(e^sigma - 1), finite for every positive finite sigma (as `fastbound/elementwise.h`)."""
+    big = sigma >= 20
+    small = torch.where(big, torch.ones_like(sigma), sigma)
+    return torch.where(big, sigma + torch.log1p(-torch.exp(-sigma)), torch.log(torch.expm1(small)))
+
+
+class DseKernel:
+    """Runs the score entropy op for fixed ids, and its per-row d loss / d sigma.
+
+    Absorbing graph (l as in `dse_loss`, L = log(e^sigma - 1), r = e^-L):
+    dl/dsigma = -r(1 + r)(log r - s_x0) = e^(sigma - 2L) (s_x0 + L) at masked positions.
+    Uniform graph (a = e^sigma - 1, rho = a/(a + N), SEDD's ``Uniform.score_entropy``):
+    x_t != x0: dl/dsigma = (1 + a)/a^2 (s_x0 + log rho);
+    x_t == x0: dl/dsigma = rho(1 - rho)(1 + 1/a) ((N-1)/N log rho - (sum_y s_y - s_x_t)/N).
+    """
+
+    def __init__(self, backend, graph, mask_id, n_cols, x_t, x0, ignore_index):
+        self.op, self.op_inplace = _kernel(backend, "dse_forward"), _kernel(backend, "dse_forward_inplace")
+        self.code, self.mask_id, self.n_cols = graph, mask_id, n_cols
+        self.x_t, self.x0, self.ignore_index = x_t, x0, ignore_index
+        self.ints = (graph, mask_id, ignore_index)
+
+    def run(self, score, sigma, row_scale, need_grad):
+        return self.op(score, sigma, self.x_t, self.x0, row_scale, *self.ints, need_grad)
+
+    def run_inplace(self, score, sigma, row_scale):
+        return self.op_inplace(score, sigma, self.x_t, self.x0, row_scale, *self.ints)
+
+    def sigma_terms(self, score):
+        acc = torch.float64 if score.dtype == torch.float64 else torch.float32
+        live = self.x0 != self.ignore_index
+        x0 = torch.where(live, self.x0, 0).clamp(0, max(score.shape[1] - 1, 0))[:, None]
+        s_x0 = score.gather(1, x0)[:, 0].to(acc)
+        if self.code == _names.GRAPH_CODES["absorb"]:
+            return live & (self.x_t == self.mask_id), s_x0, None
+        s_xt = score.gather(1, self.x_t[:, None])[:, 0].to(acc)
+        return live, s_x0, score.sum(1, dtype=acc) - s_xt
+
+    def dloss_dsigma(self, terms, sigma):
+        live, s_x0, rest = terms
+        log_a = _log_expm1(sigma)
+        if rest is None:
+            d = torch.exp(sigma - 2 * log_a) * (s_x0 + log_a)
+        else:
+            n = float(self.n_cols)
+            inv_a = torch.exp(-log_a)
+            log_rho = -torch.log1p(n * inv_a)
+            rho = torch.exp(log_rho)
+            same = self.x_t == self.x0
+            d_same = rho * -torch.expm1(log_rho) * (1 + inv_a) * ((n - 1) / n * log_rho - rest / n)
+            d_other = inv_a * (1 + inv_a) * (s_x0 + log_rho)
+            d = torch.where(same, d_same, d_other)
+        return torch.where(live, d, torch.zeros_like(d))
+
+
+class DceKernel:
+    """Runs the masked cross-entropy op for fixed ids (no sigma)."""
+
+    def __init__(self, backend, mask_id, x_t, x0, ignore_index):
+        self.op, self.op_inplace = _kernel(backend, "dce_forward"), _kernel(backend, "dce_forward_inplace")
+        self.x_t, self.x0, self.ints = x_t, x0, (mask_id, ignore_index)
+
+    def run(self, score, sigma, row_scale, need_grad):
+        return self.op(score, self.x_t, self.x0, row_scale, *self.ints, need_grad)
+
+    def run_inplace(self, score, sigma, row_scale):
+        return self.op_inplace(score, self.x_t, self.x0, row_scale, *self.ints)
+
+
+def _run(flat, sigma, row_scale, kernel, inplace: bool) -> torch.Tensor:
+    """Calls the fused op through `fastbound._ops.FusedLoss` and returns per-row losses."""
+    grad_on = torch.is_grad_enabled()
+    tangents = [_ops.forward_mode() and t is not None and _ops.has_tangent(t) for t in (flat, sigma, row_scale)]
+    need_grad = (grad_on and flat.requires_grad) or tangents[0]
+    need_sigma = sigma is not None and ((grad_on and sigma.requires_grad) or tangents[1])
+    need_scale = (grad_on and row_scale.requires_grad) or tangents[2]
+    if not (need_grad or need_scale or need_sigma):
+        with _ops.below_autograd(flat):
+            return kernel.run(flat, sigma, row_scale, False)[0]
+    function = _ops.FusedLossWithTangents if any(tangents) else _ops.FusedLoss
+    return function.apply(flat, sigma, row_scale, kernel, need_grad, inplace and need_grad, need_sigma, need_scale)[0]
 
 
 def _reduce(rows: torch.Tensor, shape: torch.Size, reduction: str) -> torch.Tensor:
@@ -107,6 +272,7 @@ def dse_loss(
     x0: torch.Tensor,
     *,
     graph: Literal["absorb", "uniform"] = "absorb",
+    mask_id: int | None = None,
     weight: float | torch.Tensor | None = None,
     reduction: Reduction = "none",
     ignore_index: int = -100,
@@ -118,47 +284,55 @@ def dse_loss(
     Args:
         score: (..., V) log-scores :math:`s_\theta(x_t)` (fp32, bf16, fp16 or fp64).
         sigma: total noise :math:`\sigma`, a float or a tensor broadcastable to ``x_t``
-            (SEDD passes ``sigma[:, None]``); positive and finite.
+            (SEDD passes ``sigma[:, None]``); positive and finite. May require grad
+            (learnable schedules): its gradient is per row, no (N, V) pass.
         x_t: noisy ids, ``score.shape[:-1]``.
         x0: clean ids, ``score.shape[:-1]``; positions equal to ``ignore_index`` contribute nothing.
-        graph: ``"absorb"`` (the mask is column V-1; only positions with ``x_t == V-1``
-            contribute) or ``"uniform"`` (N = V states; every position contributes).
+        graph: ``"absorb"`` (only positions with ``x_t == mask_id`` contribute) or
+            ``"uniform"`` (N = V states; every position contributes).
+        mask_id: the absorbing graph's mask column, any column of ``score``; default ``V - 1``
+            (SEDD's layout). Its score is ignored (gradient 0). Unused by the uniform graph.
         weight: multiplies the per-position loss (e.g. SEDD's ``dsigma``); broadcastable to ``x_t``.
+            Passing the per-position factors here keeps the backward free; may require grad.
         reduction: ``"none"`` (``x_t``'s shape), ``"sum"``, or ``"mean"`` (sum divided by the
             number of positions whose ``x0`` is not ``ignore_index``).
         inplace: overwrite ``score`` with the gradient (saves one (N, V) buffer; ``score``
-            is clobbered and must not be used afterwards).
+            is clobbered and marked modified, so autograd raises if it was saved for another
+            op's backward; refused for a leaf that requires grad).
         backend: ``None``/``"auto"``, ``"cpu"``, ``"cuda"`` or ``"triton"`` (see `fastbound._backend`).
 
-    Absorbing graph, with :math:`r = 1/(e^\sigma - 1)` (Lou et al. 2024, SEDD, eq. for the
-    absorbing score entropy):
+    Absorbing graph with mask column m, :math:`r = 1/(e^\sigma - 1)` (Lou et al. 2024, SEDD, the
+    absorbing score entropy), at positions with :math:`x_t = m`:
 
-    .. math:: \ell = \sum_{y < V-1} e^{s_y} - r\, s_{x_0} + r(\log r - 1)
+    .. math:: \ell = \sum_{y \ne m} e^{s_y} - r\, s_{x_0} + r(\log r - 1)
 
     Uniform graph: SEDD's ``Uniform.score_entropy`` with :math:`\rho = a/(a+N)`, :math:`a = e^\sigma-1`
-    (see `fastbound.reference.dse_uniform`). Returns float32 (float64 for float64 scores);
-    gradients flow to ``score`` only.
+    (see `fastbound.reference.dse_uniform`). Returns float32 (float64 for float64 scores).
     """
-    v.check_choice("graph", graph, _names.GRAPH_CODES)
+    if graph not in _names.GRAPH_CODES:
+        v.check_choice("graph", graph, _names.GRAPH_CODES)
     flat, (xt, x0f), row_scale, kernel_backend = _prepare(
         score, x_t, x0, weight, reduction, ignore_index, backend, inplace, "score"
     )
-    checks = v.ValueChecks()
-    check_dse_ids(checks, graph, xt, x0f, flat.shape[1], ignore_index)
-    sigma_rows = v.as_rows("sigma", sigma, x_t.shape, row_scale.dtype, flat.device)
-    checks.positive_finite("sigma", sigma_rows)
-    checks.run()
-    code = _names.GRAPH_CODES[graph]
-    op, op_inplace = _kernel(kernel_backend, "dse_forward"), _kernel(kernel_backend, "dse_forward_inplace")
-    # The C++ ops take the absorbing graph's mask column (CONTRACTS.md 1); the Triton ops follow.
-    mask = () if kernel_backend == "triton" else (flat.shape[1] - 1 if graph == "absorb" else -1,)
-    rows = _run(
-        flat,
-        inplace,
-        lambda s, need_grad: op(s, sigma_rows, xt, x0f, row_scale, code, *mask, ignore_index, need_grad),
-        lambda s: op_inplace(s, sigma_rows, xt, x0f, row_scale, code, *mask, ignore_index),
-    )
-    return _reduce(rows, x_t.shape, reduction)
+    n_cols = flat.shape[1]
+    mask = dse_mask_id(mask_id, graph, n_cols)
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and not (0 < sigma < float("inf")):
+        raise ValueError(f"sigma must be positive and finite, got {sigma!r}")
+    sigma_rows = v.as_rows("sigma", sigma, x_t.shape, row_scale.dtype, flat.device, differentiable=True)
+    if not v.tracing(flat):
+        sigma_detail = f" (in {sigma_rows.dtype}, the accumulation dtype of {flat.dtype} scores)"
+        if kernel_backend == "cpu" and mask in (-1, n_cols - 1):
+            # The CPU kernels raise on ids out of range themselves (x0 where it is read): only sigma
+            # is left, checked with the fewest ops (log is finite exactly for positive finite values).
+            if isinstance(sigma, torch.Tensor) and not bool(torch.isfinite(sigma_rows.detach().log()).all()):
+                raise ValueError(f"sigma must be positive and finite everywhere{sigma_detail}")
+        else:
+            checks = v.ValueChecks()
+            check_dse_ids(checks, graph, xt, x0f, n_cols, ignore_index, mask_id=mask if mask >= 0 else None)
+            checks.positive_finite("sigma", sigma_rows.detach(), sigma_detail)
+            checks.run()
+    kernel = DseKernel(kernel_backend, _names.GRAPH_CODES[graph], mask, n_cols, xt, x0f, ignore_index)
+    return _reduce(_run(flat, sigma_rows, row_scale, kernel, inplace), x_t.shape, reduction)
 
 
 def dce_loss(
@@ -177,7 +351,7 @@ def dce_loss(
 
     At positions where ``x_t == mask_id``:
 
-    .. math:: \ell = -\log \mathrm{softmax}(\text{logits})_{x_0}
+    .. math:: \ell = -\log \mathrm{softmax}(\text{logits}_{y \ne \text{mask}})_{x_0}
 
     times ``weight`` (e.g. :math:`\sigma'/(e^\sigma - 1)`, which is 1/t for the log-linear
     schedule; see `fastbound.schedules`), and 0 elsewhere (Sahoo et al. 2024, MDLM's SUBS
@@ -187,24 +361,21 @@ def dce_loss(
         logits: (..., V) logits or log-probabilities (fp32, bf16, fp16 or fp64).
         x_t, x0: noisy and clean ids, ``logits.shape[:-1]``.
         mask_id: the mask token. Default ``V - 1``, the last column. When ``mask_id < V``
-            that column is left out of the softmax (MDLM's SUBS, infodis's RADD); when
-            ``mask_id >= V`` the logits cover the real tokens only.
+            only that column is left out of the softmax: every other column, before or after
+            it, enters the softmax (MDLM's SUBS, infodis's RADD); when ``mask_id >= V`` the
+            logits cover the real tokens only. A NumPy integer is accepted.
         weight, reduction, ignore_index, inplace, backend: as in `dse_loss`.
 
-    Returns float32 (float64 for float64 logits); gradients flow to ``logits`` only.
+    Returns float32 (float64 for float64 logits); gradients flow to ``logits`` and ``weight``.
     """
     flat, (xt, x0f), row_scale, kernel_backend = _prepare(
         logits, x_t, x0, weight, reduction, ignore_index, backend, inplace, "logits"
     )
     mask_id = dce_mask_id(mask_id, flat.shape[1])
-    checks = v.ValueChecks()
-    check_dce_ids(checks, xt, x0f, flat.shape[1], mask_id, ignore_index)
-    checks.run()
-    op, op_inplace = _kernel(kernel_backend, "dce_forward"), _kernel(kernel_backend, "dce_forward_inplace")
-    rows = _run(
-        flat,
-        inplace,
-        lambda s, need_grad: op(s, xt, x0f, row_scale, mask_id, ignore_index, need_grad),
-        lambda s: op_inplace(s, xt, x0f, row_scale, mask_id, ignore_index),
-    )
-    return _reduce(rows, x_t.shape, reduction)
+    if not v.tracing(flat) and not (kernel_backend == "cpu" and _ids_within(xt, flat.shape[1], mask_id)):
+        # Off the CPU, or when x_t is not plainly in range: the full checks (the CPU kernel checks x0).
+        checks = v.ValueChecks()
+        check_dce_ids(checks, xt, x0f, flat.shape[1], mask_id, ignore_index)
+        checks.run()
+    kernel = DceKernel(kernel_backend, mask_id, xt, x0f, ignore_index)
+    return _reduce(_run(flat, None, row_scale, kernel, inplace), x_t.shape, reduction)

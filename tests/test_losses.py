@@ -1,5 +1,6 @@
 """Fused DSE / DCE losses (C++ CPU kernels) against the oracle in `fastbound.reference`."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -285,7 +286,6 @@ def _good(graph="absorb"):
         (lambda a: a.update(sigma=torch.tensor([[1.0], [float("nan")]])), ValueError, "sigma"),
         (lambda a: a.update(sigma=-1.0), ValueError, "sigma"),
         (lambda a: a.update(sigma=torch.ones(3, 3)), ValueError, "sigma"),
-        (lambda a: a.update(sigma=torch.ones(2, 1, requires_grad=True)), ValueError, "sigma"),
         (lambda a: a.update(weight=torch.ones(4)), ValueError, "weight"),
         (lambda a: a.update(weight="x"), TypeError, "weight"),
         (lambda a: a.update(reduction="avg"), ValueError, "reduction"),
@@ -432,3 +432,255 @@ def test_half_precision_gradient_is_the_rounded_float32_gradient(graph, dtype):
         loss = fused(graph, s, sigma, x_t, x0, weight=3.0, reduction="sum")
         (outs[dt],) = torch.autograd.grad(loss, s)
     assert torch.equal(outs[dtype].view(torch.int16), outs[torch.float32].to(dtype).view(torch.int16))
+
+
+# ----------------------------------------------------------------------------- upstream factors (issue 14)
+
+
+FORMS = {
+    "sedd": lambda loss, w, B: (w * loss(reduction="none")).sum(-1).mean(),
+    "sum_div_B": lambda loss, w, B: loss(weight=w, reduction="sum") / B,
+    "grad_scaler": lambda loss, w, B: loss(weight=w, reduction="sum") * 65536.0,
+    "accumulation": lambda loss, w, B: loss(weight=w, reduction="mean") / 4,
+    "per_position": lambda loss, w, B: (loss(reduction="none") * w.expand(-1, 5).flip(0)).sum(),
+}
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_forms_with_upstream_factors_match_the_oracle(graph, form, inplace):
+    """A factor after the call rescales the saved gradient in place: same gradient as the oracle's."""
+    score, sigma, x_t, x0 = make_case(graph, (3, 5), 11, torch.float32)
+    w = torch.rand(3, 1) + 0.5
+    s = score.clone().requires_grad_()
+    h = s * 1.0  # inplace=True needs a non-leaf
+    out = FORMS[form](lambda **kw: fused(graph, h, sigma, x_t, x0, inplace=inplace, **kw), w, 3)
+    out.backward()
+    s64 = score.double().requires_grad_()
+    expected = FORMS[form](lambda **kw: oracle(graph, s64, sigma.double(), x_t, x0, **kw), w.double(), 3)
+    expected.backward()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-5, atol=1e-5 * _magnitude(s64.grad))
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_retain_graph_with_upstream_factor_keeps_the_saved_gradient(graph):
+    score, sigma, x_t, x0 = make_case(graph, (3, 4), 9, torch.float32)
+    leaf = score.clone().requires_grad_()
+    loss = fused(graph, leaf, sigma, x_t, x0, reduction="sum")
+    (2 * loss).backward(retain_graph=True)
+    once = leaf.grad.clone()
+    (3 * loss).backward()
+    torch.testing.assert_close(leaf.grad, 2.5 * once)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_gradient_is_a_plain_tensor(graph):
+    score, sigma, x_t, x0 = make_case(graph, (2, 3), 7, torch.float32)
+    s = score.requires_grad_()
+    for reduction in ("sum", "none"):
+        out = fused(graph, s, sigma, x_t, x0, reduction=reduction)
+        (g,) = torch.autograd.grad(out, s, torch.ones_like(out))
+        assert not g.requires_grad and g.grad_fn is None
+        g.zero_()
+    op, args = _op_samples(graph)
+    (g,) = torch.autograd.grad(op(*args)[0].sum(), args[0])  # the raw op too
+    assert not g.requires_grad
+
+
+# ----------------------------------------------------------------------------- gradients to sigma and weight
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_gradcheck_score_sigma_and_weight(graph, reduction):
+    score, sigma, x_t, x0 = make_case(graph, (3, 4), 7, torch.float64, seed=3)
+    x0[0, 0] = -100
+    score.requires_grad_()
+    sig = (sigma.double() + 0.2).requires_grad_()
+    weight = torch.rand(3, 4, dtype=torch.float64)
+    weight[1, 2] = 0.0  # the gradient to a zero weight is the unweighted loss
+    weight.requires_grad_()
+    if graph == "dce":
+        fn = lambda s, w: fb.dce_loss(s, x_t, x0, weight=w, reduction=reduction)
+        assert torch.autograd.gradcheck(fn, (score, weight))
+        return
+    fn = lambda s, sg, w: fb.dse_loss(s, sg, x_t, x0, graph=graph, weight=w, reduction=reduction)
+    assert torch.autograd.gradcheck(fn, (score, sig, weight))
+
+
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+@pytest.mark.parametrize("sigma", [1e-3, 0.7, 30.0])
+def test_sigma_gradient_matches_the_oracle(graph, sigma):
+    score, _, x_t, x0 = make_case(graph, (4, 6), 12, torch.float32)
+    sg = torch.full((4, 1), sigma, requires_grad=True)
+    fb.dse_loss(score, sg, x_t, x0, graph=graph, reduction="sum").backward()
+    sg64 = torch.full((4, 1), sigma, dtype=torch.float64, requires_grad=True)
+    ref.dse_loss(score.double(), sg64, x_t, x0, graph=graph, reduction="sum").backward()
+    torch.testing.assert_close(sg.grad.double(), sg64.grad, rtol=1e-4, atol=1e-6 * _magnitude(sg64.grad))
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_forward_mode_jvp_matches_the_oracle(graph):
+    score, sigma, x_t, x0 = make_case(graph, (3, 4), 9, torch.float64)
+    tangent = torch.randn_like(score)
+    f = lambda s: fused(graph, s, sigma.double(), x_t, x0, reduction="sum")
+    g = lambda s: oracle(graph, s, sigma.double(), x_t, x0, reduction="sum")
+    _, t = torch.func.jvp(f, (score,), (tangent,))
+    _, t_ref = torch.func.jvp(g, (score,), (tangent,))
+    torch.testing.assert_close(t, t_ref)
+    with torch.autograd.forward_ad.dual_level():
+        out = f(torch.autograd.forward_ad.make_dual(score, tangent))
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(out).tangent, t_ref)
+
+
+# ----------------------------------------------------------------------------- in place (issue 11)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_inplace_over_a_saved_tensor_raises(graph):
+    score, sigma, x_t, x0 = make_case(graph, (2, 3), 7, torch.float32)
+    z = score.clone().requires_grad_()
+    s = z.exp()  # exp saves its output for the backward
+    loss = fused(graph, s, sigma, x_t, x0, reduction="sum", inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_inplace_on_a_leaf_that_requires_grad_is_refused(graph):
+    score, sigma, x_t, x0 = make_case(graph, (2, 3), 7, torch.float32)
+    with pytest.raises(ValueError, match="leaf tensor that requires grad"):
+        fused(graph, torch.nn.Parameter(score), sigma, x_t, x0, inplace=True)
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_inplace_on_a_column_slice(graph):
+    score, sigma, x_t, x0 = make_case(graph, (2, 3), 7, torch.float32)
+    wide = torch.cat([score, torch.randn(2, 3, 4)], -1)
+    h = wide.clone().requires_grad_()
+    out = fused(graph, (h * 1.0)[..., :7], sigma, x_t, x0, reduction="sum", inplace=True)
+    out.backward()
+    s64 = score.double().requires_grad_()
+    oracle(graph, s64, sigma.double(), x_t, x0, reduction="sum").backward()
+    torch.testing.assert_close(h.grad[..., :7].double(), s64.grad, rtol=1e-5, atol=1e-6)
+    assert not h.grad[..., 7:].any()
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_inplace_under_torch_compile_fullgraph(graph):
+    torch._dynamo.reset()
+    score, sigma, x_t, x0 = make_case(graph, (2, 4), 9, torch.float32)
+
+    def step(h):
+        return fused(graph, h * 2.0, sigma, x_t, x0, reduction="sum", inplace=True)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    h = score.clone().requires_grad_()
+    (g,) = torch.autograd.grad(compiled(h), h)
+    h2 = score.clone().requires_grad_()
+    (g2,) = torch.autograd.grad(step(h2), h2)
+    torch.testing.assert_close(g, g2)
+
+
+# ----------------------------------------------------------------------------- the mask anywhere
+
+
+@pytest.mark.parametrize("mask_id", [0, 5, 10])
+@pytest.mark.parametrize("weight", [None, "w"])
+def test_dse_mask_column_anywhere_matches_oracle_with_columns_permuted(mask_id, weight):
+    """Moving the mask column to m and the other columns around it equals the oracle's V-1 layout."""
+    n_cols = 11
+    score, sigma, x_t, x0 = make_case("absorb", (3, 4), n_cols, torch.float32)
+    w = torch.rand(3, 1) if weight else None
+    perm = torch.tensor([c for c in range(n_cols) if c != n_cols - 1][:mask_id] + [n_cols - 1]
+                        + [c for c in range(n_cols - 1)][mask_id:])  # perm[new column] = old column
+    inverse = torch.argsort(perm)  # old id -> new column
+    s = score[..., perm].clone().requires_grad_()
+    out = fb.dse_loss(s, sigma, inverse[x_t], inverse[x0], mask_id=mask_id, weight=w, reduction="none")
+    s64 = score.double().requires_grad_()
+    expected = ref.dse_loss(s64, sigma.double(), x_t, x0, weight=w, reduction="none")
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    probe = torch.randn_like(expected)
+    (out * probe.float()).sum().backward()
+    (expected * probe).sum().backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad[..., perm], rtol=1e-5, atol=1e-6)
+
+
+def test_dse_mask_id_checks():
+    score, sigma, x_t, x0 = _good()
+    with pytest.raises(ValueError, match=r"mask_id must be a column of score, in \[0, 10\), got 10"):
+        fb.dse_loss(score, sigma, x_t, x0, mask_id=10)
+    out = fb.dse_loss(score, sigma, x_t, x0, mask_id=np.int64(9))
+    torch.testing.assert_close(out, fb.dse_loss(score, sigma, x_t, x0))
+    fb.dse_loss(score, sigma, x_t, x0, graph="uniform", mask_id=3)  # ignored by the uniform graph
+
+
+# ----------------------------------------------------------------------------- messages (issue 11 item 13)
+
+
+def test_numpy_integer_mask_id_is_accepted():
+    score, _, x_t, x0 = _good("dce")
+    torch.testing.assert_close(fb.dce_loss(score, x_t, x0, mask_id=np.int64(9)), fb.dce_loss(score, x_t, x0))
+
+
+def test_no_columns_does_not_blame_an_unpassed_mask_id():
+    with pytest.raises(ValueError, match="real token column") as info:
+        fb.dce_loss(torch.zeros(2, 0), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    assert "-1" not in str(info.value)
+
+
+def test_sigma_overflowing_the_accumulation_dtype_names_sigma():
+    score, _, x_t, x0 = _good()
+    with pytest.raises(ValueError, match="sigma .*torch.float32"):
+        fb.dse_loss(score, 1e300, x_t, x0)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "nested"])
+def test_sparse_and_nested_tensors_are_refused(kind):
+    score, sigma, x_t, x0 = _good()
+    bad = score.to_sparse() if kind == "sparse" else torch.nested.nested_tensor([score[0], score[1]])
+    with pytest.raises(TypeError, match="score must be a dense tensor"):
+        fb.dse_loss(bad, sigma, x_t, x0)
+    with pytest.raises(TypeError, match="x_t must be a dense tensor"):
+        fb.dse_loss(score, sigma, x_t.to_sparse(), x0)
+
+
+def test_dce_columns_after_the_mask_enter_the_softmax():
+    """Only the mask column is left out: a huge logit after it lowers the loss of every other token."""
+    score, _, x_t, x0 = make_case("dce", (2, 3), 10, torch.float32)
+    x_t[:] = 4
+    x0 = torch.where(x0 >= 4, 0, x0)
+    base = fb.dce_loss(score, x_t, x0, mask_id=4)
+    score[..., 4] = 50.0  # the mask column: ignored
+    torch.testing.assert_close(fb.dce_loss(score, x_t, x0, mask_id=4), base)
+    score[..., 7] = 50.0  # a column after the mask: in the softmax
+    assert (fb.dce_loss(score, x_t, x0, mask_id=4) > base + 10).all()
+
+
+def test_cached_argument_checks_still_check_values_and_the_backend(monkeypatch):
+    """The data-free checks are cached per signature; ids, sigma and the backend choice are not."""
+    score, sigma, x_t, x0 = _good()
+    fb.dse_loss(score, sigma, x_t, x0)
+    with pytest.raises(ValueError, match="x_t"):
+        fb.dse_loss(score, sigma, torch.full_like(x_t, 10), x0)
+    with pytest.raises(ValueError, match="sigma"):
+        fb.dse_loss(score, -sigma, x_t, x0)
+    monkeypatch.setenv("FASTBOUND_BACKEND", "metal")
+    with pytest.raises(ValueError, match="backend"):
+        fb.dse_loss(score, sigma, x_t, x0)
+
+
+def test_backward_decides_the_unit_upstream_without_reading_device_values():
+    """Only CPU values are read (no host-device sync): a meta tensor would raise if read."""
+    assert not fb._ops._unit(torch.ones(4, device="meta"))
+    assert fb._ops._unit(torch.ones(1).expand(4))
+    assert not fb._ops._unit(torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.parametrize("bad", [dict(reduction=["sum"]), dict(backend=["cpu"])])
+def test_unhashable_options_are_named(bad):
+    score, sigma, x_t, x0 = _good()
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        fb.dse_loss(score, sigma, x_t, x0, **bad)

@@ -38,10 +38,11 @@ def run(impl, loss, score, sigma, x_t, x0, **kw):
         kw.pop("inplace", None)
     else:
         fn, kw = (fb.dce_loss if loss == "dce" else fb.dse_loss), dict(kw, backend=impl)
+    t = s * 1.0 if kw.get("inplace") else s  # inplace=True refuses a leaf that requires grad
     if loss == "dce":
-        out = fn(s, x_t, x0, **kw)
+        out = fn(t, x_t, x0, **kw)
     else:
-        out = fn(s, sigma, x_t, x0, graph=loss, **kw)
+        out = fn(t, sigma, x_t, x0, graph=loss, **kw)
     probe = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=out.device).view(out.shape)
     (grad,) = torch.autograd.grad(out, s, probe) if out.numel() else (torch.zeros_like(s),)
     return out.detach(), grad
@@ -195,14 +196,7 @@ def _op_args(loss, score, sigma, x_t, x0):
     if loss == "dce":
         return (score, x_t, x0, scale, score.shape[1] - 1, -100)
     code = fb._ops.GRAPH_CODES[loss]
-    return (score, sigma.expand(x_t.shape).contiguous(), x_t, x0, scale, code, *_mask_arg(score.shape[1] - 1), -100)
-
-
-def _mask_arg(mask_id):
-    """The DSE ops' ``mask_id`` argument, where this build's schema has it (CONTRACTS.md section 1)."""
-    from fastbound.triton_kernels import dse
-
-    return (mask_id,) if dse.TAKES_MASK_ID else ()
+    return (score, sigma.expand(x_t.shape).contiguous(), x_t, x0, scale, code, score.shape[1] - 1, -100)
 
 
 @pytest.mark.parametrize("loss", ["absorb", "uniform", "dce"])
@@ -400,16 +394,10 @@ def test_inplace_ops_refuse_overlapping_rows(loss):
 
 
 def _dse_triton(score, sigma, x_t, x0, scale, graph, mask_id, need_grad, inplace=False):
-    """The Triton DSE op with ``mask_id``: the registered op where the schema has it, else its body."""
-    from fastbound.triton_kernels import dse
-
-    if dse.TAKES_MASK_ID:
-        if inplace:
-            return torch.ops.fastbound.dse_forward_inplace_triton(score, sigma, x_t, x0, scale, graph, mask_id, -100)
-        return torch.ops.fastbound.dse_forward_triton(score, sigma, x_t, x0, scale, graph, mask_id, -100, need_grad)
+    """The registered Triton DSE op with ``mask_id``."""
     if inplace:
-        return dse._dse_rows(score, score, sigma, x_t, x0, scale, graph, mask_id, -100, True)
-    return dse._forward(score, sigma, x_t, x0, scale, graph, mask_id, -100, need_grad)
+        return torch.ops.fastbound.dse_forward_inplace_triton(score, sigma, x_t, x0, scale, graph, mask_id, -100)
+    return torch.ops.fastbound.dse_forward_triton(score, sigma, x_t, x0, scale, graph, mask_id, -100, need_grad)
 
 
 def _mask_case(n, n_cols, mask_id, dtype, seed):

@@ -194,42 +194,19 @@ def _forward(score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index, nee
     return loss, grad
 
 
-TAKES_MASK_ID = any(a.name == "mask_id" for a in torch.ops.fastbound.dse_forward.default._schema.arguments)
-"""Whether this build's C++ DSE ops take ``mask_id`` (CONTRACTS.md section 1); the Triton ops repeat
-their schema, so a C++ build from before that change gets Triton ops with the mask at V-1."""
+@_common.register_op("dse_forward", fused_loss=True)
+def dse_forward_triton(
+    score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
+    graph: int, mask_id: int, ignore_index: int, need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row DSE loss (N,) and, when ``need_grad``, its gradient (N, V) scaled by ``row_scale``."""
+    return _forward(score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index, need_grad)
 
-if TAKES_MASK_ID:
 
-    @_common.register_op("dse_forward", fused_loss=True)
-    def dse_forward_triton(
-        score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
-        graph: int, mask_id: int, ignore_index: int, need_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row DSE loss (N,) and, when ``need_grad``, its gradient (N, V) scaled by ``row_scale``."""
-        return _forward(score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index, need_grad)
-
-    @_common.register_op("dse_forward_inplace", mutates_args={"score"})
-    def dse_forward_inplace_triton(
-        score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
-        graph: int, mask_id: int, ignore_index: int,
-    ) -> torch.Tensor:
-        """Per-row DSE loss (N,); overwrites ``score`` with the scaled gradient."""
-        return _dse_rows(score, score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index, True)
-
-else:
-
-    @_common.register_op("dse_forward", fused_loss=True)
-    def dse_forward_triton(
-        score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
-        graph: int, ignore_index: int, need_grad: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mask-at-V-1 schema of a C++ build without ``mask_id``."""
-        return _forward(score, sigma, x_t, x0, row_scale, graph, None, ignore_index, need_grad)
-
-    @_common.register_op("dse_forward_inplace", mutates_args={"score"})
-    def dse_forward_inplace_triton(
-        score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
-        graph: int, ignore_index: int,
-    ) -> torch.Tensor:
-        """The mask-at-V-1 schema of a C++ build without ``mask_id``."""
-        return _dse_rows(score, score, sigma, x_t, x0, row_scale, graph, None, ignore_index, True)
+@_common.register_op("dse_forward_inplace", mutates_args={"score"})
+def dse_forward_inplace_triton(
+    score: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, row_scale: torch.Tensor,
+    graph: int, mask_id: int, ignore_index: int,
+) -> torch.Tensor:
+    """Per-row DSE loss (N,); overwrites ``score`` with the scaled gradient."""
+    return _dse_rows(score, score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index, True)
