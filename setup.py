@@ -96,8 +96,12 @@ setup(
     description="Fused kernels for likelihood-exact discrete diffusion losses and NLL estimators",
     packages=find_packages(include=["fastbound", "fastbound.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "pytest-benchmark", "scipy", "triton"]},
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "triton": ["triton"],
+        "train": ["tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "triton", "hypothesis", "tqdm", "matplotlib"],
+    },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
 )
