@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _ops
+from .. import _names
 from .. import _validate as v
 from ..losses import _kernel
 
@@ -46,7 +46,7 @@ class HeadSpec:
     """What one fused pass computes (the integer codes travel through the custom op's schema)."""
 
     loss: str  # "dse" or "dce"
-    graph: int  # `fastbound._ops.GRAPH_CODES`; absorb for DCE
+    graph: int  # `fastbound._names.GRAPH_CODES`; absorb for DCE
     mask_id: int  # absorbing mask column (DSE: V - 1), DCE mask id (>= V: no mask column)
     ignore_index: int
     sedd: bool  # SEDD's score parametrisation (absorbing DSE)
@@ -97,20 +97,6 @@ def check_chunk_size(chunk_size: object, n_hidden: int, n_cols: int, dtype: torc
     return chunk_size
 
 
-def dse_mask_column(mask_id: int | None, n_cols: int) -> int:
-    """The absorbing mask column of the score entropy.
-
-    The DSE row kernels read the mask as column V - 1 until they take a ``mask_id``
-    (CONTRACTS.md section 1); other columns are refused here rather than computed wrong.
-    """
-    if mask_id is not None and mask_id != n_cols - 1:
-        raise ValueError(
-            f"mask_id={mask_id!r}: the fused score entropy takes the absorbing mask as the last column "
-            f"(V - 1 = {n_cols - 1}); pass mask_id=None or {n_cols - 1}"
-        )
-    return n_cols - 1
-
-
 def check_score_param(score_param: str, loss: str, graph: str) -> bool:
     """True for SEDD's parametrisation, which its model defines for the absorbing graph only."""
     v.check_choice("score_param", score_param, SCORE_PARAMS)
@@ -125,7 +111,7 @@ def check_score_param(score_param: str, loss: str, graph: str) -> bool:
 def contributing_rows(spec: HeadSpec, x_t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Indices of the rows whose loss can be non-zero: masked (absorbing) or all, and not ignored."""
     keep = x0 != spec.ignore_index
-    if spec.graph == _ops.GRAPH_CODES["absorb"]:
+    if spec.graph == _names.GRAPH_CODES["absorb"]:
         keep &= x_t == spec.mask_id
     return keep.nonzero().squeeze(1)
 
@@ -156,8 +142,7 @@ def row_losses(spec: HeadSpec, scores: torch.Tensor, sigma: torch.Tensor, x_t: t
                row_scale: torch.Tensor, need_grad: bool) -> torch.Tensor:
     """Per-row losses (times ``row_scale``) of a chunk; with ``need_grad`` ``scores`` becomes their gradient."""
     if spec.loss == "dse":
-        # At the merge with the mask_id schemas: (spec.graph, spec.mask_id, spec.ignore_index).
-        name, ids, codes = "dse_forward", (sigma, x_t, x0, row_scale), (spec.graph, spec.ignore_index)
+        name, ids, codes = "dse_forward", (sigma, x_t, x0, row_scale), (spec.graph, spec.mask_id, spec.ignore_index)
     else:
         name, ids, codes = "dce_forward", (x_t, x0, row_scale), (spec.mask_id, spec.ignore_index)
     if need_grad:

@@ -18,10 +18,10 @@ from typing import Literal
 
 import torch
 
-from .. import _backend, _ops
+from .. import _backend, _names
 from .. import _validate as v
-from ..integrate import LOSS_CODES, _per_sequence
-from ..losses import check_dce_ids, check_dse_ids, dce_mask_id
+from ..integrate import _per_sequence
+from ..losses import check_dce_ids, check_dse_ids, dce_mask_id, dse_mask_id
 from .head import (
     HeadSpec,
     check_chunk_size,
@@ -29,7 +29,6 @@ from .head import (
     check_score_param,
     chunk_scores,
     contributing_rows,
-    dse_mask_column,
     row_losses,
 )
 
@@ -68,8 +67,8 @@ def head_integrate_step(
     hidden = v.check_float_tensor("hidden", hidden)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must have shape (B, L, H), got {tuple(hidden.shape)}")
-    v.check_choice("loss", loss, LOSS_CODES)
-    v.check_choice("graph", graph, _ops.GRAPH_CODES)
+    v.check_choice("loss", loss, _names.LOSS_CODES)
+    v.check_choice("graph", graph, _names.GRAPH_CODES)
     sedd = check_score_param(score_param, loss, graph)
     flat, n_cols, n_hidden = check_head(hidden, weight, bias)
     n_seq, length = hidden.shape[:2]
@@ -104,8 +103,8 @@ def head_integrate_step(
         check_dce_ids(checks, xt, x0l, n_cols, mask, ignore_index)
         sigma_rows = torch.empty(0, dtype=row_dtype, device=hidden.device)
     else:
-        mask = dse_mask_column(mask_id, n_cols) if graph == "absorb" else -1
-        check_dse_ids(checks, graph, xt, x0l, n_cols, ignore_index, "weight")
+        mask = dse_mask_id(mask_id, graph, n_cols, "weight")
+        check_dse_ids(checks, graph, xt, x0l, n_cols, ignore_index, "weight", mask_id=mask if mask >= 0 else None)
         if sigma is None:
             raise ValueError("sigma is required for loss='dse'")
         sigma_seq = _per_sequence("sigma", sigma, n_seq, hidden.device)
@@ -114,7 +113,7 @@ def head_integrate_step(
     checks.run()
     weight_seq = _per_sequence("seq_weight", 1.0 if seq_weight is None else seq_weight, n_seq, hidden.device)
 
-    spec = HeadSpec(loss, _ops.GRAPH_CODES[graph], mask, ignore_index, sedd, chunk, kernel_backend)
+    spec = HeadSpec(loss, _names.GRAPH_CODES[graph], mask, ignore_index, sedd, chunk, kernel_backend)
     totals = torch.zeros(n_seq, dtype=torch.float64, device=hidden.device)
     ones = torch.ones(min(chunk, flat.shape[0]), dtype=row_dtype, device=hidden.device)
     with torch.no_grad():

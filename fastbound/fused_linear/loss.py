@@ -36,9 +36,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, _ops
+from .. import _backend, _names
 from .. import _validate as v
-from ..losses import REDUCTIONS, check_dce_ids, check_dse_ids, dce_mask_id
+from ..losses import REDUCTIONS, check_dce_ids, check_dse_ids, dce_mask_id, dse_mask_id
 from .head import (
     HeadSpec,
     check_chunk_size,
@@ -46,7 +46,6 @@ from .head import (
     check_score_param,
     chunk_scores,
     contributing_rows,
-    dse_mask_column,
     row_losses,
 )
 
@@ -241,18 +240,18 @@ def fused_linear_dse_loss(
     Returns float32 (float64 for float64 inputs) with ``x_t``'s shape for
     ``reduction="none"``, else a scalar; gradients flow to ``hidden``, ``weight`` and ``bias``.
     """
-    v.check_choice("graph", graph, _ops.GRAPH_CODES)
+    v.check_choice("graph", graph, _names.GRAPH_CODES)
     sedd = check_score_param(score_param, "dse", graph)
     flat, n_cols, lead, (xt, x0f), row_scale, chunk, kernel_backend = _prepare(
         hidden, weight, bias, x_t, x0, loss_weight, reduction, ignore_index, chunk_size, backend
     )
-    mask = dse_mask_column(mask_id, n_cols) if graph == "absorb" else -1
+    mask = dse_mask_id(mask_id, graph, n_cols, "weight")
     checks = v.ValueChecks()
-    check_dse_ids(checks, graph, xt, x0f, n_cols, ignore_index, "weight")
+    check_dse_ids(checks, graph, xt, x0f, n_cols, ignore_index, "weight", mask_id=mask if mask >= 0 else None)
     sigma_rows = v.as_rows("sigma", sigma, lead, row_scale.dtype, flat.device)
     checks.positive_finite("sigma", sigma_rows)
     checks.run()
-    spec = HeadSpec("dse", _ops.GRAPH_CODES[graph], mask, ignore_index, sedd, chunk, kernel_backend)
+    spec = HeadSpec("dse", _names.GRAPH_CODES[graph], mask, ignore_index, sedd, chunk, kernel_backend)
     return _run(spec, flat, weight, bias, sigma_rows, xt, x0f, row_scale, reduction, lead)
 
 
@@ -284,5 +283,5 @@ def fused_linear_dce_loss(
     checks = v.ValueChecks()
     check_dce_ids(checks, xt, x0f, n_cols, mask, ignore_index)
     checks.run()
-    spec = HeadSpec("dce", _ops.GRAPH_CODES["absorb"], mask, ignore_index, False, chunk, kernel_backend)
+    spec = HeadSpec("dce", _names.GRAPH_CODES["absorb"], mask, ignore_index, False, chunk, kernel_backend)
     return _run(spec, flat, weight, bias, row_scale.new_empty(0), xt, x0f, row_scale, reduction, lead)

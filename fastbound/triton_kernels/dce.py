@@ -8,7 +8,7 @@ parameterisation; Jeon et al. 2025, infodis):
 
 times the row scale; the mask column is left out of the softmax when
 ``mask_id < V``. Other rows, and rows whose :math:`x_0` is ``ignore_index``, get
-loss 0 and a zero gradient row. As in the CUDA kernel (`csrc/cuda/dce.cu`), a masked
+loss 0 and a zero gradient row. As in the CUDA kernel (`csrc/cuda/loss_row_kernels.cuh`), a masked
 row whose :math:`x_0` is outside :math:`[0, V)` or is the mask id gets a NaN loss and a
 NaN gradient row, and the id is never used as an address: the Python checks that
 refuse such ids do not run under ``torch.compile``.
@@ -20,7 +20,7 @@ the row maximum, and the softmax as :math:`e^{(z_y - m) - \log\sum}`, so large l
 One program per row: a first pass keeps a running maximum and a rescaled sum of
 exponentials (the online softmax of Milakov & Gimelshein 2018, as in
 Liger-Kernel's cross entropy), reading the row once; when the gradient is
-wanted a second pass writes it. The C++ version is `csrc/cpu/dce.cpp`.
+wanted a second pass writes it. The C++ version is `csrc/cpu/loss_row_kernels.h`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ Uniform graph, N = V states, :math:`a = e^\sigma - 1`, :math:`\rho = a/(a+N)`,
 with neg and const as in `fastbound.reference.dse_uniform`. Loss and gradient
 are multiplied by the row scale. Rows whose :math:`x_0` is ``ignore_index``
 (and, for the absorbing graph, rows that are not masked) get loss 0 and a zero
-gradient row. As in the CUDA kernels (`csrc/cuda/dse.cu`), an id out of range
+gradient row. As in the CUDA kernels (`csrc/cuda/loss_row_kernels.cuh`), an id out of range
 (:math:`x_t \notin [0, V)`, or at a contributing row :math:`x_0 \notin [0, V)` or
 :math:`x_0 = m` for the absorbing graph, :math:`x_0 \notin [0, V)` for the uniform one) gives that row a NaN loss and a
 NaN gradient row, and is never used as an address: the Python checks that refuse
