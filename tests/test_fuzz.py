@@ -219,7 +219,14 @@ def _row_factor(case, lead, acc):
     return f
 
 
-def _loss_scale(loss, score64, sigma64, x_t, x0):
+def _softmax_logits(score64, mask_id):
+    """DCE's logits as its softmax sees them: the mask column (when it is one, ``mask_id`` < V) at -inf."""
+    n = score64.shape[-1]
+    mask_id = n - 1 if mask_id is None else mask_id
+    return score64.index_fill(-1, torch.tensor([mask_id]), -math.inf) if mask_id < n else score64
+
+
+def _loss_scale(loss, score64, sigma64, x_t, x0, mask_id=None):
     """Beyond |l|, a bound on the terms each position's loss sums before they cancel (float32 rounds each).
 
     DCE: (m - s_x0) + log sum_y e^{s_y - m}, m the row's largest logit (a shift of every logit changes
@@ -232,14 +239,14 @@ def _loss_scale(loss, score64, sigma64, x_t, x0):
     s_x0 = score64.gather(-1, x0.long().clamp(0, n - 1)[..., None]).squeeze(-1).abs()
     x_t_is_x0 = x_t.long() == x0.long()
     if loss == "dce":
-        return (score64.amax(-1) - s_x0).abs() + 0.01
+        return (_softmax_logits(score64, mask_id).amax(-1) - s_x0).abs() + 0.01
     if loss == "absorb":
         return inv_a * (s_x0 + log_a.abs() + 1)
     moved = inv_a * s_x0 + (1 / n + inv_a) * torch.log1p(n * inv_a)
     return score64.abs().mean(-1) + 1 + torch.where(x_t_is_x0, 0.0, moved)
 
 
-def _gradient_scale(loss, score64, g64, factor, inv_a, x0):
+def _gradient_scale(loss, score64, g64, factor, inv_a, x0, mask_id=None):
     """Per entry: |g| plus, times the position's factor, the terms float32 rounds before they cancel: the
     constant subtracted (r = 1/a, or 1/a and 1 at x0; c/N <= 1/N on the uniform graph), and for DCE
     p_y (|s_y - m| + log V + 1), p_y = e^{(s_y - m) - log sum} carrying the rounding of its argument."""
@@ -247,8 +254,9 @@ def _gradient_scale(loss, score64, g64, factor, inv_a, x0):
     at_x0 = torch.nn.functional.one_hot(x0.long().clamp(0, n - 1), n).double()
     subtracted = at_x0 * (1 + inv_a)[..., None] + (1 / n if loss == "uniform" else 0.0)
     if loss == "dce":
-        shifted = score64 - score64.amax(-1, keepdim=True)
-        subtracted = subtracted + shifted.softmax(-1) * (shifted.abs() + math.log(n) + 1)
+        logits = _softmax_logits(score64, mask_id)
+        shifted = logits - logits.amax(-1, keepdim=True)
+        subtracted = subtracted + (shifted.softmax(-1) * (shifted.abs() + math.log(n) + 1)).nan_to_num()  # 0 * inf
     return g64.abs() + factor[..., None] * subtracted
 
 
@@ -275,7 +283,7 @@ def check_loss_case(case, backend=None):
     lead = base.shape[:-1]
     factor = _row_factor(case, lead, acc)
     sigma64 = _as_acc(case["sigma"], acc)
-    scale = _loss_scale(case["loss"], values64, sigma64, case["x_t"], case["x0"]) * factor
+    scale = _loss_scale(case["loss"], values64, sigma64, case["x_t"], case["x0"], case["mask_id"]) * factor
     if case["reduction"] != "none":
         scale = scale.sum()
     assert torch.isfinite(expected).all()
@@ -292,7 +300,8 @@ def check_loss_case(case, backend=None):
     (g64,) = torch.autograd.grad(expected, s64, unit.double())
     assert g.dtype == dtype and g.shape == leaf.shape
     inv_a, _ = _inv_a_and_log_a(case["loss"], sigma64, lead)
-    compare_gradients(g, g64, _gradient_scale(case["loss"], values64, g64, factor, inv_a, case["x0"]), dtype)
+    g_scale = _gradient_scale(case["loss"], values64, g64, factor, inv_a, case["x0"], case["mask_id"])
+    compare_gradients(g, g64, g_scale, dtype)
     if none:
         probe = case["probe"].to(acc)
         (g_probe,) = torch.autograd.grad(out, leaf, probe)
@@ -443,7 +452,7 @@ def check_integrate_case(case, backend=None):
     keep = (case["x0"].long() != case["ignore_index"]).double()
     w = torch.as_tensor(1.0 if case["weight"] is None else case["weight"], dtype=torch.float64)
     w = w.reshape(-1).expand(n_seq)
-    terms = per_pos.abs() + _loss_scale(case["kind"], out64, sigma64, case["x_t"], case["x0"])
+    terms = per_pos.abs() + _loss_scale(case["kind"], out64, sigma64, case["x_t"], case["x0"], case["mask_id"])
     seq_scale = (terms * keep).sum(-1) * w.abs()
     total = (per_pos.sum(-1) * w).abs()
     rows = torch.arange(n_seq) if case["index"] is None else case["index"].long()
