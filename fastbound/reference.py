@@ -26,24 +26,47 @@ def _like(value, ref: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
 
 
-def dse_absorb(score: torch.Tensor, sigma, x_t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+def _ids(t: torch.Tensor) -> torch.Tensor:
+    """Ids as int64, as the kernels read them: a uint8 156 is token 156, never ignore_index -100."""
+    return t.long()
+
+
+def _log_expm1(sigma: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log(e^\sigma - 1) = \sigma + \log(1 - e^{-\sigma})`, finite for every finite
+    :math:`\sigma > 0`: ``expm1`` keeps the digits of a small σ, and nothing overflows when
+    :math:`e^\sigma` does (σ > 88.7 in float32, > 709 in float64). The per-row constants
+    below are formed from it, as the kernels form theirs
+    (``log_expm1`` in ``csrc/include/fastbound/elementwise.h``), so a huge σ gives
+    :math:`r \to 0` instead of :math:`0 \cdot \log 0` = NaN.
+    """
+    return sigma + torch.log(-torch.expm1(-sigma))
+
+
+def dse_absorb(score: torch.Tensor, sigma, x_t: torch.Tensor, x0: torch.Tensor,
+               mask_id: int | None = None) -> torch.Tensor:
     r"""Absorbing-graph score entropy per position (SEDD ``Absorbing.score_entropy``).
 
-    With the mask at column V-1 and :math:`r = 1/(e^\sigma - 1)`, at positions where
-    :math:`x_t` is the mask:
+    With the mask at column ``mask_id`` (default V-1) and :math:`r = 1/(e^\sigma - 1)`,
+    at positions where :math:`x_t` is the mask:
 
     .. math:: \ell = \sum_{y \ne \text{mask}} e^{s_y} - r\, s_{x_0} + r(\log r - 1),
 
-    and 0 elsewhere.
+    and 0 elsewhere; the mask column's score is not read. With
+    :math:`\log a = \log(e^\sigma - 1)`: :math:`r = e^{-\log a}` and
+    :math:`r(\log r - 1) = -r(\log a + 1)` (`_log_expm1`).
     """
     s = _acc(score)
+    x_t, x0 = _ids(x_t), _ids(x0)
+    mask_id = s.shape[-1] - 1 if mask_id is None else mask_id
     sigma = _like(sigma, s).expand(x_t.shape)
-    r = 1.0 / torch.expm1(sigma)
-    masked = x_t == s.shape[-1] - 1
+    log_a = _log_expm1(sigma)
+    r = torch.exp(-log_a)
+    masked = x_t == mask_id
     x0_safe = torch.where(masked, x0, torch.zeros_like(x0))
-    pos = s[..., :-1].exp().sum(-1)
+    real = torch.cat([s[..., :mask_id], s[..., mask_id + 1:]], -1)  # every column but the mask
+    pos = real.exp().sum(-1)
     neg = r * s.gather(-1, x0_safe[..., None]).squeeze(-1)
-    const = r * (r.log() - 1)
+    const = -r * (log_a + 1)
     return torch.where(masked, pos - neg + const, torch.zeros_like(pos))
 
 
@@ -58,22 +81,29 @@ def dse_uniform(score: torch.Tensor, sigma, x_t: torch.Tensor, x0: torch.Tensor)
     * const :math:`= \frac{N-1}{N}\rho(\log\rho - 1)` if :math:`x_t = x_0`, else
       :math:`((-\log\rho - 1)/\rho - (N - 2))/N`
 
-    and :math:`\ell` = pos - neg + const at every position.
+    and :math:`\ell` = pos - neg + const at every position. The constants are formed
+    from :math:`1/a = e^{-\log a}` (`_log_expm1`) as :math:`\rho = 1/(1 + N/a)` and
+    :math:`\log\rho = -\operatorname{log1p}(N/a)`, finite for every σ. pos and neg
+    follow SEDD's code (a mean over all N columns minus the :math:`x_t` term), so a NaN or
+    infinite :math:`s_{x_t}` gives NaN here; the kernels sum over :math:`y \ne x_t` instead
+    (README, "Where the kernels and the oracle differ on purpose").
     """
     s = _acc(score)
+    x_t, x0 = _ids(x_t), _ids(x0)
     n = s.shape[-1]
     sigma = _like(sigma, s).expand(x_t.shape)
-    a = torch.expm1(sigma)
-    rho = a / (a + n)
+    inv_a = torch.exp(-_log_expm1(sigma))
+    rho = 1 / (1 + n * inv_a)
+    log_rho = -torch.log1p(n * inv_a)
     same = x_t == x0
     s_xt = s.gather(-1, x_t[..., None]).squeeze(-1)
     s_x0 = s.gather(-1, x0.clamp(0, n - 1)[..., None]).squeeze(-1)
     neg_base = s.mean(-1) - s_xt / n
-    neg = torch.where(same, rho * neg_base, s_x0 / a + neg_base)
+    neg = torch.where(same, rho * neg_base, s_x0 * inv_a + neg_base)
     const = torch.where(
         same,
-        (n - 1) / n * rho * (rho.log() - 1),
-        ((-rho.log() - 1) / rho - (n - 2)) / n,
+        (n - 1) / n * rho * (log_rho - 1),
+        ((-log_rho - 1) / rho - (n - 2)) / n,
     )
     sexp = s.exp()
     pos = sexp.mean(-1) - sexp.gather(-1, x_t[..., None]).squeeze(-1) / n
@@ -92,12 +122,21 @@ def _weigh_and_reduce(loss, x0, weight, reduction, ignore_index):
     return loss.sum() / keep.sum().clamp_min(1)
 
 
-def dse_loss(score, sigma, x_t, x0, *, graph="absorb", weight=None, reduction="none", ignore_index=-100):
-    """Oracle for `fastbound.dse_loss` (same arguments, no kernels)."""
-    fn = dse_absorb if graph == "absorb" else dse_uniform
+def dse_loss(score, sigma, x_t, x0, *, graph="absorb", mask_id=None, weight=None, reduction="none",
+             ignore_index=-100):
+    """Oracle for `fastbound.dse_loss` (same arguments, no kernels); ``mask_id`` (default V-1)
+    is the absorbing graph's mask column and is ignored by the uniform graph.
+
+    Ids of any integer dtype are read as int64, as the kernels read them.
+    """
+    x_t, x0 = _ids(x_t), _ids(x0)
     keep = x0 != ignore_index
     x0_safe = torch.where(keep, x0, torch.zeros_like(x0))
-    return _weigh_and_reduce(fn(score, sigma, x_t, x0_safe), x0, weight, reduction, ignore_index)
+    if graph == "absorb":
+        loss = dse_absorb(score, sigma, x_t, x0_safe, mask_id)
+    else:
+        loss = dse_uniform(score, sigma, x_t, x0_safe)
+    return _weigh_and_reduce(loss, x0, weight, reduction, ignore_index)
 
 
 def dce(logits: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, mask_id: int | None = None) -> torch.Tensor:
@@ -106,6 +145,7 @@ def dce(logits: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, mask_id: int 
     from the softmax, as MDLM's SUBS parameterisation does.
     """
     z = _acc(logits)
+    x_t, x0 = _ids(x_t), _ids(x0)
     n = z.shape[-1]
     mask_id = n - 1 if mask_id is None else mask_id
     if mask_id < n:
@@ -118,7 +158,9 @@ def dce(logits: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, mask_id: int 
 
 
 def dce_loss(logits, x_t, x0, *, mask_id=None, weight=None, reduction="none", ignore_index=-100):
-    """Oracle for `fastbound.dce_loss` (same arguments, no kernels)."""
+    """Oracle for `fastbound.dce_loss` (same arguments, no kernels); ids of any integer dtype
+    are read as int64, as the kernels read them."""
+    x_t, x0 = _ids(x_t), _ids(x0)
     keep = x0 != ignore_index
     x0_safe = torch.where(keep, x0, torch.zeros_like(x0))
     return _weigh_and_reduce(dce(logits, x_t, x0_safe, mask_id), x0, weight, reduction, ignore_index)
