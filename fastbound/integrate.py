@@ -20,7 +20,7 @@ import torch
 
 from . import _backend, _names, _ops  # noqa: F401  (_ops loads the op schemas)
 from . import _validate as v
-from .losses import check_dce_ids, check_dse_ids, dce_mask_id
+from .losses import check_dce_ids, check_dse_ids, dce_mask_id, dse_mask_id
 
 @torch.library.register_fake("fastbound::integrate_step")
 def _integrate_step_fake(out, x_t, x0, sigma, weight, acc, index, loss, graph, mask_id, ignore_index):
@@ -115,10 +115,8 @@ def integrate_step(
         check_dce_ids(checks, xt, x0l, n_cols, mask_id, ignore_index)
         sigma_rows = torch.zeros(n_seq, dtype=torch.float64, device=out.device)
     else:
-        if graph == "absorb" and mask_id is not None and mask_id != n_cols - 1:
-            raise ValueError(f"loss='dse' with graph='absorb' takes the mask as the last column ({n_cols - 1}), got mask_id={mask_id}")
-        check_dse_ids(checks, graph, xt, x0l, n_cols, ignore_index, "out")
-        mask_id = n_cols - 1
+        mask_id = dse_mask_id(mask_id, graph, n_cols, "out")
+        check_dse_ids(checks, graph, xt, x0l, n_cols, ignore_index, "out", mask_id=mask_id if mask_id >= 0 else None)
         if sigma is None:
             raise ValueError("sigma is required for loss='dse'")
         sigma_rows = _per_sequence("sigma", sigma, n_seq, out.device)

@@ -283,7 +283,7 @@ def integrate_step(out, x_t, x0, sigma, weight, acc, *, loss="dce", graph="absor
     else:
         sig = torch.as_tensor(sigma, dtype=torch.float64, device=out.device).expand(n_seq)
         sig = sig.to(_acc(out).dtype)[:, None]
-        per_token = dse_loss(out, sig, x_t, x0, graph=graph, ignore_index=ignore_index)
+        per_token = dse_loss(out, sig, x_t, x0, graph=graph, mask_id=mask_id, ignore_index=ignore_index)
     w = torch.as_tensor(1.0 if weight is None else weight, dtype=torch.float64, device=out.device)
     total = per_token.double().sum(-1) * w.expand(n_seq)
     rows = torch.arange(n_seq, device=out.device) if index is None else index.long()

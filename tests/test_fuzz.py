@@ -16,7 +16,6 @@ CI runs a fixed seed (``derandomize``) and a small example budget per property; 
 (``pytest tests/test_fuzz.py --hypothesis-show-statistics`` counts them).
 """
 
-import inspect
 import math
 import os
 
@@ -35,7 +34,6 @@ LAYOUTS = ["contiguous", "transposed", "lead_transposed", "sliced", "lead_steppe
 STRIDED_ROWS = ("sliced", "lead_stepped")  # rows of (N, V) at a stride > V: inplace refused today (issue 11 item 1)
 INPLACE_LAYOUTS = tuple(layout for layout in LAYOUTS if layout not in STRIDED_ROWS)
 STRIDED_LAYOUTS = tuple(layout for layout in LAYOUTS if layout != "expanded")
-DSE_TAKES_MASK_ID = "mask_id" in inspect.signature(fb.dse_loss).parameters  # CONTRACTS.md 1 (branch loss)
 RTOL = {torch.float64: 1e-9}
 RTOL_32 = 1e-4
 GRAD_SLACK_32 = 8 * 2.0**-23  # float32 rounding (a few ulps) of the terms a 16-bit gradient entry cancels
@@ -101,7 +99,7 @@ def loss_cases(draw, *, dtypes=FLOATS, losses=("absorb", "uniform", "dce"), layo
 
     # DCE's mask may lie beyond V (logits of the real tokens only); the absorbing DSE mask is a column.
     mask_forms = {"dce": ["default", "last", "middle", "beyond"], "uniform": ["none"],
-                  "absorb": ["default", "last", "middle"] if DSE_TAKES_MASK_ID else ["default"]}[loss]
+                  "absorb": ["default", "last", "middle"]}[loss]
     mask_form = draw(st.sampled_from(mask_forms))
     mask_id = {"none": None, "default": None, "last": n_cols - 1,
                "middle": draw(st.integers(0, n_cols - 1)), "beyond": n_cols + draw(st.integers(0, 3))}[mask_form]
@@ -379,7 +377,6 @@ def test_out_of_range_ids_are_refused_naming_the_argument(case, data):
         run_kernel(dict(case, **{which: ids}), case["base"].clone().requires_grad_())
 
 
-@pytest.mark.skipif(not DSE_TAKES_MASK_ID, reason="dse_loss takes mask_id after CONTRACTS.md 1 lands")
 @given(st.integers(2, 40), st.integers(0, 5))
 @budget(10)
 def test_dse_mask_id_beyond_v_is_refused(n_cols, beyond):
@@ -409,7 +406,6 @@ def integrate_cases(draw, *, dtypes=FLOATS, max_elements=MAX_ELEMENTS, cols=TINY
                            leads=st.tuples(st.integers(1, 4), st.integers(1, 6))))
     kind, out, x_t, x0 = case["loss"], case["base"], case["x_t"], case["x0"]
     # The absorbing DSE mask stays the last column here: `reference.integrate_step` passes mask_id to DCE only.
-    assume(kind != "absorb" or case["mask_id"] in (None, out.shape[-1] - 1))
     n_seq = out.shape[0]
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     sigma = None
