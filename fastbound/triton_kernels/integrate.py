@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .. import _ops
-from ..integrate import LOSS_CODES
+from .._names import LOSS_CODES
 from . import _common, dce, dse
 
 LOSS_DCE = tl.constexpr(LOSS_CODES["dce"])
