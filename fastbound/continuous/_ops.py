@@ -63,7 +63,7 @@ register_autograd()
 def op(backend: str, name: str):
     """The op ``name`` of ``backend`` ("cpu", "cuda" or "triton")."""
     if backend == "triton":
-        from ..triton_kernels import continuous_kernels  # noqa: F401  (registers the *_triton ops)
+        from ..triton_kernels import continuous_loss, continuous_noise  # noqa: F401  (register the *_triton ops)
 
         name += "_triton"
     return getattr(torch.ops.fastbound, name)
