@@ -11,7 +11,7 @@ Public API:
 """
 
 from . import schedules
-from .bound import ContinuousNLLEstimate, from_8bit, nll_bound, uniform_dequantisation_std
+from .bound import BIN_WIDTH_8BIT, ContinuousNLLEstimate, from_8bit, nll_bound, uniform_dequantisation_std
 from .integrate import integrate_step
 from .loss import denoising_loss
 from .noise import WARM_LAWS, ContinuousPerturbed, perturb
@@ -19,6 +19,6 @@ from .schedules import CosineLogSNR, LinearLogSNR, LogisticProposal
 
 __all__ = [
     "perturb", "ContinuousPerturbed", "WARM_LAWS", "denoising_loss", "integrate_step", "nll_bound",
-    "ContinuousNLLEstimate", "from_8bit", "uniform_dequantisation_std", "schedules", "LinearLogSNR",
+    "ContinuousNLLEstimate", "BIN_WIDTH_8BIT", "from_8bit", "uniform_dequantisation_std", "schedules", "LinearLogSNR",
     "CosineLogSNR", "LogisticProposal",
 ]
