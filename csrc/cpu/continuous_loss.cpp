@@ -6,10 +6,10 @@
 //     need_grad, grad = scale_b (eps_hat - eps) written in the same pass;
 //   continuous_integrate_step:  S_b = weight_b (sum_i (eps - eps_hat)^2 - baseline_b),
 //     acc[index_b] += (S_b, S_b^2), no gradient.
-// A row is cut into fixed chunks summed in the compute type (float32, float64 for
-// float64 input); the chunk sums are added in float64 in chunk order, and the
-// accumulator rows are updated serially in sample order, so the results do not
-// depend on the number of threads.
+// A row is cut into fixed chunks, each summed in the compute type (float32, float64
+// for float64 input) for the loss and in float64 for the integration step; the chunk
+// sums are added in float64 in chunk order, and the accumulator rows are updated
+// serially in sample order, so the results do not depend on the number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -35,14 +35,14 @@ namespace {
 constexpr int64_t kChunk = 4096;  // elements per task; a multiple of kTile
 constexpr int64_t kTile = 512;    // regenerated eps per tile, kept in L1
 
-// Sum of (e - eh)^2 over n elements; writes g = scale (eh - e) when g is not null.
-template <typename scalar_t, typename acc_t>
-FB_CPU_CLONES acc_t squared_error(const scalar_t* eh, const scalar_t* e, scalar_t* g, int64_t n, acc_t scale) {
-  acc_t sum = 0;
+// Sum of (e - eh)^2 over n elements in sum_t; writes g = scale (eh - e) when g is not null.
+template <typename scalar_t, typename acc_t, typename sum_t>
+FB_CPU_CLONES sum_t squared_error(const scalar_t* eh, const scalar_t* e, scalar_t* g, int64_t n, acc_t scale) {
+  sum_t sum = 0;
   if (g == nullptr) {
 #pragma omp simd reduction(+ : sum)
     for (int64_t i = 0; i < n; ++i) {
-      const acc_t diff = to_acc(e[i]) - to_acc(eh[i]);
+      const sum_t diff = static_cast<sum_t>(to_acc(e[i])) - static_cast<sum_t>(to_acc(eh[i]));
       sum += diff * diff;
     }
   } else {
@@ -73,8 +73,9 @@ struct Regen {
   uint64_t seed, offset;
 };
 
-// Per-sample float64 sums of (eps - eps_hat)^2; writes the gradient when grad is not null.
-template <typename scalar_t>
+// Per-sample float64 sums of (eps - eps_hat)^2, chunks summed in sum_t; writes the
+// gradient when grad is not null.
+template <typename scalar_t, typename sum_t>
 std::vector<double> row_sums(const at::Tensor& eps_hat, const std::optional<at::Tensor>& eps, const Regen& regen,
                              const at::opmath_type<scalar_t>* scale, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -94,7 +95,8 @@ std::vector<double> row_sums(const at::Tensor& eps_hat, const std::optional<at::
         const int64_t n = std::min(kTile, hi - col), at = first + col;
         const scalar_t* target = e != nullptr ? e + at : buffer;
         if (e == nullptr) regenerate(regen.seed, regen.offset, static_cast<uint64_t>(at), n, buffer);
-        sum += static_cast<double>(squared_error<scalar_t, acc_t>(eh + at, target, grad ? grad + at : nullptr, n, s));
+        sum += static_cast<double>(
+            squared_error<scalar_t, acc_t, sum_t>(eh + at, target, grad ? grad + at : nullptr, n, s));
       }
       partial[task] = sum;
     }
@@ -117,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> continuous_denoising_loss(const at::Tensor& e
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, eps_hat.scalar_type(), "continuous_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* s = scale.const_data_ptr<acc_t>();
-    const std::vector<double> sums = row_sums<scalar_t>(eps_hat, eps, Regen{static_cast<uint64_t>(seed),
+    const std::vector<double> sums = row_sums<scalar_t, acc_t>(eps_hat, eps, Regen{static_cast<uint64_t>(seed),
                                                         static_cast<uint64_t>(offset)}, s,
                                                         need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr);
     acc_t* out = loss.mutable_data_ptr<acc_t>();
@@ -132,7 +134,7 @@ void continuous_integrate_step(const at::Tensor& eps_hat, const std::optional<at
   continuous::check_integrate(eps_hat, eps, acc, weight, baseline, index);
   std::vector<double> sums;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, eps_hat.scalar_type(), "continuous_integrate_cpu", [&] {
-    sums = row_sums<scalar_t>(eps_hat, eps, Regen{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)},
+    sums = row_sums<scalar_t, double>(eps_hat, eps, Regen{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)},
                               nullptr, nullptr);
   });
   const double* w = weight.const_data_ptr<double>();

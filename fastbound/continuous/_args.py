@@ -74,6 +74,9 @@ def eps_pair(eps_hat: object, eps: object, seed: object, offset: object, what: s
         eps = v.check_float_tensor("eps", eps)
         if eps.shape != eps_hat.shape:
             raise ValueError(f"eps has shape {tuple(eps.shape)} but eps_hat has {tuple(eps_hat.shape)}")
+        if eps.dtype != eps_hat.dtype:
+            raise TypeError(f"eps has dtype {eps.dtype} but eps_hat has {eps_hat.dtype}; pass eps.to(eps_hat.dtype) "
+                            "or eps=None with the seed and offset of perturb")
         if eps.device != eps_hat.device:
             raise ValueError(f"eps is on {eps.device} but eps_hat is on {eps_hat.device}; move it to {eps_hat.device}")
         if seed is not None:

@@ -7,9 +7,9 @@ Per sample b of a batch,
 and ``acc[index_b] += (S_b, S_b^2)`` in float64 in place: the inner step of the
 I-MMSE estimate of −log p(x̃) (Kong et al., "Information-Theoretic Diffusion",
 2023), where w_b is the importance (or quadrature) weight of λ_b and c_b the
-reference term (e.g. d·sigmoid(λ_b)), so the integrand is the MMSE gap. Each
-squared error is accumulated in float32 per block and in float64 across
-blocks, with no (B, d) temporary, in a fixed order (deterministic). The oracle
+reference term (e.g. d·sigmoid(λ_b)), so the integrand is the MMSE gap. The
+squared errors are summed in float64 (each difference is exact in float64),
+with no (B, d) temporary, in a fixed order (deterministic). The oracle
 is `fastbound.continuous.reference.integrate_step`.
 """
 
@@ -67,3 +67,5 @@ def integrate_step(
     c = None if baseline is None else _args.per_sample("baseline", baseline, n, torch.float64, device)
     with torch.no_grad():
         _ops.integrate_step(kernel_backend, flat.detach(), eps_rows, acc, w, c, index, seed_bits, offset_bits)
+    if v.eager(acc):  # a custom op's in-place write does not bump the version counter by itself
+        torch.autograd.graph.increment_version(acc)

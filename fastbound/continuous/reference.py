@@ -142,7 +142,7 @@ def squared_error(eps_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     r"""Per sample :math:`\|\varepsilon_b - \hat\varepsilon_b\|^2` over the trailing dims (accumulation dtype)."""
     acc = _acc_dtype(eps_hat.dtype)
     diff = eps.to(acc) - eps_hat.to(acc)
-    return diff.square().reshape(eps_hat.shape[0], -1).sum(1)
+    return diff.square().reshape(eps_hat.shape[0], math.prod(eps_hat.shape[1:])).sum(1)
 
 
 def denoising_loss(eps_hat: torch.Tensor, eps: torch.Tensor | None = None, *, weight=None,
@@ -167,7 +167,7 @@ def integrate_step(eps_hat: torch.Tensor, eps: torch.Tensor | None, acc: torch.T
     if eps is None:
         eps = regenerate_eps(eps_hat, seed, offset)
     b = eps_hat.shape[0]
-    err = (eps.double() - eps_hat.double()).square().reshape(b, -1).sum(1)
+    err = (eps.double() - eps_hat.double()).square().reshape(b, math.prod(eps_hat.shape[1:])).sum(1)
     if baseline is not None:
         err = err - torch.as_tensor(baseline, dtype=torch.float64, device=err.device)
     s = torch.as_tensor(weight, dtype=torch.float64, device=err.device) * err

@@ -4,7 +4,7 @@ Ops (schemas of ``continuous_denoising_loss`` and ``continuous_integrate_step`` 
 `csrc/ops.cpp`): ``torch.ops.fastbound.continuous_denoising_loss_triton`` and
 ``continuous_integrate_step_triton``. One program per sample walks its d elements
 in blocks, summing (ε − ε̂)² in the compute type (float32; float64 for float64
-input) and, for the loss, writing the gradient scale_b (ε̂ − ε) in the same pass.
+input; always float64 for the integration step) and, for the loss, writing the gradient scale_b (ε̂ − ε) in the same pass.
 With ε absent it is regenerated from its Philox counters (`.continuous_noise`).
 The integration step writes each sample's float64 sum, and one program then adds
 S_b = w_b (sum_b − c_b) and S_b² to ``acc[index_b]`` serially in sample order, so the
@@ -29,11 +29,12 @@ MAX_BLOCK = 2048
 @triton.jit
 def _row_kernel(eps_hat_ptr, eps_ptr, scale_ptr, grad_ptr, out_ptr, cols, seed, offset,
                 HAS_EPS: tl.constexpr, WRITE_GRAD: tl.constexpr, DT: tl.constexpr, BLOCK: tl.constexpr):
-    """out[b] = sum (ε − ε̂)² of sample b (in out's dtype); grad = scale_b (ε̂ − ε) when WRITE_GRAD."""
+    """out[b] = sum (ε − ε̂)² of sample b, summed in out's dtype; grad = scale_b (ε̂ − ε) when WRITE_GRAD."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.cast(cols, tl.int64)
     start = row * cols
-    total = tl.zeros([BLOCK], DT)
+    SUM: tl.constexpr = out_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK], SUM)
     if WRITE_GRAD:
         scale = tl.load(scale_ptr + row)
     for lo in range(0, cols, BLOCK):
@@ -44,11 +45,11 @@ def _row_kernel(eps_hat_ptr, eps_ptr, scale_ptr, grad_ptr, out_ptr, cols, seed, 
             e = tl.load(eps_ptr + start + col, mask=valid, other=0).to(DT)
         else:
             e = regenerated_eps(seed, offset, start + col, eps_hat_ptr.dtype.element_ty, DT)
-        diff = tl.where(valid, e - eh, 0.0)
+        diff = tl.where(valid, e.to(SUM) - eh.to(SUM), 0.0)
         total += diff * diff
         if WRITE_GRAD:
             tl.store(grad_ptr + start + col, round_to(-scale * diff, grad_ptr.dtype.element_ty), mask=valid)
-    tl.store(out_ptr + row, tl.sum(total, 0).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row, tl.sum(total, 0))
 
 
 def _row_sums(eps_hat, eps, scale, grad, out, seed, offset, write_grad):
@@ -83,9 +84,11 @@ def continuous_denoising_loss_triton(eps_hat: torch.Tensor, eps: Optional[torch.
 
 
 @triton.jit
-def _scatter_kernel(sums_ptr, weight_ptr, baseline_ptr, index_ptr, acc_ptr, n,
+def _scatter_kernel(sums_ptr, weight_ptr, baseline_ptr, index_ptr, acc_ptr, n, n_slots,
                     HAS_BASELINE: tl.constexpr, HAS_INDEX: tl.constexpr):
-    """acc[index_b] += (S_b, S_b²), S_b = w_b (sum_b − c_b), for b = 0 .. n-1 in order."""
+    """acc[index_b] += (S_b, S_b²), S_b = w_b (sum_b − c_b), for b = 0 .. n-1 in order.
+
+    A slot outside [0, n_slots) is skipped, never written (`fastbound.continuous` reports it)."""
     for b in range(n):
         value = tl.load(sums_ptr + b)
         if HAS_BASELINE:
@@ -94,8 +97,9 @@ def _scatter_kernel(sums_ptr, weight_ptr, baseline_ptr, index_ptr, acc_ptr, n,
         slot = b
         if HAS_INDEX:
             slot = tl.load(index_ptr + b)
-        tl.store(acc_ptr + 2 * slot, tl.load(acc_ptr + 2 * slot) + value)
-        tl.store(acc_ptr + 2 * slot + 1, tl.load(acc_ptr + 2 * slot + 1) + value * value)
+        ok = (slot >= 0) & (slot < n_slots)
+        tl.store(acc_ptr + 2 * slot, tl.load(acc_ptr + 2 * slot, mask=ok) + value, mask=ok)
+        tl.store(acc_ptr + 2 * slot + 1, tl.load(acc_ptr + 2 * slot + 1, mask=ok) + value * value, mask=ok)
 
 
 @triton_op("fastbound::continuous_integrate_step_triton", mutates_args={"acc"})
@@ -120,6 +124,7 @@ def continuous_integrate_step_triton(eps_hat: torch.Tensor, eps: Optional[torch.
     _row_sums(eps_hat, eps, sums, eps_hat, sums, seed, offset, False)
     wrap_triton(_scatter_kernel)[(1,)](
         sums, weight, baseline if baseline is not None else weight, index if index is not None else sums, acc, rows,
+        acc.shape[0],
         HAS_BASELINE=baseline is not None, HAS_INDEX=index is not None,
     )  # fmt: skip
 

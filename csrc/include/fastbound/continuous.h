@@ -126,7 +126,7 @@ FB_HD T inverse_cdf(int law, uint32_t w2) {
   const T p = open_uniform<T>(w2);
   if (law == kWarmLaplace) {
     const T t = p - T(0.5);
-    const T magnitude = log_(T(1) - T(2) * fabs(t)) * -Consts<T>::kInvSqrt2;
+    const T magnitude = log_(T(1) - T(2) * (t < T(0) ? -t : t)) * -Consts<T>::kInvSqrt2;
     return t < T(0) ? -magnitude : magnitude;
   }
   if (law == kWarmLogistic) return (log_(p) - log_(T(1) - p)) * Consts<T>::kSqrt3OverPi;
