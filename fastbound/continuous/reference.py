@@ -172,7 +172,4 @@ def integrate_step(eps_hat: torch.Tensor, eps: torch.Tensor | None, acc: torch.T
         err = err - torch.as_tensor(baseline, dtype=torch.float64, device=err.device)
     s = torch.as_tensor(weight, dtype=torch.float64, device=err.device) * err
     rows = torch.arange(b, device=acc.device) if index is None else index
-    for i in range(b):  # in sample order: samples may share a slot
-        acc[rows[i], 0] += s[i]
-        acc[rows[i], 1] += s[i] * s[i]
-    return acc
+    return acc.index_put_((rows,), torch.stack([s, s * s], 1), accumulate=True)  # samples may share a slot
