@@ -385,7 +385,7 @@ def nll_bound(
     exact = data == "8bit" and setup.warm == "uniform" and \
         math.isclose(setup.warm_std, uniform_dequantisation_std(), rel_tol=1e-6)
     with torch.inference_mode():
-        sq = x.double().reshape(n_seq, -1).pow(2).sum(1) + d * setup.warm_std**2
+        sq = x.double().reshape(n_seq, d).pow(2).sum(1) + d * setup.warm_std**2
         alpha2 = 1 / (1 + math.exp(-lo))
         prior = 0.5 * (alpha2 * (sq - d) + d * _softplus(lo))
         plan = _Plan(setup, n_seq, x.device)

