@@ -106,6 +106,27 @@ def test_perturb_exact_parts_are_bit_identical(device, backend):
 
 
 @pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("law", ["gaussian", "laplace", "logistic"])
+def test_perturb_float32_math_is_within_a_few_ulp_of_float64(device, backend, law):
+    """The float32 noise against the same formulas in float64 (the uniforms are exact in both).
+
+    Box–Muller: r = sqrt(-2 ln u1) scales the rounding of θ = 2π u2 (half an ulp of θ) and of
+    sin / cos, so the bound is 16 half-ulps of max(1, r); the log-only laws: 8 half-ulps of max(1, |u|).
+    """
+    x = torch.zeros(4, 4000, device=device)
+    got = perturb(x, 0.0, warm=law, warm_std=1.0, seed=21, return_warm=True, backend=backend)
+    exact = perturb(x.double(), 0.0, warm=law, warm_std=1.0, seed=21, return_warm=True, backend=backend)
+    half_ulp = 2.0**-24
+    if law == "gaussian":
+        r = torch.hypot(exact.eps, exact.x_warm).clamp_min(1)
+        for a, b in ((got.eps, exact.eps), (got.x_warm, exact.x_warm)):
+            assert bool(((a.double() - b).abs() <= 16 * half_ulp * r).all())
+    else:
+        a, b = got.x_warm.double(), exact.x_warm
+        assert bool(((a - b).abs() <= 8 * half_ulp * b.abs().clamp_min(1)).all())
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
 def test_perturb_odd_shapes(device, backend):
     for shape in [(1, 1), (1, 3, 5, 7), (0, 4), (2, 0), (5,)]:
         x = torch.randn(shape, device=device)

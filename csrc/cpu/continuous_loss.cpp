@@ -34,6 +34,7 @@ namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per task; a multiple of kTile
 constexpr int64_t kTile = 512;    // regenerated eps per tile, kept in L1
+constexpr int64_t kMinPerThread = 16384;  // elements: below this, one thread (OpenMP start-up costs more)
 
 // Sum of (e - eh)^2 over n elements in sum_t; writes g = scale (eh - e) when g is not null.
 template <typename scalar_t, typename acc_t, typename sum_t>
@@ -66,7 +67,8 @@ FB_CPU_CLONES void regenerate(uint64_t seed, uint64_t offset, uint64_t first, in
     w0[j] = w.w0;
     w1[j] = w.w1;
   }
-  for (int64_t j = 0; j < n; ++j) out[j] = from_acc<scalar_t>(continuous::eps_only<acc_t>({w0[j], w1[j], 0u, 0u}));
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = from_acc<scalar_t>(continuous::eps_only<acc_t>(w0[j], w1[j]));
 }
 
 struct Regen {
@@ -84,7 +86,8 @@ std::vector<double> row_sums(const at::Tensor& eps_hat, const std::optional<at::
   std::vector<double> partial(static_cast<size_t>(rows * n_chunks), 0.0);
   const scalar_t* eh = eps_hat.const_data_ptr<scalar_t>();
   const scalar_t* e = eps.has_value() ? eps->const_data_ptr<scalar_t>() : nullptr;
-  at::parallel_for(0, rows * n_chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::max<int64_t>(1, std::min(cols, kChunk)));
+  at::parallel_for(0, rows * n_chunks, grain, [&](int64_t begin, int64_t end) {
     scalar_t buffer[kTile];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / n_chunks, lo = (task % n_chunks) * kChunk;

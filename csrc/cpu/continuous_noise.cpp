@@ -39,6 +39,22 @@ FB_CPU_CLONES void tile_words(uint64_t seed, uint64_t offset, uint64_t first, in
   }
 }
 
+// z, eps and x_warm of one tile from its words; kLaw a compile-time law so the loop vectorises.
+template <typename scalar_t, int kLaw>
+FB_CPU_CLONES void transform_tile(const scalar_t* x, scalar_t* z, scalar_t* eps, scalar_t* x_warm, const uint32_t* w0,
+                                  const uint32_t* w1, const uint32_t* w2, int64_t n, at::opmath_type<scalar_t> alpha,
+                                  at::opmath_type<scalar_t> sigma, at::opmath_type<scalar_t> warm_std) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const auto v = continuous::noise<acc_t, kLaw>(w0[j], w1[j], w2[j]);
+    const acc_t xw = kLaw == continuous::kWarmNone ? to_acc(x[j]) : to_acc(x[j]) + warm_std * v.warm;
+    z[j] = from_acc<scalar_t>(alpha * xw + sigma * v.eps);
+    eps[j] = from_acc<scalar_t>(v.eps);
+    x_warm[j] = from_acc<scalar_t>(xw);
+  }
+}
+
 template <typename scalar_t>
 struct PerturbRows {
   using acc_t = at::opmath_type<scalar_t>;
@@ -50,17 +66,14 @@ struct PerturbRows {
   acc_t warm_std;
   uint64_t seed, offset;
 
-  void tile(int64_t row, int64_t col, int64_t n, uint32_t* w0, uint32_t* w1, uint32_t* w2) const {
+  void tile(int64_t row, int64_t col, int64_t n, uint32_t* w0, uint32_t* w1, uint32_t* w2, scalar_t* scratch) const {
     const int64_t first = row * cols + col;
     tile_words(seed, offset, static_cast<uint64_t>(first), n, w0, w1, w2);
-    const acc_t a = alpha[row], s = sigma[row];
-    for (int64_t j = 0; j < n; ++j) {
-      const auto noise = continuous::noise<acc_t>(philox::Words{w0[j], w1[j], w2[j], 0u}, law);
-      const acc_t xw = law == continuous::kWarmNone ? to_acc(x[first + j]) : to_acc(x[first + j]) + warm_std * noise.warm;
-      z[first + j] = from_acc<scalar_t>(a * xw + s * noise.eps);
-      eps[first + j] = from_acc<scalar_t>(noise.eps);
-      if (x_warm != nullptr) x_warm[first + j] = from_acc<scalar_t>(xw);
-    }
+    scalar_t* xw = x_warm != nullptr ? x_warm + first : scratch;
+    continuous::with_law(law, [&](auto tag) {
+      transform_tile<scalar_t, decltype(tag)::value>(x + first, z + first, eps + first, xw, w0, w1, w2, n,
+                                                     alpha[row], sigma[row], warm_std);
+    });
   }
 };
 
@@ -85,9 +98,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> continuous_perturb(const at::Tens
     const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::min(cols, kTile));
     at::parallel_for(0, rows * tiles_per_row, grain, [&](int64_t begin, int64_t end) {
       uint32_t w0[kTile], w1[kTile], w2[kTile];
+      scalar_t scratch[kTile];  // x_warm when it is not returned
       for (int64_t task = begin; task < end; ++task) {
         const int64_t row = task / tiles_per_row, col = (task % tiles_per_row) * kTile;
-        p.tile(row, col, std::min(kTile, cols - col), w0, w1, w2);
+        p.tile(row, col, std::min(kTile, cols - col), w0, w1, w2, scratch);
       }
     });
   });

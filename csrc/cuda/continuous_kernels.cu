@@ -31,7 +31,7 @@ int grid_for(int64_t n) {
   return static_cast<int>(blocks < 65535 * 32 ? blocks : 65535 * 32);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kLaw>
 __global__ void __launch_bounds__(kThreads) perturb_kernel(const PerturbArgs a) {
   using acc_t = acc_type<scalar_t>;
   const scalar_t* x = static_cast<const scalar_t*>(a.x);
@@ -44,8 +44,9 @@ __global__ void __launch_bounds__(kThreads) perturb_kernel(const PerturbArgs a) 
   const int64_t n = a.rows * a.cols;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t row = i / a.cols;
-    const auto v = noise::noise<acc_t>(noise::element_words(a.seed, a.offset, static_cast<uint64_t>(i)), a.law);
-    const acc_t xw = a.law == noise::kWarmNone ? to_acc(x[i]) : to_acc(x[i]) + warm_std * v.warm;
+    const philox::Words w = noise::element_words(a.seed, a.offset, static_cast<uint64_t>(i));
+    const auto v = noise::noise<acc_t, kLaw>(w.w0, w.w1, w.w2);
+    const acc_t xw = kLaw == noise::kWarmNone ? to_acc(x[i]) : to_acc(x[i]) + warm_std * v.warm;
     z[i] = from_acc<scalar_t>(alpha[row] * xw + sigma[row] * v.eps);
     eps[i] = from_acc<scalar_t>(v.eps);
     if (x_warm != nullptr) x_warm[i] = from_acc<scalar_t>(xw);
@@ -76,10 +77,13 @@ __device__ sum_t row_sum(const RowsArgs& a, int64_t b, acc_type<scalar_t> scale,
   sum_t sum = 0;
   for (int64_t j = threadIdx.x; j < a.cols; j += blockDim.x) {
     const int64_t i = b * a.cols + j;
-    const scalar_t target =
-        e != nullptr ? e[j]
-                     : from_acc<scalar_t>(noise::eps_only<acc_t>(
-                           noise::element_words(a.seed, a.offset, static_cast<uint64_t>(i))));
+    scalar_t target;
+    if (e != nullptr) {
+      target = e[j];
+    } else {
+      const philox::Words w = noise::element_words(a.seed, a.offset, static_cast<uint64_t>(i));
+      target = from_acc<scalar_t>(noise::eps_only<acc_t>(w.w0, w.w1));
+    }
     const sum_t diff = static_cast<sum_t>(to_acc(target)) - static_cast<sum_t>(to_acc(eh[j]));
     sum += diff * diff;
     if (grad != nullptr) grad[i] = from_acc<scalar_t>(-scale * static_cast<acc_t>(diff));
@@ -130,7 +134,9 @@ cudaError_t dispatch(Dtype dtype, Fn&& fn) {
 cudaError_t launch_perturb(const PerturbArgs& a, Dtype dtype, cudaStream_t stream) {
   if (a.rows * a.cols == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto tag) {
-    perturb_kernel<decltype(tag)><<<grid_for(a.rows * a.cols), kThreads, 0, stream>>>(a);
+    noise::with_law(a.law, [&](auto law) {
+      perturb_kernel<decltype(tag), decltype(law)::value><<<grid_for(a.rows * a.cols), kThreads, 0, stream>>>(a);
+    });
   });
 }
 

@@ -12,17 +12,10 @@ import math
 import torch
 
 from .. import _validate as v
+from ..noise import _uint64 as uint64_bits  # an int in [0, 2^64) as the int64 bit pattern the ops take
 
-UINT64_RANGE = 2**64
-
-
-def uint64_bits(name: str, value: object) -> int:
-    """Checks an int in [0, 2^64) and returns its int64 bit pattern (what the ops take)."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 0 <= value < UINT64_RANGE:
-        raise ValueError(f"{name} must lie in [0, 2^64), got {value}")
-    return value - UINT64_RANGE if value >= 2**63 else value
+WARM_LAWS = ("gaussian", "laplace", "logistic", "uniform")
+"""The warm-up laws, each scaled to mean 0 and variance 1."""
 
 
 def batch_tensor(name: str, value: object) -> torch.Tensor:
@@ -56,6 +49,18 @@ def per_sample(name: str, value: float | torch.Tensor | None, n: int, dtype: tor
     if finite:
         check_finite(name, out)
     return out
+
+
+def check_warm(warm: object, warm_std: object) -> None:
+    """A warm-up law (or None) and its standard deviation σ0 >= 0 (0 without a law)."""
+    if warm is not None:
+        v.check_choice("warm", warm, WARM_LAWS)
+    if not isinstance(warm_std, (int, float)) or isinstance(warm_std, bool):
+        raise TypeError(f"warm_std must be a float, got {type(warm_std).__name__}")
+    if not (math.isfinite(warm_std) and warm_std >= 0):
+        raise ValueError(f"warm_std must be finite and >= 0, got {warm_std}")
+    if warm is None and warm_std != 0:
+        raise ValueError(f"warm_std={warm_std} needs a warm-up law: pass warm='gaussian' (or another of {WARM_LAWS})")
 
 
 def seed_offset(seed: object, offset: object) -> tuple[int, int]:

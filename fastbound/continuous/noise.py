@@ -19,18 +19,15 @@ counters: draw again with ``offset + x.numel()`` (or a `fastbound.noise.NoiseStr
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import torch
 
 from .. import _backend
-from .. import _validate as v
 from . import _args, _ops
+from ._args import WARM_LAWS  # noqa: F401  (re-exported by fastbound.continuous)
 from .reference import WARM_CODES
 
-WARM_LAWS = ("gaussian", "laplace", "logistic", "uniform")
-"""The warm-up laws, each scaled to mean 0 and variance 1."""
 
 
 class ContinuousPerturbed(NamedTuple):
@@ -78,14 +75,7 @@ def perturb(
     (float64 for float64 x). z and x̃ are differentiable in x (dz/dx = α, dx̃/dx = 1).
     """
     x = _args.batch_tensor("x", x)
-    if warm is not None:
-        v.check_choice("warm", warm, WARM_LAWS)
-    if not isinstance(warm_std, (int, float)) or isinstance(warm_std, bool):
-        raise TypeError(f"warm_std must be a float, got {type(warm_std).__name__}")
-    if not (math.isfinite(warm_std) and warm_std >= 0):
-        raise ValueError(f"warm_std must be finite and >= 0, got {warm_std}")
-    if warm is None and warm_std != 0:
-        raise ValueError(f"warm_std={warm_std} needs a warm-up law: pass warm='gaussian' (or another of {WARM_LAWS})")
+    _args.check_warm(warm, warm_std)
     if not isinstance(return_warm, bool):
         raise TypeError(f"return_warm must be a bool, got {type(return_warm).__name__}")
     seed_bits, offset_bits = _args.seed_offset(seed, offset)

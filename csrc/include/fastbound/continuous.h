@@ -48,6 +48,11 @@ constexpr int kWarmLaplace = 2;
 constexpr int kWarmLogistic = 3;
 constexpr int kWarmUniform = 4;
 
+template <int kLaw>
+struct LawTag {
+  static constexpr int value = kLaw;
+};
+
 FB_HD philox::Words element_words(uint64_t seed, uint64_t offset, uint64_t index) {
   return philox::element_words(seed ^ kKeySalt, offset, index);
 }
@@ -81,7 +86,75 @@ FB_HD T half_open_uniform(uint32_t w) {
   return static_cast<T>(w >> 8) * static_cast<T>(5.9604644775390625e-8);
 }
 
-FB_HD float log_(float x) { return logf(x); }
+// log and sincos. CUDA: logf / sincosf (and the double functions). Host float:
+// Cephes-style polynomials written without branches or library calls, so the CPU
+// kernels' loops vectorise (scalar libm calls would dominate their time); both are
+// within about 2 ulp (checked against float64 by tests/test_continuous_kernels.py).
+// Host double: libm.
+// The bits of a value reinterpreted as another type of the same size.
+template <typename To, typename From>
+FB_HD To bit_cast(From from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of one size");
+  union {
+    From from;
+    To to;
+  } v;
+  v.from = from;
+  return v.to;
+}
+
+// log x for a positive normal float (every argument here lies in [2^-24, 1]):
+// x = m 2^e with m in [sqrt(1/2), sqrt 2), log x = log1p(m - 1) + e log 2, the
+// log1p by Cephes `logf`'s degree-9 polynomial, log 2 split in two parts.
+FB_HD float log_f32(float x) {
+  const uint32_t bits = bit_cast<uint32_t>(x);
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - 126;  // x = m 2^e, m in [1/2, 1)
+  float m = bit_cast<float>((bits & 0x007FFFFFu) | 0x3F000000u);
+  const bool low = m < 0.707106781186547524f;
+  e -= low ? 1 : 0;
+  m = low ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return (m + y) + 0.693359375f * fe;
+}
+
+// sin and cos of x in [0, 2^13): Cody-Waite reduction by pi/4 in three parts to
+// r in [-pi/4, pi/4] and the octant j, Cephes `sinf` / `cosf` polynomials on r,
+// then the octant's swap and signs.
+FB_HD void sincos_f32(float x, float* s, float* c) {
+  int32_t j = static_cast<int32_t>(x * 1.27323954473516268615f);  // 4 / pi
+  j = (j + 1) & ~1;
+  const float y = static_cast<float>(j);
+  const float r = ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
+  const float z = r * r;
+  const float sr = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+  const float cr = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
+                   0.5f * z + 1.0f;
+  const bool swap = (j & 2) != 0;
+  const float sv = swap ? cr : sr, cv = swap ? sr : cr;
+  *s = (j & 4) != 0 ? -sv : sv;
+  *c = ((j + 2) & 4) != 0 ? -cv : cv;
+}
+
+FB_HD float log_(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return log_f32(x);
+#endif
+}
 FB_HD double log_(double x) { return log(x); }
 FB_HD float sqrt_(float x) { return sqrtf(x); }
 FB_HD double sqrt_(double x) { return sqrt(x); }
@@ -89,8 +162,7 @@ FB_HD void sincos_(float x, float* s, float* c) {
 #if defined(__CUDA_ARCH__)
   sincosf(x, s, c);
 #else
-  *s = sinf(x);
-  *c = cosf(x);
+  sincos_f32(x, s, c);
 #endif
 }
 FB_HD void sincos_(double x, double* s, double* c) {
@@ -114,39 +186,51 @@ FB_HD T angle(uint32_t w1) {
 
 // eps alone (the loss and integration kernels regenerate only it).
 template <typename T>
-FB_HD T eps_only(const philox::Words& w) {
+FB_HD T eps_only(uint32_t w0, uint32_t w1) {
   T s, c;
-  sincos_(angle<T>(w.w1), &s, &c);
-  return radius<T>(w.w0) * c;
+  sincos_(angle<T>(w1), &s, &c);
+  return radius<T>(w0) * c;
 }
 
 // The non-Gaussian warm-up laws by inverse CDF of p = open_uniform(w2).
-template <typename T>
-FB_HD T inverse_cdf(int law, uint32_t w2) {
+template <typename T, int kLaw>
+FB_HD T inverse_cdf(uint32_t w2) {
   const T p = open_uniform<T>(w2);
-  if (law == kWarmLaplace) {
+  if (kLaw == kWarmLaplace) {
     const T t = p - T(0.5);
     const T magnitude = log_(T(1) - T(2) * (t < T(0) ? -t : t)) * -Consts<T>::kInvSqrt2;
     return t < T(0) ? -magnitude : magnitude;
   }
-  if (law == kWarmLogistic) return (log_(p) - log_(T(1) - p)) * Consts<T>::kSqrt3OverPi;
+  if (kLaw == kWarmLogistic) return (log_(p) - log_(T(1) - p)) * Consts<T>::kSqrt3OverPi;
   return (T(2) * p - T(1)) * Consts<T>::kSqrt3;
 }
 
-// (eps, u) of one element's words for a warm law code (u = 0 for kWarmNone).
+// (eps, u) of one element's words for a warm law (u = 0 for kWarmNone).
 template <typename T>
 struct Noise {
   T eps, warm;
 };
 
-template <typename T>
-FB_HD Noise<T> noise(const philox::Words& w, int law) {
+template <typename T, int kLaw>
+FB_HD Noise<T> noise(uint32_t w0, uint32_t w1, uint32_t w2) {
   T s, c;
-  sincos_(angle<T>(w.w1), &s, &c);
-  const T r = radius<T>(w.w0);
-  if (law == kWarmNone) return {r * c, T(0)};
-  if (law == kWarmGaussian) return {r * c, r * s};
-  return {r * c, inverse_cdf<T>(law, w.w2)};
+  sincos_(angle<T>(w1), &s, &c);
+  const T r = radius<T>(w0);
+  if (kLaw == kWarmNone) return {r * c, T(0)};
+  if (kLaw == kWarmGaussian) return {r * c, r * s};
+  return {r * c, inverse_cdf<T, kLaw>(w2)};
+}
+
+// Calls fn(LawTag<law>{}) for a runtime law code in [kWarmNone, kWarmUniform].
+template <typename Fn>
+FB_HD void with_law(int law, Fn&& fn) {
+  switch (law) {
+    case kWarmGaussian: fn(LawTag<kWarmGaussian>{}); break;
+    case kWarmLaplace: fn(LawTag<kWarmLaplace>{}); break;
+    case kWarmLogistic: fn(LawTag<kWarmLogistic>{}); break;
+    case kWarmUniform: fn(LawTag<kWarmUniform>{}); break;
+    default: fn(LawTag<kWarmNone>{}); break;
+  }
 }
 
 }  // namespace continuous
