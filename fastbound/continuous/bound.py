@@ -83,9 +83,13 @@ importance sampling or quadrature; u, ε and λ are drawn afresh for every term.
 ``n_samples``):
 
 * ``"importance"`` (ITD): :math:`\lambda \sim p` = `LogisticProposal` on [λ_min, λ_max],
-  each draw adds :math:`S = (m_1(\lambda) - d\,\mathrm{sigmoid}(\lambda))/(2p(\lambda))`
-  with one (u, ε); the estimate is the mean of n_samples i.i.d. draws and its standard
-  error :math:`\sqrt{(\overline{S^2} - \bar S^2)/(n-1)}`.
+  each draw adds :math:`S = (\lVert\varepsilon - \hat\varepsilon\rVert^2 - \mathrm{sigmoid}(\lambda)
+  \lVert\varepsilon\rVert^2)/(2p(\lambda))` with one (u, ε): the reference term
+  :math:`d\,\mathrm{sigmoid}(\lambda)` is replaced by the control variate
+  :math:`\mathrm{sigmoid}(\lambda)\lVert\varepsilon\rVert^2` of the same mean, which follows the
+  squared error draw by draw in both tails (ε̂ → 0 at high SNR, ε̂ → ε at low SNR), so the
+  variance stays finite as the range grows. The estimate is the mean of n_samples i.i.d.
+  draws, its standard error :math:`\sqrt{(\overline{S^2} - \bar S^2)/(n-1)}`.
 * ``"quadrature"``: `LogisticProposal.quadrature` nodes (Gauss–Legendre in the proposal's
   CDF), n_samples (u, ε) per node; standard error from the per-node sample variances
   (the discretisation error of the rule is not in it).

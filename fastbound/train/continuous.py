@@ -159,7 +159,8 @@ def run_ring(args, bar) -> dict:
                   data_kind="continuous", steps=args.steps, seed=args.seed, bar=bar)
     exact = nll_bound(source.eps_denoiser(args.ring_warm_std), test_x, warm="gaussian",
                       warm_std=args.ring_warm_std, logsnr_min=args.logsnr_min, logsnr_max=args.logsnr_max,
-                      n_samples=args.eval_draws, seed=args.seed + 1, batch_size=4096)
+                      n_samples=args.eval_draws, seed=args.seed + 1, batch_size=4096,
+                      proposal=LogisticProposal(args.logsnr_min, args.logsnr_max, **record["proposal"]))
     record["exact_denoiser_bits_per_dim"] = list(exact.overall_bits_per_dim())
     record["true_entropy_bits_per_dim"] = [h / (2 * math.log(2)), h_se / (2 * math.log(2))]
     return record
@@ -249,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--integrand-samples", type=int, default=128, help="held-out samples of the integrand plot")
     p.add_argument("--entropy-samples", type=int, default=200000, help="Monte-Carlo samples of h(x̃)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's choice); the models are small, so one thread avoids OpenMP overhead")
     p.add_argument("--out", default="runs/continuous", help="output directory")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke run (tests)")
@@ -261,6 +263,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
                  "n_evals", "integrand_samples", "entropy_samples"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0, got {args.threads}")
     bad = [law for law in args.laws if law not in WARM_LAWS]
     if bad:
         p.error(f"--laws: unknown warm-up law {bad[0]!r}; choose from {WARM_LAWS}")
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         args.train_size, args.test_size, args.eval_draws, args.n_evals = 512, 64, 4, 2
         args.integrand_samples, args.entropy_samples, args.width = 16, 4000, 32
     _check(p, args)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     total = (args.steps if args.part in ("a", "both") else 0) + \
