@@ -221,3 +221,21 @@ def test_bad_input(kwargs, x, denoiser, error, match):
 def test_denoiser_not_callable():
     with pytest.raises(TypeError, match="denoiser"):
         nll_bound(3, SOURCE.sample(2, seed=0))
+
+
+def test_rows_per_call_bounded_by_batch_size():
+    # Memory is flat in n_samples: the denoiser never sees more than batch_size rows.
+    seen = []
+    den = SOURCE.eps_denoiser()
+
+    def recording(z, lam):
+        seen.append(z.shape[0])
+        assert lam.shape == (z.shape[0],) and lam.dtype == torch.float64
+        return den(z, lam)
+
+    x = SOURCE.sample(3, seed=0)
+    nll_bound(recording, x, n_samples=50, batch_size=8)
+    assert max(seen) == 8 and sum(seen) == 150
+    seen.clear()
+    nll_bound(recording, x, n_samples=5, method="quadrature", n_steps=6, batch_size=7)
+    assert max(seen) == 7 and sum(seen) == 90
