@@ -355,14 +355,18 @@ def test_integrate_step_matches_oracle(device, backend, dtype, regenerate):
 
 @pytest.mark.parametrize("device, backend", BACKENDS)
 def test_integrate_step_is_deterministic_and_shapes(device, backend):
-    eps_hat = torch.randn(6, 3, 5, 7, device=device)
-    results = []
-    for _ in range(2):
-        acc = torch.zeros(2, 2, dtype=torch.float64, device=device)
-        integrate_step(eps_hat, None, acc, weight=1.0, index=torch.arange(6, device=device) % 2, seed=1,
-                       backend=backend)
-        results.append(acc)
-    assert torch.equal(results[0], results[1])
+    eps_hat = torch.randn(6, 3, 64, 64, device=device)  # several chunks per sample
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 2):
+            torch.set_num_threads(n_threads)
+            acc = torch.zeros(2, 2, dtype=torch.float64, device=device)
+            integrate_step(eps_hat, None, acc, weight=1.0, index=torch.arange(6, device=device) % 2, seed=1,
+                           backend=backend)
+            results.append(acc)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
     acc = torch.zeros(0, 2, dtype=torch.float64, device=device)
     integrate_step(torch.zeros(0, 4, device=device), None, acc, weight=1.0, seed=0, backend=backend)
     acc = torch.zeros(1, 2, dtype=torch.float64, device=device)
@@ -378,6 +382,36 @@ def test_integrate_step_non_contiguous():
     integrate_step(eps_hat, eps, acc, weight=1.0)
     R.integrate_step(eps_hat, eps, want, weight=1.0)
     torch.testing.assert_close(acc, want, rtol=1e-12, atol=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# Op registrations (schemas, fake implementations, autograd under AOT)
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_opcheck(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("Triton's interpreter cannot run under opcheck's fake and meta tensors")
+    suffix = "_triton" if backend == "triton" else ""
+    if backend == "triton":
+        from fastbound.triton_kernels import continuous_loss  # noqa: F401  (registers the ops)
+    ops = torch.ops.fastbound
+    x = torch.randn(3, 5, device=device, requires_grad=True)
+    per_row = torch.rand(3, device=device)
+    torch.library.opcheck(getattr(ops, "continuous_perturb" + suffix).default,
+                          (x, per_row, per_row, 2, 0.5, 7, 11, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    for eps in (torch.randn(3, 5, device=device), None):
+        torch.library.opcheck(getattr(ops, "continuous_denoising_loss" + suffix).default,
+                              (x, eps, per_row, 7, 11, True),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    acc = torch.zeros(2, 2, dtype=torch.float64, device=device)
+    weight = torch.ones(3, dtype=torch.float64, device=device)
+    index = torch.tensor([0, 1, 1], device=device)
+    torch.library.opcheck(getattr(ops, "continuous_integrate_step" + suffix).default,
+                          (x.detach(), None, acc, weight, weight, index, 7, 11),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 # -----------------------------------------------------------------------------

@@ -33,6 +33,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "fastbound/philox.h"
 
@@ -95,12 +96,9 @@ FB_HD T half_open_uniform(uint32_t w) {
 template <typename To, typename From>
 FB_HD To bit_cast(From from) {
   static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of one size");
-  union {
-    From from;
-    To to;
-  } v;
-  v.from = from;
-  return v.to;
+  To to;
+  memcpy(&to, &from, sizeof to);
+  return to;
 }
 
 // log x for a positive normal float (every argument here lies in [2^-24, 1]):
@@ -112,7 +110,7 @@ FB_HD float log_f32(float x) {
   float m = bit_cast<float>((bits & 0x007FFFFFu) | 0x3F000000u);
   const bool low = m < 0.707106781186547524f;
   e -= low ? 1 : 0;
-  m = low ? m + m - 1.0f : m - 1.0f;
+  m = m + (low ? m : 0.0f) - 1.0f;  // 2m - 1 or m - 1; a select of values, not of operations, vectorises
   const float z = m * m;
   float y = 7.0376836292e-2f;
   y = y * m - 1.1514610310e-1f;
@@ -142,10 +140,13 @@ FB_HD void sincos_f32(float x, float* s, float* c) {
   const float sr = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
   const float cr = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
                    0.5f * z + 1.0f;
-  const bool swap = (j & 2) != 0;
-  const float sv = swap ? cr : sr, cv = swap ? sr : cr;
-  *s = (j & 4) != 0 ? -sv : sv;
-  *c = ((j + 2) & 4) != 0 ? -cv : cv;
+  // Octant swap and signs in integer bit operations (no branch GCC could fail to if-convert):
+  // swap sin and cos when bit 1 of j is set; negate sin by bit 2 of j, cos by bit 2 of j + 2.
+  const uint32_t swap = 0u - ((static_cast<uint32_t>(j) >> 1) & 1u);
+  const uint32_t sb = bit_cast<uint32_t>(sr), cb = bit_cast<uint32_t>(cr);
+  const uint32_t sv = (cb & swap) | (sb & ~swap), cv = (sb & swap) | (cb & ~swap);
+  *s = bit_cast<float>(sv ^ (static_cast<uint32_t>(j & 4) << 29));
+  *c = bit_cast<float>(cv ^ (static_cast<uint32_t>((j + 2) & 4) << 29));
 }
 
 FB_HD float log_(float x) {
@@ -156,6 +157,10 @@ FB_HD float log_(float x) {
 #endif
 }
 FB_HD double log_(double x) { return log(x); }
+FB_HD float fabs_(float x) { return fabsf(x); }
+FB_HD double fabs_(double x) { return fabs(x); }
+FB_HD float copysign_(float x, float y) { return copysignf(x, y); }
+FB_HD double copysign_(double x, double y) { return copysign(x, y); }
 FB_HD float sqrt_(float x) { return sqrtf(x); }
 FB_HD double sqrt_(double x) { return sqrt(x); }
 FB_HD void sincos_(float x, float* s, float* c) {
@@ -198,8 +203,7 @@ FB_HD T inverse_cdf(uint32_t w2) {
   const T p = open_uniform<T>(w2);
   if (kLaw == kWarmLaplace) {
     const T t = p - T(0.5);
-    const T magnitude = log_(T(1) - T(2) * (t < T(0) ? -t : t)) * -Consts<T>::kInvSqrt2;
-    return t < T(0) ? -magnitude : magnitude;
+    return copysign_(log_(T(1) - T(2) * fabs_(t)) * -Consts<T>::kInvSqrt2, t);  // t is never 0
   }
   if (kLaw == kWarmLogistic) return (log_(p) - log_(T(1) - p)) * Consts<T>::kSqrt3OverPi;
   return (T(2) * p - T(1)) * Consts<T>::kSqrt3;
@@ -211,14 +215,21 @@ struct Noise {
   T eps, warm;
 };
 
-template <typename T, int kLaw>
-FB_HD Noise<T> noise(uint32_t w0, uint32_t w1, uint32_t w2) {
+// Box-Muller pair of words (w0, w1): eps = r cos(theta) and the Gaussian warm noise r sin(theta).
+template <typename T>
+FB_HD Noise<T> gaussian_pair(uint32_t w0, uint32_t w1) {
   T s, c;
   sincos_(angle<T>(w1), &s, &c);
   const T r = radius<T>(w0);
-  if (kLaw == kWarmNone) return {r * c, T(0)};
-  if (kLaw == kWarmGaussian) return {r * c, r * s};
-  return {r * c, inverse_cdf<T, kLaw>(w2)};
+  return {r * c, r * s};
+}
+
+template <typename T, int kLaw>
+FB_HD Noise<T> noise(uint32_t w0, uint32_t w1, uint32_t w2) {
+  const Noise<T> pair = gaussian_pair<T>(w0, w1);
+  if (kLaw == kWarmNone) return {pair.eps, T(0)};
+  if (kLaw == kWarmGaussian) return pair;
+  return {pair.eps, inverse_cdf<T, kLaw>(w2)};
 }
 
 // Calls fn(LawTag<law>{}) for a runtime law code in [kWarmNone, kWarmUniform].
