@@ -19,7 +19,7 @@ def test_help_through_the_dispatch():
     out = subprocess.run([sys.executable, "-m", "fastbound.train", "continuous", "--help"], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
-    for flag in ("--quick", "--laws", "--part", "--weighting", "--ring-warm-std"):
+    for flag in ("--quick", "--laws", "--part", "--weighting", "--warm-std-a"):
         assert flag in out.stdout
 
 
@@ -28,8 +28,8 @@ def test_quick_run(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "true entropy" in printed and "uniform dequantisation" in printed
     summary = json.loads((tmp_path / "summary.json").read_text())
-    ring = summary["ring"]
-    assert ring["bits_per_dim"] > 0 and ring["stderr"] > 0 and len(ring["true_entropy_bits_per_dim"]) == 2
+    mixture = summary["mixture"]
+    assert mixture["bits_per_dim"] > 0 and mixture["stderr"] > 0 and len(mixture["true_entropy_bits_per_dim"]) == 2
     laws = [m["warm"] for m in summary["digits"]["models"]]
     assert laws == ["gaussian", "uniform"]
     assert [m["discrete_exact"] for m in summary["digits"]["models"]] == [False, True]

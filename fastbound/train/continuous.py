@@ -7,7 +7,7 @@ draw weighted by 1/p(λ), so the mean loss is an unbiased estimate of ½∫‖ε
 `fastbound.continuous.nll_bound` in bits/dim with its standard error beside honest
 baselines computed in the same run:
 
-* part a: the 2-D ring of Gaussians (`continuous_data.ring_source`) with Gaussian warm-up;
+* part a: a 2-D mixture of three Gaussians (`continuous_data.mixture_source`) with Gaussian warm-up;
   baseline: its true warm-started entropy h(x̃) (Monte Carlo on the exact density).
 * part b: 8-bit 8×8 digits (scikit-learn), one model per warm-up law at the variance of
   uniform dequantisation, σ0 = Δ/√12 (the paper's warm-noise ablation); baselines: uniform
@@ -150,15 +150,15 @@ def _fit(name: str, train_x, test_x, args, *, warm, warm_std, data_kind, steps, 
     }
 
 
-def run_ring(args, bar) -> dict:
-    source = data.ring_source()
+def run_mixture(args, bar) -> dict:
+    source = data.mixture_source()
     train_x = source.sample(args.train_size, seed=args.seed)
     test_x = source.sample(args.test_size, seed=args.seed + 1)
-    h, h_se = source.entropy(args.ring_warm_std, n=args.entropy_samples, seed=args.seed + 2)
-    record = _fit("ring", train_x.float(), test_x, args, warm="gaussian", warm_std=args.ring_warm_std,
+    h, h_se = source.entropy(args.warm_std_a, n=args.entropy_samples, seed=args.seed + 2)
+    record = _fit("2-D mixture", train_x.float(), test_x, args, warm="gaussian", warm_std=args.warm_std_a,
                   data_kind="continuous", steps=args.steps, seed=args.seed, bar=bar)
-    exact = nll_bound(source.eps_denoiser(args.ring_warm_std), test_x, warm="gaussian",
-                      warm_std=args.ring_warm_std, logsnr_min=args.logsnr_min, logsnr_max=args.logsnr_max,
+    exact = nll_bound(source.eps_denoiser(args.warm_std_a), test_x, warm="gaussian",
+                      warm_std=args.warm_std_a, logsnr_min=args.logsnr_min, logsnr_max=args.logsnr_max,
                       n_samples=args.eval_draws, seed=args.seed + 1, batch_size=4096,
                       proposal=LogisticProposal(args.logsnr_min, args.logsnr_max, **record["proposal"]))
     record["exact_denoiser_bits_per_dim"] = list(exact.overall_bits_per_dim())
@@ -192,7 +192,7 @@ def _plots(summary: dict, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = ([summary["ring"]] if "ring" in summary else []) + summary.get("digits", {}).get("models", [])
+    records = ([summary["mixture"]] if "mixture" in summary else []) + summary.get("digits", {}).get("models", [])
     fig, axes = plt.subplots(1, len(records), figsize=(4.2 * len(records), 3.4), squeeze=False)
     for ax, rec in zip(axes[0], records):
         steps = [c["step"] for c in rec["curve"]]
@@ -226,11 +226,11 @@ def _plots(summary: dict, out: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train small ε-denoisers on continuous data (a 2-D ring of Gaussians with a known density; "
+        description="Train small ε-denoisers on continuous data (a 2-D Gaussian mixture with a known density; "
                     "8-bit 8x8 digits) and report the warm-start NLL bound in bits/dim beside baselines, with "
                     "the warm-noise ablation (Gaussian vs uniform).")
-    p.add_argument("--part", choices=("a", "b", "both"), default="both", help="a: 2-D ring, b: digits")
-    p.add_argument("--steps", type=int, default=1500, help="training steps of the ring model")
+    p.add_argument("--part", choices=("a", "b", "both"), default="both", help="a: 2-D mixture, b: digits")
+    p.add_argument("--steps", type=int, default=2000, help="training steps of the 2-D mixture model")
     p.add_argument("--digits-steps", type=int, default=1500, help="training steps of each digits model")
     p.add_argument("--laws", type=lambda s: s.split(","), default=["gaussian", "uniform"],
                    help=f"comma-separated warm-up laws of the digits ablation, from {WARM_LAWS}")
@@ -240,11 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training weight of a draw λ ~ p: 1 (proposal) or 1/p(λ) (bound: ITD's objective)")
     p.add_argument("--width", type=int, default=256, help="MLP width")
     p.add_argument("--depth", type=int, default=3, help="hidden layers")
-    p.add_argument("--ring-warm-std", type=float, default=0.05, help="σ0 of the ring's Gaussian warm-up")
+    p.add_argument("--warm-std-a", type=float, default=0.05, help="σ0 of part a's Gaussian warm-up")
     p.add_argument("--logsnr-min", type=float, default=-10.0)
     p.add_argument("--logsnr-max", type=float, default=16.0)
-    p.add_argument("--train-size", type=int, default=20000, help="ring training samples")
-    p.add_argument("--test-size", type=int, default=1000, help="ring held-out samples")
+    p.add_argument("--train-size", type=int, default=20000, help="part a training samples")
+    p.add_argument("--test-size", type=int, default=1000, help="part a held-out samples")
     p.add_argument("--eval-draws", type=int, default=32, help="(λ, u, ε) draws per held-out sample")
     p.add_argument("--n-evals", type=int, default=6, help="held-out evaluations per model")
     p.add_argument("--integrand-samples", type=int, default=128, help="held-out samples of the integrand plot")
@@ -270,8 +270,8 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         p.error(f"--laws: unknown warm-up law {bad[0]!r}; choose from {WARM_LAWS}")
     if not args.logsnr_min < args.logsnr_max:
         p.error("--logsnr-min must be < --logsnr-max")
-    if not (args.lr > 0 and args.ring_warm_std > 0):
-        p.error("--lr and --ring-warm-std must be > 0")
+    if not (args.lr > 0 and args.warm_std_a > 0):
+        p.error("--lr and --warm-std-a must be > 0")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,13 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"args": {k: v for k, v in vars(args).items()}}
     with tqdm(total=total, desc="continuous", disable=None, dynamic_ncols=True) as bar:
         if args.part in ("a", "both"):
-            summary["ring"] = run_ring(args, bar)
+            summary["mixture"] = run_mixture(args, bar)
         if args.part in ("b", "both"):
             summary["digits"] = run_digits(args, bar)
     summary["seconds"] = time.time() - t0
-    if "ring" in summary:
-        r = summary["ring"]
-        print(f"[a] 2-D ring, Gaussian warm-up σ0={args.ring_warm_std}: bound {r['bits_per_dim']:.4f} ± "
+    if "mixture" in summary:
+        r = summary["mixture"]
+        print(f"[a] 2-D mixture, Gaussian warm-up σ0={args.warm_std_a}: bound {r['bits_per_dim']:.4f} ± "
               f"{r['stderr']:.4f} bits/dim | exact denoiser {r['exact_denoiser_bits_per_dim'][0]:.4f} ± "
               f"{r['exact_denoiser_bits_per_dim'][1]:.4f} | true entropy {r['true_entropy_bits_per_dim'][0]:.4f} ± "
               f"{r['true_entropy_bits_per_dim'][1]:.4f}")
