@@ -24,11 +24,14 @@
 //            in float32 (float64 for float64 x), then rounded to x's dtype.
 //
 // Agreement between backends: the words and u1, u2, p are bit-identical on every
-// backend (integer arithmetic and exact conversions). The floats built from them go
-// through log, sqrt, sin and cos, whose last bits differ between libm, CUDA's
-// libdevice and Triton (each within 2 ulp in float32), and a*b + c may be fused into
-// one FMA; eps, u and z therefore agree to a few ulp of max(1, |value|), and a
-// bfloat16 / float16 output to one unit of its last place.
+// backend (integer arithmetic and exact conversions), and so is the uniform law's u
+// (one rounding of exact operands). The other floats go through log, sqrt, sin and
+// cos: the CPU's float polynomials below, CUDA's libdevice, Triton's (numpy's in the
+// interpreter), torch's in the oracle, each within about 2 ulp in float32; a*b + c
+// may be fused into one FMA; and r = sqrt(-2 ln u1) scales the rounding of theta.
+// eps, u and z therefore agree to a few ulp of max(1, r) (tested: 8 ulp against the
+// same formulas in float64), and a bfloat16 / float16 output to one unit of its last
+// place. sqrt is IEEE everywhere (Triton: sqrt_rn).
 #pragma once
 
 #include <cmath>
@@ -58,22 +61,14 @@ FB_HD philox::Words element_words(uint64_t seed, uint64_t offset, uint64_t index
   return philox::element_words(seed ^ kKeySalt, offset, index);
 }
 
-// Constants rounded once to the compute type.
+// Constants: the double nearest the real value, rounded to the compute type (as the
+// oracle forms them: a Python float converted to the tensor's dtype).
 template <typename T>
-struct Consts;
-template <>
-struct Consts<float> {
-  static constexpr float kTwoPi = 6.28318530717958647692f;
-  static constexpr float kInvSqrt2 = 0.70710678118654752440f;
-  static constexpr float kSqrt3OverPi = 0.55132889542179204315f;
-  static constexpr float kSqrt3 = 1.73205080756887729353f;
-};
-template <>
-struct Consts<double> {
-  static constexpr double kTwoPi = 6.28318530717958647692;
-  static constexpr double kInvSqrt2 = 0.70710678118654752440;
-  static constexpr double kSqrt3OverPi = 0.55132889542179204315;
-  static constexpr double kSqrt3 = 1.73205080756887729353;
+struct Consts {
+  static constexpr T kTwoPi = static_cast<T>(6.28318530717958647692);
+  static constexpr T kInvSqrt2 = static_cast<T>(0.70710678118654752440);
+  static constexpr T kSqrt3OverPi = static_cast<T>(0.55132889542179204315);
+  static constexpr T kSqrt3 = static_cast<T>(1.73205080756887729353);
 };
 
 // (2 (w >> 9) + 1) 2^-24: an odd multiple of 2^-24, never 0 or 1, and 1 - u is exact.
