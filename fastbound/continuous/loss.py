@@ -57,4 +57,8 @@ def denoising_loss(
     if reduction == "mean" and n:
         scale = scale / n
     loss = _ops.denoising_loss(kernel_backend, flat, eps_rows, scale, seed_bits, offset_bits)
-    return loss if reduction == "none" else loss.sum()
+    if reduction == "none":
+        return loss
+    if reduction == "mean" and n == 0:
+        return loss.mean()  # NaN, as torch's mean of nothing (and the oracle's)
+    return loss.sum()  # for "mean" the 1/B is in the scale
