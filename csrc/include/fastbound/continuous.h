@@ -227,9 +227,10 @@ FB_HD Noise<T> noise(uint32_t w0, uint32_t w1, uint32_t w2) {
   return {pair.eps, inverse_cdf<T, kLaw>(w2)};
 }
 
-// Calls fn(LawTag<law>{}) for a runtime law code in [kWarmNone, kWarmUniform].
+// Calls fn(LawTag<law>{}) for a runtime law code in [kWarmNone, kWarmUniform] (host code:
+// the launchers and the CPU kernels pick a kernel per law).
 template <typename Fn>
-FB_HD void with_law(int law, Fn&& fn) {
+inline void with_law(int law, Fn&& fn) {
   switch (law) {
     case kWarmGaussian: fn(LawTag<kWarmGaussian>{}); break;
     case kWarmLaplace: fn(LawTag<kWarmLaplace>{}); break;
