@@ -39,6 +39,26 @@ TORCH_LIBRARY(fastbound, m) {
   m.def(
       "integrate_step(Tensor out, Tensor x_t, Tensor x0, Tensor sigma, Tensor weight, "
       "Tensor(a!) acc, Tensor? index, int loss, int graph, int mask_id, int ignore_index) -> ()");
+  // ---- fastbound.continuous (issue 12; kernels csrc/cpu/continuous_*.cpp, csrc/cuda/continuous_*;
+  // noise contract csrc/include/fastbound/continuous.h). Tensors are contiguous (B, d); per-row
+  // tensors (B,) in the compute type (float32, float64 for float64 data) unless said otherwise;
+  // seed and offset are uint64 bit patterns.
+  // x (B, d), alpha and sigma (B,); warm: 0 none, 1 gaussian, 2 laplace, 3 logistic, 4 uniform.
+  // Returns (z, eps, x_warm); x_warm is empty unless return_warm.
+  m.def(
+      "continuous_perturb(Tensor x, Tensor alpha, Tensor sigma, int warm, float warm_std, int seed, "
+      "int offset, bool return_warm) -> (Tensor, Tensor, Tensor)");
+  // loss_b = 0.5 scale_b ||eps_b - eps_hat_b||^2 (B,) and, when need_grad, scale_b (eps_hat - eps).
+  // eps None: regenerated from (seed, offset) and rounded to eps_hat's dtype.
+  m.def(
+      "continuous_denoising_loss(Tensor eps_hat, Tensor? eps, Tensor scale, int seed, int offset, "
+      "bool need_grad) -> (Tensor, Tensor)");
+  // S_b = weight_b (||eps_b - eps_hat_b||^2 - baseline_b); acc[index_b] += (S_b, S_b^2).
+  // weight, baseline float64 (B,); index int64 (B,); acc (n_slots, 2) float64.
+  m.def(
+      "continuous_integrate_step(Tensor eps_hat, Tensor? eps, Tensor(a!) acc, Tensor weight, "
+      "Tensor? baseline, Tensor? index, int seed, int offset) -> ()");
+  // ---- end fastbound.continuous
 }
 
 namespace {

@@ -1,0 +1,158 @@
+"""Benchmarks of `fastbound.continuous`: perturb, denoising_loss (fwd+bwd) and integrate_step.
+
+Image-like batches, 256 × 3×32×32 (CIFAR-10 sized), fp32 and bf16. The eager provider
+is the continuous oracle (`fastbound.continuous.reference`: Philox in int64 torch
+arithmetic, Box–Muller, dense tensors), ``compile`` is ``torch.compile`` of it. Floors:
+
+* perturb reads x and writes z and ε: one ``clone()`` of x plus one ``fill_`` of an
+  x-sized buffer (1 read + 2 writes);
+* denoising_loss reads ε̂ and ε and writes the gradient: one ``clone()`` of ε̂ (1 read +
+  1 write; the ε read of the given-ε case is not in the floor, the regenerating case has none);
+* integrate_step only reads: one ``sum()`` of ε̂ (and of ε when it is given).
+
+The image shape is carried by `ImageShape` as batch × channels × (height·width), which
+the report prints as ``batch×channels`` and ``V = height·width``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastbound import continuous
+from fastbound.continuous import reference
+
+from .harness import Case, Shape
+
+WARM, WARM_STD = "gaussian", 0.01
+"""The warm start of the paper's best setting (Gaussian warm-up noise)."""
+
+
+@dataclass(frozen=True)
+class ImageShape(Shape):
+    """A batch of images: ``length`` channels of ``vocab`` = height × width pixels."""
+
+    side: int = 32
+
+    @property
+    def label(self) -> str:
+        return f"{self.batch}x{self.length}x{self.side}x{self.side}"
+
+    @property
+    def id(self) -> str:
+        return self.label
+
+    @property
+    def dims(self) -> tuple[int, ...]:
+        return (self.batch, self.length, self.side, self.side)
+
+
+def image(side: int, batch: int = 256) -> ImageShape:
+    return ImageShape(batch, 3, side * side, side)
+
+
+SHAPES = {"default": (image(32),), "full": (image(32), image(64))}
+SHAPES["smoke"] = SHAPES["default"]
+SMOKE = ("fastbound", "eager", "floor")
+"""The smoke grid skips ``compile`` (each graph takes longer to build than a smoke run should)."""
+
+
+def working_set(shape: ImageShape) -> int:
+    return 16 * 4 * shape.batch * shape.length * shape.vocab
+
+
+def _logsnr(shape: ImageShape, generator: torch.Generator) -> torch.Tensor:
+    """λ per image, uniform over VDM's range [-13.3, 5]."""
+    u = torch.rand(shape.batch, generator=generator, device=generator.device)
+    return -13.3 + 18.3 * u
+
+
+def perturb_inputs(shape: ImageShape, dtype: torch.dtype, generator: torch.Generator) -> dict:
+    x = torch.rand(shape.dims, generator=generator, device=generator.device) * 2 - 1
+    return dict(x=x.to(dtype), logsnr=_logsnr(shape, generator))
+
+
+def fastbound_perturb(x, logsnr):
+    out = continuous.perturb(x, logsnr, warm=WARM, warm_std=WARM_STD, seed=1)
+    return out.z, out.eps
+
+
+def eager_perturb(x, logsnr):
+    z, eps, _ = reference.perturb(x, logsnr, warm=WARM, warm_std=WARM_STD, seed=1)
+    return z, eps
+
+
+def perturb_floor(x, logsnr):
+    return x.clone(), torch.empty_like(x).fill_(0)
+
+
+def loss_inputs(shape: ImageShape, dtype: torch.dtype, generator: torch.Generator) -> dict:
+    size = shape.dims
+    eps = torch.randn(size, generator=generator, device=generator.device).to(dtype)
+    eps_hat = (eps.float() + 0.3 * torch.randn(size, generator=generator, device=generator.device)).to(dtype)
+    return dict(eps_hat=eps_hat, eps=eps)
+
+
+def regen_inputs(shape: ImageShape, dtype: torch.dtype, generator: torch.Generator) -> dict:
+    return dict(eps_hat=loss_inputs(shape, dtype, generator)["eps_hat"])
+
+
+def fastbound_loss(eps_hat, eps):
+    return continuous.denoising_loss(eps_hat, eps)
+
+
+def eager_loss(eps_hat, eps):
+    return reference.denoising_loss(eps_hat, eps)
+
+
+def fastbound_loss_regen(eps_hat):
+    return continuous.denoising_loss(eps_hat, seed=1)
+
+
+def eager_loss_regen(eps_hat):
+    return reference.denoising_loss(eps_hat, seed=1)
+
+
+def integrate_inputs(shape: ImageShape, dtype: torch.dtype, generator: torch.Generator) -> dict:
+    inputs = loss_inputs(shape, dtype, generator)
+    lam = _logsnr(shape, generator).double()
+    d = shape.length * shape.vocab
+    return dict(**inputs, acc=torch.zeros(shape.batch, 2, dtype=torch.float64, device=generator.device),
+                weight=torch.rand(shape.batch, generator=generator, device=generator.device).double() + 0.5,
+                baseline=d * torch.sigmoid(lam))
+
+
+def fastbound_integrate(eps_hat, eps, acc, weight, baseline):
+    acc = acc.clone()
+    continuous.integrate_step(eps_hat, eps, acc, weight=weight, baseline=baseline)
+    return acc
+
+
+def eager_integrate(eps_hat, eps, acc, weight, baseline):
+    return reference.integrate_step(eps_hat, eps, acc.clone(), weight=weight, baseline=baseline)
+
+
+def check_integrate(actual: dict, expected: dict, inputs: dict) -> None:
+    """Both sum exact float64 squares of the same differences: the accumulators agree to 1e-9."""
+    got, want = actual["output0"], expected["output0"]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * want.abs().max().item())
+
+
+COMMON = dict(shapes=SHAPES, working_set=working_set, smoke_providers=SMOKE)
+
+CASES = [
+    Case("continuous_perturb", perturb_inputs, fastbound_perturb, eager_perturb, floor="x",
+         floor_call=perturb_floor, floor_op="clone+fill", **COMMON),
+    Case("continuous_denoising_loss", loss_inputs, fastbound_loss, eager_loss, floor="eps_hat",
+         grad_inputs=("eps_hat",), **COMMON),
+    Case("continuous_denoising_loss_regen", regen_inputs, fastbound_loss_regen, eager_loss_regen, floor="eps_hat",
+         grad_inputs=("eps_hat",), **COMMON),
+    Case("continuous_integrate_step", integrate_inputs, fastbound_integrate, eager_integrate, floor="eps_hat",
+         floor_call=lambda eps_hat, eps, **_: eps_hat.sum() + eps.sum(), floor_op="sum", check=check_integrate,
+         **COMMON),
+]  # fmt: skip
+
+
+def test_continuous(spec, measure):
+    measure(spec)

@@ -1,0 +1,116 @@
+// Fused continuous noising (fastbound.continuous.perturb), CPU kernel.
+//
+// One pass over x: each element draws its Philox words from its own counter
+// (the contract in csrc/include/fastbound/continuous.h), forms eps and the
+// warm-up noise u, and writes z = alpha_b (x + warm_std u) + sigma_b eps, eps
+// and (when asked) x_warm = x + warm_std u. Work is split into (row, tile)
+// tasks; the words are computed per tile in a loop that vectorises, so the
+// result does not depend on the number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "convert.h"
+#include "fastbound/continuous.h"
+#include "fastbound/continuous_checks.h"
+#include "vectorize.h"
+
+namespace fastbound {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTile = 512;            // elements per tile: their words stay in L1
+constexpr int64_t kMinPerThread = 16384;  // below this, one thread
+
+FB_CPU_CLONES void tile_words(uint64_t seed, uint64_t offset, uint64_t first, int64_t n, uint32_t* w0, uint32_t* w1,
+                              uint32_t* w2) {
+  for (int64_t j = 0; j < n; ++j) {
+    const philox::Words w = continuous::element_words(seed, offset, first + static_cast<uint64_t>(j));
+    w0[j] = w.w0;
+    w1[j] = w.w1;
+    w2[j] = w.w2;
+  }
+}
+
+// z, eps and x_warm of one tile from its words; kLaw a compile-time law so the loop vectorises.
+template <typename scalar_t, int kLaw>
+FB_CPU_CLONES void transform_tile(const scalar_t* x, scalar_t* z, scalar_t* eps, scalar_t* x_warm, const uint32_t* w0,
+                                  const uint32_t* w1, const uint32_t* w2, int64_t n, at::opmath_type<scalar_t> alpha,
+                                  at::opmath_type<scalar_t> sigma, at::opmath_type<scalar_t> warm_std) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const auto v = continuous::noise<acc_t, kLaw>(w0[j], w1[j], w2[j]);
+    const acc_t xw = kLaw == continuous::kWarmNone ? to_acc(x[j]) : to_acc(x[j]) + warm_std * v.warm;
+    z[j] = from_acc<scalar_t>(alpha * xw + sigma * v.eps);
+    eps[j] = from_acc<scalar_t>(v.eps);
+    x_warm[j] = from_acc<scalar_t>(xw);
+  }
+}
+
+template <typename scalar_t>
+struct PerturbRows {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  const acc_t *alpha, *sigma;
+  scalar_t *z, *eps, *x_warm;  // x_warm may be null
+  int64_t cols;
+  int law;
+  acc_t warm_std;
+  uint64_t seed, offset;
+
+  void tile(int64_t row, int64_t col, int64_t n, uint32_t* w0, uint32_t* w1, uint32_t* w2, scalar_t* scratch) const {
+    const int64_t first = row * cols + col;
+    tile_words(seed, offset, static_cast<uint64_t>(first), n, w0, w1, w2);
+    scalar_t* xw = x_warm != nullptr ? x_warm + first : scratch;
+    continuous::with_law(law, [&](auto tag) {
+      transform_tile<scalar_t, decltype(tag)::value>(x + first, z + first, eps + first, xw, w0, w1, w2, n,
+                                                     alpha[row], sigma[row], warm_std);
+    });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> continuous_perturb(const at::Tensor& x, const at::Tensor& alpha,
+                                                                  const at::Tensor& sigma, int64_t warm,
+                                                                  double warm_std, int64_t seed, int64_t offset,
+                                                                  bool return_warm) {
+  continuous::check_perturb(x, alpha, sigma, warm);
+  at::Tensor z = at::empty_like(x), eps = at::empty_like(x);
+  at::Tensor x_warm = return_warm ? at::empty_like(x) : at::empty({0}, x.options());
+  const int64_t rows = x.size(0), cols = x.size(1);
+  if (x.numel() == 0) return {z, eps, x_warm};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "continuous_perturb_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const PerturbRows<scalar_t> p{x.const_data_ptr<scalar_t>(), alpha.const_data_ptr<acc_t>(),
+                                  sigma.const_data_ptr<acc_t>(), z.mutable_data_ptr<scalar_t>(),
+                                  eps.mutable_data_ptr<scalar_t>(),
+                                  return_warm ? x_warm.mutable_data_ptr<scalar_t>() : nullptr, cols,
+                                  static_cast<int>(warm), static_cast<acc_t>(warm_std), static_cast<uint64_t>(seed),
+                                  static_cast<uint64_t>(offset)};
+    const int64_t tiles_per_row = (cols + kTile - 1) / kTile;
+    const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::min(cols, kTile));
+    at::parallel_for(0, rows * tiles_per_row, grain, [&](int64_t begin, int64_t end) {
+      uint32_t w0[kTile], w1[kTile], w2[kTile];
+      scalar_t scratch[kTile];  // x_warm when it is not returned
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t row = task / tiles_per_row, col = (task % tiles_per_row) * kTile;
+        p.tile(row, col, std::min(kTile, cols - col), w0, w1, w2, scratch);
+      }
+    });
+  });
+  return {z, eps, x_warm};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbound, CPU, m) { m.impl("continuous_perturb", &continuous_perturb); }
+
+}  // namespace cpu
+}  // namespace fastbound

@@ -1,0 +1,95 @@
+"""Argument checks shared by `perturb`, `denoising_loss` and `integrate_step`.
+
+Shape, dtype and device checks always run; value checks (finite x, finite
+log-SNR) read the data once in eager mode and are skipped while tracing, as in
+`fastbound._validate`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _validate as v
+from ..noise import _uint64 as uint64_bits  # an int in [0, 2^64) as the int64 bit pattern the ops take
+
+WARM_LAWS = ("gaussian", "laplace", "logistic", "uniform")
+"""The warm-up laws, each scaled to mean 0 and variance 1."""
+
+
+def batch_tensor(name: str, value: object) -> torch.Tensor:
+    """A floating tensor of shape (B, ...) with at most 2^31 - 1 elements."""
+    t = v.check_float_tensor(name, value)
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have shape (B, ...), got a scalar")
+    v.check_size(name, t.numel(), "elements")
+    return t
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if t.numel() and v.eager(t) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite everywhere (it holds NaN or infinity)")
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, ...) as a contiguous (B, d) view or copy."""
+    return t.reshape(t.shape[0], -1).contiguous() if t.shape[0] else t.reshape(0, int(math.prod(t.shape[1:])))
+
+
+def per_sample(name: str, value: float | torch.Tensor | None, n: int, dtype: torch.dtype, device: torch.device,
+               default: float | None = None, finite: bool = True) -> torch.Tensor:
+    """A float or a (B,) / (1,) / 0-dim tensor as a contiguous (B,) tensor of ``dtype``."""
+    if isinstance(value, torch.Tensor) and value.dim() > 1:
+        raise ValueError(f"{name} must be a float or a ({n},) tensor (one value per sample), got shape "
+                         f"{tuple(value.shape)}")
+    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] not in (1, n):
+        raise ValueError(f"{name} must have one value per sample ({n},), got shape {tuple(value.shape)}")
+    out = v.as_rows(name, value, torch.Size([n]), dtype, device, default=default)
+    if finite:
+        check_finite(name, out)
+    return out
+
+
+def check_warm(warm: object, warm_std: object) -> None:
+    """A warm-up law (or None) and its standard deviation σ0 >= 0 (0 without a law)."""
+    if warm is not None:
+        v.check_choice("warm", warm, WARM_LAWS)
+    if not isinstance(warm_std, (int, float)) or isinstance(warm_std, bool):
+        raise TypeError(f"warm_std must be a float, got {type(warm_std).__name__}")
+    if not (math.isfinite(warm_std) and warm_std >= 0):
+        raise ValueError(f"warm_std must be finite and >= 0, got {warm_std}")
+    if warm is None and warm_std != 0:
+        raise ValueError(f"warm_std={warm_std} needs a warm-up law: pass warm='gaussian' (or another of {WARM_LAWS})")
+
+
+def seed_offset(seed: object, offset: object) -> tuple[int, int]:
+    return uint64_bits("seed", seed), uint64_bits("offset", offset)
+
+
+def eps_pair(eps_hat: object, eps: object, seed: object, offset: object, what: str):
+    """Checks (ε̂, ε or None): returns (ε̂ as (B, d), ε as (B, d) or None, seed bits, offset bits)."""
+    eps_hat = batch_tensor("eps_hat", eps_hat)
+    if eps is None:
+        if seed is None:
+            raise ValueError(f"{what} needs eps, or seed (and offset) to regenerate it as perturb drew it")
+        seed_bits, offset_bits = seed_offset(seed, offset)
+        eps_rows = None
+    else:
+        eps = v.check_float_tensor("eps", eps)
+        if eps.shape != eps_hat.shape:
+            raise ValueError(f"eps has shape {tuple(eps.shape)} but eps_hat has {tuple(eps_hat.shape)}")
+        if eps.dtype != eps_hat.dtype:
+            raise TypeError(f"eps has dtype {eps.dtype} but eps_hat has {eps_hat.dtype}; pass eps.to(eps_hat.dtype) "
+                            "or eps=None with the seed and offset of perturb")
+        if eps.device != eps_hat.device:
+            raise ValueError(f"eps is on {eps.device} but eps_hat is on {eps_hat.device}; move it to {eps_hat.device}")
+        if seed is not None:
+            raise ValueError("pass either eps or seed (to regenerate eps), not both")
+        if offset != 0:
+            raise ValueError("offset applies only when eps is regenerated (eps=None)")
+        if eps.requires_grad:
+            raise ValueError("fastbound differentiates the loss with respect to eps_hat only; pass eps.detach()")
+        seed_bits, offset_bits = 0, 0
+        eps_rows = rows(eps)
+    return rows(eps_hat), eps_rows, seed_bits, offset_bits

@@ -1,0 +1,82 @@
+"""Kernel calls of `fastbound.continuous`: backend choice, fake implementations and autograd.
+
+The ops (schemas in ``csrc/ops.cpp``; C++ CPU and CUDA kernels, and Triton
+kernels registered as ``<name>_triton`` in ``fastbound/triton_kernels/continuous_*.py``):
+
+* ``continuous_perturb`` -> (z, eps, x_warm). Differentiable in x: dz/dx = α_b,
+  dx̃/dx = 1 (ε does not depend on x); α, σ and the noise are constants.
+* ``continuous_denoising_loss`` -> (loss (B,), d loss / d ε̂ (B, d)), the fused-loss
+  contract of `fastbound._ops` (gradient written in the forward, free backward for a
+  broadcast-1 upstream).
+* ``continuous_integrate_step`` mutates acc; no autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
+from .. import _ops as _discrete_ops
+
+OPS = ("continuous_perturb", "continuous_denoising_loss", "continuous_integrate_step")
+
+
+@torch.library.register_fake("fastbound::continuous_perturb")
+def _perturb_fake(x, alpha, sigma, warm, warm_std, seed, offset, return_warm):
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(x.shape if return_warm else (0,))
+
+
+@torch.library.register_fake("fastbound::continuous_denoising_loss")
+def _loss_fake(eps_hat, eps, scale, seed, offset, need_grad):
+    return scale.new_empty(eps_hat.shape[0]), eps_hat.new_empty(eps_hat.shape if need_grad else (0,))
+
+
+@torch.library.register_fake("fastbound::continuous_integrate_step")
+def _integrate_fake(eps_hat, eps, acc, weight, baseline, index, seed, offset):
+    return None
+
+
+def _perturb_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.return_warm = inputs[-1]
+    ctx.set_materialize_grads(False)
+
+
+def _perturb_backward(ctx, grad_z, grad_eps, grad_warm):
+    (alpha,) = ctx.saved_tensors
+    grad_x = None if grad_z is None else grad_z * alpha.to(grad_z.dtype)[:, None]
+    if ctx.return_warm and grad_warm is not None:
+        grad_x = grad_warm if grad_x is None else grad_x + grad_warm
+    return (grad_x,) + (None,) * 7
+
+
+def register_autograd(suffix: str = "") -> None:
+    """Autograd of the perturb and loss ops (``suffix="_triton"`` for the Triton ops)."""
+    torch.library.register_autograd(f"fastbound::continuous_perturb{suffix}", _perturb_backward,
+                                    setup_context=_perturb_setup)
+    _discrete_ops.register_fused_loss(f"fastbound::continuous_denoising_loss{suffix}")
+
+
+register_autograd()
+
+
+def op(backend: str, name: str):
+    """The op ``name`` of ``backend`` ("cpu", "cuda" or "triton")."""
+    if backend == "triton":
+        from ..triton_kernels import continuous_loss, continuous_noise  # noqa: F401  (register the *_triton ops)
+
+        name += "_triton"
+    return getattr(torch.ops.fastbound, name)
+
+
+def perturb(backend, x, alpha, sigma, law, warm_std, seed, offset, return_warm):
+    return op(backend, "continuous_perturb")(x, alpha, sigma, law, warm_std, seed, offset, return_warm)
+
+
+def denoising_loss(backend, eps_hat, eps, scale, seed, offset):
+    need_grad = torch.is_grad_enabled() and eps_hat.requires_grad
+    return op(backend, "continuous_denoising_loss")(eps_hat, eps, scale, seed, offset, need_grad)[0]
+
+
+def integrate_step(backend, eps_hat, eps, acc, weight, baseline, index, seed, offset):
+    op(backend, "continuous_integrate_step")(eps_hat, eps, acc, weight, baseline, index, seed, offset)

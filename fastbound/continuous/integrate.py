@@ -1,0 +1,71 @@
+r"""The continuous likelihood integration step: one read of ε̂ per log-SNR sample.
+
+Per sample b of a batch,
+
+.. math:: S_b = w_b \left(\lVert \varepsilon_b - \hat\varepsilon_b \rVert^2 - c_b\right),
+
+and ``acc[index_b] += (S_b, S_b^2)`` in float64 in place: the inner step of the
+I-MMSE estimate of −log p(x̃) (Kong et al., "Information-Theoretic Diffusion",
+2023), where w_b is the importance (or quadrature) weight of λ_b and c_b the
+reference term (e.g. d·sigmoid(λ_b)), so the integrand is the MMSE gap. The
+squared errors are summed in float64 (each difference is exact in float64),
+with no (B, d) temporary, in a fixed order (deterministic). The oracle
+is `fastbound.continuous.reference.integrate_step`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from .. import _validate as v
+from . import _args, _ops
+
+
+def integrate_step(
+    eps_hat: torch.Tensor,
+    eps: torch.Tensor | None,
+    acc: torch.Tensor,
+    *,
+    weight: float | torch.Tensor,
+    baseline: float | torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    backend: str | None = None,
+) -> None:
+    r"""Adds (S_b, S_b²) to ``acc[index_b]`` in place, S_b = w_b (‖ε_b − ε̂_b‖² − baseline_b).
+
+    Args:
+        eps_hat: (B, ...) noise prediction (float32, bfloat16, float16 or float64; any strides).
+        eps: the noise, same shape, or None to regenerate it from ``(seed, offset)`` as
+            `perturb` drew it (rounded to eps_hat's dtype, see `denoising_loss`).
+        acc: contiguous (n_slots, 2) float64 accumulator.
+        weight: w_b, a float or (B,). baseline: c_b, a float or (B,) (default 0).
+        index: (B,) integer slot of each sample (default ``arange(B)``, then n_slots = B);
+            samples may share a slot.
+        backend: ``None``/``"auto"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    Runs without autograd; bumps ``acc``'s version.
+    """
+    flat, eps_rows, seed_bits, offset_bits = _args.eps_pair(eps_hat, eps, seed, offset, "integrate_step")
+    acc = v.check_float_tensor("acc", acc, (torch.float64,))
+    if acc.dim() != 2 or acc.shape[1] != 2 or not acc.is_contiguous():
+        raise ValueError(f"acc must be a contiguous (n_slots, 2) float64 tensor, got shape {tuple(acc.shape)}")
+    device, n = flat.device, flat.shape[0]
+    v.check_same_device(device, acc=acc, index=index)
+    if index is None:
+        if acc.shape[0] != n:
+            raise ValueError(f"acc must have one row per sample ({n}) when index is not given, got {acc.shape[0]}")
+    else:
+        index = v.check_ids("index", index, torch.Size([n])).long().contiguous()
+        v.check_id_range("index", index, 0, acc.shape[0])
+    kernel_backend = _backend.select(device, backend)
+    if weight is None:
+        raise ValueError("weight is required (pass 1.0 for an unweighted sum)")
+    w = _args.per_sample("weight", weight, n, torch.float64, device)
+    c = None if baseline is None else _args.per_sample("baseline", baseline, n, torch.float64, device)
+    with torch.no_grad():
+        _ops.integrate_step(kernel_backend, flat.detach(), eps_rows, acc, w, c, index, seed_bits, offset_bits)
+    if v.eager(acc):  # a custom op's in-place write does not bump the version counter by itself
+        torch.autograd.graph.increment_version(acc)

@@ -1,0 +1,64 @@
+r"""The fused ε-prediction (denoising) loss of Gaussian diffusion.
+
+Per sample b (DDPM, Ho et al. 2020; VDM, Kingma et al. 2021, in ε form):
+
+.. math:: \ell_b = \tfrac12\, w_b\, \lVert \varepsilon_b - \hat\varepsilon_b \rVert^2,
+
+one read of ε̂ (and ε) that writes d ℓ / d ε̂ = w_b (ε̂_b − ε_b) (times 1/B for the
+mean) in the same pass, so the backward is free for the usual ``loss.backward()``
+(see `fastbound._ops`). With ``eps=None`` the kernel regenerates ε from
+(seed, offset) exactly as `fastbound.continuous.perturb` drew it, so ε is never
+stored or read. The oracle is `fastbound.continuous.reference.denoising_loss`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .. import _backend
+from .. import _validate as v
+from . import _args, _ops
+
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def denoising_loss(
+    eps_hat: torch.Tensor,
+    eps: torch.Tensor | None = None,
+    *,
+    weight: float | torch.Tensor | None = None,
+    reduction: Literal["none", "sum", "mean"] = "mean",
+    seed: int | None = None,
+    offset: int = 0,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""½ w_b ‖ε_b − ε̂_b‖² per sample, reduced; differentiable in ``eps_hat`` only.
+
+    Args:
+        eps_hat: the model's noise prediction (B, ...), float32, bfloat16, float16 or float64.
+        eps: the noise (same shape), or None to regenerate it from ``(seed, offset)`` as
+            `perturb` drew it for an x of eps_hat's shape, rounded to eps_hat's dtype (exactly
+            the ``eps`` perturb returns when x has that dtype).
+        weight: w_b, a float or (B,) (default 1); not differentiated.
+        reduction: ``"none"`` (B,), ``"sum"`` or ``"mean"`` (over B).
+        seed, offset: only with ``eps=None``.
+        backend: ``None``/``"auto"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+
+    The loss is float32 (float64 for float64 eps_hat); the gradient has eps_hat's dtype.
+    """
+    v.check_choice("reduction", reduction, REDUCTIONS)
+    flat, eps_rows, seed_bits, offset_bits = _args.eps_pair(eps_hat, eps, seed, offset, "denoising_loss")
+    kernel_backend = _backend.select(flat.device, backend)
+    acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    n = flat.shape[0]
+    scale = _args.per_sample("weight", weight, n, acc, flat.device, default=1.0)
+    if reduction == "mean" and n:
+        scale = scale / n
+    loss = _ops.denoising_loss(kernel_backend, flat, eps_rows, scale, seed_bits, offset_bits)
+    if reduction == "none":
+        return loss
+    if reduction == "mean" and n == 0:
+        return loss.mean()  # NaN, as torch's mean of nothing (and the oracle's)
+    return loss.sum()  # for "mean" the 1/B is in the scale

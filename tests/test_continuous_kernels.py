@@ -1,0 +1,462 @@
+"""The continuous kernels (perturb, denoising_loss, integrate_step) against the oracle.
+
+Every backend (C++ CPU; Triton, in the interpreter on CPU; CUDA and Triton on a GPU)
+is checked on values and gradients, every dtype, odd d, one sample, an empty
+batch and non-contiguous input; the noise laws by moments and Kolmogorov–Smirnov
+tests; the words and the exactly-computed noise bit for bit across backends; bad
+input by its error message.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import scipy.stats
+import torch
+
+from conftest import TRITON_DEVICE
+from fastbound import reference as discrete_reference
+from fastbound.continuous import denoising_loss, integrate_step, perturb
+from fastbound.continuous import reference as R
+
+LAWS = [None, "gaussian", "laplace", "logistic", "uniform"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+BACKENDS = [("cpu", "cpu"), pytest.param(TRITON_DEVICE, "triton", marks=pytest.mark.triton, id="triton")]
+if torch.cuda.is_available():
+    BACKENDS.append(pytest.param("cuda", "cuda", marks=pytest.mark.cuda, id="cuda"))
+
+# Floats built with log / sqrt / sin / cos agree to a few ulp of max(1, |value|) (continuous.h);
+# a 16-bit output may then round one unit of its last place the other way.
+ATOL = {torch.float32: 4e-6, torch.float64: 1e-14, torch.bfloat16: 2**-7 * 4, torch.float16: 2**-10 * 4}
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+    tol = ATOL[dtype] * scale
+    torch.testing.assert_close(actual.double(), expected.double(), atol=tol, rtol=tol)
+
+
+def sample(b: int, d: int, dtype: torch.dtype, device: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, d, generator=g, dtype=torch.float64).to(dtype).to(device)
+
+
+def lam(b: int, device: str) -> torch.Tensor:
+    return torch.linspace(-6.0, 6.0, b, dtype=torch.float64).to(device)
+
+
+# -----------------------------------------------------------------------------
+# The oracle's generator
+# -----------------------------------------------------------------------------
+
+
+def test_oracle_words_are_the_discrete_generator_under_the_salted_key():
+    for seed, offset in [(0, 0), (12345, 2**40 + 7), (2**64 - 1, 2**64 - 3)]:
+        expected = discrete_reference.noise_words(9, seed ^ R.KEY_SALT, offset)
+        assert torch.equal(R.words(9, seed, offset), expected)
+
+
+def test_continuous_key_differs_from_the_discrete_key_of_the_same_seed():
+    ours = R.words(64, 7, 0)
+    theirs = discrete_reference.noise_words(64, 7, 0)
+    assert not torch.equal(ours[:, 0], theirs[:, 0])
+
+
+def test_uniforms_are_exact_and_open():
+    w = torch.tensor([0, 2**32 - 1, 511, 512], dtype=torch.int64)
+    u = R.open_uniform(w, torch.float32)
+    assert u.tolist() == [2.0**-24, 1 - 2.0**-24, 2.0**-24, 3 * 2.0**-24]
+    assert torch.equal(R.open_uniform(w, torch.float32).double(), R.open_uniform(w, torch.float64))
+    assert R.half_open_uniform(w, torch.float32).tolist() == [0.0, 1 - 2.0**-24, 1 * 2.0**-24, 2 * 2.0**-24]
+
+
+# -----------------------------------------------------------------------------
+# perturb
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("law", LAWS)
+def test_perturb_matches_oracle(device, backend, dtype, law):
+    b, d = 3, 37  # d is not a multiple of any block
+    x = sample(b, d, dtype, device)
+    std = 0.3 if law else 0.0
+    got = perturb(x, lam(b, device), warm=law, warm_std=std, seed=5, offset=2**33 + 1, return_warm=True,
+                  backend=backend)
+    want = R.perturb(x, lam(b, device), warm=law, warm_std=std, seed=5, offset=2**33 + 1)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.shape == x.shape
+        close(g, w, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_perturb_exact_parts_are_bit_identical(device, backend):
+    """No transcendental touches x_warm for the uniform law (u = (2p - 1) sqrt 3) or z at α=1 without warm
+    noise... so these are equal bit for bit to the oracle: the words agree exactly."""
+    x = torch.zeros(4, 50, device=device)
+    got = perturb(x, 0.0, warm="uniform", warm_std=1.0, seed=9, offset=3, return_warm=True, backend=backend)
+    want = R.perturb(x, 0.0, warm="uniform", warm_std=1.0, seed=9, offset=3)
+    assert torch.equal(got.x_warm, want[2])
+    cpu = perturb(x.cpu(), 0.0, warm="uniform", warm_std=1.0, seed=9, offset=3, return_warm=True, backend="cpu")
+    assert torch.equal(got.x_warm.cpu(), cpu.x_warm)
+    # the Laplace sign comes from the same word
+    lap = perturb(x, 0.0, warm="laplace", warm_std=1.0, seed=9, offset=3, return_warm=True, backend=backend)
+    assert torch.equal(torch.sign(lap.x_warm), torch.sign(got.x_warm))
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("law", ["gaussian", "laplace", "logistic"])
+def test_perturb_float32_math_is_within_a_few_ulp_of_float64(device, backend, law):
+    """The float32 noise against the same formulas in float64 (the uniforms are exact in both).
+
+    Box–Muller: r = sqrt(-2 ln u1) scales the rounding of θ = 2π u2 (half an ulp of θ) and of
+    sin / cos, so the bound is 16 half-ulps of max(1, r); the log-only laws: 8 half-ulps of max(1, |u|).
+    """
+    x = torch.zeros(4, 4000, device=device)
+    got = perturb(x, 0.0, warm=law, warm_std=1.0, seed=21, return_warm=True, backend=backend)
+    exact = perturb(x.double(), 0.0, warm=law, warm_std=1.0, seed=21, return_warm=True, backend=backend)
+    half_ulp = 2.0**-24
+    if law == "gaussian":
+        r = torch.hypot(exact.eps, exact.x_warm).clamp_min(1)
+        for a, b in ((got.eps, exact.eps), (got.x_warm, exact.x_warm)):
+            assert bool(((a.double() - b).abs() <= 16 * half_ulp * r).all())
+    else:
+        a, b = got.x_warm.double(), exact.x_warm
+        assert bool(((a - b).abs() <= 8 * half_ulp * b.abs().clamp_min(1)).all())
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_perturb_odd_shapes(device, backend):
+    for shape in [(1, 1), (1, 3, 5, 7), (0, 4), (2, 0), (5,)]:
+        x = torch.randn(shape, device=device)
+        got = perturb(x, 1.0, warm="logistic", warm_std=0.1, seed=1, return_warm=True, backend=backend)
+        want = R.perturb(x, 1.0, warm="logistic", warm_std=0.1, seed=1)
+        for g, w in zip(got, want):
+            assert g.shape == x.shape
+            close(g, w, torch.float32, scale=2.0)
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_perturb_non_contiguous_input(device, backend):
+    x = torch.randn(6, 5, device=device).t()  # (5, 6), column-major
+    got = perturb(x, lam(5, device), warm="gaussian", warm_std=0.2, seed=4, backend=backend)
+    want = perturb(x.contiguous(), lam(5, device), warm="gaussian", warm_std=0.2, seed=4, backend=backend)
+    assert torch.equal(got.z, want.z) and torch.equal(got.eps, want.eps)
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_perturb_counters_follow_offset_plus_flat_index(device, backend):
+    """Element i uses counter offset + i: row 1 of a call at offset 0 is row 0 of a call at offset d."""
+    x = torch.zeros(2, 33, device=device)
+    both = perturb(x, 0.0, warm="laplace", warm_std=1.0, seed=3, return_warm=True, backend=backend)
+    second = perturb(x[:1], 0.0, warm="laplace", warm_std=1.0, seed=3, offset=33, return_warm=True, backend=backend)
+    assert torch.equal(both.eps[1], second.eps[0]) and torch.equal(both.x_warm[1], second.x_warm[0])
+    again = perturb(x, 0.0, warm="laplace", warm_std=1.0, seed=3, return_warm=True, backend=backend)
+    assert torch.equal(both.z, again.z)
+    other = perturb(x, 0.0, warm="laplace", warm_std=1.0, seed=4, return_warm=True, backend=backend)
+    assert not torch.equal(both.eps, other.eps)
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_perturb_gradient_matches_oracle(device, backend):
+    x = sample(3, 11, torch.float32, device).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    got = perturb(x, lam(3, device), warm="gaussian", warm_std=0.5, seed=2, return_warm=True, backend=backend)
+    want = R.perturb(x_ref, lam(3, device), warm="gaussian", warm_std=0.5, seed=2)
+    up_z, up_w = torch.randn_like(x), torch.randn_like(x)
+    ((got.z * up_z).sum() + (got.x_warm * up_w).sum()).backward()
+    ((want[0] * up_z).sum() + (want[2] * up_w).sum()).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_perturb_gradcheck_float64():
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        out = perturb(x, torch.tensor([-1.0, 2.0], dtype=torch.float64), warm="uniform", warm_std=0.1, seed=1,
+                      return_warm=True)
+        return out.z, out.x_warm
+
+    assert torch.autograd.gradcheck(f, (x,))
+
+
+def test_perturb_without_warm_keeps_x():
+    x = torch.randn(3, 8)
+    out = perturb(x, 2.0, seed=1, return_warm=True)
+    assert torch.equal(out.x_warm, x)
+    assert perturb(x, 2.0, seed=1).x_warm is None
+
+
+# -----------------------------------------------------------------------------
+# Noise laws
+# -----------------------------------------------------------------------------
+
+N_LAW = 30000
+CDFS = {
+    "gaussian": scipy.stats.norm().cdf,
+    "laplace": scipy.stats.laplace(scale=1 / math.sqrt(2)).cdf,
+    "logistic": scipy.stats.logistic(scale=math.sqrt(3) / math.pi).cdf,
+    "uniform": scipy.stats.uniform(loc=-math.sqrt(3), scale=2 * math.sqrt(3)).cdf,
+}
+
+
+@pytest.mark.parametrize("law", list(CDFS))
+def test_noise_laws_by_moments_and_ks(law):
+    x = torch.zeros(3, N_LAW // 3, dtype=torch.float64)
+    out = perturb(x, 0.0, warm=law, warm_std=1.0, seed=11, return_warm=True)
+    u, eps = out.x_warm.flatten(), out.eps.flatten()
+    se = 1 / math.sqrt(N_LAW)
+    assert abs(float(u.mean())) < 4 * se
+    assert abs(float(u.var()) - 1) < 4 * math.sqrt(float((u**4).mean()) - 1) * se
+    assert abs(float(torch.corrcoef(torch.stack([u, eps]))[0, 1])) < 4 * se  # u and eps independent
+    assert scipy.stats.kstest(u.numpy(), CDFS[law]).pvalue > 1e-3
+    assert scipy.stats.kstest(eps.numpy(), CDFS["gaussian"]).pvalue > 1e-3
+
+
+def test_ks_detects_the_wrong_law():
+    """The KS check can fail: the Laplace draws are not logistic."""
+    out = perturb(torch.zeros(1, N_LAW, dtype=torch.float64), 0.0, warm="laplace", warm_std=1.0, seed=11,
+                  return_warm=True)
+    assert scipy.stats.kstest(out.x_warm.flatten().numpy(), CDFS["logistic"]).pvalue < 1e-3
+
+
+def test_z_has_the_channel_moments():
+    """z = α x̃ + σ ε: mean α x̃, variance σ² per sample."""
+    x = torch.full((2, 20000), 0.7, dtype=torch.float64)
+    logsnr = torch.tensor([-1.0, 3.0], dtype=torch.float64)
+    z = perturb(x, logsnr, seed=3).z
+    alpha, sigma = torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
+    se = sigma / math.sqrt(20000)
+    assert ((z.mean(1) - 0.7 * alpha).abs() < 4 * se).all()
+    assert ((z.var(1) / sigma**2 - 1).abs() < 4 * math.sqrt(2 / 20000)).all()
+
+
+# -----------------------------------------------------------------------------
+# denoising_loss
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_denoising_loss_matches_oracle(device, backend, dtype, reduction):
+    b, d = 3, 45
+    eps = sample(b, d, dtype, device, seed=1)
+    eps_hat = sample(b, d, dtype, device, seed=2).requires_grad_()
+    ref_hat = eps_hat.detach().clone().requires_grad_()
+    weight = torch.tensor([0.5, 2.0, 1.5], device=device)
+    loss = denoising_loss(eps_hat, eps, weight=weight, reduction=reduction, backend=backend)
+    ref = R.denoising_loss(ref_hat, eps, weight=weight, reduction=reduction)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == acc
+    torch.testing.assert_close(loss, ref, rtol=1e-5 if acc == torch.float32 else 1e-12, atol=1e-5)
+    up = torch.randn(loss.shape, dtype=acc, device=device)
+    (loss * up).sum().backward()
+    (ref * up).sum().backward()
+    assert eps_hat.grad.dtype == dtype
+    close(eps_hat.grad, ref_hat.grad, dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_denoising_loss_regenerates_eps_as_perturb_drew_it(device, backend, dtype):
+    x = sample(2, 29, dtype, device)
+    noised = perturb(x, lam(2, device), seed=8, offset=100, backend=backend)
+    eps_hat = sample(2, 29, dtype, device, seed=3)
+    given = denoising_loss(eps_hat, noised.eps, reduction="none", backend=backend)
+    regenerated = denoising_loss(eps_hat, seed=8, offset=100, reduction="none", backend=backend)
+    torch.testing.assert_close(regenerated, given, rtol=1e-6, atol=0)
+    oracle = R.denoising_loss(eps_hat, seed=8, offset=100, reduction="none")
+    torch.testing.assert_close(regenerated, oracle, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_denoising_loss_odd_shapes_and_strides(device, backend):
+    for shape in [(1, 1), (1, 3, 7), (0, 5), (4, 0), (2, 2049)]:
+        eps_hat = torch.randn(shape, device=device, requires_grad=True)
+        loss = denoising_loss(eps_hat, seed=1, reduction="sum", backend=backend)
+        ref_hat = eps_hat.detach().clone().requires_grad_()
+        ref = R.denoising_loss(ref_hat, seed=1, reduction="sum")
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        loss.backward()
+        ref.backward()
+        torch.testing.assert_close(eps_hat.grad, ref_hat.grad)
+    base = torch.randn(7, 4, device=device)
+    eps_hat, eps = base.t(), torch.randn(7, 4, device=device).t()  # non-contiguous
+    torch.testing.assert_close(denoising_loss(eps_hat, eps, reduction="none", backend=backend),
+                               R.denoising_loss(eps_hat, eps, reduction="none"))
+
+
+def test_denoising_loss_of_empty_batch():
+    empty = torch.zeros(0, 3)
+    assert math.isnan(float(denoising_loss(empty, empty)))  # a mean of nothing, as torch's and the oracle's
+    assert math.isnan(float(R.denoising_loss(empty, empty)))
+    assert float(denoising_loss(empty, empty, reduction="sum")) == 0.0
+    assert denoising_loss(empty, empty, reduction="none").shape == (0,)
+
+
+def test_denoising_loss_gradcheck_float64():
+    eps = torch.randn(3, 6, dtype=torch.float64)
+    eps_hat = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([1.0, 0.5, 3.0], dtype=torch.float64)
+    for reduction in ["none", "mean"]:
+        assert torch.autograd.gradcheck(lambda e: denoising_loss(e, eps, weight=w, reduction=reduction), (eps_hat,))
+    assert torch.autograd.gradcheck(lambda e: denoising_loss(e, seed=3, offset=9), (eps_hat,))
+
+
+def test_denoising_loss_backward_hands_out_the_forward_buffer():
+    """A broadcast-1 upstream (loss.backward() after a sum) takes the gradient written in the forward."""
+    eps_hat = torch.randn(4, 9, requires_grad=True)
+    denoising_loss(eps_hat, seed=0).backward()
+    ref_hat = eps_hat.detach().clone().requires_grad_()
+    R.denoising_loss(ref_hat, seed=0).backward()
+    torch.testing.assert_close(eps_hat.grad, ref_hat.grad)
+
+
+def test_denoising_loss_is_differentiable_once():
+    eps_hat = torch.randn(2, 3, requires_grad=True)
+    loss = denoising_loss(eps_hat, seed=0)
+    (grad,) = torch.autograd.grad(loss, eps_hat, create_graph=False)
+    assert grad.shape == eps_hat.shape
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(denoising_loss(eps_hat, seed=0), eps_hat, create_graph=True)
+
+
+def test_denoising_loss_no_grad_writes_no_gradient():
+    eps_hat = torch.randn(2, 3, requires_grad=True)
+    with torch.no_grad():
+        loss = denoising_loss(eps_hat, seed=0)
+    assert not loss.requires_grad
+
+
+# -----------------------------------------------------------------------------
+# integrate_step
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("regenerate", [False, True])
+def test_integrate_step_matches_oracle(device, backend, dtype, regenerate):
+    b, d = 5, 53
+    eps_hat = sample(b, d, dtype, device, seed=4)
+    eps = None if regenerate else sample(b, d, dtype, device, seed=5)
+    index = torch.tensor([2, 0, 2, 1, 2], device=device)
+    weight = torch.tensor([0.5, 1.0, 2.0, 3.0, 0.25], dtype=torch.float64, device=device)
+    baseline = torch.tensor([40.0, 50.0, 60.0, 30.0, 55.0], dtype=torch.float64, device=device)
+    kwargs = dict(seed=6, offset=7) if regenerate else {}
+    acc = torch.ones(3, 2, dtype=torch.float64, device=device)
+    want = acc.clone()
+    version = acc._version
+    integrate_step(eps_hat, eps, acc, weight=weight, baseline=baseline, index=index, backend=backend, **kwargs)
+    assert acc._version > version
+    R.integrate_step(eps_hat, eps, want, weight=weight, baseline=baseline, index=index, **kwargs)
+    rtol = 1e-5 if regenerate and dtype != torch.float64 else 1e-12  # regenerated eps: a few ulp apart
+    torch.testing.assert_close(acc, want, rtol=rtol, atol=rtol * 100)
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_integrate_step_is_deterministic_and_shapes(device, backend):
+    eps_hat = torch.randn(6, 3, 64, 64, device=device)  # several chunks per sample
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 2):
+            torch.set_num_threads(n_threads)
+            acc = torch.zeros(2, 2, dtype=torch.float64, device=device)
+            integrate_step(eps_hat, None, acc, weight=1.0, index=torch.arange(6, device=device) % 2, seed=1,
+                           backend=backend)
+            results.append(acc)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+    acc = torch.zeros(0, 2, dtype=torch.float64, device=device)
+    integrate_step(torch.zeros(0, 4, device=device), None, acc, weight=1.0, seed=0, backend=backend)
+    acc = torch.zeros(1, 2, dtype=torch.float64, device=device)
+    integrate_step(torch.zeros(1, 4, device=device), torch.ones(1, 4, device=device), acc, weight=2.0,
+                   baseline=1.0, backend=backend)
+    assert acc.tolist() == [[6.0, 36.0]]
+
+
+def test_integrate_step_non_contiguous():
+    eps_hat = torch.randn(5, 4).t()
+    eps = torch.randn(5, 4).t()
+    acc, want = torch.zeros(4, 2, dtype=torch.float64), torch.zeros(4, 2, dtype=torch.float64)
+    integrate_step(eps_hat, eps, acc, weight=1.0)
+    R.integrate_step(eps_hat, eps, want, weight=1.0)
+    torch.testing.assert_close(acc, want, rtol=1e-12, atol=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# Op registrations (schemas, fake implementations, autograd under AOT)
+# -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
+def test_opcheck(device, backend):
+    if backend == "triton" and device == "cpu":
+        pytest.skip("Triton's interpreter cannot run under opcheck's fake and meta tensors")
+    suffix = "_triton" if backend == "triton" else ""
+    if backend == "triton":
+        from fastbound.triton_kernels import continuous_loss  # noqa: F401  (registers the ops)
+    ops = torch.ops.fastbound
+    x = torch.randn(3, 5, device=device, requires_grad=True)
+    per_row = torch.rand(3, device=device)
+    torch.library.opcheck(getattr(ops, "continuous_perturb" + suffix).default,
+                          (x, per_row, per_row, 2, 0.5, 7, 11, True),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    for eps in (torch.randn(3, 5, device=device), None):
+        torch.library.opcheck(getattr(ops, "continuous_denoising_loss" + suffix).default,
+                              (x, eps, per_row, 7, 11, True),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    acc = torch.zeros(2, 2, dtype=torch.float64, device=device)
+    weight = torch.ones(3, dtype=torch.float64, device=device)
+    index = torch.tensor([0, 1, 1], device=device)
+    torch.library.opcheck(getattr(ops, "continuous_integrate_step" + suffix).default,
+                          (x.detach(), None, acc, weight, weight, index, 7, 11),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# -----------------------------------------------------------------------------
+# Bad input
+# -----------------------------------------------------------------------------
+
+X = torch.randn(2, 3)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: perturb(torch.tensor([[1.0, math.nan]]), 0.0), ValueError, "x must be finite"),
+    (lambda: perturb(torch.ones(2, 3, dtype=torch.int64), 0.0), TypeError, "x must have dtype"),
+    (lambda: perturb(torch.tensor(1.0), 0.0), ValueError, "x must have shape"),
+    (lambda: perturb(X, 0.0, warm="cauchy", warm_std=1.0), ValueError, "warm must be one of"),
+    (lambda: perturb(X, 0.0, warm="gaussian", warm_std=-0.1), ValueError, "warm_std must be finite and >= 0"),
+    (lambda: perturb(X, 0.0, warm="gaussian", warm_std=math.inf), ValueError, "warm_std"),
+    (lambda: perturb(X, 0.0, warm_std=0.5), ValueError, "needs a warm-up law"),
+    (lambda: perturb(X, torch.zeros(3)), ValueError, "logsnr must have one value per sample"),
+    (lambda: perturb(X, torch.zeros(2, 1)), ValueError, "logsnr must be a float or"),
+    (lambda: perturb(X, math.nan), ValueError, "logsnr must be finite"),
+    (lambda: perturb(X, torch.zeros(2, requires_grad=True)), ValueError, "logsnr.detach"),
+    (lambda: perturb(X, 0.0, seed=-1), ValueError, "seed must lie in"),
+    (lambda: perturb(X, 0.0, offset=2**64), ValueError, "offset must lie in"),
+    (lambda: perturb(X, 0.0, seed=1.5), TypeError, "seed must be an int"),
+    (lambda: perturb(X, 0.0, backend="cuda"), ValueError, "backend='cuda'"),
+    (lambda: denoising_loss(X), ValueError, "needs eps, or seed"),
+    (lambda: denoising_loss(X, torch.zeros(3, 2)), ValueError, "eps has shape"),
+    (lambda: denoising_loss(X, X.double()), TypeError, "eps has dtype"),
+    (lambda: denoising_loss(X, X, seed=1), ValueError, "not both"),
+    (lambda: denoising_loss(X, X, offset=3), ValueError, "offset applies only"),
+    (lambda: denoising_loss(X, X, reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda: denoising_loss(X, X, weight=torch.ones(3)), ValueError, "weight must have one value per sample"),
+    (lambda: denoising_loss(X, X.clone().requires_grad_()), ValueError, "eps.detach"),
+    (lambda: integrate_step(X, X, torch.zeros(2, 2), weight=1.0), TypeError, "acc must have dtype"),
+    (lambda: integrate_step(X, X, torch.zeros(2, 3, dtype=torch.float64), weight=1.0), ValueError, "acc must be"),
+    (lambda: integrate_step(X, X, torch.zeros(3, 2, dtype=torch.float64), weight=1.0), ValueError, "one row per"),
+    (lambda: integrate_step(X, X, torch.zeros(1, 2, dtype=torch.float64), weight=1.0, index=torch.tensor([0, 1])),
+     ValueError, "index contains id 1"),
+    (lambda: integrate_step(X, X, torch.zeros(2, 2, dtype=torch.float64), weight=None), ValueError, "weight"),
+    (lambda: integrate_step(X, X, torch.zeros(2, 2, dtype=torch.float64), weight=1.0, baseline=math.nan),
+     ValueError, "baseline must be finite"),
+])  # fmt: skip
+def test_bad_input_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
