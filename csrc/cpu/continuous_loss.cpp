@@ -25,7 +25,7 @@
 
 #include "convert.h"
 #include "fastbound/continuous.h"
-#include "fastbound/continuous_checks.h"
+#include "common/continuous_checks.h"
 #include "vectorize.h"
 
 namespace fastbound {

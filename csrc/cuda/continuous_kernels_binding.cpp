@@ -1,7 +1,7 @@
 // Torch binding of the continuous CUDA kernels (csrc/cuda/continuous_kernels.cu):
 // `TORCH_LIBRARY_IMPL(fastbound, CUDA, m)` for continuous_perturb,
 // continuous_denoising_loss and continuous_integrate_step, with the CPU kernels'
-// contract checks (fastbound/continuous_checks.h). Built only with a CUDA torch.
+// contract checks (common/continuous_checks.h). Built only with a CUDA torch.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -14,7 +14,7 @@
 #include <tuple>
 
 #include "continuous_kernels.cuh"
-#include "fastbound/continuous_checks.h"
+#include "common/continuous_checks.h"
 
 namespace fastbound {
 namespace gpu {
