@@ -99,8 +99,8 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton"],
-        "train": ["tqdm", "matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "triton", "hypothesis", "tqdm", "matplotlib"],
+        "train": ["tqdm", "matplotlib", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "triton", "hypothesis", "tqdm", "matplotlib", "scikit-learn"],
     },
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},

@@ -52,3 +52,23 @@ def select(device: torch.device, backend: str | None) -> str:
             raise ValueError("this fastbound was built without CUDA kernels; use backend='triton' or rebuild")
         return requested
     raise ValueError(f"fastbound has no kernels for device type {device.type!r}")
+
+
+_KERNELS: dict[tuple[str, str], object] = {}
+
+
+def kernel(backend: str, name: str):
+    """The op ``torch.ops.fastbound.<name>`` of a resolved ``backend``, looked up once.
+
+    Triton ops carry the suffix ``_triton``; the first lookup imports `fastbound.triton_kernels`,
+    which registers every one of them.
+    """
+    key = (backend, name)
+    op = _KERNELS.get(key)
+    if op is None:
+        if backend == "triton":
+            from . import triton_kernels  # noqa: F401  (registers the *_triton ops)
+
+            name += "_triton"
+        op = _KERNELS[key] = getattr(torch.ops.fastbound, name)
+    return op

@@ -27,14 +27,6 @@ def _integrate_step_fake(out, x_t, x0, sigma, weight, acc, index, loss, graph, m
     return None
 
 
-def _op(backend: str):
-    if backend == "triton":
-        from .triton_kernels import integrate as _triton_integrate  # noqa: F401  (registers the op)
-
-        return torch.ops.fastbound.integrate_step_triton
-    return torch.ops.fastbound.integrate_step
-
-
 def _per_sequence(name: str, value: float | torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
     """A float or a (B,) / (B, 1) tensor as a contiguous float64 (B,) tensor."""
     if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape[1] == 1:
@@ -126,7 +118,7 @@ def integrate_step(
     if n_cols > 1 and out.stride(2) != 1:
         out = out.contiguous()
     with torch.no_grad():
-        _op(kernel_backend)(
+        _backend.kernel(kernel_backend, "integrate_step")(
             out.detach(), xt, x0l, sigma_rows, weight_rows, acc, index,
             _names.LOSS_CODES[loss], _names.GRAPH_CODES[graph], mask_id, ignore_index,
         )

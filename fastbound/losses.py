@@ -20,22 +20,6 @@ from . import _validate as v
 Reduction = Literal["none", "sum", "mean"]
 REDUCTIONS = _names.REDUCTIONS
 
-_OPS: dict[tuple[str, str], object] = {}
-
-
-def _kernel(backend: str, name: str):
-    """The op ``name`` of ``backend`` (Triton ops carry the suffix ``_triton``), looked up once."""
-    key = (backend, name)
-    op = _OPS.get(key)
-    if op is None:
-        if backend == "triton":
-            from . import triton_kernels  # noqa: F401  (registers the *_triton ops)
-
-            name += "_triton"
-        op = _OPS[key] = getattr(torch.ops.fastbound, name)
-    return op
-
-
 _CHECKED: dict[tuple, str] = {}
 """Argument signatures (types, dtypes, shapes, devices, options) already validated -> kernel backend."""
 _MAX_CHECKED = 256
@@ -195,7 +179,7 @@ class DseKernel:
     """
 
     def __init__(self, backend, graph, mask_id, n_cols, x_t, x0, ignore_index):
-        self.op, self.op_inplace = _kernel(backend, "dse_forward"), _kernel(backend, "dse_forward_inplace")
+        self.op, self.op_inplace = _backend.kernel(backend, "dse_forward"), _backend.kernel(backend, "dse_forward_inplace")
         self.code, self.mask_id, self.n_cols = graph, mask_id, n_cols
         self.x_t, self.x0, self.ignore_index = x_t, x0, ignore_index
         self.ints = (graph, mask_id, ignore_index)
@@ -237,7 +221,7 @@ class DceKernel:
     """Runs the masked cross-entropy op for fixed ids (no sigma)."""
 
     def __init__(self, backend, mask_id, x_t, x0, ignore_index):
-        self.op, self.op_inplace = _kernel(backend, "dce_forward"), _kernel(backend, "dce_forward_inplace")
+        self.op, self.op_inplace = _backend.kernel(backend, "dce_forward"), _backend.kernel(backend, "dce_forward_inplace")
         self.x_t, self.x0, self.ints = x_t, x0, (mask_id, ignore_index)
 
     def run(self, score, sigma, row_scale, need_grad):

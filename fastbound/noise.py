@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -108,14 +108,6 @@ def _philox4x32_fake(counter, seed):
     return counter.new_empty(counter.shape)
 
 
-def _kernel(backend: str, name: str) -> Callable:
-    if backend == "triton":
-        from .triton_kernels import perturb as _triton_perturb  # noqa: F401  (registers the *_triton ops)
-
-        name += "_triton"
-    return getattr(torch.ops.fastbound, name)
-
-
 def _uint64(name: str, value: object) -> int:
     """Checks an int in [0, 2^64) and returns its int64 bit pattern (what the ops take)."""
     if not isinstance(value, int) or isinstance(value, bool):
@@ -147,7 +139,7 @@ def philox_words(n: int, *, seed: int, offset: int = 0, device: torch.device | s
     index = torch.arange(n, dtype=torch.int64, device=dev) + offset_bits  # wraps mod 2^64
     zeros = torch.zeros_like(index)
     counter = torch.stack([index & 0xFFFFFFFF, (index >> 32) & 0xFFFFFFFF, zeros, zeros], dim=1)
-    return _kernel(_backend.select(dev, backend), "philox4x32")(counter, seed_bits)
+    return _backend.kernel(_backend.select(dev, backend), "philox4x32")(counter, seed_bits)
 
 
 def _uniforms(n: int, seed: int, offset: int, device, backend) -> torch.Tensor:
@@ -326,7 +318,7 @@ def perturb(
         return Perturbed(x0.clone(), torch.zeros(x0.shape, dtype=torch.bool, device=device))
     if kernel_backend != "cpu":  # the C++ CPU kernel checks the ids itself, in the same pass
         v.check_id_range("x0", flat, 0, vocab_size)
-    op = _kernel(kernel_backend, "perturb")
+    op = _backend.kernel(kernel_backend, "perturb")
     x_t, mask = op(flat.contiguous(), threshold, k, maskable, vocab_size, mask_id, _names.GRAPH_CODES[graph],
                    seed_bits, offset_bits)
     if one_row:

@@ -288,16 +288,13 @@ def test_training_step_captures_in_a_cuda_graph(loss_name):
 # --- Triton launches: on the inputs' device, one registration path, no recompiles ---------------
 
 TRITON_SOURCES = pathlib.Path(fb.__file__).parent / "triton_kernels"
-NOT_YET_ON_COMMON = "continuous_*.py"
-"""The continuous kernels (another branch) still call wrap_triton / triton_op themselves: when they
-move to `_common.launch` / `_common.register_op`, drop this exception."""
 
 
 @pytest.mark.triton
 def test_every_triton_launch_and_registration_goes_through_common():
     """Only `_common` calls wrap_triton / triton_op: every other module launches via the device-guarded helper."""
     for path in TRITON_SOURCES.glob("*.py"):
-        if path.name == "_common.py" or path.match(NOT_YET_ON_COMMON):
+        if path.name == "_common.py":
             continue
         source = path.read_text()
         assert "wrap_triton" not in source and "triton_op" not in source, path.name

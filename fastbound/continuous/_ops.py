@@ -17,6 +17,7 @@ import torch
 
 from .. import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
 from .. import _ops as _discrete_ops
+from .._backend import kernel
 
 OPS = ("continuous_perturb", "continuous_denoising_loss", "continuous_integrate_step")
 
@@ -60,23 +61,14 @@ def register_autograd(suffix: str = "") -> None:
 register_autograd()
 
 
-def op(backend: str, name: str):
-    """The op ``name`` of ``backend`` ("cpu", "cuda" or "triton")."""
-    if backend == "triton":
-        from ..triton_kernels import continuous_loss, continuous_noise  # noqa: F401  (register the *_triton ops)
-
-        name += "_triton"
-    return getattr(torch.ops.fastbound, name)
-
-
 def perturb(backend, x, alpha, sigma, law, warm_std, seed, offset, return_warm):
-    return op(backend, "continuous_perturb")(x, alpha, sigma, law, warm_std, seed, offset, return_warm)
+    return kernel(backend, "continuous_perturb")(x, alpha, sigma, law, warm_std, seed, offset, return_warm)
 
 
 def denoising_loss(backend, eps_hat, eps, scale, seed, offset):
     need_grad = torch.is_grad_enabled() and eps_hat.requires_grad
-    return op(backend, "continuous_denoising_loss")(eps_hat, eps, scale, seed, offset, need_grad)[0]
+    return kernel(backend, "continuous_denoising_loss")(eps_hat, eps, scale, seed, offset, need_grad)[0]
 
 
 def integrate_step(backend, eps_hat, eps, acc, weight, baseline, index, seed, offset):
-    op(backend, "continuous_integrate_step")(eps_hat, eps, acc, weight, baseline, index, seed, offset)
+    kernel(backend, "continuous_integrate_step")(eps_hat, eps, acc, weight, baseline, index, seed, offset)

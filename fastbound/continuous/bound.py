@@ -104,8 +104,9 @@ from typing import Callable, Literal
 import torch
 
 from .. import _validate as v
+from ._args import check_warm
 from .integrate import integrate_step
-from .noise import WARM_LAWS, perturb
+from .noise import perturb
 from .schedules import LogisticProposal, _check_range
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -206,14 +207,7 @@ def _setup(method, data, warm, warm_std, logsnr_min, logsnr_max, n_samples, n_st
            backend) -> _Setup:
     v.check_choice("method", method, METHODS)
     v.check_choice("data", data, DATA_KINDS)
-    if warm is not None:
-        v.check_choice("warm", warm, WARM_LAWS)
-    if not isinstance(warm_std, (int, float)) or isinstance(warm_std, bool):
-        raise TypeError(f"warm_std must be a float, got {type(warm_std).__name__}")
-    if not (math.isfinite(warm_std) and warm_std >= 0):
-        raise ValueError(f"warm_std must be finite and >= 0, got {warm_std}")
-    if warm is None and warm_std != 0:
-        raise ValueError(f"warm_std={warm_std} needs a warm-up law: pass warm= one of {WARM_LAWS}")
+    check_warm(warm, warm_std)
     logsnr_min, logsnr_max = _check_range(logsnr_min, logsnr_max)
     n_samples = _check_int("n_samples", n_samples, 1)
     if n_steps is not None and method != "quadrature":

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _names
+from .. import _backend, _names
 from .. import _validate as v
-from ..losses import _kernel
 
 LOSSES = ("dse", "dce")
 SCORE_PARAMS = ("raw", "sedd")
@@ -146,5 +145,5 @@ def row_losses(spec: HeadSpec, scores: torch.Tensor, sigma: torch.Tensor, x_t: t
     else:
         name, ids, codes = "dce_forward", (x_t, x0, row_scale), (spec.mask_id, spec.ignore_index)
     if need_grad:
-        return _kernel(spec.backend, name + "_inplace")(scores, *ids, *codes)
-    return _kernel(spec.backend, name)(scores, *ids, *codes, False)[0]
+        return _backend.kernel(spec.backend, name + "_inplace")(scores, *ids, *codes)
+    return _backend.kernel(spec.backend, name)(scores, *ids, *codes, False)[0]

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train a small masked (absorbing) or uniform discrete diffusion language model with "
             "fastbound's fused losses and report the NLL bound it reaches in bits per token. "
-            "The default data is a random Markov chain whose entropy rate is known exactly."
+            "The default data is a random Markov chain whose entropy rate is known exactly. "
+            "'python -m fastbound.train continuous --help': the continuous-data reference run "
+            "(warm-start Gaussian-channel NLL bound, fastbound.continuous)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

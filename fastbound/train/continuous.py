@@ -21,6 +21,7 @@ Writes OUT/summary.json, OUT/ablation.md, OUT/training_curve.png and OUT/integra
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -29,7 +30,6 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fastbound.continuous import (WARM_LAWS, LogisticProposal, denoising_loss, from_8bit, nll_bound, perturb,
                                   uniform_dequantisation_std)
@@ -282,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         args.train_size, args.test_size, args.eval_draws, args.n_evals = 512, 64, 4, 2
         args.integrand_samples, args.entropy_samples, args.width = 16, 4000, 32
     _check(p, args)
+    missing = [name for name in ("tqdm", "matplotlib", "sklearn") if importlib.util.find_spec(name) is None]
+    if missing:
+        p.error(f"the continuous run needs {', '.join(missing)}: pip install 'fastbound[train]'")
+    from tqdm.auto import tqdm
+
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)

@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from ..continuous import _ops
+from ._common import launch, register_op
 from .continuous_noise import check_per_row, check_rows, compute_dtype, regenerated_eps, round_to, salted_seed
 
 MAX_BLOCK = 2048
@@ -58,8 +58,8 @@ def _row_sums(eps_hat, eps, scale, grad, out, seed, offset, write_grad):
         return
     block = min(MAX_BLOCK, max(32, triton.next_power_of_2(max(cols, 1))))
     dt = tl.float64 if compute_dtype(eps_hat) == torch.float64 else tl.float32
-    wrap_triton(_row_kernel)[(rows,)](
-        eps_hat, eps if eps is not None else eps_hat, scale, grad, out, cols, salted_seed(seed), offset,
+    launch(
+        _row_kernel, (rows,), eps_hat.device, eps_hat, eps if eps is not None else eps_hat, scale, grad, out, cols, salted_seed(seed), offset,
         HAS_EPS=eps is not None, WRITE_GRAD=write_grad, DT=dt, BLOCK=block, num_warps=max(1, min(8, block // 256)),
     )  # fmt: skip
 
@@ -71,7 +71,7 @@ def _check_eps(eps_hat: torch.Tensor, eps: Optional[torch.Tensor]) -> None:
         raise ValueError("eps must be contiguous with eps_hat's shape, dtype and device")
 
 
-@triton_op("fastbound::continuous_denoising_loss_triton", mutates_args=())
+@register_op("continuous_denoising_loss")
 def continuous_denoising_loss_triton(eps_hat: torch.Tensor, eps: Optional[torch.Tensor], scale: torch.Tensor,
                                      seed: int, offset: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(0.5 scale_b ‖ε_b − ε̂_b‖² (B,), scale_b (ε̂ − ε) or empty); see `fastbound.continuous.denoising_loss`."""
@@ -102,7 +102,7 @@ def _scatter_kernel(sums_ptr, weight_ptr, baseline_ptr, index_ptr, acc_ptr, n, n
         tl.store(acc_ptr + 2 * slot + 1, tl.load(acc_ptr + 2 * slot + 1, mask=ok) + value * value, mask=ok)
 
 
-@triton_op("fastbound::continuous_integrate_step_triton", mutates_args={"acc"})
+@register_op("continuous_integrate_step", mutates_args={"acc"})
 def continuous_integrate_step_triton(eps_hat: torch.Tensor, eps: Optional[torch.Tensor], acc: torch.Tensor,
                                      weight: torch.Tensor, baseline: Optional[torch.Tensor],
                                      index: Optional[torch.Tensor], seed: int, offset: int) -> None:
@@ -122,8 +122,8 @@ def continuous_integrate_step_triton(eps_hat: torch.Tensor, eps: Optional[torch.
         return
     sums = torch.empty(rows, dtype=torch.float64, device=eps_hat.device)
     _row_sums(eps_hat, eps, sums, eps_hat, sums, seed, offset, False)
-    wrap_triton(_scatter_kernel)[(1,)](
-        sums, weight, baseline if baseline is not None else weight, index if index is not None else sums, acc, rows,
+    launch(
+        _scatter_kernel, (1,), eps_hat.device, sums, weight, baseline if baseline is not None else weight, index if index is not None else sums, acc, rows,
         acc.shape[0],
         HAS_BASELINE=baseline is not None, HAS_INDEX=index is not None,
     )  # fmt: skip

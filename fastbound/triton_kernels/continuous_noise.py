@@ -21,9 +21,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from ..continuous.reference import KEY_SALT, WARM_CODES
+from ._common import launch, register_op
 
 ELEMENTS_PER_PROGRAM = 1024
 
@@ -134,7 +134,7 @@ def check_per_row(name: str, rows: torch.Tensor, t: torch.Tensor, dtype: torch.d
         raise ValueError(f"{name} must be a contiguous ({rows.shape[0]},) {dtype} tensor on {rows.device}")
 
 
-@triton_op("fastbound::continuous_perturb_triton", mutates_args=())
+@register_op("continuous_perturb")
 def continuous_perturb_triton(x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor, warm: int, warm_std: float,
                               seed: int, offset: int, return_warm: bool
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,8 +150,8 @@ def continuous_perturb_triton(x: torch.Tensor, alpha: torch.Tensor, sigma: torch
     n = x.numel()
     if n:
         std = torch.full((1,), warm_std, dtype=dt, device=x.device)
-        wrap_triton(_perturb_kernel)[(triton.cdiv(n, ELEMENTS_PER_PROGRAM),)](
-            x, alpha, sigma, std, z, eps, x_warm if return_warm else z, n, x.shape[1], salted_seed(seed), offset,
+        launch(
+            _perturb_kernel, (triton.cdiv(n, ELEMENTS_PER_PROGRAM),), x.device, x, alpha, sigma, std, z, eps, x_warm if return_warm else z, n, x.shape[1], salted_seed(seed), offset,
             LAW=warm, RETURN_WARM=return_warm, DT=tl.float64 if dt == torch.float64 else tl.float32,
             BLOCK=ELEMENTS_PER_PROGRAM,
         )  # fmt: skip
