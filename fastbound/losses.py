@@ -153,12 +153,19 @@ def check_dce_ids(checks: v.ValueChecks, x_t: torch.Tensor, x0: torch.Tensor, n_
     checks.add(x0 == mask_id, lambda: f"x0 contains the mask id {mask_id}; clean tokens cannot be masked")
 
 
-def _ids_within(ids: torch.Tensor, n_cols: int, mask_id: int) -> bool:
-    """Whether all ids lie in [0, V), from one reduction (the common case of a mask inside the logits)."""
-    if ids.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(ids)
-    return lo.item() >= 0 and hi.item() < n_cols
+def _ids_plainly_valid(x_t: torch.Tensor, x0: torch.Tensor, n_cols: int, mask_id: int) -> bool:
+    """Whether every id is valid by two reductions (the common case, eager CPU): x_t in [0, V) and
+    x0 in [0, V) and below a last-column mask. Anything else (``ignore_index`` in x0, a mask column
+    inside the row, an id out of range) is left to the full checks, which name the culprit."""
+    x0_end = n_cols - 1 if mask_id == n_cols - 1 else n_cols
+    if mask_id >= 0 and mask_id < n_cols - 1:
+        return False
+    for ids, end in ((x_t, n_cols), (x0, x0_end)):
+        if ids.numel():
+            lo, hi = torch.aminmax(ids)
+            if lo.item() < 0 or hi.item() >= end:
+                return False
+    return True
 
 
 def _log_expm1(sigma: torch.Tensor) -> torch.Tensor:
@@ -305,9 +312,9 @@ def dse_loss(
     sigma_rows = v.as_rows("sigma", sigma, x_t.shape, row_scale.dtype, flat.device, differentiable=True)
     if not v.tracing(flat):
         sigma_detail = f" (in {sigma_rows.dtype}, the accumulation dtype of {flat.dtype} scores)"
-        if kernel_backend == "cpu" and mask in (-1, n_cols - 1):
-            # The CPU kernels raise on ids out of range themselves (x0 where it is read): only sigma
-            # is left, checked with the fewest ops (log is finite exactly for positive finite values).
+        if kernel_backend == "cpu" and _ids_plainly_valid(xt, x0f, n_cols, mask):
+            # Ids valid by two reductions: only sigma is left, checked with the fewest ops (log is
+            # finite exactly for positive finite values).
             if isinstance(sigma, torch.Tensor) and not bool(torch.isfinite(sigma_rows.detach().log()).all()):
                 raise ValueError(f"sigma must be positive and finite everywhere{sigma_detail}")
         else:
@@ -356,8 +363,9 @@ def dce_loss(
         logits, x_t, x0, weight, reduction, ignore_index, backend, inplace, "logits"
     )
     mask_id = dce_mask_id(mask_id, flat.shape[1])
-    if not v.tracing(flat) and not (kernel_backend == "cpu" and _ids_within(xt, flat.shape[1], mask_id)):
-        # Off the CPU, or when x_t is not plainly in range: the full checks (the CPU kernel checks x0).
+    plain = kernel_backend == "cpu" and _ids_plainly_valid(xt, x0f, flat.shape[1], mask_id)
+    if not v.tracing(flat) and not plain:
+        # Off the CPU, or when the ids are not plainly valid: the full checks, naming the culprit.
         checks = v.ValueChecks()
         check_dce_ids(checks, xt, x0f, flat.shape[1], mask_id, ignore_index)
         checks.run()

@@ -186,7 +186,9 @@ def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: to
     t = v.check_float_tensor(name, value)
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x0 is on {device}; move it to {device}")
-    p = _per_position(name, t.detach(), rows, cols, one_row).to(torch.float64, copy=True)
+    # Contiguous: the kernels read the threshold with a unit column stride (a transposed sigma is not).
+    p = _per_position(name, t.detach(), rows, cols, one_row)
+    p = p.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
     if v.eager(p) and p.numel():
         lo, hi = (float(x) for x in torch.aminmax(p))  # NaN makes both comparisons fail
         if is_sigma and not (lo >= 0 and hi < math.inf):
