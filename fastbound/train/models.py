@@ -5,7 +5,8 @@ r"""A small bidirectional transformer denoiser for discrete diffusion (plain PyT
 `fastbound.estimate_nll` expects; ``Denoiser.features`` gives the hidden states before the
 final linear layer ``head``, for the fused output-layer losses and ``estimate_nll(head=...)``.
 Attention is bidirectional (no causal mask), as in the denoisers of SEDD (Lou et al. 2024)
-and MDLM (Sahoo et al. 2024), and positions enter through rotary embeddings (Su et al. 2021, RoFormer), which make "look at my neighbours" easy to learn.
+and MDLM (Sahoo et al. 2024), and positions enter through rotary embeddings (Su et al. 2021,
+RoFormer), which make "look at my neighbours" easy to learn.
 
 With the absorbing graph the denoiser needs no time input: the clean-data posterior at a
 masked position does not depend on :math:`\sigma` (Ou et al. 2024, RADD; MDLM's SUBS), so
