@@ -29,6 +29,14 @@ Providers:
   smoke grid leaves this provider out;
 * ``floor``: ``DRAWS`` reads (``sum()``) of the denoiser output, one per denoiser call.
 
+The ``estimate_nll_head`` case is issue 10's likelihood evaluation without logits: the
+denoiser returns stored (B, L, H) hidden states (H = `HIDDEN`) of a model that ends in a
+linear layer. ``fastbound`` passes the layer as ``estimate_nll(head=(weight, bias))``, which
+forms the scores of the masked rows only, a chunk at a time; ``eager`` is the materialised
+path, the same `fastbound.estimate_nll` on ``F.linear(hidden, weight, bias)`` computed by the
+denoiser (the (B, L, V) scores every call). Same draws, so the estimates agree to float
+rounding (`HEAD_RTOL`); the peak memory of ``fastbound`` does not grow with V·L.
+
 Agreement: both estimators with the same seed see the same draws, so their estimates
 and standard errors agree to float rounding (`check_estimate`). The report puts these
 rows in their own table, with overhead = (estimate time - denoiser time) / floor time
@@ -40,6 +48,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 
 import fastbound
 
@@ -52,6 +61,13 @@ METHOD = "time_free"
 RTOL = 1e-6
 """Relative tolerance, also absolute as a fraction of the largest estimate: the per-draw
 sums agree to ~1e-8 relative (fp32 losses summed in float64, in different orders)."""
+
+
+HIDDEN = 512
+"""Hidden size of the ``estimate_nll_head`` case (issue 10's H)."""
+HEAD_RTOL = 1e-5
+"""Tolerance of the head case: the chunk's matmul over masked rows and the full (B·L, V) matmul
+block the fp32 dot products differently (~1e-7 relative per score)."""
 
 
 class StoredOutput:
@@ -82,18 +98,45 @@ def estimate_inputs(shape: Shape, dtype: torch.dtype, generator: torch.Generator
     return dict(denoiser=StoredOutput(out), out=out, x0=data.clean_ids(shape, shape.vocab - 1, generator))
 
 
-def _options(out: torch.Tensor) -> dict:
-    return dict(method=METHOD, loss="dce", vocab_size=out.shape[-1] - 1, n_samples=DRAWS, seed=0)
+def _options(width: int) -> dict:
+    """The estimate of ``width`` output columns: the real tokens and the mask (last)."""
+    return dict(method=METHOD, loss="dce", vocab_size=width - 1, n_samples=DRAWS, seed=0)
 
 
 def fastbound_estimate(denoiser, out, x0):
-    estimate = fastbound.estimate_nll(denoiser, x0, **_options(out))
+    estimate = fastbound.estimate_nll(denoiser, x0, **_options(out.shape[-1]))
     return estimate.nll, estimate.stderr
 
 
 def eager_estimate(denoiser, out, x0):
-    estimate = eager_estimator.estimate_nll(denoiser, x0, **_options(out))
+    estimate = eager_estimator.estimate_nll(denoiser, x0, **_options(out.shape[-1]))
     return estimate.nll, estimate.stderr
+
+
+def head_inputs(shape: Shape, dtype: torch.dtype, generator: torch.Generator) -> dict:
+    """Hidden states, an output layer of V = vocab columns (the mask last) with unit-scale scores, clean sequences."""
+    device = generator.device
+    hidden = torch.randn(shape.batch, shape.length, HIDDEN, generator=generator, device=device).to(dtype)
+    weight = (torch.randn(shape.vocab, HIDDEN, generator=generator, device=device) / HIDDEN**0.5).to(dtype)
+    bias = (0.1 * torch.randn(shape.vocab, generator=generator, device=device)).to(dtype)
+    return dict(hidden=hidden, weight=weight, bias=bias, x0=data.clean_ids(shape, shape.vocab - 1, generator))
+
+
+def head_estimate(hidden, weight, bias, x0):
+    estimate = fastbound.estimate_nll(StoredOutput(hidden), x0, head=(weight, bias), **_options(weight.shape[0]))
+    return estimate.nll, estimate.stderr
+
+
+def materialised_estimate(hidden, weight, bias, x0):
+    denoiser = lambda x_t, sigma: F.linear(hidden, weight, bias)  # noqa: E731
+    estimate = fastbound.estimate_nll(denoiser, x0, **_options(weight.shape[0]))
+    return estimate.nll, estimate.stderr
+
+
+def check_head_estimate(actual: dict, expected: dict, inputs: dict) -> None:
+    scale = expected["output0"].abs().max().item()
+    for key in ("output0", "output1"):
+        torch.testing.assert_close(actual[key], expected[key], rtol=HEAD_RTOL, atol=HEAD_RTOL * scale)
 
 
 def read_each_draw(denoiser, out, x0):
@@ -122,7 +165,20 @@ CASES = [
         fullgraph=False,
         smoke_providers=("fastbound", "eager", "floor"),
         info=dict(draws=DRAWS, method=METHOD, denoiser_seconds=DRAWS * seconds_per_call()),
-    )
+    ),
+    Case(
+        "estimate_nll_head",
+        head_inputs,
+        head_estimate,
+        materialised_estimate,
+        floor="hidden",
+        check=check_head_estimate,
+        dtypes=(torch.float32,),
+        fullgraph=False,
+        smoke_providers=("fastbound", "eager", "floor"),
+        working_set=lambda shape: 4 * 4 * shape.tokens * shape.vocab,
+        info=dict(draws=DRAWS, method=METHOD, hidden=HIDDEN, eager="materialised scores"),
+    ),
 ]
 
 

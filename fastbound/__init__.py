@@ -2,6 +2,8 @@
 
 Public API:
     dse_loss, dce_loss          fused score-entropy (SEDD) and cross-entropy (MDLM) losses
+    fused_linear_dse_loss,      the same losses from hidden states and the output layer, never
+    fused_linear_dce_loss       forming the (tokens x vocab) scores (estimate_nll(head=...) too)
     schedules                   noise schedules (LogLinear, Geometric, Cosine)
     perturb, sample_times,      fused noise sampling x0 -> x_t and time / mask-count samplers,
     sample_num_masked           reproducible on every backend (counter-based Philox4x32-10)

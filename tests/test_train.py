@@ -17,6 +17,7 @@ import torch
 
 from fastbound.train import checkpoint, main
 from fastbound.train.loop import learning_rate
+from fastbound.train.models import Denoiser, DenoiserConfig
 from fastbound.train.objective import Objective
 from fastbound import derive_seed
 from fastbound import schedules
@@ -192,7 +193,51 @@ def test_help(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
-    assert "--eval-every" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "--eval-every" in printed and "--no-fused-head" in printed
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("loss,graph", [("dce", "absorb"), ("dse", "absorb"), ("dse", "uniform")])
+def test_fused_head_matches_unfused_step(loss, graph, dtype):
+    """One objective evaluation on the features and the head equals the one on the logits, loss and gradients."""
+    obj = Objective(loss, graph, schedules.LogLinear(), num_tokens=7)
+    torch.manual_seed(0)
+    model = Denoiser(DenoiserConfig(vocab_size=obj.model_vocab, seq_len=12, d_model=16, n_layers=1, n_heads=2,
+                                    time_conditioning=graph == "uniform"))
+    with torch.no_grad():  # a head whose scores are not all near 0, so the gradients are of size
+        model.head.weight.mul_(20)
+        model.head.bias.normal_()
+    x0 = torch.randint(0, 7, (6, 12), generator=torch.Generator().manual_seed(1))
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else None
+    results = []
+    for head in (None, model.head):
+        model.zero_grad(set_to_none=True)
+        value = obj(model, x0, seed=2, step=3, rows=slice(0, 6), global_batch=6, autocast=autocast, head=head)
+        value.backward()
+        results.append((value.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (unfused, grads_unfused), (fused, grads_fused) = results
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype is None else dict(rtol=2e-2, atol=2e-2)  # bf16: ulp 4e-3
+    assert float(unfused) > 0
+    torch.testing.assert_close(fused, unfused, **tol)
+    for name, grad in grads_unfused.items():
+        assert grad.abs().max() > 0, name
+        scale = float(grad.abs().max())
+        torch.testing.assert_close(grads_fused[name], grad, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=name)
+    with pytest.raises(ValueError, match="oracle"):
+        Objective(loss, graph, schedules.LogLinear(), num_tokens=7, oracle=True)(
+            model, x0, seed=2, step=3, rows=slice(0, 6), global_batch=6, head=model.head)
+
+
+def test_no_fused_head_flag_trains_on_the_logits(tmp_path):
+    """--no-fused-head runs the unfused losses and the estimate on logits; the two runs agree closely."""
+    runs = {}
+    for name, extra in (("fused", []), ("unfused", ["--no-fused-head"])):
+        out = str(tmp_path / name)
+        main([*TINY, "--steps", "4", "--eval-every", "4", "--out", out, *extra])
+        runs[name] = (_losses(out), _records(out, "eval")[-1]["bits"])
+    torch.testing.assert_close(torch.tensor(runs["fused"][0]), torch.tensor(runs["unfused"][0]), rtol=1e-5, atol=1e-7)
+    assert math.isclose(runs["fused"][1], runs["unfused"][1], rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("argv", [["--seq-len", "0"], ["--data", "/no/such/file.txt"]])

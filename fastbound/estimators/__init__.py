@@ -57,7 +57,8 @@ also converges fast on the uniform graph's :math:`\log(1/t)` endpoint behaviour.
 the uniform graph such rare large draws remain (weight ~ log(1/t)/t): the standard
 error is right on average but the per-sequence z-scores have heavier tails.
 
-Modules: `api` (the public functions), `options` (argument checks), `methods` (one object per
+Modules: `api` (the public functions), `options` (argument checks), `head` (the ``head=`` mode: hidden
+states and an output layer), `methods` (one object per
 method: its draws, weights and error estimate), `loop` (the chunked pass over the denoiser),
 `variance` (the standard-error formulas), `results` (the returned records).
 """

@@ -17,6 +17,7 @@ from ..integrate import integrate_step
 from ..schedules import Schedule
 from . import loop
 from .methods import Method as MethodObject
+from .head import check_head
 from .options import Batch, Options, batch, check_denoiser, check_memory, check_x0
 from .results import NLLEstimate, RatioEstimate
 
@@ -53,17 +54,28 @@ def _method(options: Options, checked: Batch, stream: int, per_draw_slots: bool)
     return kind(options, checked, stream, per_draw_slots)
 
 
+def _step(head: object, options: Options, device: torch.device,
+          step: loop.Step) -> tuple[loop.Step, tuple[int, int] | None]:
+    """The integration step and denoiser output width: ``step`` on scores, or the fused one of ``head``."""
+    if head is None:
+        return step, None
+    if step is not integrate_step:
+        raise ValueError("head= runs the fused integration step; it does not combine with another step")
+    return check_head(head, options, device)
+
+
 def nll(denoiser: Denoiser, x0: torch.Tensor, maskable: torch.Tensor | None, options: Options,
-        step: loop.Step = integrate_step) -> NLLEstimate:
-    """`estimate_nll` with checked ``options`` and the integration step ``step``."""
+        step: loop.Step = integrate_step, head: tuple | None = None) -> NLLEstimate:
+    """`estimate_nll` with checked ``options``, the integration step ``step`` and the output layer ``head``."""
     check_denoiser(denoiser)
     checked = batch(check_x0("x0", x0, options), maskable, options)
+    step, width = _step(head, options, checked.x0.device, step)
     if checked.x0.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.float64, device=checked.x0.device)
         return NLLEstimate(empty, empty.clone(), checked.n_tokens, empty.clone(), options.method)
     with torch.inference_mode():
         method = _method(options, checked, stream=0, per_draw_slots=False)
-        summary = method.summarise(loop.accumulate(denoiser, checked, method, step))
+        summary = method.summarise(loop.accumulate(denoiser, checked, method, step, width))
         estimate = summary.nll + uniform_terminal(options, checked.n_tokens)
         bits = estimate / (checked.n_tokens.double() * math.log(2))
         result = NLLEstimate(estimate, summary.stderr, checked.n_tokens, bits, options.method, summary.times,
@@ -73,8 +85,8 @@ def nll(denoiser: Denoiser, x0: torch.Tensor, maskable: torch.Tensor | None, opt
 
 
 def ratio(denoiser: Denoiser, x_a: torch.Tensor, x_b: torch.Tensor, coupled: bool, maskable: torch.Tensor | None,
-          options: Options, step: loop.Step = integrate_step) -> RatioEstimate:
-    """`log_likelihood_ratio` with checked ``options`` and the integration step ``step``."""
+          options: Options, step: loop.Step = integrate_step, head: tuple | None = None) -> RatioEstimate:
+    """`log_likelihood_ratio` with checked ``options``, the integration step ``step`` and the output layer ``head``."""
     check_denoiser(denoiser)
     if not isinstance(coupled, bool):
         raise TypeError(f"coupled must be a bool, got {type(coupled).__name__}")
@@ -85,14 +97,15 @@ def ratio(denoiser: Denoiser, x_a: torch.Tensor, x_b: torch.Tensor, coupled: boo
         raise ValueError(f"x_a is on {x_a.device} but x_b is on {x_b.device}")
     batch_a = batch(x_a, maskable, options)
     batch_b = batch_a._replace(x0=x_b)
+    step, width = _step(head, options, x_a.device, step)
     if x_a.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.float64, device=x_a.device)
         return RatioEstimate(empty, empty.clone())
     with torch.inference_mode():
         method_a = _method(options, batch_a, stream=0, per_draw_slots=True)
         method_b = _method(options, batch_b, stream=0 if coupled else 1, per_draw_slots=True)
-        draws_a = method_a.per_draw(loop.accumulate(denoiser, batch_a, method_a, step))
-        draws_b = method_b.per_draw(loop.accumulate(denoiser, batch_b, method_b, step))
+        draws_a = method_a.per_draw(loop.accumulate(denoiser, batch_a, method_a, step, width))
+        draws_b = method_b.per_draw(loop.accumulate(denoiser, batch_b, method_b, step, width))
         if coupled:
             value, stderr = method_a.mean_and_stderr(draws_b - draws_a)
         else:
@@ -117,6 +130,7 @@ def estimate_nll(
     batch_size: int | None = None,
     seed: int = 0,
     backend: str | None = None,
+    head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> NLLEstimate:
     r"""Estimates :math:`-\log p(x_0)` of each sequence under a diffusion model (see the module docstring).
 
@@ -161,11 +175,17 @@ def estimate_nll(
         seed: names the draws; the same seed gives the same estimate on every backend
             and ``batch_size``.
         backend: kernel backend for the noise and the integration step (see `fastbound._backend`).
+        head: ``(weight, bias)`` (or ``(weight,)``) of a denoiser that ends in a linear layer:
+            ``denoiser(x_t, sigma)`` then returns (B, L, H) hidden states, the scores are
+            ``hidden @ weight.T + bias`` (weight (V, H) with V the width above, bias (V,) or
+            None), and each chunk's integrand is computed from the contributing rows only
+            (`fastbound.fused_linear.head_integrate_step`), never forming the (B, L, V) output.
+            The estimate is that of the denoiser returning the scores, seed for seed.
 
     Runs under ``torch.inference_mode()``. Raises ValueError / TypeError naming the bad
     argument (including a denoiser output of the wrong shape or with NaN).
     """
-    return nll(denoiser, x0, maskable, _options(locals()))
+    return nll(denoiser, x0, maskable, _options(locals()), head=head)
 
 
 def log_likelihood_ratio(
@@ -186,6 +206,7 @@ def log_likelihood_ratio(
     batch_size: int | None = None,
     seed: int = 0,
     backend: str | None = None,
+    head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> RatioEstimate:
     r""":math:`\log p(x_a) - \log p(x_b)` per pair of sequences, with its standard error.
 
@@ -196,6 +217,6 @@ def log_likelihood_ratio(
     differences: where the sequences agree the losses cancel draw by draw (the coupled
     Monte-Carlo estimator of Jeon et al. 2025). ``coupled=False`` uses independent
     draws for ``x_b`` and adds the two variances. The remaining arguments are those of
-    `estimate_nll`; the uniform graph's terminal term cancels in the ratio.
+    `estimate_nll`; the uniform graph's terminal term cancels in the ratio (``head=`` included).
     """
-    return ratio(denoiser, x_a, x_b, coupled, maskable, _options(locals()))
+    return ratio(denoiser, x_a, x_b, coupled, maskable, _options(locals()), head=head)

@@ -48,14 +48,19 @@ def _denoise(denoiser, x_t: torch.Tensor, sigma: torch.Tensor, width: tuple[int,
     return out
 
 
-def accumulate(denoiser, batch: Batch, method: Method, step: Step = integrate_step) -> torch.Tensor:
-    """Runs every row of ``method`` through the denoiser in chunks; returns the (slots, 2) accumulator."""
+def accumulate(denoiser, batch: Batch, method: Method, step: Step = integrate_step,
+               width: tuple[int, int] | None = None) -> torch.Tensor:
+    """Runs every row of ``method`` through the denoiser in chunks; returns the (slots, 2) accumulator.
+
+    ``width`` is the allowed last dimension of the denoiser output (default
+    `Options.output_width`; the hidden size H in ``head=`` mode).
+    """
     options = method.options
     x0, maskable = batch.x0, batch.maskable
     n_seq, length = x0.shape
     acc = torch.zeros(method.n_slots, 2, dtype=torch.float64, device=x0.device)
     chunk = options.batch_size or max(n_seq, 1)
-    width = options.output_width()
+    width = options.output_width() if width is None else width
     x0_scored = x0 if maskable is None else torch.where(maskable, x0, IGNORE)
     for g0 in range(0, method.n_rows, chunk):
         g = torch.arange(g0, min(method.n_rows, g0 + chunk), device=x0.device)

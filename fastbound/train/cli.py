@@ -23,7 +23,7 @@ SEED_LIMIT = 2**63
 TRAJECTORY_FLAGS = (
     "steps", "batch_size", "seq_len", "lr", "warmup", "loss", "graph", "schedule", "dtype", "seed",
     "oracle", "data", "markov_symbols", "markov_order", "markov_concentration", "markov_seed",
-    "d_model", "n_layers", "n_heads", "time_conditioning",
+    "d_model", "n_layers", "n_heads", "time_conditioning", "no_fused_head",
 )
 
 
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--schedule", choices=SCHEDULES, default="loglinear", help="noise schedule")
     diff.add_argument("--oracle", action="store_true",
                       help="use the pure-PyTorch losses of fastbound.reference instead of the fused kernels")
+    diff.add_argument("--no-fused-head", action="store_true",
+                      help="compute the loss and the held-out estimate from the (B, L, V) logits instead of "
+                           "the fused output layer (fastbound.fused_linear_*_loss, estimate_nll(head=...))")
     diff.add_argument("--backend", choices=fastbound.BACKENDS, default="auto", help="fastbound kernel backend")
 
     model = p.add_argument_group("model")

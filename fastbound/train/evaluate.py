@@ -41,18 +41,26 @@ def evaluate(
     n_samples: int,
     seed: int,
     dtype: torch.dtype | None = None,
+    fused_head: bool = False,
 ) -> Evaluation:
-    """Estimates the bound on the held-out sequences ``x0`` (n, L), running the model in ``dtype``."""
+    """Estimates the bound on the held-out sequences ``x0`` (n, L), running the model in ``dtype``.
+
+    With ``fused_head`` the model returns its features (``model(x_t, sigma, features=True)``) and
+    the estimate takes its linear ``head`` as ``head=``, so the (n, L, V) logits are never formed.
+    """
     autocast = torch.autocast(x0.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    extra = dict(features=True) if fused_head else {}
 
     def denoiser(x_t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         with autocast:
-            return model(x_t, sigma).float()
+            return model(x_t, sigma, **extra).float()
 
     if objective.graph == "absorb":
         options = dict(method="time_free", loss="dce", mask_id=objective.mask_id)
     else:
         options = dict(method="mc", loss="dse", graph="uniform", schedule=objective.schedule)
+    if fused_head:
+        options["head"] = (model.head.weight.float(), None if model.head.bias is None else model.head.bias.float())
     est = fastbound.estimate_nll(denoiser, x0, vocab_size=objective.num_tokens, n_samples=n_samples,
                                  seed=seed, backend=objective.backend, **options)
     per_token = est.bits_per_token

@@ -117,10 +117,15 @@ class Run:
             )
         distributed.barrier(self.topo)
 
+    @property
+    def fused_head(self) -> bool:
+        """Whether the loss and the estimate run on the model's features and its linear head (not the oracle)."""
+        return not (self.args.no_fused_head or self.args.oracle)
+
     def evaluate(self, step: int) -> Evaluation:
         result = evaluate(self.model, self.heldout, self.objective, n_samples=self.args.eval_samples,
                           seed=fastbound.derive_seed(self.args.seed, _EVAL_STREAM),
-                          dtype=torch.bfloat16 if self.autocast is not None else None)
+                          dtype=torch.bfloat16 if self.autocast is not None else None, fused_head=self.fused_head)
         self.log.write({"kind": "eval", "step": step, "bits": result.bits_per_token, "stderr": result.stderr})
         return result
 
@@ -223,7 +228,7 @@ def train_step(run: Run, step: int) -> float:
         group["lr"] = learning_rate(step, args)
     x0 = run.source.train_batch(args.seed, step, args.batch_size, args.seq_len)[rows].to(run.device)
     loss = run.objective(run.net, x0, seed=args.seed, step=step, rows=rows, global_batch=args.batch_size,
-                         autocast=run.autocast)
+                         autocast=run.autocast, head=run.model.head if run.fused_head else None)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)

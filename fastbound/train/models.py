@@ -2,9 +2,11 @@ r"""A small bidirectional transformer denoiser for discrete diffusion (plain PyT
 
 ``Denoiser(x_t, sigma)`` maps noisy ids (B, L) and the noise level :math:`\sigma` (B,) to
 (B, L, V) logits over the clean token at every position, the interface
-`fastbound.estimate_nll` expects. Attention is bidirectional (no causal mask), as in the
-denoisers of SEDD (Lou et al. 2024) and MDLM (Sahoo et al. 2024), and positions enter through
-rotary embeddings (Su et al. 2021, RoFormer), which make "look at my neighbours" easy to learn.
+`fastbound.estimate_nll` expects; ``Denoiser.features`` gives the hidden states before the
+final linear layer ``head``, for the fused output-layer losses and ``estimate_nll(head=...)``.
+Attention is bidirectional (no causal mask), as in the denoisers of SEDD (Lou et al. 2024)
+and MDLM (Sahoo et al. 2024), and positions enter through rotary embeddings (Su et al. 2021,
+RoFormer), which make "look at my neighbours" easy to learn.
 
 With the absorbing graph the denoiser needs no time input: the clean-data posterior at a
 masked position does not depend on :math:`\sigma` (Ou et al. 2024, RADD; MDLM's SUBS), so
@@ -111,8 +113,18 @@ class Denoiser(nn.Module):
             nn.init.normal_(block.proj.weight, std=std / math.sqrt(2 * len(self.blocks)))
             nn.init.normal_(block.mlp[2].weight, std=std / math.sqrt(2 * len(self.blocks)))
 
-    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) ids and (B,) noise levels -> (B, L, V) logits."""
+    def forward(self, x_t: torch.Tensor, sigma: torch.Tensor | None = None, *, features: bool = False) -> torch.Tensor:
+        """(B, L) ids and (B,) noise levels -> (B, L, V) logits, or with ``features`` the (B, L, d_model)
+        hidden states that the linear ``head`` maps to them (for the fused losses and ``head=``).
+
+        ``features`` is a keyword of ``forward`` rather than only a method so that a
+        DistributedDataParallel wrapper sees the call (its gradient hooks are set up in forward).
+        """
+        h = self.features(x_t, sigma)
+        return h if features else self.head(h)
+
+    def features(self, x_t: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids and (B,) noise levels -> (B, L, d_model) hidden states before the output layer."""
         if x_t.shape[-1] > self.config.seq_len:
             raise ValueError(f"x_t has {x_t.shape[-1]} positions; this denoiser was built for {self.config.seq_len}")
         n = x_t.shape[-1]
@@ -125,7 +137,7 @@ class Denoiser(nn.Module):
         rotary = (self.rotary_cos[:n], self.rotary_sin[:n])
         for block in self.blocks:
             h = block(h, rotary)
-        return self.head(self.norm(h))
+        return self.norm(h)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

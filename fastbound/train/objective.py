@@ -102,11 +102,15 @@ class Objective:
         rows: slice,
         global_batch: int,
         autocast: torch.autocast | None = None,
+        head: torch.nn.Linear | None = None,
     ) -> torch.Tensor:
         """Mean loss (nats/token) of this process's ``rows`` of the global batch of ``step``.
 
         ``x0`` holds only those rows. With DDP averaging the gradients of equal-size shards, the
-        update equals that of one process on the whole batch.
+        update equals that of one process on the whole batch. With ``head`` (the model's final
+        linear layer) the model is called with ``features=True`` and the loss is the fused
+        output-layer loss on its hidden states (`fastbound.fused_linear_dce_loss` /
+        `fastbound.fused_linear_dse_loss`): the same loss, without the (B, L, V) logits.
         """
         b, seq_len = x0.shape
         t = self.times(seed, step, global_batch, x0.device)[rows]
@@ -115,9 +119,35 @@ class Objective:
         counter = (step * global_batch + rows.start) * seq_len
         x_t = self.corrupt(x0, sigma, seed, counter)
         with autocast if autocast is not None else contextlib.nullcontext():
-            out = model(x_t, sigma)
-        total = self._loss(out, t, sigma, x_t, x0)
+            out = model(x_t, sigma) if head is None else model(x_t, sigma, features=True)
+        if head is None:
+            total = self._loss(out, t, sigma, x_t, x0)
+        else:
+            total = self._fused_loss(out, head, autocast, t, sigma, x_t, x0)
         return total / (b * seq_len)
+
+    def _fused_loss(self, hidden, head, autocast, t, sigma, x_t, x0) -> torch.Tensor:
+        """`_loss` of ``head(hidden)``, from the hidden states and the head's parameters.
+
+        Under autocast the head's matmul runs in the autocast dtype, as ``head(hidden)`` would
+        (the fused pass accumulates its gradients in fp32).
+        """
+        if self.oracle:
+            raise ValueError("the fused head is a fastbound kernel; the oracle run uses the unfused losses")
+        dtype = autocast.fast_dtype if autocast is not None else hidden.dtype
+        hidden, weight = hidden.to(dtype), head.weight.to(dtype)
+        bias = None if head.bias is None else head.bias.to(dtype)
+        if self.loss == "dce":
+            return fastbound.fused_linear_dce_loss(
+                hidden, weight, bias, x_t, x0, mask_id=self.mask_id, loss_weight=self.schedule.dce_weight(t)[:, None],
+                reduction="sum", backend=self.backend,
+            )
+        # SEDD's shift on the absorbing graph (see `_loss`), applied inside the fused pass.
+        return fastbound.fused_linear_dse_loss(
+            hidden, weight, bias, sigma[:, None], x_t, x0, graph=self.graph, mask_id=self.mask_id,
+            loss_weight=self.schedule.dse_weight(t)[:, None], reduction="sum",
+            score_param="sedd" if self.graph == "absorb" else "raw", backend=self.backend,
+        )
 
     def _loss(self, out, t, sigma, x_t, x0) -> torch.Tensor:
         """Summed weighted loss of one batch."""
