@@ -383,6 +383,24 @@ def test_triton_backend(kind):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["absorb", "dce"])
+@pytest.mark.parametrize("mask_id", [0, 7])
+def test_mask_column_anywhere_matches_the_unfused_loss(kind, mask_id):
+    """The mask in any column (BERT's [MASK], LLaDA's): fused == matmul + loss with the same mask_id."""
+    case = make_case(kind, (3, 5), 6, 11)
+    case["x0"] = torch.where(case["x0"] >= mask_id, case["x0"] + 1, case["x0"]) % 11  # never the mask
+    case["x0"] = torch.where(case["x0"] == mask_id, (mask_id + 1) % 11, case["x0"])
+    case["x_t"] = torch.where(case["x_t"] == 10, torch.full_like(case["x_t"], mask_id), case["x0"])
+    got_leaves, want_leaves = leaves(case), leaves(case)
+    got = fused(kind, **got_leaves, mask_id=mask_id, reduction="sum")
+    want = unfused(kind, **want_leaves, mask_id=mask_id, reduction="sum")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.backward()
+    want.backward()
+    for name in ("hidden", "weight", "bias"):
+        torch.testing.assert_close(got_leaves[name].grad, want_leaves[name].grad, rtol=1e-5, atol=1e-6)
+
+
 def _good(kind="absorb"):
     return dict(make_case(kind, (2, 3), 4, 10))
 
@@ -405,7 +423,7 @@ def _good(kind="absorb"):
         (lambda a: a.update(x0=a["x0"].float()), TypeError, "x0"),
         (lambda a: a.update(x0=torch.full_like(a["x0"], 9)), ValueError, "x0"),
         (lambda a: a.update(sigma=torch.zeros(2, 1)), ValueError, "sigma"),
-        (lambda a: a.update(mask_id=3), ValueError, "mask_id"),
+        (lambda a: a.update(mask_id=10), ValueError, "mask_id"),
         (lambda a: a.update(chunk_size=0), ValueError, "chunk_size"),
         (lambda a: a.update(loss_weight=torch.ones(5)), ValueError, "loss_weight"),
         (lambda a: a.update(reduction="avg"), ValueError, "reduction"),
@@ -449,4 +467,4 @@ def test_head_integrate_step_bad_input():
     with pytest.raises(ValueError, match="sigma"):
         head_integrate_step(*args[:5], None, None, torch.zeros(4, 2, dtype=torch.float64), loss="dse")
     with pytest.raises(ValueError, match="mask_id"):
-        head_integrate_step(*args, torch.zeros(4, 2, dtype=torch.float64), loss="dse", mask_id=0)
+        head_integrate_step(*args, torch.zeros(4, 2, dtype=torch.float64), loss="dse", mask_id=10**6)
