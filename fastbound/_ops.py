@@ -39,7 +39,6 @@ import torch
 from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
-from ._names import GRAPH_CODES  # noqa: F401  (defined in _names; looked up here by the Triton kernels)
 from ._validate import tracing
 
 

@@ -188,8 +188,8 @@ def test_bad_sigma_for_dse():
         integrate_step(out, x_t, x0, -sigma, weight, acc, loss="dse")
     with pytest.raises(ValueError, match="sigma is required"):
         integrate_step(out, x_t, x0, None, weight, acc, loss="dse")
-    with pytest.raises(ValueError, match="mask as the last column"):
-        integrate_step(out, x_t, x0, sigma, weight, acc, loss="dse", mask_id=2)
+    with pytest.raises(ValueError, match="mask_id must be a column of out"):
+        integrate_step(out, x_t, x0, sigma, weight, acc, loss="dse", mask_id=out.shape[-1])
 
 
 @pytest.mark.triton

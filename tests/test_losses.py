@@ -197,7 +197,7 @@ def _op_samples(graph):
     if graph == "dce":
         return torch.ops.fastbound.dce_forward, (flat, xt, x0, rows, 12, -100, True)
     mask = 12 if graph == "absorb" else -1
-    return torch.ops.fastbound.dse_forward, (flat, sigma.expand(6).contiguous(), xt, x0, rows, fb._ops.GRAPH_CODES[graph], mask, -100, True)
+    return torch.ops.fastbound.dse_forward, (flat, sigma.expand(6).contiguous(), xt, x0, rows, fb._names.GRAPH_CODES[graph], mask, -100, True)
 
 
 @pytest.mark.parametrize("graph", KINDS)

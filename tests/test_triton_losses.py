@@ -195,7 +195,7 @@ def _op_args(loss, score, sigma, x_t, x0):
     scale = torch.rand(score.shape[0], device=DEV) + 0.5
     if loss == "dce":
         return (score, x_t, x0, scale, score.shape[1] - 1, -100)
-    code = fb._ops.GRAPH_CODES[loss]
+    code = fb._names.GRAPH_CODES[loss]
     return (score, sigma.expand(x_t.shape).contiguous(), x_t, x0, scale, code, score.shape[1] - 1, -100)
 
 
@@ -435,7 +435,7 @@ def test_dse_absorb_mask_column_anywhere(mask_id, dtype, variant):
     score, sigma, x_t, x0, scale, perm, new_id = _mask_case(9, 17, mask_id, dtype, seed=mask_id)
     want_loss, want_grad = _oracle_with_mask_last(score, sigma, x_t, x0, scale, perm, new_id)
     args = [t.to(DEV) for t in (score, sigma, x_t, x0, scale)]
-    absorb = fb._ops.GRAPH_CODES["absorb"]
+    absorb = fb._names.GRAPH_CODES["absorb"]
     if variant == "inplace":
         buffer = args[0].clone()
         loss = _dse_triton(buffer, *args[1:], absorb, mask_id, True, inplace=True)
@@ -456,8 +456,8 @@ def test_dse_mask_id_checked_and_ignored_by_uniform():
     args = [t.to(DEV) for t in (score, sigma, x_t, x0, scale)]
     for bad in (-1, 8):
         with pytest.raises(ValueError, match="mask_id"):
-            _dse_triton(*args, fb._ops.GRAPH_CODES["absorb"], bad, True)
-    uniform = fb._ops.GRAPH_CODES["uniform"]
+            _dse_triton(*args, fb._names.GRAPH_CODES["absorb"], bad, True)
+    uniform = fb._names.GRAPH_CODES["uniform"]
     x0_real = args[3].clamp_min(0)
     loss_a, grad_a = _dse_triton(*args[:3], x0_real, args[4], uniform, -1, True)
     loss_b, grad_b = _dse_triton(*args[:3], x0_real, args[4], uniform, 3, True)
@@ -478,7 +478,7 @@ def test_integrate_step_dse_mask_column_anywhere(mask_id):
     got = torch.zeros(n_seq, 2, dtype=torch.float64, device=DEV)
     torch.ops.fastbound.integrate_step_triton(
         out.to(DEV), x_t.view(n_seq, length).to(DEV), x0.view(n_seq, length).to(DEV), sigma.to(DEV),
-        weight.to(DEV), got, None, fb.integrate.LOSS_CODES["dse"], fb._ops.GRAPH_CODES["absorb"], mask_id, -100)
+        weight.to(DEV), got, None, fb._names.LOSS_CODES["dse"], fb._names.GRAPH_CODES["absorb"], mask_id, -100)
     x0_p = torch.where(x0 == -100, x0, new_id[x0.clamp_min(0)])
     want = ref.integrate_step(out[..., perm].double(), new_id[x_t].view(n_seq, length), x0_p.view(n_seq, length),
                               sigma, weight, torch.zeros(n_seq, 2, dtype=torch.float64), loss="dse")
@@ -524,7 +524,7 @@ def test_perturb_op_narrow_id_dtypes_match_cpu(dtype, graph, vocab_size, mask_id
     x0[0, :3] = torch.tensor([0, n_real - 1, n_real - 1]).to(dtype)
     threshold = torch.full((3, 1), 1 << 23, dtype=torch.int32) if mode == "bernoulli" else None
     num_masked = torch.tensor([0, 17, 37]) if mode == "exact_k" else None
-    args = (vocab_size, mask_id, fb._ops.GRAPH_CODES[graph], -(2**62) - 5, 2**31 + 3)
+    args = (vocab_size, mask_id, fb._names.GRAPH_CODES[graph], -(2**62) - 5, 2**31 + 3)
     want = torch.ops.fastbound.perturb(x0, threshold, num_masked, None, *args)
     dev = [None if t is None else t.to(DEV) for t in (x0, threshold, num_masked)]
     got = torch.ops.fastbound.perturb_triton(*dev, None, *args)

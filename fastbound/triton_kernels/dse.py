@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from .. import _ops
+from .. import _names
 from . import _common
 
 
@@ -64,7 +64,7 @@ def row_constants(sigma: torch.Tensor, graph: int, n_states: int) -> tuple[torch
     """
     log_a = log_expm1(sigma)
     inv_a = torch.exp(-log_a)
-    if graph == _ops.GRAPH_CODES["absorb"]:
+    if graph == _names.GRAPH_CODES["absorb"]:
         return inv_a, -inv_a * (log_a + 1)
     return inv_a, -torch.log1p(n_states * inv_a)
 
@@ -165,9 +165,9 @@ def _dse_kernel(score_ptr, score_stride, grad_ptr, grad_stride, k0_ptr, k1_ptr, 
 
 def check_mask_id(graph: int, mask_id: int, n_cols: int) -> int:
     """The absorbing graph's mask column must be a column, [0, V); the uniform graph ignores it (pass -1)."""
-    if graph not in _ops.GRAPH_CODES.values():
-        raise ValueError(f"graph must be one of the codes {_ops.GRAPH_CODES}, got {graph}")
-    if graph == _ops.GRAPH_CODES["absorb"] and not 0 <= mask_id < n_cols:
+    if graph not in _names.GRAPH_CODES.values():
+        raise ValueError(f"graph must be one of the codes {_names.GRAPH_CODES}, got {graph}")
+    if graph == _names.GRAPH_CODES["absorb"] and not 0 <= mask_id < n_cols:
         raise ValueError(f"mask_id must be a column of the scores, in [0, {n_cols}), got {mask_id}")
     return mask_id
 
@@ -183,7 +183,7 @@ def _dse_rows(score, grad, sigma, x_t, x0, row_scale, graph: int, mask_id: int |
     mask_id = check_mask_id(graph, score.shape[1] - 1 if mask_id is None else mask_id, score.shape[1])
     row_inputs = (*row_constants(sigma, graph, score.shape[1]), x_t, x0)
     return _common.launch_rows(_dse_kernel, score, grad, row_inputs, row_scale, (mask_id, ignore_index), write_grad,
-                               UNIFORM=graph == _ops.GRAPH_CODES["uniform"])
+                               UNIFORM=graph == _names.GRAPH_CODES["uniform"])
 
 
 def _forward(score, sigma, x_t, x0, row_scale, graph, mask_id, ignore_index, need_grad):

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _ops
+from .. import _names
 from .._names import LOSS_CODES
 from . import _common, dce, dse
 
@@ -112,7 +112,7 @@ def integrate_step_triton(
             _integrate_chunks_kernel, (n_seq * n_chunks,), out.device,
             out, out.stride(0), out.stride(1), x_t, x0, *consts, partial,
             length, n_cols, rows_per_chunk, n_chunks, mask_id, ignore_index,
-            LOSS=loss, UNIFORM=graph == _ops.GRAPH_CODES["uniform"], BLOCK=block, num_warps=_common.num_warps(block),
+            LOSS=loss, UNIFORM=graph == _names.GRAPH_CODES["uniform"], BLOCK=block, num_warps=_common.num_warps(block),
         )  # fmt: skip
         sums = partial.view(n_seq, n_chunks).sum(1)
     else:

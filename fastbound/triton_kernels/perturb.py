@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _ops
+from .. import _names
 from . import _common
 
 RANDOM_ARGS = ("seed", "offset")
@@ -157,7 +157,7 @@ def perturb_triton(
         return x_t, mask
     has_maskable = maskable is not None
     maskable_arg = maskable if has_maskable else mask  # never read when HAS_MASKABLE is False
-    uniform = graph == _ops.GRAPH_CODES["uniform"]
+    uniform = graph == _names.GRAPH_CODES["uniform"]
     if threshold is not None:
         row_stride = 0 if threshold.shape[0] == 1 else threshold.stride(0)
         col_stride = 0 if threshold.shape[1] == 1 else 1
