@@ -57,23 +57,32 @@ def _unit(factor: torch.Tensor) -> bool:
     return bool((factor == 1).all())
 
 
+def may_hand_out(ctx) -> bool:
+    """Whether this backward may give the saved gradient buffer itself away (or mutate it).
+
+    Only once, and only by a backward that frees the graph: the later backwards of a retained
+    graph would otherwise return the same memory again, and AccumulateGrad adopts a returned
+    buffer as ``.grad`` and adds into it in place, changing a gradient the user already holds.
+    """
+    first = not getattr(ctx, "handed_out", False)
+    ctx.handed_out = True
+    return first and not torch._C._autograd._get_current_graph_task_keep_graph()
+
+
 def chain_rows(ctx, grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """d out / d score = grad * factor[:, None] for the saved gradient buffer ``grad``.
 
-    Unit factor: ``grad`` itself. Otherwise ``grad`` is rescaled in place when this backward
-    frees the graph and no earlier backward handed ``grad`` out; under ``retain_graph=True``
-    (gradcheck, jacobians, several backwards) a new tensor, so the saved buffer stays intact.
+    Unit factor: ``grad`` itself, else ``grad`` rescaled in place, when `may_hand_out`;
+    otherwise (``retain_graph=True``: gradcheck, jacobians, several backwards) a new tensor,
+    so the saved buffer stays intact and is never shared.
     """
     if torch.is_grad_enabled() and not tracing(factor):
         raise RuntimeError(_ONCE)
-    handed_out = getattr(ctx, "handed_out", False)
-    ctx.handed_out = True
+    own = not tracing(grad, factor) and may_hand_out(ctx)
     if _unit(factor):
-        return grad
+        return grad if own else grad.clone()
     factor = factor.to(grad.dtype if grad.dtype == torch.float64 else torch.float32)[:, None]
-    if handed_out or tracing(grad, factor) or torch._C._autograd._get_current_graph_task_keep_graph():
-        return grad * factor
-    return grad.mul_(factor)
+    return grad.mul_(factor) if own else grad * factor
 
 
 # ----------------------------------------------------------------------------- raw ops

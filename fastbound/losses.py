@@ -363,8 +363,9 @@ def dce_loss(
         logits, x_t, x0, weight, reduction, ignore_index, backend, inplace, "logits"
     )
     mask_id = dce_mask_id(mask_id, flat.shape[1])
-    plain = kernel_backend == "cpu" and _ids_plainly_valid(xt, x0f, flat.shape[1], mask_id)
-    if not v.tracing(flat) and not plain:
+    if not v.tracing(flat) and not (
+        kernel_backend == "cpu" and _ids_plainly_valid(xt, x0f, flat.shape[1], mask_id)
+    ):
         # Off the CPU, or when the ids are not plainly valid: the full checks, naming the culprit.
         checks = v.ValueChecks()
         check_dce_ids(checks, xt, x0f, flat.shape[1], mask_id, ignore_index)

@@ -468,3 +468,18 @@ def test_head_integrate_step_bad_input():
         head_integrate_step(*args[:5], None, None, torch.zeros(4, 2, dtype=torch.float64), loss="dse")
     with pytest.raises(ValueError, match="mask_id"):
         head_integrate_step(*args, torch.zeros(4, 2, dtype=torch.float64), loss="dse", mask_id=10**6)
+
+
+def test_retained_graph_backwards_never_share_the_saved_gradient():
+    """Three backwards of a retained reduced loss accumulate 3x; a held gradient is not the .grad buffer."""
+    case = leaves(make_case("absorb", (2, 4), 6, 9, torch.float64))
+    out = fused("absorb", **case, reduction="sum")
+    (held,) = torch.autograd.grad(out, case["hidden"], retain_graph=True)
+    before = held.clone()
+    for _ in range(2):
+        out.backward(retain_graph=True)
+    out.backward()
+    assert case["hidden"].grad.data_ptr() != held.data_ptr()
+    torch.testing.assert_close(case["hidden"].grad, 3 * before)
+    case["hidden"].grad.zero_()
+    torch.testing.assert_close(held, before, rtol=0, atol=0)

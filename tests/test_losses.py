@@ -684,3 +684,29 @@ def test_unhashable_options_are_named(bad):
     score, sigma, x_t, x0 = _good()
     with pytest.raises(ValueError, match=next(iter(bad))):
         fb.dse_loss(score, sigma, x_t, x0, **bad)
+
+
+# ----------------------------------------------------------------------------- the saved buffer is never shared
+
+
+@pytest.mark.parametrize("graph", KINDS)
+def test_retained_graph_backwards_never_share_the_saved_gradient(graph):
+    """A gradient the user holds stays intact through later backwards of a retained graph, and
+    three backwards into .grad accumulate (AccumulateGrad adopts a returned buffer as .grad)."""
+    score, sigma, x_t, x0 = make_case(graph if graph != "dce" else "absorb", (2, 3), 6, torch.float64)
+    loss_fn = (lambda s: fb.dce_loss(s, x_t, x0)) if graph == "dce" else (
+        lambda s: fb.dse_loss(s, sigma, x_t, x0, graph=graph))
+    s = score.clone().requires_grad_()
+    out = loss_fn(s)
+    (held,) = torch.autograd.grad(out.sum(), s, retain_graph=True)
+    before = held.clone()
+    for _ in range(2):
+        out.sum().backward(retain_graph=True)
+    out.sum().backward()
+    s.grad.zero_()
+    torch.testing.assert_close(held, before, rtol=0, atol=0)
+    fresh = score.clone().requires_grad_()
+    again = loss_fn(fresh)
+    for keep in (True, True, False):
+        again.sum().backward(retain_graph=keep)
+    torch.testing.assert_close(fresh.grad, 3 * before)

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, _names
+from .. import _backend, _names, _ops
 from .. import _validate as v
 from ..losses import REDUCTIONS, check_dce_ids, check_dse_ids, dce_mask_id, dse_mask_id
 from .head import (
@@ -139,10 +139,11 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _scaled(grad: Tensor, upstream: Tensor) -> Tensor:
-    """grad times the scalar upstream gradient; grad itself when that is 1 (eager mode)."""
-    if not v.tracing(upstream) and bool(upstream == 1):
-        return grad
+def _scaled(grad: Tensor, upstream: Tensor, own: bool) -> Tensor:
+    """grad times the scalar upstream gradient: grad itself when that is known to be 1 without a
+    device read and this backward owns the buffer (`fastbound._ops.may_hand_out`), else a new tensor."""
+    if _ops._unit(upstream.reshape(1)):
+        return grad if own else grad.clone()
     return grad * upstream
 
 
@@ -156,7 +157,8 @@ def _backward(ctx, grad_loss, *_grad_of_grads):
             "is not supported; use the unfused composition with fastbound.reference for higher derivatives"
         )
     if ctx.reduce:
-        grads = [_scaled(g, grad_loss) if want else None for g, want in zip(ctx.saved_tensors, ctx.wants)]
+        own = not v.tracing(grad_loss) and _ops.may_hand_out(ctx)
+        grads = [_scaled(g, grad_loss, own) if want else None for g, want in zip(ctx.saved_tensors, ctx.wants)]
     else:
         hidden, weight, bias, sigma, x_t, x0, row_scale = ctx.saved_tensors
         _, *grads = fused_linear_loss(hidden, weight, bias, sigma, x_t, x0, row_scale * grad_loss,
@@ -226,9 +228,8 @@ def fused_linear_dse_loss(
         bias: (V,) or None.
         sigma, x_t, x0, graph, reduction, ignore_index: as in `fastbound.dse_loss`
             (``x_t``/``x0`` have ``hidden.shape[:-1]``).
-        mask_id: the absorbing graph's mask column; None or V - 1 (the row kernels take
-            the last column; other columns raise until they take a mask id). Ignored for
-            ``graph="uniform"``.
+        mask_id: the absorbing graph's mask column, any column of the head; default V - 1.
+            Ignored for ``graph="uniform"``.
         loss_weight: per-position factor (``dse_loss``'s ``weight=``, e.g. SEDD's dsigma).
         score_param: ``"raw"`` (the scores are :math:`hW^\top + b`) or ``"sedd"``: SEDD's
             absorbing parametrisation applied in the fused pass,
