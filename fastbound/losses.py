@@ -154,18 +154,18 @@ def check_dce_ids(checks: v.ValueChecks, x_t: torch.Tensor, x0: torch.Tensor, n_
 
 
 def _ids_plainly_valid(x_t: torch.Tensor, x0: torch.Tensor, n_cols: int, mask_id: int) -> bool:
-    """Whether every id is valid by two reductions (the common case, eager CPU): x_t in [0, V) and
-    x0 in [0, V) and below a last-column mask. Anything else (``ignore_index`` in x0, a mask column
-    inside the row, an id out of range) is left to the full checks, which name the culprit."""
-    x0_end = n_cols - 1 if mask_id == n_cols - 1 else n_cols
-    if mask_id >= 0 and mask_id < n_cols - 1:
+    """Whether every id is valid, from two reductions and one read (the common case, eager CPU):
+    x_t in [0, V) and x0 in [0, V) and below a last-column mask. Anything else (``ignore_index``
+    in x0, a mask column inside the row, an id out of range) is left to the full checks, which
+    name the culprit."""
+    if 0 <= mask_id < n_cols - 1:
         return False
-    for ids, end in ((x_t, n_cols), (x0, x0_end)):
-        if ids.numel():
-            lo, hi = torch.aminmax(ids)
-            if lo.item() < 0 or hi.item() >= end:
-                return False
-    return True
+    if x_t.numel() == 0:
+        return True
+    x0_end = n_cols - 1 if mask_id == n_cols - 1 else n_cols
+    lo_t, hi_t = torch.aminmax(x_t)
+    lo_0, hi_0 = torch.aminmax(x0)
+    return bool((lo_t >= 0) & (hi_t < n_cols) & (lo_0 >= 0) & (hi_0 < x0_end))
 
 
 def _log_expm1(sigma: torch.Tensor) -> torch.Tensor:

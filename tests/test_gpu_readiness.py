@@ -215,10 +215,6 @@ def test_loss_step_reads_a_few_values_whatever_the_batch(loss_name):
 
 
 @pytest.mark.cuda
-@pytest.mark.xfail(strict=True, reason=(
-    "on this branch alone the backward reads bool(row_grad[0] == 1) of a CUDA tensor (fastbound/_ops.scale_rows) "
-    "to decide the free backward; helper 'loss' (branch hard) decides it without a device read off CPU: "
-    "remove this xfail when that is merged"))
 @pytest.mark.parametrize("loss_name", LOSSES)
 def test_loss_backward_does_not_sync_a_gpu(loss_name):
     forward, _ = _training_step(loss_name, "cuda")
