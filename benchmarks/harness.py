@@ -59,6 +59,7 @@ import pytest
 import torch
 
 import fastbound
+from fastbound.estimators.options import _free_bytes as free_bytes  # the estimators' memory probe
 
 PROVIDERS = ("fastbound", "eager", "compile", "floor")
 MODES = ("fwd", "fwd_bwd")
@@ -340,20 +341,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Free bytes on ``device`` (CPU: MemAvailable from /proc/meminfo), or None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU's model name."""
     if device.type == "cuda":
@@ -424,7 +411,7 @@ def _check(spec: Spec, actual: Result, expected: Result, inputs: Inputs) -> None
 def run(spec: Spec, benchmark, settings: Settings) -> None:
     """Checks, times and measures one benchmark (see the module docstring)."""
     device = settings.device
-    need, free = spec.case.working_set(spec.shape), available_memory(device)
+    need, free = spec.case.working_set(spec.shape), free_bytes(device)
     if free is not None and need > free:
         pytest.skip(f"{spec.shape.label} needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available")
     inputs, expected = _Prepared.get(spec, device)
