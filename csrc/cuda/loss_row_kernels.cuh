@@ -9,7 +9,12 @@
 // in the same pass. The per-row constants (fastbound/elementwise.h) depend on
 // sigma and the ids only, so they are known before the row is read. An id out
 // of range gives a NaN loss and a NaN gradient row instead of a read out of
-// bounds (the id rules are fastbound/elementwise.h's, shared with the CPU).
+// bounds (the id rules are fastbound/elementwise.h's, shared with the CPU); so
+// does a score-entropy row that runs with a sigma that is not positive and
+// finite (sigma = 0 would give an infinite loss, sigma = inf on the uniform
+// graph a finite wrong one). This NaN policy is all that guards the kernels
+// when the Python value checks do not run (tracing, value checks "off",
+// CUDA-graph capture; see fastbound/_validate.py).
 #pragma once
 
 #include "fastbound/elementwise.h"
@@ -25,6 +30,12 @@ FB_HD acc_t not_run_value(RowRole role) {
   return role == RowRole::kSkip ? acc_t(0) : quiet_nan<acc_t>();
 }
 
+// The score entropy's sigma must be positive and finite (false for NaN).
+template <typename acc_t>
+FB_HD bool sigma_ok(acc_t sigma) {
+  return sigma > acc_t(0) && sigma < acc_t(INFINITY);
+}
+
 // Absorbing graph (SEDD): only masked positions (x_t == mask_id) contribute.
 //   loss = scale * (sum_{y != mask} e^{s_y} - r s_{x0} + r (log r - 1))
 //   grad = scale * (e^{s_y} - r [y = x0]) for y != mask, 0 in the mask column.
@@ -37,6 +48,7 @@ struct DseAbsorbRow : MaskIds {
     const int64_t v = row.n_cols, x0 = row.x0;
     const RowRole r = role(row.x_t, x0, v, /*check_x_t=*/true);
     if (r != RowRole::kRun) return finish_row(group, row, not_run_value<acc_t>(r));
+    if (!sigma_ok(row.sigma)) return finish_row(group, row, quiet_nan<acc_t>());
     const AbsorbRow<acc_t> k(row.sigma);
     const acc_t s_x0 = to_acc(row.score[x0]);
     group.sync();  // every thread has read s[x0] before the pass may overwrite it (in place)
@@ -59,6 +71,7 @@ struct DseUniformRow {
     const int64_t v = row.n_cols, x_t = row.x_t, x0 = row.x0;
     const RowRole r = uniform_role(x_t, x0, v, ignore_index);
     if (r != RowRole::kRun) return finish_row(group, row, not_run_value<acc_t>(r));
+    if (!sigma_ok(row.sigma)) return finish_row(group, row, quiet_nan<acc_t>());
     const UniformRow<acc_t> k(row.sigma, v, x_t == x0);
     const acc_t scale = row.scale;
     const acc_t s_x0 = to_acc(row.score[x0]);

@@ -26,8 +26,10 @@ are multiplied by the row scale. Rows whose :math:`x_0` is ``ignore_index``
 gradient row. As in the CUDA kernels (`csrc/cuda/loss_row_kernels.cuh`), an id out of range
 (:math:`x_t \notin [0, V)`, or at a contributing row :math:`x_0 \notin [0, V)` or
 :math:`x_0 = m` for the absorbing graph, :math:`x_0 \notin [0, V)` for the uniform one) gives that row a NaN loss and a
-NaN gradient row, and is never used as an address: the Python checks that refuse
-such ids do not run under ``torch.compile``.
+NaN gradient row, and is never used as an address; so does a contributing row whose
+sigma is not positive and finite (`row_constants` makes its constants NaN). The Python
+checks that refuse such values do not run under ``torch.compile``, nor with
+`fastbound.value_checks` ``"off"``.
 
 The per-row constants (:math:`r`, or :math:`1/a` and :math:`\log\rho`; the kernel forms
 :math:`\rho = 1/(1 + N/a)`) are computed in torch before the launch (a few (N,) ops,
@@ -36,6 +38,8 @@ and ``exp(sigma) - 1`` loses the digits of small sigma and overflows for large s
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -60,8 +64,11 @@ def row_constants(sigma: torch.Tensor, graph: int, n_states: int) -> tuple[torch
     `csrc/include/fastbound/elementwise.h`, so they are finite for any sigma (a huge
     sigma gives :math:`r = 1/a \to 0`, not :math:`0 \cdot \infty`). Absorbing graph:
     :math:`r = e^{-\log a}` and :math:`r(\log r - 1) = -r(\log a + 1)`; uniform graph:
-    :math:`1/a = e^{-\log a}` and :math:`\log\rho = -\log(1 + N/a)`.
+    :math:`1/a = e^{-\log a}` and :math:`\log\rho = -\log(1 + N/a)`. A sigma that is not
+    positive and finite gives NaN constants, which `dse_row` turns into a NaN row (a zero or
+    infinite sigma would otherwise give an infinite or a finite, wrong, loss).
     """
+    sigma = torch.where((sigma > 0) & (sigma < math.inf), sigma, math.nan)
     log_a = log_expm1(sigma)
     inv_a = torch.exp(-log_a)
     if graph == _names.GRAPH_CODES["absorb"]:
@@ -130,7 +137,8 @@ def dse_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, mask_id, ignore
 
     ``k0, k1`` are the row's `row_constants`; ``mask_id`` is the absorbing graph's mask
     column (unused by the uniform graph). An id out of range (see the module
-    docstring) gives a NaN loss and gradient row. Used by the loss kernel and by the
+    docstring), or NaN constants (a bad sigma) at a contributing row, give a NaN loss
+    and gradient row. Used by the loss kernel and by the
     integration step (`.integrate`, without the gradient).
     """
     if UNIFORM:
@@ -139,7 +147,7 @@ def dse_row(score_row, grad_row, n_cols, x_t, x0, k0, k1, scale, mask_id, ignore
     else:
         skip = (x0 == ignore_index) | (x_t != mask_id)
         x0_bad = (x0 < 0) | (x0 >= n_cols) | (x0 == mask_id)
-    bad = (x_t < 0) | (x_t >= n_cols) | (x0_bad & ~skip)
+    bad = (x_t < 0) | (x_t >= n_cols) | ((x0_bad | (k0 != k0)) & ~skip)
     loss = tl.zeros_like(scale)
     if bad | skip:
         loss = tl.where(bad, float("nan"), loss)

@@ -116,7 +116,7 @@ inline Expected expected_row(Op op, const std::vector<double>& s, double sigma, 
   if (op == Op::kAbsorb) {
     if (x_t < 0 || x_t >= v) return bad();
     if (x0 == ignore_index || x_t != mask_id) return e;
-    if (x0 < 0 || x0 >= v || x0 == mask_id) return bad();
+    if (x0 < 0 || x0 >= v || x0 == mask_id || !(sigma > 0 && sigma < INFINITY)) return bad();
     const double r = 1.0 / std::expm1(sigma);
     double sum = 0;
     for (int64_t y = 0; y < v; ++y) {
@@ -128,7 +128,7 @@ inline Expected expected_row(Op op, const std::vector<double>& s, double sigma, 
   } else if (op == Op::kUniform) {
     if (x_t < 0 || x_t >= v) return bad();
     if (x0 == ignore_index) return e;
-    if (x0 < 0 || x0 >= v) return bad();
+    if (x0 < 0 || x0 >= v || !(sigma > 0 && sigma < INFINITY)) return bad();
     const double n = double(v), a = std::expm1(sigma), rho = a / (a + n);
     double mean_exp = 0, mean_s = 0;
     for (int64_t y = 0; y < v; ++y) {

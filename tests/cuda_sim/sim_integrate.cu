@@ -9,7 +9,7 @@
 // Every loss, dtype, group size, chunk size, mask column and sharing of
 // accumulator rows (and rows out of range, which are skipped) is compared with
 // a double-precision evaluation of the formulas summed in sequence order; the
-// bad-id rows must give NaN sums. Exits non-zero on a mismatch.
+// bad-id rows and the rows of a bad sigma must give NaN sums. Exits non-zero on a mismatch.
 #include <cstdlib>
 #include <numeric>
 #include <random>
@@ -50,6 +50,8 @@ void check_case(const Case& c, std::mt19937& rng) {
   if (bad_seq >= 0) x0[bad_seq * c.length] = c.v + 2, x_t[bad_seq * c.length] = c.op == Op::kUniform ? 0 : c.mask_id;
   std::vector<double> sigma(c.n_seq), weight(c.n_seq);
   for (int64_t b = 0; b < c.n_seq; ++b) sigma[b] = unit(rng), weight[b] = unit(rng);
+  // A score-entropy sequence with sigma = 0: the sums of its running rows are NaN (expected_row).
+  if (c.op != Op::kDce && c.n_seq > 2) sigma[2] = 0.0;
 
   // Accumulator rows: b, or a few shared rows plus one out of range (skipped).
   const int64_t n_slots = c.shared_slots ? 3 : c.n_seq;

@@ -57,6 +57,14 @@ void check_case(Op op, int64_t v, int threads, int64_t offset, int64_t pad, Grad
     sigma[i] = acc_t(unit(rng));
     scale[i] = acc_t(unit(rng));
   }
+  // Score entropy: a sigma that is not positive and finite makes a running row NaN (rows 6
+  // and 7 run) and changes nothing in a row that does not run (row 8 is ignored).
+  if (op != Op::kDce) {
+    const acc_t bad_sigmas[] = {acc_t(0), acc_t(-1), acc_t(INFINITY), acc_t(NAN)};
+    sigma[6] = bad_sigmas[v % 4];
+    sigma[7] = bad_sigmas[(v + threads) % 4];
+    sigma[8] = acc_t(NAN);
+  }
 
   std::vector<scalar_t> grad_buf;
   LossBatch<scalar_t> batch{score_buf.data() + offset, stride, nullptr, 0, x_t.data(), x0.data(),
