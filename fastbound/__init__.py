@@ -14,6 +14,8 @@ Public API:
     reference                   the pure-PyTorch oracle every kernel is tested against
     NoiseStream, derive_seed    counter ranges and named sub-seeds of one run's seed
     select_backend              the kernel backend a device and a backend= argument resolve to
+    value_checks,               the mode of the value checks on a GPU ("sync", "async", "off";
+    value_check_mode            FASTBOUND_VALUE_CHECKS) and the mode in force
     GRAPHS, LOSSES, BACKENDS    the accepted graph=, loss= and backend= names
 """
 
@@ -26,6 +28,7 @@ from .losses import dce_loss, dse_loss
 from ._backend import BACKENDS
 from ._backend import select as select_backend
 from ._names import GRAPHS, LOSSES
+from ._validate import value_check_mode, value_checks
 from .noise import NoiseStream, Perturbed, derive_seed, perturb, philox_words, sample_num_masked, sample_times
 
 __all__ = [
@@ -50,6 +53,8 @@ __all__ = [
     "reference",
     "cpu_isa",
     "select_backend",
+    "value_checks",
+    "value_check_mode",
     "GRAPHS",
     "LOSSES",
     "BACKENDS",

@@ -1,16 +1,46 @@
-"""Argument checks shared by the public API.
+"""Argument checks shared by the public API, and the mode of the value checks.
 
 Shape, dtype and device checks read no data and always run. Value checks
 (ids in range, sigma > 0) read the small per-position tensors, never the
-(..., V) scores; a call gathers them in a `ValueChecks` and runs them with one
-host synchronisation. They run in eager mode and are skipped while
-`torch.compile`, AOTAutograd or make_fx trace (a data-dependent check would
-break the graph). The kernels never read out of bounds on bad ids: the CPU
-kernels raise, the CUDA and Triton kernels write NaN for that row.
+(..., V) scores; a call gathers them in a `ValueChecks` and runs them together.
+They run in eager mode and are skipped while `torch.compile`, AOTAutograd or
+make_fx trace (a data-dependent check would break the graph).
+
+Reading a check's verdict on the host costs nothing for CPU tensors, but on a GPU
+it blocks the host until the queue drains and cannot be captured in a CUDA
+graph. So on an accelerator the value checks follow a mode, set by
+`value_checks` (a global setter and a context manager) or the environment
+variable ``FASTBOUND_VALUE_CHECKS``:
+
+* ``"sync"`` (default): one host synchronisation per call, and a ValueError
+  naming the argument. The default because it is the only mode whose failure is
+  an ordinary, catchable error at the call that caused it; the sync costs a few
+  microseconds of pipeline drain per call, which matters only to a host that
+  runs ahead of the GPU (and forbids CUDA-graph capture, see below).
+* ``"async"``: the verdicts are combined on the device and handed to
+  ``torch._assert_async``: no host synchronisation. A failure surfaces at a
+  later synchronisation as a CUDA device-side assert, which does not name the
+  argument and poisons the CUDA context (the process must restart). For
+  tensors on the host it raises a RuntimeError at once.
+* ``"off"``: no value check; the kernels' NaN policy is what is left. The CUDA
+  and Triton loss kernels never read out of bounds: a row whose ids are bad, or
+  (score entropy) whose sigma is not positive and finite, gets a NaN loss and a
+  NaN gradient row, so a bad batch shows up as a NaN loss. A bad value that no
+  row reads (x0 at an unmasked position, the sigma of an ignored row) changes
+  nothing; `integrate_step` fills the whole accumulator with NaN for an index
+  out of range; `perturb` and the samplers have no NaN to give (ids are
+  integers): see `fastbound.noise`.
+
+While the current CUDA stream is capturing a graph, a host read is impossible,
+so ``"sync"`` falls back to the kernels' NaN policy (as under tracing) and
+``"async"`` stays async (its assert is captured into the graph and runs at every
+replay). Tensors on the host (`HOST_DEVICES`) are always checked synchronously,
+whatever the mode: the read is free there.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable
 
 import numpy as np
@@ -41,19 +71,87 @@ def eager(*tensors: torch.Tensor) -> bool:
     return not tracing(*tensors)
 
 
-class ValueChecks:
-    """Data-dependent checks gathered during argument parsing and run with one host sync.
+VALUE_CHECK_MODES = ("sync", "async", "off")
+VALUE_CHECKS_ENV = "FASTBOUND_VALUE_CHECKS"
+HOST_DEVICES = frozenset({"cpu"})
+"""Device types whose values the host reads without a synchronisation: always checked synchronously."""
 
-    Each check is a boolean tensor marking bad elements and a function that
-    writes the error message (called only on failure, where extra reads are fine).
+_mode: str | None = None
+"""The mode set by `value_checks`; None: ``FASTBOUND_VALUE_CHECKS``, else "sync"."""
+
+
+def _parse_mode(mode: object, name: str) -> str:
+    if mode not in VALUE_CHECK_MODES:
+        raise ValueError(f"{name} must be one of {VALUE_CHECK_MODES}, got {mode!r}")
+    return mode
+
+
+def value_check_mode() -> str:
+    """The mode in force: the one set by `value_checks`, else ``FASTBOUND_VALUE_CHECKS``, else "sync"."""
+    if _mode is not None:
+        return _mode
+    env = os.environ.get(VALUE_CHECKS_ENV)
+    return "sync" if not env else _parse_mode(env, VALUE_CHECKS_ENV)
+
+
+class value_checks:
+    """Sets the mode of the value checks on accelerators: "sync", "async" or "off" (see this module).
+
+    ``fastbound.value_checks("async")`` sets it for the process (it overrides
+    ``FASTBOUND_VALUE_CHECKS``); as a context manager, ``with fastbound.value_checks("off"):``,
+    it restores the previous mode on exit. ``value_checks(None)`` returns to the environment
+    variable. The mode is global, not per thread.
+    """
+
+    def __init__(self, mode: str | None) -> None:
+        global _mode
+        if mode is not None:
+            _parse_mode(mode, "mode")
+        self._previous, _mode = _mode, mode
+
+    def __enter__(self) -> "value_checks":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _mode
+        _mode = self._previous
+
+
+def mode_for(device: torch.device) -> str:
+    """What the value checks of tensors on ``device`` do now: "sync", "async" or "off"."""
+    mode = value_check_mode()
+    if device.type in HOST_DEVICES:
+        return "sync"
+    if mode == "sync" and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return "off"  # no host read while capturing: the kernels' NaN policy, as under tracing
+    return mode
+
+
+class ValueChecks:
+    """Data-dependent checks gathered during argument parsing and run together (see the module docstring).
+
+    Each check is a boolean tensor marking bad elements, a function that writes the
+    error message (called only on a synchronous failure, where extra reads are fine)
+    and the argument's name (for the asynchronous assert's message). ``"sync"``:
+    one host read, a ValueError for the first failed check; ``"async"``: one
+    ``torch._assert_async`` on the combined verdict; ``"off"``: nothing is computed.
     """
 
     def __init__(self) -> None:
-        self._checks: list[tuple[torch.Tensor, Callable[[], str]]] = []
+        self._checks: list[tuple[torch.Tensor, Callable[[], str], str]] = []
+        self._mode: str | None = None
 
-    def add(self, bad: torch.Tensor, message: Callable[[], str]) -> None:
-        if bad.numel() and eager(bad):
-            self._checks.append((bad, message))
+    def active(self, t: torch.Tensor) -> bool:
+        """Whether checks of ``t`` run: eager, and the mode for its device is not "off"."""
+        if not eager(t):
+            return False
+        if self._mode is None:
+            self._mode = mode_for(t.device)
+        return self._mode != "off"
+
+    def add(self, bad: torch.Tensor, message: Callable[[], str], name: str = "") -> None:
+        if bad.numel() and self.active(bad):
+            self._checks.append((bad, message, name))
 
     def ids(self, name: str, ids: torch.Tensor, lo: int, hi: int, *, skip: int | None = None,
             allow: int | None = None) -> None:
@@ -61,22 +159,31 @@ class ValueChecks:
 
         Compared in int64: a bound beyond a narrow id dtype (uint8, int8) must not wrap.
         """
+        if not ids.numel() or not self.active(ids):
+            return
         ids = ids.long()
         bad = (ids < lo) | (ids >= hi)
         if skip is not None:
             bad &= ids != skip
         if allow is not None:
             bad &= ids != allow
-        self.add(bad, lambda: f"{name} contains id {ids[bad].flatten()[0].item()} outside [{lo}, {hi})")
+        self.add(bad, lambda: f"{name} contains id {ids[bad].flatten()[0].item()} outside [{lo}, {hi})", name)
 
     def positive_finite(self, name: str, value: torch.Tensor, detail: str = "") -> None:
         """``detail`` ends the message (e.g. the dtype in which a value overflowed)."""
-        self.add(~((value > 0) & torch.isfinite(value)), lambda: f"{name} must be positive and finite everywhere{detail}")
+        if value.numel() and self.active(value):
+            self.add(~((value > 0) & torch.isfinite(value)),
+                     lambda: f"{name} must be positive and finite everywhere{detail}", name)
 
     def run(self) -> None:
         if not self._checks:
             return
-        flags = torch.stack([bad.any() for bad, _ in self._checks])
+        flags = torch.stack([bad.any() for bad, _, _ in self._checks])
+        if self._mode == "async":
+            names = ", ".join(dict.fromkeys(name or "an id" for _, _, name in self._checks))
+            torch._assert_async(~flags.any(), f"fastbound: a value check failed ({names}); "
+                                f"{VALUE_CHECKS_ENV}=sync raises a ValueError naming the argument")
+            return
         if bool(flags.any()):
             first = int(flags.to(torch.uint8).argmax())
             raise ValueError(self._checks[first][1]())

@@ -72,6 +72,11 @@ def integrate_step(
         backend: ``None``/``"auto"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns ``acc``. Runs without autograd.
+
+    The value checks (ids, ``index``, sigma) follow `fastbound.value_checks`: on a GPU one
+    host read by default, none with ``"async"`` or ``"off"``. Unchecked (``"off"``, tracing,
+    CUDA-graph capture in ``"sync"`` mode), a bad id or sigma makes its sequence's sums NaN
+    (the loss kernels' NaN policy) and an ``index`` out of range fills all of ``acc`` with NaN.
     """
     out = v.check_float_tensor("out", out)
     if out.dim() != 3:
@@ -122,4 +127,10 @@ def integrate_step(
             out.detach(), xt, x0l, sigma_rows, weight_rows, acc, index,
             _names.LOSS_CODES[loss], _names.GRAPH_CODES[graph], mask_id, ignore_index,
         )
+        if index is not None and out.device.type not in v.HOST_DEVICES and (
+            v.tracing(index) or v.mode_for(out.device) == "off"
+        ):
+            # The device kernels skip a sequence whose slot is out of range; unchecked, that
+            # would be a silent wrong sum, so the whole accumulator becomes NaN instead.
+            acc.masked_fill_(((index < 0) | (index >= acc.shape[0])).any(), float("nan"))
     return acc

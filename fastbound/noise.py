@@ -18,6 +18,17 @@ so a training run resumes bit-exactly from two integers). Reusing an offset
 reuses the noise, on purpose: with the same (seed, offset), masks at a higher
 noise level contain the masks at a lower one (the Bernoulli draws share u),
 which couples estimators at different σ.
+
+Value checks. `perturb` checks a tensor sigma / mask_ratio, num_masked and (off the
+CPU kernel, which checks them itself) the ids of x0 together, in the mode of
+`fastbound.value_checks` (one host read on a GPU by default; none with "async" or
+"off"). The samplers have no NaN to give (their outputs are integers), so with the
+checks off (or while a CUDA graph is captured in "sync" mode) bad values have these
+defined effects instead: a position whose σ or λ is NaN or negative is never
+corrupted (σ = ∞ always is; λ > 1 always is); k is in effect clamped to [0, the
+row's maskable count]; an x0 outside [0, V) is copied to x_t where the position
+stays clean, where the loss kernels' NaN policy gives its row NaN when they read
+it (the score entropy reads every x_t; the cross-entropy only masked positions).
 """
 
 from __future__ import annotations
@@ -169,10 +180,12 @@ def _per_position(name: str, value: torch.Tensor, rows: int, cols: int, one_row:
     raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to x0's shape {(rows, cols)}")
 
 
-def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: torch.device) -> torch.Tensor:
+def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: torch.device,
+               checks: v.ValueChecks) -> torch.Tensor:
     """int32 T = ceil(p * 2^24) (the Bernoulli rule of philox.h), p = 1 - e^{-σ} or λ, as (B or 1, L or 1).
 
-    p is formed in float64: from a Python float on the host, from a tensor on its device.
+    p is formed in float64: from a Python float on the host, from a tensor on its device
+    (whose range check joins ``checks``).
     """
     is_sigma = name == "sigma"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -189,19 +202,20 @@ def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: to
     # Contiguous: the kernels read the threshold with a unit column stride (a transposed sigma is not).
     p = _per_position(name, t.detach(), rows, cols, one_row)
     p = p.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
-    if v.eager(p) and p.numel():
-        lo, hi = (float(x) for x in torch.aminmax(p))  # NaN makes both comparisons fail
-        if is_sigma and not (lo >= 0 and hi < math.inf):
-            raise ValueError("sigma must be finite and >= 0 everywhere")
-        if not is_sigma and not (lo >= 0 and hi <= 1):
-            raise ValueError("mask_ratio must lie in [0, 1] everywhere")
+    if p.numel() and checks.active(p):
+        # NaN fails both comparisons.
+        if is_sigma:
+            checks.add(~((p >= 0) & (p < math.inf)), lambda: "sigma must be finite and >= 0 everywhere", name)
+        else:
+            checks.add(~((p >= 0) & (p <= 1)), lambda: "mask_ratio must lie in [0, 1] everywhere", name)
     if is_sigma:
         p.neg_().expm1_().neg_()  # p = 1 - e^{-sigma}
     return p.mul_(float(2**UNIFORM_BITS)).ceil_().to(torch.int32)
 
 
-def _num_masked(value, rows: int, cols: int, maskable: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """Per-row k as int64 (B,), checked against the number of maskable positions of each row."""
+def _num_masked(value, rows: int, cols: int, maskable: torch.Tensor | None, device: torch.device,
+                checks: v.ValueChecks) -> torch.Tensor:
+    """Per-row k as int64 (B,), checked (in ``checks``) against the number of maskable positions of each row."""
     if isinstance(value, int) and not isinstance(value, bool):
         k = torch.full((rows,), value, dtype=torch.int64, device=device)
     elif isinstance(value, torch.Tensor):
@@ -214,13 +228,16 @@ def _num_masked(value, rows: int, cols: int, maskable: torch.Tensor | None, devi
         k = value.reshape(-1).to(torch.int64).expand(rows).contiguous()
     else:
         raise TypeError(f"num_masked must be an int or an integer tensor, got {type(value).__name__}")
-    if v.eager(k) and rows:
+    if rows and checks.active(k):
         available = maskable.sum(1) if maskable is not None else torch.full_like(k, cols)
         bad = (k < 0) | (k > available)
-        if bool(bad.any()):
+
+        def message() -> str:
             row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"num_masked[{row}] = {int(k[row])} is outside [0, {int(available[row])}], "
-                             f"the number of maskable positions of sequence {row}")
+            return (f"num_masked[{row}] = {int(k[row])} is outside [0, {int(available[row])}], "
+                    f"the number of maskable positions of sequence {row}")
+
+        checks.add(bad, message, "num_masked")
     return k
 
 
@@ -310,16 +327,18 @@ def perturb(
 
     if maskable is not None:
         maskable = v.check_maskable(maskable, x0).view(rows, cols)
+    checks = v.ValueChecks()
     if sigma is not None or mask_ratio is not None:
         name = "sigma" if sigma is not None else "mask_ratio"
-        threshold = _threshold(name, sigma if sigma is not None else mask_ratio, rows, cols, one_row, device)
+        threshold = _threshold(name, sigma if sigma is not None else mask_ratio, rows, cols, one_row, device, checks)
         k = None
     else:
-        threshold, k = None, _num_masked(num_masked, rows, cols, maskable, device)
+        threshold, k = None, _num_masked(num_masked, rows, cols, maskable, device, checks)
+    if kernel_backend != "cpu":  # the C++ CPU kernel checks the ids itself, in the same pass
+        checks.ids("x0", flat, 0, vocab_size)
+    checks.run()
     if flat.numel() == 0:
         return Perturbed(x0.clone(), torch.zeros(x0.shape, dtype=torch.bool, device=device))
-    if kernel_backend != "cpu":  # the C++ CPU kernel checks the ids itself, in the same pass
-        v.check_id_range("x0", flat, 0, vocab_size)
     op = _backend.kernel(kernel_backend, "perturb")
     x_t, mask = op(flat.contiguous(), threshold, k, maskable, vocab_size, mask_id, _names.GRAPH_CODES[graph],
                    seed_bits, offset_bits)
@@ -418,6 +437,10 @@ def sample_num_masked(
     :math:`H_k \ge (w_0 + \tfrac12)\,2^{-32} H_L`, against a float64 table of harmonic
     numbers built on the host, so every device returns the same k. Each P(k) is exact up
     to the 2^-32 resolution of the word.
+
+    Host reads: none for an int ``length``; a tensor ``length`` is read once for
+    ``"inverse"`` (the table's size depends on it) and checked in the mode of
+    `fastbound.value_checks` for ``"uniform"``.
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -429,22 +452,37 @@ def sample_num_masked(
             raise ValueError(f"length is on {dev} but device={device!r} was asked for")
     if isinstance(length, int) and not isinstance(length, bool):
         lengths = torch.full((n,), length, dtype=torch.int64, device=dev)
+        bounds = (length, length)
     elif isinstance(length, torch.Tensor):
         if length.is_floating_point() or length.is_complex() or length.dtype == torch.bool:
             raise TypeError(f"length must hold integers, got {length.dtype}")
         if length.shape != (n,):
             raise ValueError(f"length must be an int or have shape ({n},), got {tuple(length.shape)}")
         lengths = length.to(torch.int64)
+        bounds = None
     else:
         raise TypeError(f"length must be an int or an integer tensor, got {type(length).__name__}")
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=dev)
-    lo, hi = int(lengths.min()), int(lengths.max())  # one sync: the table size depends on the data
     limit = MAX_INVERSE_LENGTH if weights == "inverse" else v.INT32_MAX
-    if lo < 1 or hi > limit:
-        raise ValueError(f"length must lie in [1, {limit}] for weights={weights!r}, got values in [{lo}, {hi}]")
+
+    def out_of_range() -> str:
+        lo, hi = bounds if bounds is not None else (int(lengths.min()), int(lengths.max()))
+        return f"length must lie in [1, {limit}] for weights={weights!r}, got values in [{lo}, {hi}]"
+
+    if bounds is None and weights == "inverse":
+        # One read whatever the value-check mode: the size of the harmonic table depends on the data.
+        bounds = int(lengths.min()), int(lengths.max())
+    if bounds is not None:
+        if bounds[0] < 1 or bounds[1] > limit:
+            raise ValueError(out_of_range())
+    else:
+        checks = v.ValueChecks()
+        checks.add((lengths < 1) | (lengths > limit), out_of_range, "length")
+        checks.run()
     w0 = philox_words(n, seed=seed, offset=offset, device=dev, backend=backend)[:, 0]
     if weights == "uniform":
         return 1 + ((w0 * lengths) >> 32)
+    hi = bounds[1]
     target = (w0.double() + 0.5) * 2.0**-32 * _harmonic.harmonic_numbers(hi, dev)[lengths]
     return _harmonic.smallest_k(target, hi)
