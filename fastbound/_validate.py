@@ -180,7 +180,7 @@ class ValueChecks:
             return
         flags = torch.stack([bad.any() for bad, _, _ in self._checks])
         if self._mode == "async":
-            names = ", ".join(dict.fromkeys(name or "an id" for _, _, name in self._checks))
+            names = ", ".join(dict.fromkeys(name for _, _, name in self._checks if name)) or "argument values"
             torch._assert_async(~flags.any(), f"fastbound: a value check failed ({names}); "
                                 f"{VALUE_CHECKS_ENV}=sync raises a ValueError naming the argument")
             return

@@ -210,6 +210,9 @@ def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: to
             checks.add(~((p >= 0) & (p <= 1)), lambda: "mask_ratio must lie in [0, 1] everywhere", name)
     if is_sigma:
         p.neg_().expm1_().neg_()  # p = 1 - e^{-sigma}
+    # Unchecked values (checks off, capture, tracing) get a defined threshold: a NaN would convert
+    # to a device-dependent int, a negative one wraps to "always" in the kernels' unsigned compare.
+    p.nan_to_num_(nan=0.0).clamp_(0.0, 1.0)
     return p.mul_(float(2**UNIFORM_BITS)).ceil_().to(torch.int32)
 
 
