@@ -10,6 +10,7 @@ every mode runs here. The GPU-marked tests check the same on a device.
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -311,10 +312,10 @@ ASYNC_PROBE = textwrap.dedent("""
     score = torch.randn(4, 7, device="cuda")
     x_t = torch.tensor([6, 6, 9, 6], device="cuda")
     x0 = torch.tensor([1, 2, 2, 3], device="cuda")
-    fb.dse_loss(score, 1.0, x_t.clamp(max=6), x0, backend={backend!r})  # valid: compiles the kernels
+    fb.dse_loss(score, 1.0, x_t.clamp(max=6), x0)  # valid: loads the kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
-    loss = fb.dse_loss(score, 1.0, x_t, x0, backend={backend!r})  # no sync: it would raise here
+    loss = fb.dse_loss(score, 1.0, x_t, x0)  # no sync: it would raise here
     torch.cuda.set_sync_debug_mode("default")
     print("launched", flush=True)
     torch.cuda.synchronize()
@@ -323,14 +324,12 @@ ASYNC_PROBE = textwrap.dedent("""
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_async_mode_raises_on_the_device(backend):
-    """A bad id in "async" mode: no sync at the call, a device-side assert at the next sync. In a
-    subprocess: the assert poisons the CUDA context."""
-    if backend == "cuda" and not fb._backend.CUDA_KERNELS:
-        pytest.skip("fastbound was built without CUDA kernels")
+def test_async_mode_raises_on_the_device():
+    """A bad id in "async" mode: no sync at the call, a device-side assert at the next sync (the assert
+    is the checks', not a kernel's: one backend covers it). In a subprocess: the assert poisons the
+    CUDA context."""
     env = {k: val for k, val in os.environ.items() if k != "FASTBOUND_VALUE_CHECKS"}
-    run = subprocess.run([sys.executable, "-c", ASYNC_PROBE.format(backend=backend)], env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", ASYNC_PROBE], cwd=pathlib.Path(__file__).parents[1], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert "launched" in run.stdout and "no assert" not in run.stdout, run.stdout + run.stderr
     assert run.returncode != 0 and "device-side assert" in run.stderr, run.stderr[-2000:]
