@@ -83,13 +83,15 @@ def chain_rows(ctx, grad: torch.Tensor, factor: torch.Tensor, zero_rows: tuple |
     (``retain_graph=True``: gradcheck, jacobians, several backwards; tracing) a new tensor,
     so the saved buffer stays intact and is never shared.
     """
-    if torch.is_grad_enabled() and not tracing(factor):
+    traced = tracing(grad, factor)
+    if torch.is_grad_enabled() and not traced:
         raise RuntimeError(_ONCE)
-    own = not tracing(grad, factor) and may_hand_out(ctx)
+    own = not traced and may_hand_out(ctx)
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     if own and grad.dim() == 2:
         x_t, x0, mask_id, ignore_index = zero_rows if zero_rows is not None else (None, None, -1, 0)
-        (scale_op or _scale_rows_op(grad))(grad, factor.to(acc), x_t, x0, mask_id, ignore_index)
+        factor = factor if factor.dtype == acc else factor.to(acc)
+        (scale_op or _scale_rows_op(grad))(grad, factor, x_t, x0, mask_id, ignore_index)
         return grad
     if _unit(factor):
         return grad if own else grad.clone()
@@ -98,11 +100,9 @@ def chain_rows(ctx, grad: torch.Tensor, factor: torch.Tensor, zero_rows: tuple |
 
 
 def _scale_rows_op(grad: torch.Tensor):
-    """The ``scale_rows_`` op for ``grad``'s device: the C++ kernels (CPU, and CUDA when built),
-    else the Triton kernel."""
-    if grad.device.type == "cpu" or _backend.CUDA_KERNELS:
-        return torch.ops.fastbound.scale_rows_
-    return _backend.kernel("triton", "scale_rows_")
+    """The ``scale_rows_`` op for ``grad``'s device: the C++ kernels (CPU, and CUDA when built; one
+    op for both devices), else the Triton kernel."""
+    return _backend.kernel("cpu" if grad.device.type == "cpu" or _backend.CUDA_KERNELS else "triton", "scale_rows_")
 
 
 @torch.library.register_fake("fastbound::scale_rows_")

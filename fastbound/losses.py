@@ -7,7 +7,7 @@ See `fastbound.reference` for the formulas.
 
 A call's fixed cost matters at small sizes (V = 5, 4x64 tokens: a few microseconds of
 kernel): what reads no data is checked once per argument signature and cached, with the
-row scale of ones; on CPU tensors the id checks are one pass of a C++ op
+row scale of ones; on CPU tensors the id and sigma checks are one pass of a C++ op
 (``check_loss_ids``) instead of a dozen small torch ops.
 """
 
@@ -54,9 +54,12 @@ def _signature(score, x_t, x0, reduction, ignore_index, backend) -> tuple | None
         return None
     if not isinstance(reduction, str) or not (backend is None or isinstance(backend, str)):
         return None  # unhashable or odd options: let the checks name them
+    env_backend = os.environ.get("FASTBOUND_BACKEND")
+    # TRITON_INTERPRET decides only whether Triton may run on CPU tensors (`_backend.select`).
+    interpret = os.environ.get("TRITON_INTERPRET") if "triton" in (backend, env_backend) else None
     return (score.dtype, score.shape, score.device, score.layout, x_t.dtype, x_t.shape, x_t.device, x_t.layout,
             x0.dtype, x0.shape, x0.device, x0.layout, reduction, ignore_index, type(ignore_index), backend,
-            os.environ.get("FASTBOUND_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+            env_backend, interpret)
 
 
 _ONES: dict[tuple, torch.Tensor] = {}
@@ -185,11 +188,22 @@ def check_dce_ids(checks: v.ValueChecks, x_t: torch.Tensor, x0: torch.Tensor, n_
     checks.add(x0 == mask_id, lambda: f"x0 contains the mask id {mask_id}; clean tokens cannot be masked")
 
 
-def _check_ids_on_cpu(x_t: torch.Tensor, x0: torch.Tensor, n_cols: int, loss: str, graph: int, mask_id: int,
-                      ignore_index: int) -> None:
-    """`check_dse_ids` / `check_dce_ids` of CPU ids in one pass of the C++ op ``check_loss_ids``
-    (same rules and messages; no host-device synchronisation to save, so no ValueChecks)."""
-    torch.ops.fastbound.check_loss_ids(x_t, x0, n_cols, _names.LOSS_CODES[loss], graph, mask_id, ignore_index)
+def _sigma_detail(sigma_dtype: torch.dtype, score_dtype: torch.dtype) -> str:
+    """The end of the message for a sigma that is not positive and finite (it may have overflowed)."""
+    return f" (in {sigma_dtype}, the accumulation dtype of {score_dtype} scores)"
+
+
+def _check_values_on_cpu(x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor | None, n_cols: int, loss: str,
+                         graph: int, mask_id: int, ignore_index: int, score_dtype: torch.dtype | None = None) -> None:
+    """`check_dse_ids` / `check_dce_ids` of CPU ids, and sigma > 0 (when given), in one pass of the
+    C++ op ``check_loss_ids``: the same rules and messages, no torch ops of their own."""
+    try:
+        _backend.kernel("cpu", "check_loss_ids")(x_t, x0, sigma, n_cols, _names.LOSS_CODES[loss], graph, mask_id,
+                                                 ignore_index)
+    except ValueError as error:
+        if str(error).startswith("sigma"):
+            raise ValueError(f"{error}{_sigma_detail(sigma.dtype, score_dtype)}") from None
+        raise
 
 
 def _log_expm1(sigma: torch.Tensor) -> torch.Tensor:
@@ -352,16 +366,15 @@ def dse_loss(
     sigma_rows = v.as_rows("sigma", sigma, x_t.shape, row_scale.dtype, flat.device, differentiable=True)
     code = _names.GRAPH_CODES[graph]
     if eager:
-        sigma_detail = f" (in {sigma_rows.dtype}, the accumulation dtype of {flat.dtype} scores)"
         if flat.device.type == "cpu":
-            _check_ids_on_cpu(xt, x0f, n_cols, "dse", code, mask, ignore_index)
-            # log is finite exactly for positive finite values: one op and one read.
-            if isinstance(sigma, torch.Tensor) and not bool(torch.isfinite(sigma_rows.detach().log()).all()):
-                raise ValueError(f"sigma must be positive and finite everywhere{sigma_detail}")
+            sigma_check = None  # a float sigma was checked above
+            if isinstance(sigma, torch.Tensor):
+                sigma_check = sigma_rows.detach() if sigma_rows.requires_grad else sigma_rows
+            _check_values_on_cpu(xt, x0f, sigma_check, n_cols, "dse", code, mask, ignore_index, flat.dtype)
         else:
             checks = v.ValueChecks()
             check_dse_ids(checks, graph, xt, x0f, n_cols, ignore_index, mask_id=mask if mask >= 0 else None)
-            checks.positive_finite("sigma", sigma_rows.detach(), sigma_detail)
+            checks.positive_finite("sigma", sigma_rows.detach(), _sigma_detail(sigma_rows.dtype, flat.dtype))
             checks.run()
     kernel = DseKernel(kernel_backend, code, mask, n_cols, xt, x0f, ignore_index)
     return _reduce(_run(flat, sigma_rows, row_scale, kernel, inplace, eager), x_t.shape, reduction)
@@ -406,7 +419,7 @@ def dce_loss(
     n_cols = flat.shape[1]
     mask_id = dce_mask_id(mask_id, n_cols)
     if eager and flat.device.type == "cpu":
-        _check_ids_on_cpu(xt, x0f, n_cols, "dce", _names.GRAPH_CODES["absorb"], mask_id, ignore_index)
+        _check_values_on_cpu(xt, x0f, None, n_cols, "dce", _names.GRAPH_CODES["absorb"], mask_id, ignore_index)
     elif eager:
         checks = v.ValueChecks()
         check_dce_ids(checks, xt, x0f, n_cols, mask_id, ignore_index)
