@@ -174,11 +174,11 @@ def forward_mode() -> bool:
     return forward_ad._current_level >= 0
 
 
-def below_autograd(t: torch.Tensor):
+def below_autograd(eager: bool):
     """In eager mode, a context that calls ops below the Autograd key: the raw ops' Python
     autograd wrapper (registered above) costs more than a small kernel, and `FusedLoss` (or a
-    call without gradients) needs none of it. While tracing, a no-op context."""
-    return contextlib.nullcontext() if tracing(t) else torch._C._AutoDispatchBelowAutograd()
+    call without gradients) needs none of it. While tracing (``eager`` false), a no-op context."""
+    return torch._C._AutoDispatchBelowAutograd() if eager else contextlib.nullcontext()
 
 
 def has_tangent(t: torch.Tensor) -> bool:
@@ -193,7 +193,7 @@ def _fused_forward(score, sigma, row_scale, kernel, need_grad, inplace, need_sig
     if need_scale:
         live = (row_scale != 0).to(row_scale.dtype)
         used = torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale)
-    with below_autograd(score):
+    with below_autograd(kernel.eager):
         if inplace and need_grad:
             loss = kernel.run_inplace(score, sigma, used)
             grad = score

@@ -223,7 +223,8 @@ class DseKernel:
     x_t == x0: dl/dsigma = rho(1 - rho)(1 + 1/a) ((N-1)/N log rho - (sum_y s_y - s_x_t)/N).
     """
 
-    def __init__(self, backend, graph, mask_id, n_cols, x_t, x0, ignore_index):
+    def __init__(self, backend, graph, mask_id, n_cols, x_t, x0, ignore_index, eager):
+        self.eager = eager  # whether the ops may be called below the Autograd key (`fastbound._ops.below_autograd`)
         self.op, self.op_inplace = _backend.kernel(backend, "dse_forward"), _backend.kernel(backend, "dse_forward_inplace")
         self.code, self.mask_id, self.n_cols = graph, mask_id, n_cols
         self.x_t, self.x0, self.ignore_index = x_t, x0, ignore_index
@@ -270,7 +271,8 @@ class DseKernel:
 class DceKernel:
     """Runs the masked cross-entropy op for fixed ids (no sigma)."""
 
-    def __init__(self, backend, mask_id, x_t, x0, ignore_index):
+    def __init__(self, backend, mask_id, x_t, x0, ignore_index, eager):
+        self.eager = eager  # as in `DseKernel`
         self.op, self.op_inplace = _backend.kernel(backend, "dce_forward"), _backend.kernel(backend, "dce_forward_inplace")
         self.x_t, self.x0, self.ints = x_t, x0, (mask_id, ignore_index)
         self.zero_ids, self.zero_ints = (x_t, x0), self.ints  # as in `DseKernel`
@@ -283,7 +285,7 @@ class DceKernel:
         return self.op_inplace(score, self.x_t, self.x0, row_scale, *self.ints)
 
 
-def _run(flat, sigma, row_scale, kernel, inplace: bool, eager: bool) -> torch.Tensor:
+def _run(flat, sigma, row_scale, kernel, inplace: bool) -> torch.Tensor:
     """Calls the fused op through `fastbound._ops.FusedLoss` and returns per-row losses.
 
     Without any gradient to compute (no_grad, inference, detached inputs) the op is called
@@ -298,10 +300,8 @@ def _run(flat, sigma, row_scale, kernel, inplace: bool, eager: bool) -> torch.Te
     need_sigma = sigma is not None and ((grad_on and sigma.requires_grad) or tangents[1])
     need_scale = (grad_on and row_scale.requires_grad) or tangents[2]
     if not (need_grad or need_scale or need_sigma):
-        if eager:
-            with torch._C._AutoDispatchBelowAutograd():
-                return kernel.run(flat, sigma, row_scale, False)[0]
-        return kernel.run(flat, sigma, row_scale, False)[0]
+        with _ops.below_autograd(kernel.eager):
+            return kernel.run(flat, sigma, row_scale, False)[0]
     function = _ops.FusedLossWithTangents if any(tangents) else _ops.FusedLoss
     return function.apply(flat, sigma, row_scale, kernel, need_grad, inplace and need_grad, need_sigma, need_scale)[0]
 
@@ -376,8 +376,8 @@ def dse_loss(
             check_dse_ids(checks, graph, xt, x0f, n_cols, ignore_index, mask_id=mask if mask >= 0 else None)
             checks.positive_finite("sigma", sigma_rows.detach(), _sigma_detail(sigma_rows.dtype, flat.dtype))
             checks.run()
-    kernel = DseKernel(kernel_backend, code, mask, n_cols, xt, x0f, ignore_index)
-    return _reduce(_run(flat, sigma_rows, row_scale, kernel, inplace, eager), x_t.shape, reduction)
+    kernel = DseKernel(kernel_backend, code, mask, n_cols, xt, x0f, ignore_index, eager)
+    return _reduce(_run(flat, sigma_rows, row_scale, kernel, inplace), x_t.shape, reduction)
 
 
 def dce_loss(
@@ -424,5 +424,5 @@ def dce_loss(
         checks = v.ValueChecks()
         check_dce_ids(checks, xt, x0f, n_cols, mask_id, ignore_index)
         checks.run()
-    kernel = DceKernel(kernel_backend, mask_id, xt, x0f, ignore_index)
-    return _reduce(_run(flat, None, row_scale, kernel, inplace, eager), x_t.shape, reduction)
+    kernel = DceKernel(kernel_backend, mask_id, xt, x0f, ignore_index, eager)
+    return _reduce(_run(flat, None, row_scale, kernel, inplace), x_t.shape, reduction)
