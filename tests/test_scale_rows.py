@@ -187,3 +187,20 @@ def test_ids_changed_before_the_backward_raise():
     x_t[0, 0] = 1
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_backend_rescales_with_its_kernel(kind):
+    """backend="triton": the backward's rescale is the Triton ``scale_rows_`` (a per-position factor)."""
+    from helpers import make_case
+
+    score, sigma, x_t, x0 = make_case(kind, (2, 5), 11, torch.float32, seed=5, device=TRITON_DEVICE)
+    factor = torch.rand(2, 5, device=TRITON_DEVICE) + 0.5
+    grads = []
+    for backend in ("triton", None):  # None: the C++ kernels (CUDA ones where built)
+        s = score.clone().requires_grad_()
+        (factor * _loss(kind, s, sigma, x_t, x0, backend=backend)).sum().backward()
+        grads.append(s.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
