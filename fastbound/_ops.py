@@ -86,17 +86,13 @@ def chain_rows(ctx, grad: torch.Tensor, factor: torch.Tensor, zero_rows: tuple |
     traced = tracing(grad, factor)
     if torch.is_grad_enabled() and not traced:
         raise RuntimeError(_ONCE)
-    own = not traced and may_hand_out(ctx)
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    if own and grad.dim() == 2:
+    if not traced and may_hand_out(ctx):
         x_t, x0, mask_id, ignore_index = zero_rows if zero_rows is not None else (None, None, -1, 0)
         factor = factor if factor.dtype == acc else factor.to(acc)
         (scale_op or _scale_rows_op(grad))(grad, factor, x_t, x0, mask_id, ignore_index)
         return grad
-    if _unit(factor):
-        return grad if own else grad.clone()
-    factor = factor.to(acc)[:, None]
-    return grad.mul_(factor) if own else grad * factor
+    return grad.clone() if _unit(factor) else grad * factor.to(acc)[:, None]
 
 
 def _scale_rows_op(grad: torch.Tensor):
