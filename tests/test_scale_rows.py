@@ -204,3 +204,26 @@ def test_triton_backend_rescales_with_its_kernel(kind):
         (factor * _loss(kind, s, sigma, x_t, x0, backend=backend)).sum().backward()
         grads.append(s.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck():
+    """Schema, fake kernel and the AOT path of the C++ ops added for the backward and the checks."""
+    grad, factor, x_t, x0, mask = _case(6, 9, torch.float32)
+    torch.library.opcheck(torch.ops.fastbound.scale_rows_.default, (grad, factor, x_t, x0, mask, IGNORE))
+    torch.library.opcheck(torch.ops.fastbound.check_loss_ids.default,
+                          (x_t.clamp_min(0), x0.clamp_min(0), torch.ones(6), 9, 1, 0, mask, IGNORE))
+
+
+@pytest.mark.parametrize(
+    "sigma, ok",
+    [(torch.ones(3), True), (torch.tensor([1.0, 0.0, 1.0]), False), (torch.tensor([1.0, float("nan"), 1.0]), False),
+     (torch.tensor([1.0, float("inf"), 1.0], dtype=torch.float64), False), (torch.tensor([2.0, 1e-30, 3.0]), True)],
+)
+def test_check_loss_ids_refuses_sigma_not_positive_and_finite(sigma, ok):
+    x0, x_t = torch.tensor([1, 2, 3]), torch.tensor([4, 4, 1])
+    check = torch.ops.fastbound.check_loss_ids.default
+    if ok:
+        check(x_t, x0, sigma, 5, 0, 0, 4, IGNORE)
+    else:
+        with pytest.raises(ValueError, match="sigma must be positive and finite"):
+            check(x_t, x0, sigma, 5, 0, 0, 4, IGNORE)
