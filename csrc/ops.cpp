@@ -24,6 +24,18 @@ TORCH_LIBRARY(fastbound, m) {
   m.def(
       "dce_forward_inplace(Tensor(a!) logits, Tensor x_t, Tensor x0, Tensor row_scale, int mask_id, "
       "int ignore_index) -> Tensor");
+  // The backward of a fused loss (contract: csrc/common/scale_rows.h): grad[i] *= factor[i] in place
+  // for each row i of the saved (N, V) gradient, except rows the loss wrote as zeros (x0[i] ==
+  // ignore_index; x_t[i] != mask_id when mask_id >= 0) and rows whose factor is 1. factor is (N,)
+  // of the accumulation dtype, any stride.
+  m.def(
+      "scale_rows_(Tensor(a!) grad, Tensor factor, Tensor? x_t, Tensor? x0, int mask_id, int ignore_index) -> ()");
+  // The value checks of the public losses on CPU tensors (csrc/cpu/check_ids.cpp): raises a
+  // ValueError naming the first bad id, or sigma (when given) not positive and finite.
+  // loss, graph, mask_id, ignore_index as in dse_forward / dce_forward.
+  m.def(
+      "check_loss_ids(Tensor x_t, Tensor x0, Tensor? sigma, int n_cols, int loss, int graph, int mask_id, "
+      "int ignore_index) -> ()");
   // Noise (fastbound/noise.py; the random-number contract is csrc/include/fastbound/philox.h).
   // x0 (B, L); exactly one of threshold (int32, (B or 1, L or 1): select iff (w0 >> 8) < threshold)
   // and num_masked (int64 (B,): exactly k per row); maskable bool (B, L). seed and offset are

@@ -58,10 +58,11 @@ _KERNELS: dict[tuple[str, str], object] = {}
 
 
 def kernel(backend: str, name: str):
-    """The op ``torch.ops.fastbound.<name>`` of a resolved ``backend``, looked up once.
+    """The op ``torch.ops.fastbound.<name>.default`` of a resolved ``backend``, looked up once.
 
-    Triton ops carry the suffix ``_triton``; the first lookup imports `fastbound.triton_kernels`,
-    which registers every one of them.
+    The overload itself, not the packet: calling a packet resolves the overload in Python on
+    every call, a cost the size of a small kernel. Triton ops carry the suffix ``_triton``;
+    the first lookup imports `fastbound.triton_kernels`, which registers every one of them.
     """
     key = (backend, name)
     op = _KERNELS.get(key)
@@ -70,5 +71,5 @@ def kernel(backend: str, name: str):
             from . import triton_kernels  # noqa: F401  (registers the *_triton ops)
 
             name += "_triton"
-        op = _KERNELS[key] = getattr(torch.ops.fastbound, name)
+        op = _KERNELS[key] = getattr(torch.ops.fastbound, name).default
     return op

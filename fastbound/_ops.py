@@ -12,15 +12,17 @@ the row scale (weight, and 1/count for ``reduction="mean"``). The backward
 multiplies it by the incoming per-row gradient ("upstream") — see
 `chain_rows` for how that multiply is kept off the memory bus:
 
-* an upstream that is exactly 1 (``loss.backward()`` after ``reduction="sum"|"mean"``)
-  returns the saved buffer itself, free. The test reads the upstream's value only
-  when it lives on the CPU (no host-device synchronisation); on a GPU the buffer is
-  rescaled in place instead (one in-place pass, no sync; a row kernel that tests the
-  scale on the device would make it free there too).
-* any other upstream (``/ B``, a GradScaler's scale, a per-position factor) rescales
-  the saved buffer in place: one read and one write of pages already mapped, which
-  costs far less than a fresh (N, V) buffer (measured on CPU: ~0.1x the fused
-  forward, against ~0.4x for ``grad * upstream``).
+* the backward that owns the saved buffer (see `may_hand_out`) rescales it in place
+  with the row kernel ``scale_rows_`` (`csrc/common/scale_rows.h`) and returns it. The
+  kernel leaves alone the rows whose factor is exactly 1 and, for the public losses,
+  the rows the loss wrote as zeros (unmasked positions of the absorbing graph and of
+  the DCE, ``ignore_index`` rows): ``loss.backward()`` after ``reduction="sum"|"mean"``
+  reads N factors and no gradient entry, on every device and without a host-device
+  synchronisation; any other upstream (``/ B``, a GradScaler's scale, gradient
+  accumulation, a per-position factor) costs one read and one write of the
+  contributing rows only, pages already mapped.
+* a backward that may not own it (``retain_graph=True``, tracing) returns
+  ``grad * upstream`` (a new tensor; the saved buffer itself for a unit upstream).
 
 The losses are differentiable once: the gradient is a constant of the
 forward, so a double backward (``create_graph=True``) raises instead of
@@ -39,6 +41,7 @@ import torch
 from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
+from . import _backend
 from ._validate import tracing
 
 
@@ -69,20 +72,43 @@ def may_hand_out(ctx) -> bool:
     return first and not torch._C._autograd._get_current_graph_task_keep_graph()
 
 
-def chain_rows(ctx, grad: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def chain_rows(ctx, grad: torch.Tensor, factor: torch.Tensor, zero_rows: tuple | None = None,
+               scale_op=None) -> torch.Tensor:
     """d out / d score = grad * factor[:, None] for the saved gradient buffer ``grad``.
 
-    Unit factor: ``grad`` itself, else ``grad`` rescaled in place, when `may_hand_out`;
-    otherwise (``retain_graph=True``: gradcheck, jacobians, several backwards) a new tensor,
+    When `may_hand_out`: ``grad`` rescaled in place by ``scale_op`` (default: the
+    ``scale_rows_`` of ``grad``'s device, `_scale_rows_op`), which skips the rows whose factor
+    is 1 and the rows ``zero_rows`` = (x_t, x0, mask_id, ignore_index) marks as zero by
+    construction (see `csrc/common/scale_rows.h`; None: only the unit rows). Otherwise
+    (``retain_graph=True``: gradcheck, jacobians, several backwards; tracing) a new tensor,
     so the saved buffer stays intact and is never shared.
     """
-    if torch.is_grad_enabled() and not tracing(factor):
+    traced = tracing(grad, factor)
+    if torch.is_grad_enabled() and not traced:
         raise RuntimeError(_ONCE)
-    own = not tracing(grad, factor) and may_hand_out(ctx)
-    if _unit(factor):
-        return grad if own else grad.clone()
-    factor = factor.to(grad.dtype if grad.dtype == torch.float64 else torch.float32)[:, None]
-    return grad.mul_(factor) if own else grad * factor
+    acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    if not traced and may_hand_out(ctx):
+        x_t, x0, mask_id, ignore_index = zero_rows if zero_rows is not None else (None, None, -1, 0)
+        factor = factor if factor.dtype == acc else factor.to(acc)
+        (scale_op or _scale_rows_op(grad))(grad, factor, x_t, x0, mask_id, ignore_index)
+        return grad
+    return grad.clone() if _unit(factor) else grad * factor.to(acc)[:, None]
+
+
+def _scale_rows_op(grad: torch.Tensor):
+    """The ``scale_rows_`` op for ``grad``'s device: the C++ kernels (CPU, and CUDA when built; one
+    op for both devices), else the Triton kernel."""
+    return _backend.kernel("cpu" if grad.device.type == "cpu" or _backend.CUDA_KERNELS else "triton", "scale_rows_")
+
+
+@torch.library.register_fake("fastbound::scale_rows_")
+def _scale_rows_fake(grad, factor, x_t, x0, mask_id, ignore_index):
+    return None
+
+
+@torch.library.register_fake("fastbound::check_loss_ids")
+def _check_loss_ids_fake(x_t, x0, sigma, n_cols, loss, graph, mask_id, ignore_index):
+    return None  # no data to check (the losses call it in eager mode only)
 
 
 # ----------------------------------------------------------------------------- raw ops
@@ -149,11 +175,11 @@ def forward_mode() -> bool:
     return forward_ad._current_level >= 0
 
 
-def below_autograd(t: torch.Tensor):
+def below_autograd(eager: bool):
     """In eager mode, a context that calls ops below the Autograd key: the raw ops' Python
     autograd wrapper (registered above) costs more than a small kernel, and `FusedLoss` (or a
-    call without gradients) needs none of it. While tracing, a no-op context."""
-    return contextlib.nullcontext() if tracing(t) else torch._C._AutoDispatchBelowAutograd()
+    call without gradients) needs none of it. While tracing (``eager`` false), a no-op context."""
+    return torch._C._AutoDispatchBelowAutograd() if eager else contextlib.nullcontext()
 
 
 def has_tangent(t: torch.Tensor) -> bool:
@@ -168,7 +194,7 @@ def _fused_forward(score, sigma, row_scale, kernel, need_grad, inplace, need_sig
     if need_scale:
         live = (row_scale != 0).to(row_scale.dtype)
         used = torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale)
-    with below_autograd(score):
+    with below_autograd(kernel.eager):
         if inplace and need_grad:
             loss = kernel.run_inplace(score, sigma, used)
             grad = score
@@ -188,20 +214,23 @@ def _fused_setup(ctx, inputs, output):
         ctx.mark_dirty(score)
     ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
     ctx.set_materialize_grads(False)
-    ctx.need_grad = need_grad
-    ctx.save_for_backward(grad if need_grad else None, row_scale, unscaled, dsigma, live)
+    ctx.need_grad, ctx.kernel = need_grad, kernel
+    # The ids decide which gradient rows the backward may skip: saved, so that changing them
+    # in place before the backward raises instead of skipping the wrong rows.
+    ctx.save_for_backward(grad if need_grad else None, row_scale, unscaled, dsigma, live, *kernel.zero_ids)
     ctx.save_for_forward(grad if need_grad else None, row_scale, unscaled, dsigma, live)
 
 
 def _fused_backward(ctx, upstream, *_):
     if upstream is None:
         return (None,) * 8
-    grad, row_scale, unscaled, dsigma, live = ctx.saved_tensors
+    grad, row_scale, unscaled, dsigma, live, x_t, x0 = ctx.saved_tensors
     d_score = d_sigma = d_scale = None
     if ctx.needs_input_grad[0]:
         if not ctx.need_grad:
             raise RuntimeError("the fused loss ran without its gradient (the scores did not require grad)")
-        d_score = chain_rows(ctx, grad, upstream if live is None else upstream * live)
+        factor = upstream if live is None else upstream * live
+        d_score = chain_rows(ctx, grad, factor, (x_t, x0, *ctx.kernel.zero_ints), ctx.kernel.scale)
     if ctx.needs_input_grad[1]:
         d_sigma = upstream * row_scale * dsigma
     if ctx.needs_input_grad[2]:

@@ -710,3 +710,49 @@ def test_retained_graph_backwards_never_share_the_saved_gradient(graph):
     for keep in (True, True, False):
         again.sum().backward(retain_graph=keep)
     torch.testing.assert_close(fresh.grad, 3 * before)
+
+
+# ----------------------------------------------------------------------------- the fixed cost of a call
+
+
+@pytest.mark.parametrize("graph", KINDS)
+def test_cached_row_scale_of_ones_is_never_written(graph):
+    """The row scale of ones is cached between calls: no form, in place or not, may change it."""
+    score, sigma, x_t, x0 = make_case(graph, (2, 3), 7, torch.float32)
+    for inplace in (False, True):
+        for reduction in ("none", "sum", "mean"):
+            s = score.clone().requires_grad_()
+            src = s * 1 if inplace else s
+            out = fused(graph, src, sigma, x_t, x0, reduction=reduction, inplace=inplace)
+            (out.sum() * 3.0).backward()
+    assert fb.losses._ONES and all(bool((ones == 1).all()) for ones in fb.losses._ONES.values())
+
+
+@pytest.mark.parametrize("graph", KINDS)
+def test_cpu_value_checks_name_the_first_bad_id_as_the_python_checks(graph):
+    """On CPU tensors the checks are one C++ pass (``check_loss_ids``); same rules and messages
+    as `check_dse_ids` / `check_dce_ids` (which other devices run)."""
+    from fastbound import _validate as v
+    from fastbound import losses
+
+    score, sigma, x_t, x0 = make_case(graph, (3, 4), 9, torch.float32)
+    bads = [("x_t", torch.tensor(-2)), ("x_t", torch.tensor(11)), ("x0", torch.tensor(9)), ("x0", torch.tensor(40))]
+    for name, value in bads:
+        args = dict(x_t=x_t.clone(), x0=x0.clone())
+        args[name][1, 2] = value
+        checks = v.ValueChecks()
+        if graph == "dce":
+            losses.check_dce_ids(checks, args["x_t"], args["x0"], 9, 8, -100)
+        else:
+            losses.check_dse_ids(checks, graph, args["x_t"], args["x0"], 9, -100)
+        with pytest.raises(ValueError) as python:
+            checks.run()
+        with pytest.raises(ValueError) as cpu:
+            fused(graph, score, sigma, **args)
+        assert str(cpu.value) == str(python.value)
+
+
+def test_forward_without_gradients_builds_no_graph():
+    score, sigma, x_t, x0 = make_case("absorb", (2, 3), 7, torch.float32)
+    assert fb.dse_loss(score, sigma, x_t, x0, reduction="sum").grad_fn is None
+    assert fb.dse_loss(score.requires_grad_(), sigma, x_t, x0).grad_fn is not None
