@@ -14,7 +14,7 @@ fastbound saves.
 
 The fused output-layer rows (``extra_info["mask_rate"]``, `benchmarks/test_fused_linear.py`)
 get their own table and chart (time and peak memory against the masking rate; the chart is
-``<prefix>.png`` when the run holds only them, else ``<prefix>-fused.png``).
+``<prefix>.png`` when the run holds no other op, else ``<prefix>-fused.png``).
 
 Estimator cases (``extra_info["draws"]``, `benchmarks/test_estimate_nll.py`) get their own
 table: with a denoiser that does no work, an estimate's time is the estimator's overhead,
@@ -291,12 +291,12 @@ def main(argv: list[str] | None = None) -> None:
     markdown = "\n".join(lines) + "\n"
     Path(prefix + ".md").write_text(markdown)
     charts = []
-    if rows:
+    if ops:
         device = next(b["extra_info"] for b in run["benchmarks"] if "provider" in b["extra_info"])
         charts.append(prefix + ".png")
         chart(rows, Path(charts[-1]), f"fastbound on {device['device_name']} ({device['device']})")
     if fused_rows:  # time and memory against the masking rate
-        charts.append(prefix + ("-fused.png" if rows else ".png"))
+        charts.append(prefix + ("-fused.png" if ops else ".png"))
         fused.chart(fused_rows, Path(charts[-1]))
     sys.stdout.write(markdown)
     print(f"\nwrote {prefix}.md and {', '.join(charts)}", file=sys.stderr)
