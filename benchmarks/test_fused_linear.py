@@ -24,14 +24,17 @@ forward only) runs against the materialised path: ``F.linear`` then
 `fastbound.integrate_step` (``unfused``) or `fastbound.reference.integrate_step` (``eager``).
 
 Bounded time: one call of a provider takes seconds here (fp32 on a 2-core AVX2 host: ~3 s
-for fastbound at 15% masking, ~16 s for (a)), so every case takes one timed round
-(``min_rounds=1``: a checked call, the timed call, a memory call), and `skip_reason` leaves
-out what would not change the picture: (b) and (c) materialise all (N, V) scores and run
-the same matmuls at every masking rate, so they run at 50% only; the uniform graph uses
-every row at every noise rate (50% only); bf16 runs at 50%, without (b) and (c) (torch's
-bf16 GEMMs on an AVX2 CPU are ~5x slower than fp32, over a minute per call). The bf16
-results are checked against the oracle on the fp32 upcast of the same inputs. Skipped
-cells carry their reason in the report. The smoke grid runs everything at one small shape.
+for fastbound at 15% masking, ~17 s for (a)), so every case takes one timed round
+(``min_rounds=1``: a checked call, the timed call, a memory call), and in the default grid
+`skip_reason` leaves out the cells that would not change the picture, each with its reason
+in the report: (a), (b) and (c) materialise all (N, V) scores and run the same matmuls at
+every masking rate, so (b) runs at 50% only, (c) on DCE at 50%, and (a) at 15% and 50%; the
+uniform graph uses every row at every noise rate (50% only); bf16 runs fastbound alone, at
+50%, on DCE and absorbing DSE (torch's bf16 GEMMs on an AVX2 CPU are 4-6x slower than fp32,
+over a minute per materialised call). The bf16 results are checked against the oracle on
+the fp32 upcast of the same inputs. ``--full`` runs every cell (and a larger shape); the
+smoke grid runs every cell at one small shape. The default grid: 26 timed cells and 12
+oracle calls, about 20 minutes on a quiet 2-core host.
 
 `benchmarks.harness` knows four providers; this module gives `harness.run` one case per
 provider whose ``fastbound`` call is that provider, and records the provider's name in
