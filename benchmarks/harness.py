@@ -194,6 +194,7 @@ class Case:
         extra_providers: more providers, name -> callable like ``fastbound`` (checked against the
             oracle, shown in the report beside the others).
         mode_only: time only this mode (e.g. ``"fwd_bwd"`` for a backward form).
+        min_rounds: fewest timed rounds (default `MIN_ROUNDS`; 1 for calls of several seconds).
     """
 
     name: str
@@ -213,6 +214,7 @@ class Case:
     info: dict[str, Any] = field(default_factory=dict)
     extra_providers: dict[str, Callable[..., object]] = field(default_factory=dict)
     mode_only: str | None = None
+    min_rounds: int | None = None
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -437,7 +439,7 @@ def run(spec: Spec, benchmark, settings: Settings) -> None:
         calls = [] if spec.provider == "compile" else [first_call]  # the first call compiled
         while len(calls) < ESTIMATE_CALLS and sum(calls) < ESTIMATE_SHARE * settings.seconds:
             calls.append(_seconds(target, setup()[1]))
-        least = FLOOR_MIN_ROUNDS if spec.provider == "floor" else MIN_ROUNDS
+        least = FLOOR_MIN_ROUNDS if spec.provider == "floor" else spec.case.min_rounds or MIN_ROUNDS
         rounds = min(MAX_ROUNDS, max(least, math.ceil(settings.seconds / max(min(calls), 1e-9))))
     benchmark.group = spec.group
     benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)

@@ -12,6 +12,10 @@ scores once with ``clone()``, or, for ops that only read them, as reading them o
 ``sum()``), peak memory per provider, and the share of the eager oracle's peak that
 fastbound saves.
 
+The fused output-layer rows (``extra_info["mask_rate"]``, `benchmarks/test_fused_linear.py`)
+get their own table and chart (time and peak memory against the masking rate; the chart is
+``<prefix>.png`` when the run holds no other op, else ``<prefix>-fused.png``).
+
 Estimator cases (``extra_info["draws"]``, `benchmarks/test_estimate_nll.py`) get their own
 table: with a denoiser that does no work, an estimate's time is the estimator's overhead,
 shown over the floor of one read of the denoiser output per denoiser call.
@@ -25,6 +29,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from . import test_fused_linear as fused
 from .harness import MODE_LABELS, PROVIDERS
 
 MIB = 2**20
@@ -48,8 +53,8 @@ def collect(run: dict, stat: str) -> dict[tuple, dict[str, dict]]:
     # Key order: case, mode, dtype, batch, length, vocab; sorted below by case, V, tokens, dtype, mode.
     for bench in run["benchmarks"]:
         info = bench["extra_info"]
-        if "provider" not in info:
-            continue  # not one of ours
+        if "provider" not in info or "mask_rate" in info:
+            continue  # not one of ours, or a fused output-layer row (`fused`)
         key = (info["case"], info["mode"], info["dtype"], info["batch"], info["length"], info["vocab"])
         rows[key][info["provider"]] = {
             "time": bench["stats"][stat],
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     path = args.json or newest_autosave()
     run = load(path)
     rows = collect(run, args.stat)
-    if not rows:
+    fused_rows = fused.collect(run, args.stat)
+    if not rows and not fused_rows:
         raise SystemExit(f"{path}: no fastbound benchmarks in this file")
     prefix = str(args.out or path.with_suffix(""))
     ops = {key: providers for key, providers in rows.items() if not is_estimator(providers)}
@@ -280,12 +286,20 @@ def main(argv: list[str] | None = None) -> None:
         lines += table(ops)
     if estimators:
         lines += ([""] if ops else []) + estimator_table(estimators)
+    if fused_rows:
+        lines += ([""] if rows else []) + fused.summary(fused_rows, args.stat)
     markdown = "\n".join(lines) + "\n"
     Path(prefix + ".md").write_text(markdown)
-    device = next(b["extra_info"] for b in run["benchmarks"] if "provider" in b["extra_info"])
-    chart(rows, Path(prefix + ".png"), f"fastbound on {device['device_name']} ({device['device']})")
+    charts = []
+    if ops:
+        device = next(b["extra_info"] for b in run["benchmarks"] if "provider" in b["extra_info"])
+        charts.append(prefix + ".png")
+        chart(rows, Path(charts[-1]), f"fastbound on {device['device_name']} ({device['device']})")
+    if fused_rows:  # time and memory against the masking rate
+        charts.append(prefix + ("-fused.png" if ops else ".png"))
+        fused.chart(fused_rows, Path(charts[-1]))
     sys.stdout.write(markdown)
-    print(f"\nwrote {prefix}.md and {prefix}.png", file=sys.stderr)
+    print(f"\nwrote {prefix}.md and {', '.join(charts)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

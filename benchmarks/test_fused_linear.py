@@ -2,8 +2,10 @@
 
 A training step's output layer and loss, forward and backward to the hidden states, the
 weight and the bias: 4 × 2048 = 8192 tokens, H = 512, V = 32768 (the mask column
-included), fp32 and bf16, with 15%, 50% and 100% of the positions masked, ``reduction="sum"``.
-Providers, side by side in one run and each checked against the eager oracle:
+included), fp32 and bf16, with 15%, 50% and 100% of the positions masked (the uniform
+graph: noised), ``reduction="sum"``. Ops: absorbing DSE, uniform DSE, DCE, and the
+integration step of the NLL estimators (forward only). Providers, side by side in one run
+and each checked against the eager oracle:
 
 * ``fastbound``: `fastbound.fused_linear_dse_loss` / `fastbound.fused_linear_dce_loss`;
 * ``unfused``: (a) ``F.linear(hidden, weight, bias)`` (what ``nn.Linear`` runs), then
@@ -21,21 +23,31 @@ The integration step from hidden states (`fastbound.fused_linear.head_integrate_
 forward only) runs against the materialised path: ``F.linear`` then
 `fastbound.integrate_step` (``unfused``) or `fastbound.reference.integrate_step` (``eager``).
 
+Bounded time: one call of a provider takes seconds here (fp32 on a 2-core AVX2 host: ~3 s
+for fastbound at 15% masking, ~17 s for (a)), so every case takes one timed round
+(``min_rounds=1``: a checked call, the timed call, a memory call), and in the default grid
+`skip_reason` leaves out the cells that would not change the picture, each with its reason
+in the report: (a), (b) and (c) materialise all (N, V) scores and run the same matmuls at
+every masking rate, so (b) runs at 50% only, (c) on DCE at 50%, and (a) at 15% and 50%; the
+uniform graph uses every row at every noise rate (50% only); bf16 runs fastbound alone, at
+50%, on DCE and absorbing DSE (torch's bf16 GEMMs on an AVX2 CPU are 4-6x slower than fp32,
+over a minute per materialised call). The bf16 results are checked against the oracle on
+the fp32 upcast of the same inputs. ``--full`` runs every cell (and a larger shape); the
+smoke grid runs every cell at one small shape. The default grid: 26 timed cells and 12
+oracle calls, about 20 minutes on a quiet 2-core host.
+
 `benchmarks.harness` knows four providers; this module gives `harness.run` one case per
 provider whose ``fastbound`` call is that provider, and records the provider's name in
 ``extra_info["provider"]`` (with ``mask_rate`` and ``hidden``). The oracle result is shared
-by the providers of one case (same case name). ``--smoke``: a small shape at 50% masking.
+by the providers of one case (same case name). `benchmarks.report` renders these rows with
+`summary` and `chart` (time and peak memory against the masking rate)::
 
-Summary table and chart (time and peak memory against the masking rate)::
-
-    python -m pytest benchmarks/test_fused_linear.py --benchmark-json=fused.json
-    python -m benchmarks.test_fused_linear fused.json       # writes fused.md and fused.png
+    python -m pytest benchmarks -k "fused or estimate_nll_head" --benchmark-json=benchmarks/results/fused.json
+    python -m benchmarks.report benchmarks/results/fused.json   # writes fused.md and fused.png
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -58,6 +70,7 @@ except ImportError:  # optional baseline
     linear_cross_entropy = None
 
 MASK_RATES = (0.15, 0.5, 1.0)
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 GRIDS = {
     "default": ((Shape(4, 2048, 32768), 512),),
     "full": ((Shape(4, 2048, 32768), 512), (Shape(8, 2048, 50257), 768)),
@@ -79,6 +92,15 @@ def head_inputs(shape: Shape, n_hidden: int, rate: float, dtype: torch.dtype, ge
                 x0=x0)
 
 
+def uniform_inputs(shape: Shape, n_hidden: int, rate: float, dtype: torch.dtype, generator: torch.Generator) -> dict:
+    """`head_inputs` for the uniform graph: ``rate`` of the positions hold a uniformly drawn token."""
+    inputs = head_inputs(shape, n_hidden, rate, dtype, generator)
+    noised = inputs["x_t"] == shape.vocab - 1
+    drawn = torch.randint(0, shape.vocab, noised.shape, generator=generator, device=generator.device)
+    inputs["x_t"] = torch.where(noised, drawn, inputs["x0"])
+    return inputs
+
+
 def _drop_sigma(fn: Callable) -> Callable:
     return lambda hidden, weight, bias, sigma, x_t, x0: fn(hidden, weight, bias, x_t, x0)
 
@@ -93,6 +115,18 @@ def unfused_dse(hidden, weight, bias, sigma, x_t, x0, lib=fastbound):
 
 def eager_dse(hidden, weight, bias, sigma, x_t, x0):
     return unfused_dse(hidden, weight, bias, sigma, x_t, x0, lib=reference)
+
+
+def fused_uniform(hidden, weight, bias, sigma, x_t, x0):
+    return fastbound.fused_linear_dse_loss(hidden, weight, bias, sigma, x_t, x0, graph="uniform", reduction="sum")
+
+
+def unfused_uniform(hidden, weight, bias, sigma, x_t, x0, lib=fastbound):
+    return lib.dse_loss(F.linear(hidden, weight, bias), sigma, x_t, x0, graph="uniform", reduction="sum")
+
+
+def eager_uniform(hidden, weight, bias, sigma, x_t, x0):
+    return unfused_uniform(hidden, weight, bias, sigma, x_t, x0, lib=reference)
 
 
 def fused_dce(hidden, weight, bias, x_t, x0):
@@ -135,18 +169,28 @@ def eager_integrate(hidden, weight, bias, sigma, x_t, x0):
     return unfused_integrate(hidden, weight, bias, sigma, x_t, x0, lib=reference)
 
 
+def via_fp32(fn: Callable) -> Callable:
+    """``fn`` on the fp32 upcast of its floating-point inputs: the oracle of the bf16 cases (more
+    accurate than the bf16 oracle, and one call of it takes seconds instead of a minute on AVX2)."""
+    def call(**inputs):
+        return fn(**{k: v.float() if v.is_floating_point() and v.dtype != torch.float64 else v
+                     for k, v in inputs.items()})
+    return call
+
+
 def check_integrate(actual, expected, inputs):
     """Sums of fp32 per-token losses in float64 (different orders and score roundings): 2e-5 relative."""
     torch.testing.assert_close(actual["output0"], expected["output0"], rtol=2e-5, atol=0.0)
 
 
 def check_low_precision(actual, expected, inputs):
-    """bf16: the providers round the scores, and the fused path the weight gradient per chunk, differently
-    from the oracle's materialised bf16 scores; compare each result within bf16's relative step of the
-    oracle's largest magnitude (the harness's element-wise rtol does not fit sums with cancellation)."""
+    """bf16 against the oracle on the fp32 upcast (`via_fp32`): a provider that rounds the scores to
+    bf16 (scores up to ~4, so ~2^-7 absolute before exp) moves the losses and gradients by a few
+    percent of their largest magnitude; compare each result within 2^-5 of the oracle's largest
+    magnitude (a sanity check of the timed call; the precision tests are in tests/test_fused_linear.py)."""
     for key, want in expected.items():
         scale = want.abs().max().item() if want.numel() else 0.0
-        torch.testing.assert_close(actual[key].float(), want.float(), rtol=0.0, atol=2**-7 * scale,
+        torch.testing.assert_close(actual[key].double(), want.double(), rtol=0.0, atol=2**-5 * scale,
                                    msg=lambda m, key=key: f"{key} disagrees with the oracle: {m}")
 
 
@@ -164,6 +208,8 @@ class Op:
 OPS = [
     Op("fused_dse", head_inputs,
        dict(fastbound=fused_dse, unfused=unfused_dse, eager=eager_dse, unfused_compile=unfused_dse)),
+    Op("fused_dse_uniform", uniform_inputs,
+       dict(fastbound=fused_uniform, unfused=unfused_uniform, eager=eager_uniform, unfused_compile=unfused_uniform)),
     Op("fused_dce", head_inputs,
        dict(fastbound=_drop_sigma(fused_dce), unfused=_drop_sigma(unfused_dce), eager=_drop_sigma(eager_dce),
             unfused_compile=_drop_sigma(unfused_dce), cce=_drop_sigma(cce_dce))),
@@ -184,7 +230,7 @@ class FusedSpec:
 
     @property
     def id(self) -> str:
-        dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}[self.dtype]
+        dtype = DTYPES[self.dtype]
         return f"{self.op.name}-m{round(100 * self.rate)}-{dtype}-{self.shape.id}xH{self.n_hidden}-{self.provider}"
 
     def harness_spec(self) -> Spec:
@@ -193,21 +239,52 @@ class FusedSpec:
         if self.provider == "unfused_compile":
             torch._dynamo.reset()
             call = torch.compile(call, dynamic=False, fullgraph=True)
-        check = self.op.check or (check_low_precision if self.dtype == torch.bfloat16 else assert_close_results)
+        low = self.dtype == torch.bfloat16
+        check = check_low_precision if low else self.op.check or assert_close_results
         n_hidden, rate = self.n_hidden, self.rate
         case = Case(
             name=f"{self.op.name} m={round(100 * rate)}% H={n_hidden}",
             make_inputs=lambda shape, dtype, gen: self.op.make_inputs(shape, n_hidden, rate, dtype, gen),
             fastbound=call,
-            eager=self.op.providers["eager"],
+            eager=via_fp32(self.op.providers["eager"]) if low else self.op.providers["eager"],
             floor="hidden",
             grad_inputs=self.op.grad_inputs,
             dtypes=(self.dtype,),
             check=check,
             working_set=lambda shape: 6 * 4 * shape.tokens * shape.vocab,
+            min_rounds=1,
         )
         mode = "fwd_bwd" if self.op.grad_inputs else "fwd"
         return Spec(case, self.shape, self.dtype, mode, "fastbound")
+
+
+CCE_MISSING = "cut-cross-entropy is not installed (pip install --no-deps cut-cross-entropy==25.1.1)"
+MATERIALISED = ("eager", "unfused_compile")
+
+
+def skip_reason(op: str, dtype: str, rate: float, provider: str) -> str | None:
+    """Why the default grid leaves out a (op, dtype, masking rate, provider) cell, or None (`--full` runs all)."""
+    if provider == "cce" and linear_cross_entropy is None:
+        return CCE_MISSING
+    if dtype == "bf16":
+        if op in ("fused_dse_uniform", "head_integrate_dse"):
+            return "bf16: the absorbing DSE and DCE rows show the bf16 path"
+        if provider != "fastbound":
+            return "bf16 (a)-(d): torch's bf16 GEMMs on an AVX2 CPU take over a minute per call (4-6x fp32)"
+        if rate != 0.5:
+            return "bf16 at 50% masking only (time bound of the run)"
+    if op == "fused_dse_uniform":
+        if rate != 0.5:
+            return "uniform graph: every row contributes at every noise rate; measured at 50%"
+        if provider in MATERIALISED:
+            return "uniform (b), (c): the same materialised path as the absorbing graph's"
+    if provider in MATERIALISED and rate != 0.5:
+        return "(b), (c) run the same (N, V) matmuls at every masking rate; measured at 50%"
+    if provider == "unfused_compile" and op != "fused_dce":
+        return "(c) is measured on DCE (its compilation takes ~30 s a case)"
+    if provider == "unfused" and rate == 1.0:
+        return "(a) at 100%: the same (N, V) matmuls as at 15% and 50% (its work does not depend on the rate)"
+    return None
 
 
 def fused_specs(grid: str) -> list[FusedSpec]:
@@ -230,9 +307,13 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("fused_spec", specs, ids=[s.id for s in specs])
 
 
-def test_fused_linear(fused_spec, measure, benchmark):
+def test_fused_linear(fused_spec, measure, benchmark, request):
     if fused_spec.provider == "cce" and linear_cross_entropy is None:
-        pytest.skip("cut-cross-entropy is not installed (pip install --no-deps cut-cross-entropy==25.1.1)")
+        pytest.skip(CCE_MISSING)
+    if not (request.config.getoption("--smoke") or request.config.getoption("--full")):
+        reason = skip_reason(fused_spec.op.name, DTYPES[fused_spec.dtype], fused_spec.rate, fused_spec.provider)
+        if reason:
+            pytest.skip(reason)
     spec = fused_spec.harness_spec()
     measure(spec)
     benchmark.extra_info.update(provider=fused_spec.provider, mask_rate=fused_spec.rate, hidden=fused_spec.n_hidden)
@@ -250,73 +331,75 @@ def collect(run: dict, stat: str) -> dict[tuple, dict[float, dict[str, dict]]]:
     return rows
 
 
+PROVIDERS = ("fastbound", "unfused", "eager", "unfused_compile", "cce")
+
+
 def summary(rows: dict, stat: str) -> list[str]:
-    providers = ("fastbound", "unfused", "eager", "unfused_compile", "cce")
-    columns = (["op", "dtype", "tokens", "V", "H", "masked"] + [f"{p} ms" for p in providers]
-               + ["vs unfused", "vs compile", "vs cce"] + [f"peak {p} MiB" for p in providers] + ["peak / unfused"])
-    lines = [f"Times in ms ({stat}); peak memory beyond the inputs. `vs X`: X's time over fastbound's.", "",
+    """The markdown table of the fused rows (`collect`); cells left out carry a note with `skip_reason`."""
+    columns = (["op", "dtype", "tokens", "V", "H", "masked"] + [f"{p} ms" for p in PROVIDERS]
+               + ["vs unfused", "vs compile", "vs cce"] + [f"peak {p} MiB" for p in PROVIDERS] + ["peak / unfused"])
+    lines = ["## Fused output layer", "",
+             f"Times in ms ({stat}); peak memory beyond the inputs. `vs X`: X's time over fastbound's. "
+             "(a) `unfused`, (b) `eager`, (c) `unfused_compile`, (d) `cce`.", "",
              "| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    notes: dict[str, int] = {}
+
+    def missing(op, dtype, rate, provider):
+        has = any(o.name == op and provider in o.providers for o in OPS)
+        reason = skip_reason(op, dtype, rate, provider) if has else None
+        if reason is None:
+            return "–"
+        return f"skip{notes.setdefault(reason, len(notes) + 1)}"
+
     for (op, dtype, tokens, vocab, hidden), rates in sorted(rows.items()):
         for rate, got in sorted(rates.items()):
-            time = {p: got.get(p, {}).get("time") for p in providers}
-            peak = {p: got.get(p, {}).get("peak") for p in providers}
+            time = {p: got.get(p, {}).get("time") for p in PROVIDERS}
+            peak = {p: got.get(p, {}).get("peak") for p in PROVIDERS}
             fast = time["fastbound"]
             cells = [op, dtype, str(tokens), str(vocab), str(hidden), f"{100 * rate:.0f}%"]
-            cells += ["–" if t is None else f"{1e3 * t:.3g}" for t in time.values()]
+            cells += [missing(op, dtype, rate, p) if t is None else f"{1e3 * t:.3g}" for p, t in time.items()]
             cells += ["–" if time[p] is None or not fast else f"{time[p] / fast:.2f}×"
                       for p in ("unfused", "unfused_compile", "cce")]
             cells += ["–" if b is None else f"{b / 2**20:.3g}" for b in peak.values()]
             cells += ["–" if not peak["unfused"] or peak["fastbound"] is None
                       else f"{peak['fastbound'] / peak['unfused']:.3f}"]
             lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += [""] + [f"skip{n}: {reason}" + ("  " if n < len(notes) else "") for reason, n in notes.items()]
     return lines
 
 
 def chart(rows: dict, path: Path) -> None:
-    """Time and peak memory against the masking rate, one column of panels per (op, dtype)."""
+    """Time and peak memory against the masking rate, one row of panels per (op, dtype); providers
+    measured at one rate only (the materialised (b), (c)) are drawn as level dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = sorted(rows)
-    fig, axes = plt.subplots(2, len(keys), figsize=(4 * len(keys), 7), squeeze=False)
-    for col, key in enumerate(keys):
+    fig, axes = plt.subplots(len(keys), 2, figsize=(9, 2.6 * len(keys)), squeeze=False)
+    for (time_ax, peak_ax), key in zip(axes, keys):
         rates = sorted(rows[key])
-        for provider in sorted({p for r in rates for p in rows[key][r]}):
+        for i, provider in enumerate(p for p in PROVIDERS if any(p in rows[key][r] for r in rates)):
             have = [r for r in rates if provider in rows[key][r]]
-            axes[0][col].plot([100 * r for r in have], [1e3 * rows[key][r][provider]["time"] for r in have], "o-",
-                              label=provider)
-            axes[1][col].plot([100 * r for r in have], [rows[key][r][provider]["peak"] / 2**20 for r in have], "o-",
-                              label=provider)
-        axes[0][col].set_title(f"{key[0]} {key[1]} N={key[2]} V={key[3]} H={key[4]}", fontsize=9)
-        axes[0][col].set_ylabel("time (ms)")
-        axes[1][col].set_ylabel("peak memory (MiB)")
-        axes[1][col].set_xlabel("masked positions (%)")
-        for ax in (axes[0][col], axes[1][col]):
+            for ax, value in ((time_ax, lambda m: 1e3 * m["time"]), (peak_ax, lambda m: m["peak"] / 2**20)):
+                ys = [value(rows[key][r][provider]) for r in have]
+                if len(have) == 1 and provider in MATERIALISED:  # rate-independent: a level line
+                    ax.axhline(ys[0], color=f"C{i}", linestyle="--", label=provider)
+                else:
+                    ax.plot([100 * r for r in have], ys, "o-", color=f"C{i}", label=provider)
+        time_ax.set_title(f"{key[0]} {key[1]} N={key[2]} V={key[3]} H={key[4]}: time", fontsize=9)
+        peak_ax.set_title("peak memory", fontsize=9)
+        time_ax.set_ylabel("ms")
+        peak_ax.set_ylabel("MiB")
+        time_ax.legend(fontsize=7)
+        for ax in (time_ax, peak_ax):
+            ax.set_xlim(0, 105)
             ax.set_yscale("log")
             ax.grid(alpha=0.3, which="both")
-    axes[0][0].legend(fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel("masked positions (%)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.test_fused_linear",
-                                     description="Summarises the fused linear benchmarks of a pytest-benchmark JSON.")
-    parser.add_argument("json", type=Path)
-    parser.add_argument("--stat", default="min", choices=("min", "median", "mean"))
-    args = parser.parse_args(argv)
-    with open(args.json) as f:
-        rows = collect(json.load(f), args.stat)
-    if not rows:
-        raise SystemExit(f"{args.json}: no fused linear benchmarks in this file")
-    markdown = "\n".join(summary(rows, args.stat)) + "\n"
-    args.json.with_suffix(".md").write_text(markdown)
-    chart(rows, args.json.with_suffix(".png"))
-    print(markdown, end="")
-
-
-if __name__ == "__main__":
-    main()

@@ -483,3 +483,42 @@ def test_retained_graph_backwards_never_share_the_saved_gradient():
     torch.testing.assert_close(case["hidden"].grad, 3 * before)
     case["hidden"].grad.zero_()
     torch.testing.assert_close(held, before, rtol=0, atol=0)
+
+
+def test_gemm_dtype_rule(monkeypatch):
+    """Half precision multiplies in fp32 on a CPU without native half GEMMs, in its own dtype elsewhere."""
+    from fastbound.fused_linear import head
+
+    cpu = torch.device("cpu")
+    for native in (False, True):
+        monkeypatch.setattr(head, "_cpu_has_half_gemm", lambda dtype, native=native: native)
+        for dtype in (torch.bfloat16, torch.float16):
+            assert head.gemm_dtype(dtype, cpu) == (dtype if native else torch.float32)
+    for dtype in (torch.float32, torch.float64):
+        assert head.gemm_dtype(dtype, cpu) == dtype
+    assert head.gemm_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_gemm_dtype_paths(kind, native, monkeypatch):
+    """bf16 inputs: with fp32 GEMMs (AVX2 CPUs) the result is the fp32 fused result on the same values,
+    rounded once; with native bf16 GEMMs it stays within the unfused bf16 error (`check_fused`)."""
+    from fastbound.fused_linear import head
+
+    monkeypatch.setattr(head, "_cpu_has_half_gemm", lambda dtype: native)
+    case = make_case(kind, shape=(3, 11), n_hidden=24, n_cols=37, seed=21)
+    case = {k: v.bfloat16() if k in ("hidden", "weight", "bias") else v for k, v in case.items()}
+    if native:
+        check_fused(kind, case, torch.bfloat16, reduction="sum", chunk_size=4)
+        return
+    got = leaves(case)
+    want = leaves(case, torch.float32)
+    loss = fused(kind, **got, reduction="sum", chunk_size=4)
+    loss.backward()
+    ref_loss = fused(kind, **want, reduction="sum", chunk_size=4)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for name in ("hidden", "weight", "bias"):
+        assert got[name].grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got[name].grad, want[name].grad.bfloat16(), rtol=0, atol=0)

@@ -400,3 +400,30 @@ def test_train_extra_is_imported_lazily_and_named_when_missing(tmp_path, capsys,
     err = capsys.readouterr().err
     assert "needs matplotlib: pip install 'fastbound[train]' (or pass --no-plots)" in err
     assert main([*TINY, "--steps", "1", "--eval-every", "100", "--out", str(tmp_path / "run")]) == 0  # --no-plots
+
+
+@pytest.mark.parametrize("flag", [[], ["--no-fused-head"]], ids=["default", "no-fused-head"])
+def test_fused_head_is_the_default(tmp_path, monkeypatch, flag):
+    """By default training runs the fused output-layer loss and the held-out estimate passes head=;
+    --no-fused-head runs neither."""
+    import fastbound
+
+    calls = {"fused": 0, "head": []}
+    fused_dce, estimate = fastbound.fused_linear_dce_loss, fastbound.estimate_nll
+
+    def counted_fused(*args, **kwargs):
+        calls["fused"] += 1
+        return fused_dce(*args, **kwargs)
+
+    def recorded_estimate(*args, **kwargs):
+        calls["head"].append(kwargs.get("head"))
+        return estimate(*args, **kwargs)
+
+    monkeypatch.setattr(fastbound, "fused_linear_dce_loss", counted_fused)
+    monkeypatch.setattr(fastbound, "estimate_nll", recorded_estimate)
+    main([*TINY, "--steps", "2", "--eval-every", "2", "--out", str(tmp_path / "run"), *flag])
+    assert calls["head"], "no held-out estimate ran"
+    if flag:
+        assert calls["fused"] == 0 and all(head is None for head in calls["head"])
+    else:
+        assert calls["fused"] > 0 and all(head is not None for head in calls["head"])

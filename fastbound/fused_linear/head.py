@@ -7,6 +7,9 @@ uniform DSE: every position; in both cases not those whose ``x0`` is ``ignore_in
 and per chunk of those rows compute the chunk's scores with one matmul and hand them to
 the row kernels of `fastbound.losses` (``dse_forward`` / ``dce_forward``), which return
 the per-row losses and, when asked, overwrite the scores with their gradient.
+
+The chunk GEMMs run in `gemm_dtype`: the inputs' dtype, except bf16/fp16 on a CPU without
+half-precision matrix instructions, where they run in fp32 on upcast operands.
 """
 
 from __future__ import annotations
@@ -31,13 +34,36 @@ def chunk_rows(hidden_size: int, vocab_size: int, dtype: torch.dtype) -> int:
 
     That is the size of the weight-gradient accumulator the backward holds anyway, so the
     scores never dominate the memory of the fused pass: ``rows = min(4 V H, 256 MiB) /
-    (V * itemsize)``, at least 64 rows (H fp32 rows, 2H bf16 rows for H up to 2048 at
-    V = 32768). The matmul of a chunk is then (rows × H) @ (H × V), large enough to run at
+    (V * itemsize)`` with the itemsize of the scores (`gemm_dtype`), at least 64 rows (H fp32
+    rows, 2H bf16 rows for H up to 2048 at V = 32768). The matmul of a chunk is then (rows × H) @ (H × V), large enough to run at
     the GEMM's full speed.
     """
     budget = min(4 * vocab_size * hidden_size, CHUNK_BYTES_MAX)
     itemsize = torch.empty((), dtype=dtype).element_size()
     return max(MIN_CHUNK_ROWS, budget // max(1, vocab_size * itemsize))
+
+
+def _cpu_has_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices natively (AVX512-BF16 / AMX); False when torch cannot tell."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported") if dtype == torch.bfloat16 else (
+        "_is_amx_fp16_supported",)
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the chunk GEMMs (and of the chunk's scores) for inputs of ``dtype`` on ``device``.
+
+    On a CPU without native half-precision GEMM instructions (AVX2 hosts) torch's bf16/fp16
+    GEMMs convert panels on the fly and run 4-6x slower than fp32 (measured at
+    (512 x 512) @ (512 x 32768)); there the weight is upcast once per call (one fp32 (V, H)
+    copy, the size of the fp32 weight-gradient accumulator) and every chunk's hidden rows as
+    they are gathered. The scores then keep fp32 precision instead of being rounded to
+    bf16/fp16, which can only bring the result closer to the exact one. GPUs and CPUs with
+    AVX512-BF16/AMX keep the inputs' dtype, with fp32 accumulation inside the GEMM.
+    """
+    if dtype in (torch.bfloat16, torch.float16) and device.type == "cpu" and not _cpu_has_half_gemm(dtype):
+        return torch.float32
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -87,10 +113,10 @@ def check_head(hidden: object, weight: object, bias: object) -> tuple[torch.Tens
     return hidden.reshape(n, n_hidden), n_cols, n_hidden
 
 
-def check_chunk_size(chunk_size: object, n_hidden: int, n_cols: int, dtype: torch.dtype) -> int:
-    """``chunk_size`` (rows per chunk) or the automatic rule `chunk_rows`."""
+def check_chunk_size(chunk_size: object, n_hidden: int, n_cols: int, hidden: torch.Tensor) -> int:
+    """``chunk_size`` (rows per chunk) or the automatic rule `chunk_rows` for the scores' dtype."""
     if chunk_size is None:
-        return chunk_rows(n_hidden, n_cols, dtype)
+        return chunk_rows(n_hidden, n_cols, gemm_dtype(hidden.dtype, hidden.device))
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return chunk_size
@@ -128,8 +154,11 @@ def sedd_shift(sigma: torch.Tensor, n_cols: int, dtype: torch.dtype) -> torch.Te
 
 def chunk_scores(spec: HeadSpec, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  rows: torch.Tensor, sigma: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, s): the chunk's hidden rows (c, H) and scores h W^T + b (c, V), parametrised as asked."""
-    h = hidden.index_select(0, rows)
+    """(h, s): the chunk's hidden rows (c, H) and scores h W^T + b (c, V), parametrised as asked.
+
+    ``weight`` and ``bias`` are in the GEMM dtype (`gemm_dtype`); the rows are cast to it.
+    """
+    h = hidden.index_select(0, rows).to(weight.dtype)
     s = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
     if spec.sedd:
         s.sub_(sedd_shift(sigma, s.shape[1], s.dtype)[:, None]).sub_(math.log(s.shape[1] - 1))

@@ -29,6 +29,7 @@ from .head import (
     check_score_param,
     chunk_scores,
     contributing_rows,
+    gemm_dtype,
     row_losses,
 )
 
@@ -89,7 +90,7 @@ def head_integrate_step(
         index = torch.arange(n_seq, device=hidden.device)
     else:
         index = v.check_ids("index", index, torch.Size([n_seq])).long().contiguous()
-    chunk = check_chunk_size(chunk_size, n_hidden, n_cols, hidden.dtype)
+    chunk = check_chunk_size(chunk_size, n_hidden, n_cols, hidden)
     kernel_backend = _backend.select(hidden.device, backend)
     xt, x0l = x_t.reshape(-1).long().contiguous(), x0.reshape(-1).long().contiguous()
     row_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -117,8 +118,9 @@ def head_integrate_step(
     totals = torch.zeros(n_seq, dtype=torch.float64, device=hidden.device)
     ones = torch.ones(min(chunk, flat.shape[0]), dtype=row_dtype, device=hidden.device)
     with torch.no_grad():
-        flat, weight = flat.detach(), weight.detach()
-        bias = None if bias is None else bias.detach()
+        gemm = gemm_dtype(hidden.dtype, hidden.device)
+        flat, weight = flat.detach(), weight.detach().to(gemm)
+        bias = None if bias is None else bias.detach().to(gemm)
         rows = contributing_rows(spec, xt, x0l)
         for start in range(0, rows.numel(), chunk):
             r = rows[start:start + chunk]

@@ -8,7 +8,8 @@ matmul, the fused row kernel writing the chunk's score gradient ``g`` over its s
 .. math:: \nabla_{h_\text{rows}} = g W, \quad \nabla_W \mathrel{+}= g^\top h_\text{rows},
           \quad \nabla_b \mathrel{+}= \textstyle\sum_\text{rows} g,
 
-the weight and bias gradients accumulated in fp32 (fp64 for fp64) across chunks. Rows that
+the weight and bias gradients accumulated in fp32 (fp64 for fp64) across chunks, and the
+GEMMs in `fastbound.fused_linear.head.gemm_dtype` (fp32 for bf16/fp16 on AVX2 CPUs). Rows that
 do not contribute (unmasked positions of the absorbing graph, ``ignore_index``) are never
 multiplied and get exactly zero gradient. The same design as Liger-Kernel's fused linear
 cross-entropy (chunks over tokens, gradients in the forward), plus the masked-diffusion
@@ -46,6 +47,7 @@ from .head import (
     check_score_param,
     chunk_scores,
     contributing_rows,
+    gemm_dtype,
     row_losses,
 )
 
@@ -66,8 +68,9 @@ def _outputs(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], row_scale: 
 def _add_mm(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out += a @ b with ``out`` in fp32/fp64.
 
-    A bf16/fp16 GEMM accumulates in fp32 internally and rounds its (V, H) product once per
-    chunk; the chunks are then summed in fp32 (the CPU has no bf16 GEMM into an fp32 output).
+    Where the GEMMs stay in bf16/fp16 (`gemm_dtype`: GPUs, CPUs with AVX512-BF16/AMX) the GEMM
+    accumulates in fp32 internally and rounds its (V, H) product once per chunk; the chunks are
+    then summed in fp32 (torch has no bf16 GEMM into an fp32 output).
     """
     if a.dtype == out.dtype:
         out.addmm_(a, b)
@@ -92,19 +95,21 @@ def fused_linear_loss(
     total, gh, gw, gb = _outputs(hidden, weight, bias, row_scale, reduce, wants,
                                  lambda shape, dtype: hidden.new_zeros(shape, dtype=dtype))
     need_grad = reduce and any(wants)
+    gemm = gemm_dtype(hidden.dtype, hidden.device)
+    weight_g, bias_g = weight.to(gemm), None if bias is None else bias.to(gemm)
     rows = contributing_rows(spec, x_t, x0)
     for start in range(0, rows.numel(), chunk):
         r = rows[start:start + chunk]
         sig = sigma[r] if loss == "dse" else sigma
         xt = x_t[r]
-        h, s = chunk_scores(spec, hidden, weight, bias, r, sig, xt)
+        h, s = chunk_scores(spec, hidden, weight_g, bias_g, r, sig, xt)
         part = row_losses(spec, s, sig, xt, x0[r], row_scale[r], need_grad)
         if reduce:
             total += part.sum()
         else:
             total.index_copy_(0, r, part)
         if gh.numel():  # s now holds the chunk's score gradient
-            gh.index_copy_(0, r, torch.mm(s, weight))
+            gh.index_copy_(0, r, torch.mm(s, weight_g).to(gh.dtype))
         if gw.numel():
             _add_mm(gw, s.t(), h)
         if gb.numel():
@@ -192,7 +197,7 @@ def _prepare(hidden, weight, bias, x_t, x0, loss_weight, reduction, ignore_index
     for name, t in (("x_t", x_t), ("x0", x0)):
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; move it to {hidden.device}")
-    chunk = check_chunk_size(chunk_size, n_hidden, n_cols, hidden.dtype)
+    chunk = check_chunk_size(chunk_size, n_hidden, n_cols, hidden)
     kernel_backend = _backend.select(hidden.device, backend)
     n = flat.shape[0]
     ids = (x_t.reshape(n).long().contiguous(), x0.reshape(n).long().contiguous())
