@@ -347,6 +347,18 @@ def test_denoising_loss_no_grad_writes_no_gradient():
     assert not loss.requires_grad
 
 
+def test_denoising_loss_traces_under_compile():
+    """The loss's autograd (`fastbound._ops.FusedLoss`) traces in one graph and gives eager's values."""
+    eps_hat, eps, weight = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5), torch.tensor([1.0, 2.0, 3.0])
+    compiled = torch.compile(lambda a, b: denoising_loss(a, b, weight=weight), fullgraph=True)
+    loss = compiled(eps_hat, eps)
+    (grad,) = torch.autograd.grad(loss, eps_hat)
+    want = R.denoising_loss(eps_hat, eps, weight=weight)
+    (want_grad,) = torch.autograd.grad(want, eps_hat)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grad, want_grad)
+
+
 # -----------------------------------------------------------------------------
 # integrate_step
 # -----------------------------------------------------------------------------
