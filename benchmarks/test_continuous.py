@@ -7,7 +7,10 @@ for the Philox words: inductor did not finish compiling the oracle's ten int64 r
 in 15 minutes (even for 4 elements), so the cases that draw noise (perturb, the
 regenerating loss) run `reference.words` eager under ``torch.compiler.disable`` and
 compile the rest (Box–Muller, the laws, the combination, the loss), ``fullgraph=False``.
-Their ``compile`` column is therefore "compiled transform + eager generator". Floors:
+Their ``compile`` column is therefore "compiled transform + eager generator". A second
+reference for the RNG-bound perturb: ``continuous_perturb_vs_randn``, whose ``eager`` and
+``compile`` providers are two ``torch.randn_like`` calls (torch's generator, the same number of
+normals, nothing else), so its ``vs eager`` is randn's time over perturb's. Floors:
 
 * perturb reads x and writes z and ε: one ``clone()`` of x plus one ``fill_`` of an
   x-sized buffer (1 read + 2 writes);
@@ -93,6 +96,16 @@ def eager_perturb(x, logsnr):
     return z, eps
 
 
+def randn_pair(x, logsnr):
+    """The RNG reference of `perturb`: torch's own generator drawing the two N(0, 1) fields that
+    perturb draws (ε and the Gaussian warm-up u), with no Philox contract and no arithmetic."""
+    return torch.randn_like(x), torch.randn_like(x)
+
+
+def no_check(actual: dict, expected: dict, inputs: dict) -> None:
+    """`randn_pair` draws other numbers than perturb by design: only the timing is compared."""
+
+
 def perturb_floor(x, logsnr):
     return x.clone(), torch.empty_like(x).fill_(0)
 
@@ -157,6 +170,8 @@ CASES = [
     Case("continuous_perturb", perturb_inputs, fastbound_perturb, eager_perturb, floor="x",
          floor_call=perturb_floor, floor_op="clone+fill", fullgraph=False,
          **COMMON),
+    Case("continuous_perturb_vs_randn", perturb_inputs, fastbound_perturb, randn_pair, floor="x",
+         floor_call=perturb_floor, floor_op="clone+fill", check=no_check, **COMMON),
     Case("continuous_denoising_loss", loss_inputs, fastbound_loss, eager_loss, floor="eps_hat",
          grad_inputs=("eps_hat",), **COMMON),
     Case("continuous_denoising_loss_regen", regen_inputs, fastbound_loss_regen, eager_loss_regen, floor="eps_hat",

@@ -75,7 +75,8 @@ struct PerturbRows {
   acc_t warm_std;
   uint64_t seed, offset;
 
-  // One tile; w holds 3 kTile words, buffer 4 kTile compute-type values.
+  // One tile; w holds 3 kTile words (w2 left unset for a law that never reads it), buffer
+  // 4 kTile compute-type values.
   void tile(int64_t row, int64_t col, int64_t n, uint32_t* w, acc_t* buffer) const {
     const int64_t first = row * cols + col;
     uint32_t *w0 = w, *w1 = w + kTile, *w2 = w + 2 * kTile;
