@@ -36,6 +36,12 @@ def test_quick_run(tmp_path, capsys):
     for model in summary["digits"]["models"]:
         assert model["curve"][-1]["step"] == 20 and len(model["loss"]) == 20
         assert 0 < model["bits_per_dim"] < 12
+    gauss, unif = summary["digits"]["models"]
+    (paired,) = summary["digits"]["paired"]
+    assert (paired["law"], paired["minus"]) == ("uniform", "gaussian") and paired["stderr"] > 0
+    # the mean of the per-image differences is the difference of the two bounds
+    assert abs(paired["bits_per_dim"] - (unif["bits_per_dim"] - gauss["bits_per_dim"])) < 1e-9
+    assert "paired" in (tmp_path / "ablation.md").read_text()
     for name in ("training_curve.png", "integrand.png", "ablation.md"):
         assert (tmp_path / name).stat().st_size > 0
 

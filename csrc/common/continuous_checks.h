@@ -1,6 +1,6 @@
 // The contract checks of the continuous ops (schemas in csrc/ops.cpp), shared by
 // the CPU kernels (csrc/cpu/continuous_*.cpp) and the CUDA bindings
-// (csrc/cuda/continuous_kernels_binding.cpp). Unlike continuous.h this header needs ATen;
+// (csrc/cuda/continuous_*_binding.cpp). Unlike continuous.h this header needs ATen;
 // the .cu files never include it.
 //
 // fastbound.continuous always passes tensors that satisfy these; they guard

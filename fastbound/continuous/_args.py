@@ -38,17 +38,27 @@ def rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def per_sample(name: str, value: float | torch.Tensor | None, n: int, dtype: torch.dtype, device: torch.device,
-               default: float | None = None, finite: bool = True) -> torch.Tensor:
-    """A float or a (B,) / (1,) / 0-dim tensor as a contiguous (B,) tensor of ``dtype``."""
+               default: float | None = None, finite: bool = True, factor: float = 1.0) -> torch.Tensor:
+    """A float or a (B,) / (1,) / 0-dim tensor, times ``factor``, as a contiguous (B,) tensor of ``dtype``.
+
+    A float is checked on the host (no tensor pass); a tensor's finiteness is read once.
+    """
     if isinstance(value, torch.Tensor) and value.dim() > 1:
         raise ValueError(f"{name} must be a float or a ({n},) tensor (one value per sample), got shape "
                          f"{tuple(value.shape)}")
     if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] not in (1, n):
         raise ValueError(f"{name} must have one value per sample ({n},), got shape {tuple(value.shape)}")
+    if not isinstance(value, torch.Tensor):
+        value = default if value is None else value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # else as_rows raises the TypeError
+            if finite and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value}")
+            value = float(value) * factor
+        return v.as_rows(name, value, torch.Size([n]), dtype, device, default=default)
     out = v.as_rows(name, value, torch.Size([n]), dtype, device, default=default)
     if finite:
         check_finite(name, out)
-    return out
+    return out if factor == 1.0 else out * factor
 
 
 def check_warm(warm: object, warm_std: object) -> None:

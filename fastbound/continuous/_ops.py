@@ -65,9 +65,28 @@ def perturb(backend, x, alpha, sigma, law, warm_std, seed, offset, return_warm):
     return kernel(backend, "continuous_perturb")(x, alpha, sigma, law, warm_std, seed, offset, return_warm)
 
 
+class _LossKernel:
+    """The continuous loss as a `fastbound._ops.FusedLoss` kernel (no sigma, no in-place form)."""
+
+    def __init__(self, backend, eps, seed, offset):
+        self.op = kernel(backend, "continuous_denoising_loss")
+        self.eps, self.seed, self.offset = eps, seed, offset
+
+    def run(self, eps_hat, sigma, scale, need_grad):
+        return self.op(eps_hat, self.eps, scale, self.seed, self.offset, need_grad)
+
+
 def denoising_loss(backend, eps_hat, eps, scale, seed, offset):
-    need_grad = torch.is_grad_enabled() and eps_hat.requires_grad
-    return kernel(backend, "continuous_denoising_loss")(eps_hat, eps, scale, seed, offset, need_grad)[0]
+    """Per-sample losses; differentiable in eps_hat through `FusedLoss`, the discrete losses'
+    old-style Function (the raw op's torch.library autograd binds its arguments on every call,
+    which costs about as much as the kernel at image sizes)."""
+    loss_kernel = _LossKernel(backend, eps, seed, offset)
+    tangent = _discrete_ops.forward_mode() and _discrete_ops.has_tangent(eps_hat)
+    if not ((torch.is_grad_enabled() and eps_hat.requires_grad) or tangent):
+        with _discrete_ops.below_autograd(eps_hat):
+            return loss_kernel.run(eps_hat, None, scale, False)[0]
+    function = _discrete_ops.FusedLossWithTangents if tangent else _discrete_ops.FusedLoss
+    return function.apply(eps_hat, None, scale, loss_kernel, True, False, False, False)[0]
 
 
 def integrate_step(backend, eps_hat, eps, acc, weight, baseline, index, seed, offset):

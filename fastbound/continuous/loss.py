@@ -53,9 +53,8 @@ def denoising_loss(
     kernel_backend = _backend.select(flat.device, backend)
     acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
     n = flat.shape[0]
-    scale = _args.per_sample("weight", weight, n, acc, flat.device, default=1.0)
-    if reduction == "mean" and n:
-        scale = scale / n
+    scale = _args.per_sample("weight", weight, n, acc, flat.device, default=1.0,
+                             factor=1.0 / n if reduction == "mean" and n else 1.0)
     loss = _ops.denoising_loss(kernel_backend, flat, eps_rows, scale, seed_bits, offset_bits)
     if reduction == "none":
         return loss

@@ -118,9 +118,14 @@ def perturb(x: torch.Tensor, logsnr, *, warm: str | None = None, warm_std: float
     α² = sigmoid(λ), σ² = sigmoid(-λ) per sample (``logsnr`` a float or (B,)); u of law
     ``warm`` (none: x̃ = x); ε ~ N(0, I). Outputs in x's dtype; differentiable in x.
     """
+    return perturb_with_words(x, words(x.numel(), seed, offset, x.device), logsnr, warm=warm, warm_std=warm_std)
+
+
+def perturb_with_words(x: torch.Tensor, w: torch.Tensor, logsnr, *, warm: str | None = None,
+                       warm_std: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`perturb` from the (x.numel(), 4) Philox words ``w`` of its elements (see `words`)."""
     acc = _acc_dtype(x.dtype)
     b = x.shape[0]
-    w = words(x.numel(), seed, offset, x.device)
     eps = gaussian_pair(w, acc)[0].reshape(x.shape)
     xa = x.to(acc)
     if warm is not None:

@@ -1,36 +1,22 @@
-// Host launchers of the continuous CUDA kernels (csrc/cuda/continuous_kernels.cu).
+// Host launchers of the continuous loss and integration CUDA kernels
+// (csrc/cuda/continuous_loss.cu).
 //
 // Torch-free: raw device pointers, sizes and a stream; included by the .cu file and
-// by the torch binding (continuous_kernels_binding.cpp), which a host compiler
-// builds, so nothing here needs nvcc. Element pointers are void* of `Dtype`;
-// per-row tensors are in the compute type (float, double for kFloat64) unless
-// said otherwise. The noise follows csrc/include/fastbound/continuous.h.
+// by the torch binding (continuous_loss_binding.cpp), which a host compiler builds,
+// so nothing here needs nvcc. Element pointers are void* of `Dtype`; per-row tensors
+// are in the compute type (float, double for kFloat64) unless said otherwise. A
+// regenerated eps follows csrc/include/fastbound/continuous.h.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
+#include "continuous_common.cuh"
+
 namespace fastbound {
 namespace gpu {
 namespace continuous {
-
-enum class Dtype { kFloat32, kFloat64, kFloat16, kBFloat16 };
-
-// z = alpha_b (x + warm_std u) + sigma_b eps, eps, and x_warm (when not null); all (rows, cols) contiguous.
-struct PerturbArgs {
-  const void* x;
-  const void* alpha;  // (rows,) compute type
-  const void* sigma;  // (rows,) compute type
-  void* z;
-  void* eps;
-  void* x_warm;  // or nullptr
-  int64_t rows, cols;
-  int law;  // continuous::kWarm*
-  double warm_std;
-  uint64_t seed, offset;
-};
-cudaError_t launch_perturb(const PerturbArgs& a, Dtype dtype, cudaStream_t stream);
 
 // Per row: sum_i (eps - eps_hat)^2, with eps (rows, cols) or, when null, regenerated
 // from (seed, offset) and rounded to the element type.

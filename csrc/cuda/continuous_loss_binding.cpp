@@ -1,7 +1,7 @@
-// Torch binding of the continuous CUDA kernels (csrc/cuda/continuous_kernels.cu):
-// `TORCH_LIBRARY_IMPL(fastbound, CUDA, m)` for continuous_perturb,
-// continuous_denoising_loss and continuous_integrate_step, with the CPU kernels'
-// contract checks (common/continuous_checks.h). Built only with a CUDA torch.
+// Torch binding of the continuous loss CUDA kernels (csrc/cuda/continuous_loss.cu):
+// `TORCH_LIBRARY_IMPL(fastbound, CUDA, m)` for continuous_denoising_loss and
+// continuous_integrate_step, with the CPU kernels' contract checks
+// (common/continuous_checks.h). Built only with a CUDA torch.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -13,7 +13,8 @@
 #include <optional>
 #include <tuple>
 
-#include "continuous_kernels.cuh"
+#include "continuous_binding.h"
+#include "continuous_loss.cuh"
 #include "common/continuous_checks.h"
 
 namespace fastbound {
@@ -21,39 +22,9 @@ namespace gpu {
 namespace continuous {
 namespace {
 
-Dtype dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return Dtype::kFloat32;
-    case at::kDouble: return Dtype::kFloat64;
-    case at::kHalf: return Dtype::kFloat16;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default: TORCH_CHECK_TYPE(false, "fastbound.continuous: unsupported dtype ", t.scalar_type());
-  }
-}
-
-void check_cuda(const at::Tensor& t, const char* op) {
-  TORCH_CHECK(t.is_cuda(), "fastbound.", op, ": the CUDA kernel needs CUDA tensors, got ", t.device());
-}
-
 RowsArgs rows_args(const at::Tensor& eps_hat, const std::optional<at::Tensor>& eps, int64_t seed, int64_t offset) {
   return RowsArgs{eps_hat.const_data_ptr(), eps.has_value() ? eps->const_data_ptr() : nullptr, eps_hat.size(0),
                   eps_hat.size(1), static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> perturb(const at::Tensor& x, const at::Tensor& alpha,
-                                                       const at::Tensor& sigma, int64_t warm, double warm_std,
-                                                       int64_t seed, int64_t offset, bool return_warm) {
-  ::fastbound::continuous::check_perturb(x, alpha, sigma, warm);
-  check_cuda(x, "continuous_perturb");
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor z = at::empty_like(x), eps = at::empty_like(x);
-  at::Tensor x_warm = return_warm ? at::empty_like(x) : at::empty({0}, x.options());
-  const PerturbArgs a{x.const_data_ptr(), alpha.const_data_ptr(), sigma.const_data_ptr(), z.mutable_data_ptr(),
-                      eps.mutable_data_ptr(), return_warm ? x_warm.mutable_data_ptr() : nullptr, x.size(0),
-                      x.size(1), static_cast<int>(warm), warm_std, static_cast<uint64_t>(seed),
-                      static_cast<uint64_t>(offset)};
-  C10_CUDA_CHECK(launch_perturb(a, dtype_of(x), c10::cuda::getCurrentCUDAStream()));
-  return {z, eps, x_warm};
 }
 
 std::tuple<at::Tensor, at::Tensor> denoising_loss(const at::Tensor& eps_hat, const std::optional<at::Tensor>& eps,
@@ -90,7 +61,6 @@ void integrate_step(const at::Tensor& eps_hat, const std::optional<at::Tensor>& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastbound, CUDA, m) {
-  m.impl("continuous_perturb", &perturb);
   m.impl("continuous_denoising_loss", &denoising_loss);
   m.impl("continuous_integrate_step", &integrate_step);
 }

@@ -1,9 +1,7 @@
-// The continuous CUDA kernels: perturb, denoising loss and integration step.
-// Torch-free; launchers declared in continuous_kernels.cuh.
+// The continuous denoising loss and integration step, CUDA kernels (twin of
+// csrc/cpu/continuous_loss.cpp). Torch-free; launchers declared in continuous_loss.cuh.
 //
-//   * perturb: one thread per element (grid-stride), words from the element's own
-//     counter (continuous.h), so the result does not depend on the launch shape.
-//   * loss / integration: one block per sample; each thread sums its strided
+//   * one block per sample; each thread sums its strided
 //     elements, then a fixed shuffle + shared-memory tree combines them (the
 //     same order every run). The loss sums in the compute type and writes the
 //     gradient in the same pass; the integration step sums in float64 into a
@@ -13,7 +11,8 @@
 
 #include <cstdint>
 
-#include "continuous_kernels.cuh"
+#include "continuous_common.cuh"
+#include "continuous_loss.cuh"
 #include "fastbound/continuous.h"
 #include "loss_rows.cuh"  // to_acc, from_acc, acc_type
 
@@ -23,35 +22,6 @@ namespace continuous {
 namespace {
 
 namespace noise = ::fastbound::continuous;
-
-constexpr int kThreads = 256;
-
-int grid_for(int64_t n) {
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return static_cast<int>(blocks < 65535 * 32 ? blocks : 65535 * 32);
-}
-
-template <typename scalar_t, int kLaw>
-__global__ void __launch_bounds__(kThreads) perturb_kernel(const PerturbArgs a) {
-  using acc_t = acc_type<scalar_t>;
-  const scalar_t* x = static_cast<const scalar_t*>(a.x);
-  const acc_t* alpha = static_cast<const acc_t*>(a.alpha);
-  const acc_t* sigma = static_cast<const acc_t*>(a.sigma);
-  scalar_t* z = static_cast<scalar_t*>(a.z);
-  scalar_t* eps = static_cast<scalar_t*>(a.eps);
-  scalar_t* x_warm = static_cast<scalar_t*>(a.x_warm);
-  const acc_t warm_std = static_cast<acc_t>(a.warm_std);
-  const int64_t n = a.rows * a.cols;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t row = i / a.cols;
-    const philox::Words w = noise::element_words(a.seed, a.offset, static_cast<uint64_t>(i));
-    const auto v = noise::noise<acc_t, kLaw>(w.w0, w.w1, w.w2);
-    const acc_t xw = kLaw == noise::kWarmNone ? to_acc(x[i]) : to_acc(x[i]) + warm_std * v.warm;
-    z[i] = from_acc<scalar_t>(alpha[row] * xw + sigma[row] * v.eps);
-    eps[i] = from_acc<scalar_t>(v.eps);
-    if (x_warm != nullptr) x_warm[i] = from_acc<scalar_t>(xw);
-  }
-}
 
 // Sum over the block, in a fixed order; thread 0 receives it.
 template <typename sum_t>
@@ -117,28 +87,7 @@ __global__ void scatter_kernel(const double* sums, int64_t rows, const Integrate
   }
 }
 
-template <typename Fn>
-cudaError_t dispatch(Dtype dtype, Fn&& fn) {
-  switch (dtype) {
-    case Dtype::kFloat32: fn(float{}); break;
-    case Dtype::kFloat64: fn(double{}); break;
-    case Dtype::kFloat16: fn(__half{}); break;
-    case Dtype::kBFloat16: fn(__nv_bfloat16{}); break;
-    default: return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
-
-cudaError_t launch_perturb(const PerturbArgs& a, Dtype dtype, cudaStream_t stream) {
-  if (a.rows * a.cols == 0) return cudaSuccess;
-  return dispatch(dtype, [&](auto tag) {
-    noise::with_law(a.law, [&](auto law) {
-      perturb_kernel<decltype(tag), decltype(law)::value><<<grid_for(a.rows * a.cols), kThreads, 0, stream>>>(a);
-    });
-  });
-}
 
 cudaError_t launch_denoising_loss(const RowsArgs& a, const void* scale, void* loss, void* grad, Dtype dtype,
                                   cudaStream_t stream) {
