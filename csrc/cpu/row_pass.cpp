@@ -1,10 +1,16 @@
 // The two vectorised row loops of the CPU loss kernels (row_pass.h), compiled
 // once per x86-64 level (FB_CPU_CLONES), and the ISA report (vectorize.h).
+//
+// Float accumulation (fp32 / bf16 / fp16 scores) runs on f32x8 lanes with the
+// vector exp (fastbound::exp_lanes), two vectors per step so that the adds of
+// the sums overlap; the last < 8 columns take the scalar exp_f32 (same
+// formula). float64 keeps the scalar loop over libm's exp.
 #include "row_pass.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "convert.h"
 #include "fastbound/elementwise.h"
@@ -12,36 +18,79 @@
 
 namespace fastbound {
 namespace cpu {
+namespace {
+
+template <bool kWrite, typename scalar_t>
+inline __attribute__((always_inline)) RowSums<float> row_pass_lanes(const scalar_t* s, scalar_t* g, int64_t n,
+                                                                    float shift, float scale, float offset) {
+  f32x8 se0{}, se1{}, ss0{}, ss1{};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    const f32x8 v0 = load8(s + i), v1 = load8(s + i + kLanes);
+    const f32x8 e0 = exp_lanes<VecLanes>(v0 - shift), e1 = exp_lanes<VecLanes>(v1 - shift);
+    se0 += e0;
+    se1 += e1;
+    ss0 += v0;
+    ss1 += v1;
+    if constexpr (kWrite) {
+      store8(g + i, scale * e0 + offset);
+      store8(g + i + kLanes, scale * e1 + offset);
+    }
+  }
+  if (i + kLanes <= n) {
+    const f32x8 v0 = load8(s + i);
+    const f32x8 e0 = exp_lanes<VecLanes>(v0 - shift);
+    se0 += e0;
+    ss0 += v0;
+    if constexpr (kWrite) store8(g + i, scale * e0 + offset);
+    i += kLanes;
+  }
+  float sum_exp = lane_sum(se0 + se1), sum_score = lane_sum(ss0 + ss1);
+  for (; i < n; ++i) {
+    const float v = to_acc(s[i]);
+    const float e = exp_f32(v - shift);
+    sum_exp += e;
+    sum_score += v;
+    if constexpr (kWrite) g[i] = from_acc<scalar_t>(scale * e + offset);
+  }
+  return {sum_exp, sum_score};
+}
+
+}  // namespace
 
 template <typename scalar_t, typename acc_t>
-FB_CPU_CLONES RowSums<acc_t> row_pass(const scalar_t* s, scalar_t* g, int64_t n, acc_t shift,
-                                      acc_t scale, acc_t offset) {
-  acc_t sum_exp = 0, sum_score = 0;
-  if (g == nullptr) {
-#pragma omp simd reduction(+ : sum_exp, sum_score)
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t v = to_acc(s[i]);
-      sum_exp += exp_acc(v - shift);
-      sum_score += v;
-    }
+FB_CPU_CLONES RowSums<acc_t> row_pass(const scalar_t* s, scalar_t* g, int64_t n, acc_t shift, acc_t scale,
+                                      acc_t offset) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return g == nullptr ? row_pass_lanes<false>(s, g, n, shift, scale, offset)
+                        : row_pass_lanes<true>(s, g, n, shift, scale, offset);
   } else {
-#pragma omp simd reduction(+ : sum_exp, sum_score)
+    acc_t sum_exp = 0, sum_score = 0;
     for (int64_t i = 0; i < n; ++i) {
       const acc_t v = to_acc(s[i]);
       const acc_t e = exp_acc(v - shift);
       sum_exp += e;
       sum_score += v;
-      g[i] = from_acc<scalar_t>(scale * e + offset);
+      if (g != nullptr) g[i] = from_acc<scalar_t>(scale * e + offset);
     }
+    return {sum_exp, sum_score};
   }
-  return {sum_exp, sum_score};
 }
 
 template <typename scalar_t, typename acc_t>
 FB_CPU_CLONES acc_t row_max(const scalar_t* s, int64_t n) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    f32x8 m0 = VecLanes::splat(m), m1 = m0;
+    for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+      const f32x8 v0 = load8(s + i), v1 = load8(s + i + kLanes);
+      m0 = v0 > m0 ? v0 : m0;  // NaN-blind: a NaN lane never replaces the maximum
+      m1 = v1 > m1 ? v1 : m1;
+    }
+    m = lane_max(m1, lane_max(m0, m));
+  }
+  for (; i < n; ++i) {
     const acc_t v = to_acc(s[i]);
     m = v > m ? v : m;
   }
