@@ -99,16 +99,20 @@ struct ScalarLanes {
   }
 };
 
+// The reduction and polynomial of exp_lanes: e^x = p 2^n for |x| <= 104.
 template <typename Lanes>
-FB_HD typename Lanes::F exp_lanes(typename Lanes::F x) {
+struct ExpParts {
+  typename Lanes::F p;
+  typename Lanes::I n;
+};
+
+template <typename Lanes>
+FB_HD ExpParts<Lanes> exp_parts(typename Lanes::F x) {
   using F = typename Lanes::F;
-  using I = typename Lanes::I;
-  const F lo = Lanes::splat(-103.972084f), hi = Lanes::splat(88.7228394f);  // e^lo < FLT_TRUE_MIN / 2, e^hi ~ FLT_MAX
-  const F xc = x < lo ? lo : (x > hi ? hi : x);
   // Round-to-nearest by the 1.5 * 2^23 trick: vectorises on every x86 level.
   const F shifter = Lanes::splat(12582912.0f);
-  const F n = (xc * 1.44269504088896341f + shifter) - shifter;
-  F r = xc - n * 0.693359375f;
+  const F n = (x * 1.44269504088896341f + shifter) - shifter;
+  F r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   F p = Lanes::splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -117,12 +121,30 @@ FB_HD typename Lanes::F exp_lanes(typename Lanes::F x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  const I ni = Lanes::to_int(n);
-  const I n1 = ni >> 1, n2 = ni - n1;  // both in [-75, 64]: normal powers of two
-  F y = (p * Lanes::as_float((n1 + 127) << 23)) * Lanes::as_float((n2 + 127) << 23);
+  return {p, Lanes::to_int(n)};
+}
+
+template <typename Lanes>
+FB_HD typename Lanes::F exp_lanes(typename Lanes::F x) {
+  using F = typename Lanes::F;
+  using I = typename Lanes::I;
+  const F lo = Lanes::splat(-103.972084f), hi = Lanes::splat(88.7228394f);  // e^lo < FLT_TRUE_MIN / 2, e^hi ~ FLT_MAX
+  const ExpParts<Lanes> e = exp_parts<Lanes>(x < lo ? lo : (x > hi ? hi : x));
+  const I n1 = e.n >> 1, n2 = e.n - n1;  // both in [-75, 64]: normal powers of two
+  F y = (e.p * Lanes::as_float((n1 + 127) << 23)) * Lanes::as_float((n2 + 127) << 23);
   y = x < lo ? Lanes::splat(0.0f) : y;
   y = x > hi ? Lanes::splat(INFINITY) : y;
   return x != x ? x : y;
+}
+
+// exp_lanes for |x| <= kExpNormalBound, where e^x is a normal float: the same
+// p 2^n as one product (exact either way), without the range fix-ups.
+constexpr float kExpNormalBound = 87.0f;
+
+template <typename Lanes>
+FB_HD typename Lanes::F exp_lanes_normal(typename Lanes::F x) {
+  const ExpParts<Lanes> e = exp_parts<Lanes>(x);
+  return e.p * Lanes::as_float((e.n + 127) << 23);
 }
 
 FB_HD float exp_f32(float x) {
