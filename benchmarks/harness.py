@@ -12,7 +12,8 @@ other two providers itself:
   reduction such as the integration step) passes its own ``floor_call``, e.g. one ``sum()``.
   ``clone()`` allocates a fresh buffer and writes it once, as the fused kernels allocate and
   write their gradient, so both pay the same page faults; the floor is timed over at least
-  `FLOOR_MIN_ROUNDS` rounds (the report takes the minimum), so the ratios reproduce.
+  `FLOOR_MIN_ROUNDS` rounds and twice the target time (the report takes the minimum), so the
+  ratios reproduce.
 
 A case may add providers of its own (``extra_providers``, e.g. ``F.cross_entropy`` for the
 DCE loss, or the bare ``torch.ops`` call that measures fastbound's Python fixed cost).
@@ -274,8 +275,9 @@ class Settings:
 
 
 MIN_ROUNDS, MAX_ROUNDS = 3, 2000
-FLOOR_MIN_ROUNDS = 20
-"""The floor is the denominator of every ratio: more rounds, so its minimum is stable."""
+FLOOR_MIN_ROUNDS, FLOOR_TIME_FACTOR = 20, 2
+"""The floor is the denominator of every ratio: at least FLOOR_MIN_ROUNDS rounds and
+FLOOR_TIME_FACTOR times the target seconds, so that its minimum is stable run to run."""
 ESTIMATE_CALLS, ESTIMATE_SHARE = 5, 0.2
 """Rounds are estimated from the fastest of up to ESTIMATE_CALLS warm calls, made while they
 take less than ESTIMATE_SHARE of the target time (one noisy call must not cut the rounds)."""
@@ -439,8 +441,10 @@ def run(spec: Spec, benchmark, settings: Settings) -> None:
         calls = [] if spec.provider == "compile" else [first_call]  # the first call compiled
         while len(calls) < ESTIMATE_CALLS and sum(calls) < ESTIMATE_SHARE * settings.seconds:
             calls.append(_seconds(target, setup()[1]))
-        least = FLOOR_MIN_ROUNDS if spec.provider == "floor" else spec.case.min_rounds or MIN_ROUNDS
-        rounds = min(MAX_ROUNDS, max(least, math.ceil(settings.seconds / max(min(calls), 1e-9))))
+        least, seconds = spec.case.min_rounds or MIN_ROUNDS, settings.seconds
+        if spec.provider == "floor":
+            least, seconds = FLOOR_MIN_ROUNDS, FLOOR_TIME_FACTOR * settings.seconds
+        rounds = min(MAX_ROUNDS, max(least, math.ceil(seconds / max(min(calls), 1e-9))))
     benchmark.group = spec.group
     benchmark.pedantic(target, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
 

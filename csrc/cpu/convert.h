@@ -1,6 +1,8 @@
 // Branch-free conversions between the 16-bit float formats and float, written
-// with integer and float arithmetic only so that GCC vectorises the loops that
-// use them at every x86-64 level (c10's own conversions do not vectorise there).
+// with integer and float arithmetic only, once for one value and for the eight
+// lanes of a GCC vector (vectorize.h), so that the row loops convert with
+// vector instructions at every x86-64 level (c10's own conversions do not
+// vectorise there). `load8` / `store8` move eight scores of any dtype as f32x8.
 //
 // bfloat16: the high half of a float; rounding to nearest even, NaN kept quiet.
 // IEEE half: the exponent-rebias method of M. Dukhan's FP16 library, which
@@ -13,80 +15,128 @@
 #include <cstdint>
 #include <cstring>
 
+#include "vectorize.h"
+
+#define FB_INLINE inline __attribute__((always_inline))
+
 namespace fastbound {
 namespace cpu {
 
-inline __attribute__((always_inline)) float bits_to_float(uint32_t u) {
+FB_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+FB_INLINE f32x8 bits_to_float(u32x8 u) { return (f32x8)u; }
 
-inline __attribute__((always_inline)) uint32_t float_to_bits(float f) {
+FB_INLINE uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
+FB_INLINE u32x8 float_to_bits(f32x8 f) { return (u32x8)f; }
 
-// Loads as the accumulation type.
-inline __attribute__((always_inline)) float to_acc(float x) { return x; }
-inline __attribute__((always_inline)) double to_acc(double x) { return x; }
-
-inline __attribute__((always_inline)) float to_acc(c10::BFloat16 x) {
-  return bits_to_float(static_cast<uint32_t>(x.x) << 16);
+// U: uint32_t or u32x8 holding 16-bit patterns in the low half of each lane;
+// F: float or f32x8.
+template <typename U>
+FB_INLINE auto bf16_bits_to_float(U h) {
+  return bits_to_float(h << 16);
 }
 
-inline __attribute__((always_inline)) float to_acc(c10::Half x) {
-  const uint32_t w = static_cast<uint32_t>(x.x) << 16;
-  const uint32_t sign = w & 0x80000000u;
-  const uint32_t two_w = w + w;
+template <typename U>
+FB_INLINE auto half_bits_to_float(U h) {
+  const U w = h << 16;
+  const U sign = w & 0x80000000u;
+  const U two_w = w + w;
   // Normal numbers: shift the exponent and mantissa into place, then rescale
   // the exponent bias (15 -> 127) with one multiplication.
-  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const auto normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
   // Subnormals: place the mantissa under a magic exponent and subtract it.
-  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t result = two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized);
+  const auto denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const U result = two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized);
   return bits_to_float(sign | result);
 }
 
+template <typename F>
+FB_INLINE auto float_to_bf16_bits(F x) {
+  using U = decltype(float_to_bits(x));
+  const U u = float_to_bits(x);
+  const U rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return x != x ? U{} + 0x7FC0u : rounded;
+}
+
+template <typename F>
+FB_INLINE auto float_to_half_bits(F x) {
+  using U = decltype(float_to_bits(x));
+  const U w = float_to_bits(x);
+  const U shl1_w = w + w;
+  const U sign = w & 0x80000000u;
+  // Scaling up then down rounds the mantissa to 10 bits (or to the subnormal
+  // grid) in the FPU, with overflow going to infinity.
+  F base = (bits_to_float(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+  U bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? U{} + 0x71000000u : bias;
+  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+  const U b = float_to_bits(base);
+  const U nonsign = ((b >> 13) & 0x00007C00u) + (b & 0x00000FFFu);
+  return (sign >> 16) | (shl1_w > 0xFF000000u ? U{} + 0x7E00u : nonsign);
+}
+
+// Loads as the accumulation type.
+FB_INLINE float to_acc(float x) { return x; }
+FB_INLINE double to_acc(double x) { return x; }
+FB_INLINE float to_acc(c10::BFloat16 x) { return bf16_bits_to_float(static_cast<uint32_t>(x.x)); }
+FB_INLINE float to_acc(c10::Half x) { return half_bits_to_float(static_cast<uint32_t>(x.x)); }
+
 // Stores from the accumulation type, rounding to nearest even.
 template <typename scalar_t>
-inline __attribute__((always_inline)) scalar_t from_acc(float x);
+FB_INLINE scalar_t from_acc(float x);
 
 template <>
-inline __attribute__((always_inline)) float from_acc<float>(float x) {
+FB_INLINE float from_acc<float>(float x) {
   return x;
 }
 
 template <typename scalar_t>
-inline __attribute__((always_inline)) scalar_t from_acc(double x) {
+FB_INLINE scalar_t from_acc(double x) {
   return static_cast<scalar_t>(x);
 }
 
 template <>
-inline __attribute__((always_inline)) c10::BFloat16 from_acc<c10::BFloat16>(float x) {
-  const uint32_t u = float_to_bits(x);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const uint16_t bits = x != x ? uint16_t(0x7FC0) : static_cast<uint16_t>(rounded);
-  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+FB_INLINE c10::BFloat16 from_acc<c10::BFloat16>(float x) {
+  return c10::BFloat16(static_cast<uint16_t>(float_to_bf16_bits(x)), c10::BFloat16::from_bits());
 }
 
 template <>
-inline __attribute__((always_inline)) c10::Half from_acc<c10::Half>(float x) {
-  const uint32_t w = float_to_bits(x);
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & 0x80000000u;
-  // Scaling up then down rounds the mantissa to 10 bits (or to the subnormal
-  // grid) in the FPU, with overflow going to infinity.
-  float base = (__builtin_fabsf(x) * 0x1.0p+112f) * 0x1.0p-110f;
-  uint32_t bias = shl1_w & 0xFF000000u;
-  bias = bias < 0x71000000u ? 0x71000000u : bias;
-  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
-  const uint32_t b = float_to_bits(base);
-  const uint32_t nonsign = ((b >> 13) & 0x00007C00u) + (b & 0x00000FFFu);
-  const uint32_t h = (sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign);
-  return c10::Half(static_cast<uint16_t>(h), c10::Half::from_bits());
+FB_INLINE c10::Half from_acc<c10::Half>(float x) {
+  return c10::Half(static_cast<uint16_t>(float_to_half_bits(x)), c10::Half::from_bits());
 }
+
+// Eight consecutive scores as floats, and back (unaligned).
+FB_INLINE f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+FB_INLINE u32x8 load8_bits(const void* p) {
+  u16x8 h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, u32x8);
+}
+FB_INLINE f32x8 load8(const c10::BFloat16* p) { return bf16_bits_to_float(load8_bits(p)); }
+FB_INLINE f32x8 load8(const c10::Half* p) { return half_bits_to_float(load8_bits(p)); }
+
+FB_INLINE void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+
+FB_INLINE void store8_bits(void* p, u32x8 bits) {
+  const u16x8 h = __builtin_convertvector(bits, u16x8);
+  std::memcpy(p, &h, sizeof h);
+}
+FB_INLINE void store8(c10::BFloat16* p, f32x8 v) { store8_bits(p, float_to_bf16_bits(v)); }
+FB_INLINE void store8(c10::Half* p, f32x8 v) { store8_bits(p, float_to_half_bits(v)); }
 
 }  // namespace cpu
 }  // namespace fastbound
+
+#undef FB_INLINE

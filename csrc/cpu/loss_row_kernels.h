@@ -17,6 +17,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
+#include <vector>
 
 #include "fastbound/elementwise.h"
 #include "loss_rows.h"
@@ -101,6 +103,14 @@ struct DseUniformRow {
 
 constexpr int64_t kLseChunk = 2048;  // 8 KiB of fp32 scores: stays in L1 between the two reads
 
+// Calls fn(lo, len) for the L1-sized chunks of the columns [0, n) except `skip`, in order.
+template <typename Fn>
+inline void for_chunks(int64_t n, int64_t skip, Fn&& fn) {
+  for_segments(n, skip, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; c += kLseChunk) fn(c, std::min(kLseChunk, hi - c));
+  });
+}
+
 // log sum_y e^{s_y} as (m, sum e^{s_y - m}): the loss is formed as
 // (m - s_{x0}) + log sum, so that a common offset of the logits cancels
 // exactly in m - s_{x0} before it can cost precision.
@@ -109,30 +119,43 @@ struct LogSumExp {
   acc_t max, sum;
 };
 
-// log sum_{y != skip} e^{s_y}, reading the row once from memory (online over L1-sized chunks).
+// log sum_{y != skip} e^{s_y}, reading the row once from memory (online over
+// L1-sized chunks). With `e`, also writes e[y] = e^{s_y - shift_k} and
+// shifts[k] = shift_k for the k-th chunk (for_chunks), so that the gradient
+// needs no second exp: e^{s_y - m} = e[y] e^{shift_k - m}.
 template <typename scalar_t, typename acc_t>
-LogSumExp<acc_t> log_sum_exp(const scalar_t* s, int64_t n, int64_t skip) {
+LogSumExp<acc_t> log_sum_exp(const scalar_t* s, int64_t n, int64_t skip, acc_t* e = nullptr,
+                             acc_t* shifts = nullptr) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t m = kNegInf, sum = 0;
-  for_segments(n, skip, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; c += kLseChunk) {
-      const int64_t len = std::min(kLseChunk, hi - c);
-      const acc_t cm = row_max<scalar_t, acc_t>(s + c, len);  // NaN-blind
-      if (cm > m) {
-        // While m is -inf every value seen was -inf or NaN, so sum is 0 or NaN: keep it.
-        sum = m == kNegInf ? sum : sum * exp_acc(m - cm);
-        m = cm;
-      }
-      // With m = -inf the chunk holds only -inf and NaN: e^{s} adds 0, or NaN.
-      const acc_t shift = m == kNegInf ? acc_t(0) : m;
-      sum += row_pass<scalar_t, acc_t>(s + c, nullptr, len, shift, acc_t(0), acc_t(0)).sum_exp;
+  int64_t k = 0;
+  for_chunks(n, skip, [&](int64_t c, int64_t len) {
+    const acc_t cm = row_max<scalar_t, acc_t>(s + c, len);  // NaN-blind
+    if (cm > m) {
+      // While m is -inf every value seen was -inf or NaN, so sum is 0 or NaN: keep it.
+      sum = m == kNegInf ? sum : sum * exp_acc(m - cm);
+      m = cm;
     }
+    // With m = -inf the chunk holds only -inf and NaN: e^{s} adds 0, or NaN.
+    const acc_t shift = m == kNegInf ? acc_t(0) : m;
+    sum += row_pass<scalar_t, acc_t, acc_t>(s + c, e ? e + c : nullptr, len, shift, acc_t(1), acc_t(0)).sum_exp;
+    if (shifts) shifts[k++] = shift;
   });
   return {m, sum};
 }
 
+// Per-thread float rows for the DCE's exponentials of 16-bit scores, and its chunk shifts.
+template <typename acc_t>
+acc_t* scratch_row(int slot, int64_t n) {
+  thread_local std::vector<acc_t> rows[2];
+  if (static_cast<int64_t>(rows[slot].size()) < n) rows[slot].resize(static_cast<size_t>(n));
+  return rows[slot].data();
+}
+
 // Masked cross-entropy (MDLM): -log softmax(s)_{x0} where x_t is the mask; the
 // mask column, when it is a column of the logits, is left out of the softmax.
+// The gradient: one exp per score, kept (in the gradient row itself, or a
+// float row for 16-bit scores) and rescaled by softmax's 1 / sum per chunk.
 struct DceRow : MaskIds {
   using MaskIds::MaskIds;
 
@@ -142,13 +165,21 @@ struct DceRow : MaskIds {
     if (!row_runs(role(row.x_t, row.x0, v, /*check_x_t=*/false), row, mask_id)) return acc_t(0);
     const int64_t skip = mask_id < v ? mask_id : -1;
     const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
-    const LogSumExp<acc_t> lse = log_sum_exp<scalar_t, acc_t>(row.score, v, skip);
-    if (row.grad != nullptr) {
-      // softmax = e^{s - m} / sum: the shift by m (exact) rather than by m + log sum (rounded).
-      const acc_t g_scale = row.scale / lse.sum;
-      row_pass_skipping<scalar_t, acc_t>(row.score, row.grad, v, skip, lse.max, g_scale, acc_t(0));
-      row.grad[row.x0] = static_cast<scalar_t>(g_scale * exp_acc(s_x0 - lse.max) - row.scale);
+    if (row.grad == nullptr) {
+      const LogSumExp<acc_t> lse = log_sum_exp<scalar_t, acc_t>(row.score, v, skip);
+      return row.scale * ((lse.max - s_x0) + std::log(lse.sum));
     }
+    acc_t* e = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(row.grad) : scratch_row<acc_t>(0, v);
+    acc_t* shifts = scratch_row<acc_t>(1, v / kLseChunk + 2);
+    const LogSumExp<acc_t> lse = log_sum_exp<scalar_t, acc_t>(row.score, v, skip, e, shifts);
+    // softmax = e^{s - m} / sum: the shift by m (exact) rather than by m + log sum (rounded).
+    const acc_t g_scale = row.scale / lse.sum;
+    int64_t k = 0;
+    for_chunks(v, skip, [&](int64_t c, int64_t len) {
+      row_rescale<scalar_t, acc_t>(e + c, row.grad + c, len, g_scale * exp_acc(shifts[k++] - lse.max));
+    });
+    if (skip >= 0) row.grad[skip] = scalar_t(0);
+    row.grad[row.x0] = static_cast<scalar_t>(g_scale * exp_acc(s_x0 - lse.max) - row.scale);
     return row.scale * ((lse.max - s_x0) + std::log(lse.sum));
   }
 };

@@ -1,10 +1,11 @@
-// The two vectorised loops every CPU loss kernel is built from.
+// The vectorised loops every CPU loss kernel is built from.
 //
 // `row_pass` is one streaming pass over a slice of a row: it reads each score
 // once, accumulates sum e^{s-shift} and sum s, and (when g is not null) writes
-// the gradient g = scale * e^{s-shift} + offset in the same pass. DSE (absorbing
-// and uniform) and the DCE gradient are all instances of it; `row_max` gives
-// the DCE's running maximum.
+// g = scale * e^{s-shift} + offset in the same pass, as the scores' dtype or
+// (the DCE's exponentials, `out_t`) as the accumulation type. DSE (absorbing
+// and uniform) and the DCE are all instances of it; `row_max` gives the DCE's
+// running maximum and `row_rescale` its second pass, g = factor * e.
 #pragma once
 
 #include <cstdint>
@@ -18,12 +19,15 @@ struct RowSums {
   acc_t sum_score;
 };
 
-template <typename scalar_t, typename acc_t>
-RowSums<acc_t> row_pass(const scalar_t* s, scalar_t* g, int64_t n, acc_t shift, acc_t scale,
-                        acc_t offset);
+template <typename scalar_t, typename acc_t, typename out_t = scalar_t>
+RowSums<acc_t> row_pass(const scalar_t* s, out_t* g, int64_t n, acc_t shift, acc_t scale, acc_t offset);
 
 template <typename scalar_t, typename acc_t>
 acc_t row_max(const scalar_t* s, int64_t n);
+
+// g[i] = factor * e[i], rounded once to the scores' dtype; e may alias g.
+template <typename scalar_t, typename acc_t>
+void row_rescale(const acc_t* e, scalar_t* g, int64_t n, acc_t factor);
 
 }  // namespace cpu
 }  // namespace fastbound

@@ -72,42 +72,86 @@ FB_HD RowRole uniform_role(int64_t x_t, int64_t x0, int64_t n_cols, int64_t igno
 // ---------------------------------------------------------------------------
 // exp
 // ---------------------------------------------------------------------------
-// e^x for float, written so that a compiler can vectorise a loop over it with
-// no library call: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a
-// degree-6 minimax polynomial for e^r (Cephes `expf` coefficients, ~1 ulp) and
-// 2^n applied as two exponent-built factors 2^(n/2) 2^(n - n/2), so that results
+// e^x for float, written so that a compiler can vectorise it with no library
+// call: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a degree-6
+// minimax polynomial for e^r (Cephes `expf` coefficients, ~1 ulp) and 2^n
+// applied as two exponent-built factors 2^(n/2) 2^(n - n/2), so that results
 // near FLT_MAX and in the subnormal range come out right. Overflow gives +inf,
 // underflow 0, NaN stays NaN.
-FB_HD float exp_f32(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  const float lo = -103.972084f, hi = 88.7228394f;  // e^lo < FLT_TRUE_MIN / 2, e^hi ~ FLT_MAX
-  float xc = x < lo ? lo : (x > hi ? hi : x);
+//
+// `exp_lanes<Lanes>` evaluates it on `Lanes::F`, one float (`ScalarLanes`) or
+// a GCC vector of floats (the CPU row loops, csrc/cpu/vectorize.h), with the
+// same formula, so every lane agrees with exp_f32 (to the FMA contraction).
+// `Lanes` supplies the float and int32 lane types, a broadcast of a constant,
+// the float -> int32 conversion and the reinterpretation of int32 bits.
+struct ScalarLanes {
+  using F = float;
+  using I = int32_t;
+  static FB_HD F splat(float c) { return c; }
+  static FB_HD I to_int(F x) { return static_cast<I>(x); }
+  static FB_HD F as_float(I i) {
+    union {
+      int32_t i;
+      float f;
+    } u;
+    u.i = i;
+    return u.f;
+  }
+};
+
+// The reduction and polynomial of exp_lanes: e^x = p 2^n for |x| <= 104.
+template <typename Lanes>
+struct ExpParts {
+  typename Lanes::F p;
+  typename Lanes::I n;
+};
+
+template <typename Lanes>
+FB_HD ExpParts<Lanes> exp_parts(typename Lanes::F x) {
+  using F = typename Lanes::F;
   // Round-to-nearest by the 1.5 * 2^23 trick: vectorises on every x86 level.
-  const float shifter = 12582912.0f;
-  float n = (xc * 1.44269504088896341f + shifter) - shifter;
-  float r = xc - n * 0.693359375f;
+  const F shifter = Lanes::splat(12582912.0f);
+  const F n = (x * 1.44269504088896341f + shifter) - shifter;
+  F r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
+  F p = Lanes::splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  const int32_t ni = static_cast<int32_t>(n);
-  const int32_t n1 = ni >> 1, n2 = ni - n1;  // both in [-75, 64]: normal powers of two
-  union {
-    int32_t i;
-    float f;
-  } s1, s2;
-  s1.i = (n1 + 127) << 23;
-  s2.i = (n2 + 127) << 23;
-  float y = (p * s1.f) * s2.f;
-  y = x < lo ? 0.0f : y;
-  y = x > hi ? INFINITY : y;
+  return {p, Lanes::to_int(n)};
+}
+
+template <typename Lanes>
+FB_HD typename Lanes::F exp_lanes(typename Lanes::F x) {
+  using F = typename Lanes::F;
+  using I = typename Lanes::I;
+  const F lo = Lanes::splat(-103.972084f), hi = Lanes::splat(88.7228394f);  // e^lo < FLT_TRUE_MIN / 2, e^hi ~ FLT_MAX
+  const ExpParts<Lanes> e = exp_parts<Lanes>(x < lo ? lo : (x > hi ? hi : x));
+  const I n1 = e.n >> 1, n2 = e.n - n1;  // both in [-75, 64]: normal powers of two
+  F y = (e.p * Lanes::as_float((n1 + 127) << 23)) * Lanes::as_float((n2 + 127) << 23);
+  y = x < lo ? Lanes::splat(0.0f) : y;
+  y = x > hi ? Lanes::splat(INFINITY) : y;
   return x != x ? x : y;
+}
+
+// exp_lanes for |x| <= kExpNormalBound, where e^x is a normal float: the same
+// p 2^n as one product (exact either way), without the range fix-ups.
+constexpr float kExpNormalBound = 87.0f;
+
+template <typename Lanes>
+FB_HD typename Lanes::F exp_lanes_normal(typename Lanes::F x) {
+  const ExpParts<Lanes> e = exp_parts<Lanes>(x);
+  return e.p * Lanes::as_float((e.n + 127) << 23);
+}
+
+FB_HD float exp_f32(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return exp_lanes<ScalarLanes>(x);
 #endif
 }
 
