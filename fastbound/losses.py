@@ -366,7 +366,7 @@ def dse_loss(
     sigma_rows = v.as_rows("sigma", sigma, x_t.shape, row_scale.dtype, flat.device, differentiable=True)
     code = _names.GRAPH_CODES[graph]
     if eager:
-        if flat.device.type == "cpu":
+        if flat.device.type in v.HOST_DEVICES:
             sigma_check = None  # a float sigma was checked above
             if isinstance(sigma, torch.Tensor):
                 sigma_check = sigma_rows.detach() if sigma_rows.requires_grad else sigma_rows
@@ -418,7 +418,7 @@ def dce_loss(
     )
     n_cols = flat.shape[1]
     mask_id = dce_mask_id(mask_id, n_cols)
-    if eager and flat.device.type == "cpu":
+    if eager and flat.device.type in v.HOST_DEVICES:
         _check_values_on_cpu(xt, x0f, None, n_cols, "dce", _names.GRAPH_CODES["absorb"], mask_id, ignore_index)
     elif eager:
         checks = v.ValueChecks()

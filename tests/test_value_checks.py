@@ -82,7 +82,7 @@ def test_a_bad_mode_is_refused(bad):
     assert fb.value_check_mode() == "sync"
 
 
-def test_environment_variable(monkeypatch):
+def test_environment_variable(monkeypatch, accelerator):
     for value, mode in (("", "sync"), ("sync", "sync"), ("async", "async"), ("off", "off")):
         monkeypatch.setenv("FASTBOUND_VALUE_CHECKS", value)
         assert fb.value_check_mode() == mode
@@ -92,7 +92,7 @@ def test_environment_variable(monkeypatch):
     with pytest.raises(ValueError, match=r"FASTBOUND_VALUE_CHECKS must be one of .* got 'asynch'"):
         fb.value_check_mode()
     with pytest.raises(ValueError, match="FASTBOUND_VALUE_CHECKS must be one of"):
-        fb.dse_loss(*_bad_dse("x_t"))  # a call with value checks reports the typo too
+        fb.dse_loss(*_bad_dse("x_t"))  # a call whose checks follow the mode reports the typo too
 
 
 def test_capture_falls_back_to_the_nan_policy_in_sync_mode(monkeypatch):
