@@ -28,8 +28,11 @@ def batch_tensor(name: str, value: object) -> torch.Tensor:
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.numel() and v.eager(t) and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite everywhere (it holds NaN or infinity)")
+    """Follows the value-check mode of ``t``'s device (`fastbound.value_checks`): one read in "sync"."""
+    checks = v.ValueChecks()
+    if checks.active(t):
+        checks.add(~torch.isfinite(t), lambda: f"{name} must be finite everywhere (it holds NaN or infinity)", name)
+        checks.run()
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
