@@ -132,8 +132,11 @@ def register_fused_loss(op_name: str) -> None:
     """Registers the autograd formula (scores only) of a raw fused loss op whose first input is the scores."""
 
     def setup_context(ctx, inputs, output):
-        # Detached: the buffer handed out as the gradient must not require grad itself.
+        # Detached: the saved buffer must not require grad itself.
         ctx.save_for_backward(output[1].detach())
+        # The op returned the buffer to its caller: the backward must not rescale it in place
+        # or hand it out as the gradient (`may_hand_out`), it is the caller's.
+        ctx.handed_out = True
         ctx.n_inputs = len(inputs)
         ctx.need_grad = inputs[-1]
         # The second output (the gradient buffer) never receives a gradient:
@@ -217,7 +220,12 @@ def _fused_setup(ctx, inputs, output):
     ctx.need_grad, ctx.kernel = need_grad, kernel
     # The ids decide which gradient rows the backward may skip: saved, so that changing them
     # in place before the backward raises instead of skipping the wrong rows.
-    ctx.save_for_backward(grad if need_grad else None, row_scale, unscaled, dsigma, live, *kernel.zero_ids)
+    # Inference tensors (ids made under torch.inference_mode) cannot be saved: a copy is
+    # (and cannot change in place afterwards, so nothing is lost).
+    ids = kernel.zero_ids
+    if kernel.eager:  # tracing sees no inference tensors (and cannot ask)
+        ids = tuple(t.clone() if t is not None and t.is_inference() else t for t in ids)
+    ctx.save_for_backward(grad if need_grad else None, row_scale, unscaled, dsigma, live, *ids)
     ctx.save_for_forward(grad if need_grad else None, row_scale, unscaled, dsigma, live)
 
 

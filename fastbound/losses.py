@@ -70,10 +70,25 @@ def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     key = (n, dtype, device)
     ones = _ONES.get(key)
     if ones is None:
-        ones = torch.ones(n, dtype=dtype, device=device)
-        if len(_ONES) < _MAX_CHECKED:
+        with torch.inference_mode(False):  # cached: must be usable by later calls that save it for backward
+            ones = torch.ones(n, dtype=dtype, device=device)
+        # Not while a CUDA graph captures: its fill would run only at replay.
+        if len(_ONES) < _MAX_CHECKED and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             _ONES[key] = ones
     return ones
+
+
+_F32_POSITIVE, _F32_FINITE = 2.0**-150, (2 - 2.0**-24) * 2.0**127
+"""A float rounds to a positive float32 iff it exceeds the first bound (half the smallest
+subnormal), to a finite one iff it is below the second (float32's max plus half an ulp)."""
+
+
+def _check_float_sigma(sigma: float, acc: torch.dtype) -> None:
+    """A float sigma must stay positive and finite in the accumulation dtype (1e-50 is 0 in float32)."""
+    lo, hi = (_F32_POSITIVE, _F32_FINITE) if acc == torch.float32 else (0.0, float("inf"))
+    if not lo < sigma < hi:
+        detail = f" (not in {acc})" if 0 < sigma < float("inf") else ""
+        raise ValueError(f"sigma must be positive and finite, got {sigma!r}{detail}")
 
 
 def _flat_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -361,8 +376,8 @@ def dse_loss(
     )
     n_cols = flat.shape[1]
     mask = dse_mask_id(mask_id, graph, n_cols)
-    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and not (0 < sigma < float("inf")):
-        raise ValueError(f"sigma must be positive and finite, got {sigma!r}")
+    if isinstance(sigma, (int, float)) and not isinstance(sigma, bool):
+        _check_float_sigma(sigma, row_scale.dtype)
     sigma_rows = v.as_rows("sigma", sigma, x_t.shape, row_scale.dtype, flat.device, differentiable=True)
     code = _names.GRAPH_CODES[graph]
     if eager:

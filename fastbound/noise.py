@@ -483,6 +483,7 @@ def sample_num_masked(
         checks = v.ValueChecks()
         checks.add((lengths < 1) | (lengths > limit), out_of_range, "length")
         checks.run()
+        lengths = lengths.clamp(1, limit)  # a defined k in [1, length] where the checks are off
     w0 = philox_words(n, seed=seed, offset=offset, device=dev, backend=backend)[:, 0]
     if weights == "uniform":
         return 1 + ((w0 * lengths) >> 32)

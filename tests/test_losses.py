@@ -756,3 +756,66 @@ def test_forward_without_gradients_builds_no_graph():
     score, sigma, x_t, x0 = make_case("absorb", (2, 3), 7, torch.float32)
     assert fb.dse_loss(score, sigma, x_t, x0, reduction="sum").grad_fn is None
     assert fb.dse_loss(score.requires_grad_(), sigma, x_t, x0).grad_fn is not None
+
+
+# --- regressions found in review: inference tensors, the cached row scale, float sigma, raw ops, -inf chunks
+
+
+@pytest.mark.parametrize("loss", ["dce", "absorb", "uniform"])
+def test_ids_made_under_inference_mode_train(loss):
+    """The backward saves the ids (to skip zero rows); inference tensors cannot be saved: a copy is."""
+    with torch.inference_mode():
+        x_t = torch.tensor([5, 5, 2, 5])
+        x0 = torch.tensor([0, 1, 2, 3])
+    score = torch.randn(4, 6, requires_grad=True)
+    if loss == "dce":
+        out = fb.dce_loss(score * 1, x_t, x0, reduction="none")
+    else:
+        out = fb.dse_loss(score * 1, 0.7, x_t, x0, graph=loss, reduction="none")
+    (out * torch.arange(1.0, 5.0)).sum().backward()
+    assert torch.isfinite(score.grad).all() and score.grad.abs().sum() > 0
+
+
+def test_a_first_call_under_inference_mode_does_not_break_later_training():
+    """The cached row scale of ones made inside inference mode is a normal tensor."""
+    score = torch.randn(3, 7)
+    x_t, x0 = torch.full((3,), 6), torch.tensor([0, 1, 2])
+    with torch.inference_mode():
+        fb.dce_loss(score, x_t, x0, reduction="sum")
+    trained = score.clone().requires_grad_()
+    fb.dce_loss(trained * 1, x_t, x0, reduction="sum").backward()
+    assert trained.grad is not None
+
+
+@pytest.mark.parametrize("sigma", [1e-50, 1e300])
+def test_a_float_sigma_that_rounds_away_in_float32_is_refused(sigma):
+    score = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="sigma must be positive and finite"):
+        fb.dse_loss(score, sigma, torch.full((2,), 4), torch.tensor([0, 1]))
+
+
+def test_the_raw_op_backward_leaves_the_returned_buffer_alone():
+    """The raw op returns its gradient buffer: a later backward must neither rescale it nor adopt it."""
+    score = torch.randn(4, 6, requires_grad=True)
+    x_t, x0 = torch.full((4,), 5), torch.tensor([0, 1, 2, 3])
+    loss, grad = torch.ops.fastbound.dce_forward(score, x_t, x0, torch.ones(4), 5, -100, True)
+    kept = grad.clone()
+    (loss * 3).sum().backward()
+    torch.testing.assert_close(grad, kept, rtol=0, atol=0)
+    assert score.grad.data_ptr() != grad.data_ptr()
+    torch.testing.assert_close(score.grad, 3 * kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dce_gradient_ignores_minus_inf_chunks_before_a_low_max(dtype):
+    """A chunk of -inf scores (split off by the mask column) before a row whose max is below -88:
+    its gradient is 0 and the rest is softmax - onehot, not NaN (e^{0 - max} overflowed)."""
+    score = (torch.randn(3, 6) - 100).to(dtype)
+    score[:, 0] = float("-inf")
+    x_t, x0 = torch.full((3,), 1), torch.full((3,), 3)
+    low = score.clone().requires_grad_()
+    fb.dce_loss(low, x_t, x0, mask_id=1, reduction="sum").backward()
+    kept = score.float().index_fill(1, torch.tensor([1]), float("-inf"))
+    want = torch.softmax(kept, dim=1) - torch.nn.functional.one_hot(x0, 6)
+    assert torch.isfinite(low.grad).all()
+    torch.testing.assert_close(low.grad.float(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)

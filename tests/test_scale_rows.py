@@ -89,6 +89,19 @@ def test_skips_exactly_the_zero_rows(name, device, op):
 
 
 @pytest.mark.parametrize("name, device, op", OPS, ids=IDS)
+def test_a_zero_row_with_a_non_finite_factor_is_nan(name, device, op):
+    """0 * inf and 0 * NaN are NaN, as autograd's grad * factor gives: such zero rows are written."""
+    grad, factor, x_t, x0, mask = _case(12, 6, torch.float32, device=device)
+    zero = (x0 == IGNORE) | (x_t != mask)
+    rows = zero.nonzero()[:, 0]
+    factor[rows[0]], factor[rows[1]] = float("inf"), float("nan")
+    expected = _expected(grad, factor)
+    op(grad, factor, x_t, x0, mask, IGNORE)
+    assert grad[rows[:2]].isnan().all()
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name, device, op", OPS, ids=IDS)
 def test_non_contiguous_factor_and_strided_rows(name, device, op):
     grad, factor, x_t, x0, mask = _case(10, 17, torch.float32, device=device)
     wide = torch.zeros(10, 40, device=device)

@@ -5,8 +5,8 @@
 // scale_rows_ multiplies each row i of a fused loss's saved gradient (N, V) by
 // factor[i], in place, and leaves alone the rows whose gradient the loss wrote
 // as zeros (x0[i] == ignore_index; x_t[i] != mask_id when mask_id >= 0) and the
-// rows whose factor is exactly 1. The skipped zero rows equal `0 * factor` for
-// every finite factor, so the result is `grad * factor[:, None]` computed in
+// rows whose factor is exactly 1. Zero rows are skipped only where the factor
+// is finite (there they equal `0 * factor`; 0 * inf is NaN and is written), so the result is `grad * factor[:, None]` computed in
 // the accumulation dtype and rounded once, at the cost of the rows that
 // contribute (the masked fraction of the absorbing DSE and the DCE).
 #pragma once

@@ -139,7 +139,7 @@ LogSumExp<acc_t> log_sum_exp(const scalar_t* s, int64_t n, int64_t skip, acc_t* 
     // With m = -inf the chunk holds only -inf and NaN: e^{s} adds 0, or NaN.
     const acc_t shift = m == kNegInf ? acc_t(0) : m;
     sum += row_pass<scalar_t, acc_t, acc_t>(s + c, e ? e + c : nullptr, len, shift, acc_t(1), acc_t(0)).sum_exp;
-    if (shifts) shifts[k++] = shift;
+    if (shifts) shifts[k++] = m;  // -inf marks a chunk whose e[] are all 0 (or NaN)
   });
   return {m, sum};
 }
@@ -176,7 +176,12 @@ struct DceRow : MaskIds {
     const acc_t g_scale = row.scale / lse.sum;
     int64_t k = 0;
     for_chunks(v, skip, [&](int64_t c, int64_t len) {
-      row_rescale<scalar_t, acc_t>(e + c, row.grad + c, len, g_scale * exp_acc(shifts[k++] - lse.max));
+      // A chunk kept before any finite score holds e^{-inf} = 0 (or NaN): its factor is
+      // 0 (NaN for a NaN or infinite g_scale), not e^{0 - m}, which overflows for m < -88.
+      const acc_t shift = shifts[k++];
+      const acc_t f = shift == -std::numeric_limits<acc_t>::infinity() ? g_scale * acc_t(0)
+                                                                        : g_scale * exp_acc(shift - lse.max);
+      row_rescale<scalar_t, acc_t>(e + c, row.grad + c, len, f);
     });
     if (skip >= 0) row.grad[skip] = scalar_t(0);
     row.grad[row.x0] = static_cast<scalar_t>(g_scale * exp_acc(s_x0 - lse.max) - row.scale);

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 
@@ -53,7 +54,9 @@ void scale_rows_cpu(at::Tensor& grad, const at::Tensor& factor, const std::optio
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const acc_t fi = f[i * f_stride];
-        const bool zero_row = (x0p != nullptr && x0p[i] == ignore_index) || (xt != nullptr && xt[i] != mask_id);
+        // A zero row stays 0 only for a finite factor: 0 * inf and 0 * NaN are NaN, as autograd gives.
+        const bool zero_row = std::isfinite(fi) &&
+                              ((x0p != nullptr && x0p[i] == ignore_index) || (xt != nullptr && xt[i] != mask_id));
         if (fi != acc_t(1) && !zero_row) scale_row<scalar_t, acc_t>(g + i * g_stride, v, fi);
       }
     });

@@ -21,8 +21,9 @@ __global__ void __launch_bounds__(kScaleThreads) scale_rows_kernel(ScaleRowsBatc
   using acc_t = acc_type<scalar_t>;
   for (int64_t i = blockIdx.x; i < b.n_rows; i += gridDim.x) {
     const acc_t f = b.factor[i * b.factor_stride];
-    const bool zero_row =
-        (b.x0 != nullptr && b.x0[i] == b.ignore_index) || (b.x_t != nullptr && b.mask_id >= 0 && b.x_t[i] != b.mask_id);
+    // A zero row stays 0 only for a finite factor: 0 * inf and 0 * NaN are NaN, as autograd gives.
+    const bool zero_row = isfinite(f) && ((b.x0 != nullptr && b.x0[i] == b.ignore_index) ||
+                                          (b.x_t != nullptr && b.mask_id >= 0 && b.x_t[i] != b.mask_id));
     if (f == acc_t(1) || zero_row) continue;
     scalar_t* g = b.grad + i * b.grad_stride;
     for (int64_t j = threadIdx.x; j < b.n_cols; j += blockDim.x) g[j] = from_acc<scalar_t>(to_acc(g[j]) * f);

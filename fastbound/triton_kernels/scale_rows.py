@@ -24,11 +24,13 @@ def _scale_rows_kernel(grad_ptr, grad_stride, factor_ptr, factor_stride, x_t_ptr
     row = tl.program_id(0).to(tl.int64)  # row * stride may exceed 2^31
     n_cols = tl.cast(n_cols, tl.int64)  # int64 loop counter and columns: no wrap for V near 2^31
     f = tl.load(factor_ptr + row * factor_stride)
-    skip = f == 1.0
+    zero_row = f != f  # False: a row that holds zeros by construction is
     if HAS_X0:
-        skip = skip | (tl.load(x0_ptr + row) == ignore_index)
+        zero_row = zero_row | (tl.load(x0_ptr + row) == ignore_index)
     if HAS_X_T:
-        skip = skip | ((mask_id >= 0) & (tl.load(x_t_ptr + row) != mask_id))
+        zero_row = zero_row | ((mask_id >= 0) & (tl.load(x_t_ptr + row) != mask_id))
+    # skipped only for a finite factor: 0 * inf and 0 * NaN are NaN, as autograd gives.
+    skip = (f == 1.0) | (zero_row & (tl.abs(f) < float("inf")))
     if not skip:
         grad_row = grad_ptr + row * grad_stride
         for start in range(0, n_cols, BLOCK):
