@@ -27,6 +27,14 @@ def test_reference_imports_only_torch_and_math():
     assert names <= {"torch", "math", "__future__"}, names
 
 
+def test_continuous_reference_imports_only_torch_math_and_the_discrete_oracle():
+    """The continuous oracle shares the discrete oracle's Philox rounds and nothing else of ours."""
+    found = set(_imports(PACKAGE / "continuous" / "reference.py"))
+    ours = {(level, name) for level, name in found if level}
+    assert ours <= {(2, "reference.philox4x32")}, ours
+    assert {name.split(".")[0] for level, name in found if not level} <= {"torch", "math", "__future__"}, found
+
+
 def test_training_script_uses_public_names_only():
     for path in (PACKAGE / "train").glob("*.py"):
         for level, name in _imports(path):

@@ -1,6 +1,7 @@
 r"""The continuous oracle: plain PyTorch versions of the `fastbound.continuous` kernels.
 
-Imports only torch and math, so it checks the kernels independently of them.
+Imports only torch, math and the discrete oracle (`fastbound.reference`, itself torch
+only, for the shared Philox rounds), so it checks the kernels independently of them.
 Everything is computed in float32 (float64 for float64 inputs) with dense
 tensors and autograd, term by term from the formulas below.
 
@@ -31,41 +32,27 @@ import math
 
 import torch
 
+from ..reference import philox4x32
+
 KEY_SALT = 0x6662636F6E74696E
 """The continuous noise key is seed XOR this (ASCII "fbcontin"), so it differs from the discrete key of the same seed."""
 WARM_CODES = {None: 0, "gaussian": 1, "laplace": 2, "logistic": 3, "uniform": 4}
 """Warm-up laws to the codes of the kernels."""
 
 _LOW32 = 0xFFFFFFFF
-_MUL = (0xD2511F53, 0xCD9E8D57)
-_WEYL = (0x9E3779B9, 0xBB67AE85)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of a * b, a < 2^32 in int64, b a 32-bit constant split at bit 16."""
-    upper, lower = a * (b >> 16), a * (b & 0xFFFF)  # each < 2^48
-    hi = (upper + (lower >> 16)) >> 16
-    lo = (((upper & 0xFFFF) << 16) + lower) & _LOW32
-    return hi, lo
-
-
 def words(n: int, seed: int, offset: int = 0, device=None) -> torch.Tensor:
     """The int64 (n, 4) Philox words of elements 0 .. n-1 of a continuous call (values in [0, 2^32))."""
     key = (seed ^ KEY_SALT) & (2**64 - 1)
-    k0, k1 = key & _LOW32, key >> 32
     start = offset - 2**64 if offset >= 2**63 else offset  # the int64 bit pattern; the sum wraps mod 2^64
     index = torch.arange(n, dtype=torch.int64, device=device) + start
-    c = [index & _LOW32, (index >> 32) & _LOW32, torch.zeros_like(index), torch.zeros_like(index)]
-    for _ in range(10):
-        hi0, lo0 = _mul_hi_lo(c[0], _MUL[0])
-        hi1, lo1 = _mul_hi_lo(c[2], _MUL[1])
-        c = [hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0]
-        k0, k1 = (k0 + _WEYL[0]) & _LOW32, (k1 + _WEYL[1]) & _LOW32
-    return torch.stack(c, dim=1)
+    zeros = torch.zeros_like(index)
+    return philox4x32(torch.stack([index & _LOW32, (index >> 32) & _LOW32, zeros, zeros], dim=1), key)
 
 
 def open_uniform(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
