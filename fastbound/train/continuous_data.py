@@ -45,14 +45,18 @@ def gaussian_baseline_bits(train8: torch.Tensor, test8: torch.Tensor) -> tuple[f
     r"""Bits/dim (and standard error over test images) of a full-covariance Gaussian as an 8-bit model.
 
     Fit: mean and covariance of the training bin centres y plus Δ²/12 I (the covariance of
-    uniformly dequantised y + u). Score: :math:`-\log P(x) \le \mathbb E_{u\sim U(\mathrm{bin})}
+    uniformly dequantised y + u) plus tr Σ/(dN) I, one pseudo-sample of average spread (the
+    rule of the diffusion models' Gaussian base: without it three pixels constant in training
+    give one test image 241 bits/dim and the mean 7.22 ± 0.79 bits/dim).
+    Score: :math:`-\log P(x) \le \mathbb E_{u\sim U(\mathrm{bin})}
     [-\log N(y + u; \mu, \Sigma)] - d\log\Delta` (Jensen), in closed form
     :math:`-\log N(y; \mu, \Sigma) + \tfrac{\Delta^2}{24}\mathrm{tr}\,\Sigma^{-1} - d\log\Delta`.
     """
     y_train, y_test = from_8bit(train8, torch.float64), from_8bit(test8, torch.float64)
     d = y_train.shape[1]
     mu = y_train.mean(0)
-    cov = torch.cov(y_train.T) + BIN_WIDTH_8BIT**2 / 12 * torch.eye(d, dtype=torch.float64)
+    cov = torch.cov(y_train.T)
+    cov = cov + (BIN_WIDTH_8BIT**2 / 12 + cov.diagonal().mean() / len(y_train)) * torch.eye(d, dtype=torch.float64)
     dist = torch.distributions.MultivariateNormal(mu, covariance_matrix=cov)
     nll = -dist.log_prob(y_test) + BIN_WIDTH_8BIT**2 / 24 * torch.linalg.inv(cov).trace() \
         - d * math.log(BIN_WIDTH_8BIT)
