@@ -250,8 +250,9 @@ def run_digits(args, bar) -> dict:
 def _paired_differences(rows: list[dict], key: str) -> list[dict]:
     """Each law's bound (per-image values ``row[key]``) minus the first law's, paired over the held-out images.
 
-    Every model is evaluated on the same images with the same evaluation seed (the same λ
-    and ε counters), so the per-image difference cancels what the images share. The s.e. of
+    Every model is evaluated on the same images with the same evaluation seed (the same u and ε,
+    and the same λ uniforms, which each model's fitted proposal maps to its own λ), so the
+    per-image difference cancels what the images share. The s.e. of
     the mean difference is std(diff) / sqrt(n): it counts the Monte-Carlo noise and the spread
     of the difference over images (a sample of the data law), so it is the standard error of
     the expected difference, where each bound's own ± is its Monte-Carlo error on these images.
