@@ -176,6 +176,25 @@ def test_perturb_counters_follow_offset_plus_flat_index(device, backend):
 
 
 @pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("law", LAWS)
+def test_perturb_element_does_not_depend_on_its_position(device, backend, law):
+    """An element's noise is a function of its counter alone, bit for bit, wherever it falls: in a
+    vector of the CPU kernel's lanes (32 wide), in the scalar tail of a row, in either at another
+    lane (the call's offset shifts which). The regenerating loss sees the same eps."""
+    x = torch.full((1, 200), 0.25, device=device)
+    full = perturb(x, 0.5, warm=law, warm_std=0.3 if law else 0.0, seed=6, offset=40, return_warm=True,
+                   backend=backend)
+    for start, n in [(0, 1), (7, 1), (31, 2), (32, 64), (45, 100), (137, 63), (199, 1), (3, 197)]:
+        part = perturb(x[:, :n], 0.5, warm=law, warm_std=0.3 if law else 0.0, seed=6, offset=40 + start,
+                       return_warm=True, backend=backend)
+        for whole, piece in zip(full, part):
+            assert torch.equal(whole[:, start:start + n], piece), (start, n)
+        regen = denoising_loss(x[:, :n], seed=6, offset=40 + start, reduction="none", backend=backend)
+        assert torch.equal(regen, denoising_loss(x[:, :n], full.eps[:, start:start + n], reduction="none",
+                                                 backend=backend))
+
+
+@pytest.mark.parametrize("device, backend", BACKENDS)
 def test_perturb_gradient_matches_oracle(device, backend):
     x = sample(3, 11, torch.float32, device).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()

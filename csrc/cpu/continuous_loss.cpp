@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "continuous_lanes.h"
 #include "continuous_words.h"
 #include "convert.h"
 #include "fastbound/continuous.h"
@@ -69,8 +70,7 @@ FB_CPU_CLONES sum_t squared_error(const scalar_t* __restrict eh, const scalar_t*
 // (through a float tile for 16-bit types: the conversion inline would keep the loop scalar).
 template <typename acc_t>
 FB_CPU_CLONES void eps_tile(const uint32_t* w0, const uint32_t* w1, int64_t n, acc_t* out) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) out[j] = continuous::eps_only<acc_t>(w0[j], w1[j]);
+  continuous_lanes::eps_lanes(w0, w1, n, out);
 }
 
 template <typename scalar_t>

@@ -5,8 +5,8 @@
 // warm-up noise u, and writes z = alpha_b (x + warm_std u) + sigma_b eps, eps
 // and (when asked) x_warm = x + warm_std u. Work is split into (row, tile)
 // tasks, so the result does not depend on the number of threads; per tile the
-// words come from the AVX2 Philox (continuous_words.h), then one vectorised
-// loop forms the noise and the outputs.
+// words come from the AVX2 Philox (continuous_words.h), then one loop on vector
+// lanes (continuous_lanes.h) forms the noise and the outputs.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,6 +19,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "continuous_lanes.h"
 #include "continuous_words.h"
 #include "convert.h"
 #include "fastbound/continuous.h"
@@ -32,33 +33,36 @@ namespace {
 constexpr int64_t kTile = 512;            // elements per tile: their words stay in L1
 constexpr int64_t kMinPerThread = 16384;  // below this, one thread
 
-// z, eps and x_warm of one tile from its words in the compute type; kLaw a compile-time
-// law so the loop vectorises.
-template <typename acc_t, int kLaw>
-FB_CPU_CLONES void transform_tile(const acc_t* x, acc_t* z, acc_t* eps, acc_t* x_warm, const uint32_t* w0,
-                                  const uint32_t* w1, const uint32_t* w2, int64_t n, acc_t alpha, acc_t sigma,
-                                  acc_t warm_std) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const auto v = continuous::noise<acc_t, kLaw>(w0[j], w1[j], w2[j]);
-    const acc_t xw = kLaw == continuous::kWarmNone ? x[j] : x[j] + warm_std * v.warm;
-    z[j] = alpha * xw + sigma * v.eps;
-    eps[j] = v.eps;
-    x_warm[j] = xw;
+// z, eps and (kWarmOut) x_warm of one tile from its words; kLaw a compile-time law.
+// Float and 16-bit x: in float, on continuous_lanes' vectors (16-bit values converted in
+// the loads and stores), the last n mod kWidth elements by the same formulas on one float
+// (bit-identical but for where GCC fuses a multiply and an add). float64 x: in double.
+template <typename scalar_t, int kLaw, bool kWarmOut>
+FB_CPU_CLONES void transform_tile(const scalar_t* x, scalar_t* z, scalar_t* eps, scalar_t* x_warm,
+                                  const uint32_t* w0, const uint32_t* w1, const uint32_t* w2, int64_t n,
+                                  at::opmath_type<scalar_t> alpha, at::opmath_type<scalar_t> sigma,
+                                  at::opmath_type<scalar_t> warm_std) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t j = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using namespace continuous_lanes;
+    for (; j + kWidth <= n; j += kWidth) {
+      const auto v = continuous::noise_of<VecMath, kLaw>(load_words(w0 + j), load_words(w1 + j), load_words(w2 + j));
+      const f32xw xv = load(x + j);
+      const f32xw xw = kLaw == continuous::kWarmNone ? xv : xv + warm_std * v.warm;
+      store(z + j, alpha * xw + sigma * v.eps);
+      store(eps + j, v.eps);
+      if (kWarmOut) store(x_warm + j, xw);
+    }
   }
-}
-
-// A bfloat16 / float16 tile goes through float buffers: the conversions inline into the
-// noise loop keep GCC from vectorising it.
-template <typename scalar_t>
-FB_CPU_CLONES void widen(const scalar_t* in, float* out, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) out[j] = to_acc(in[j]);
-}
-template <typename scalar_t>
-FB_CPU_CLONES void round_to(const float* in, scalar_t* out, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) out[j] = from_acc<scalar_t>(in[j]);
+  for (; j < n; ++j) {
+    const auto v = continuous::noise<acc_t, kLaw>(w0[j], w1[j], w2[j]);
+    const acc_t xj = to_acc(x[j]);
+    const acc_t xw = kLaw == continuous::kWarmNone ? xj : xj + warm_std * v.warm;
+    z[j] = from_acc<scalar_t>(alpha * xw + sigma * v.eps);
+    eps[j] = from_acc<scalar_t>(v.eps);
+    if (kWarmOut) x_warm[j] = from_acc<scalar_t>(xw);
+  }
 }
 
 // The laws that read w2 (Gaussian warm-up noise is the Box-Muller partner of eps).
@@ -75,25 +79,20 @@ struct PerturbRows {
   acc_t warm_std;
   uint64_t seed, offset;
 
-  // One tile; w holds 3 kTile words (w2 left unset for a law that never reads it), buffer
-  // 4 kTile compute-type values.
-  void tile(int64_t row, int64_t col, int64_t n, uint32_t* w, acc_t* buffer) const {
+  // One tile; w holds 3 kTile words (w2 left unset for a law that never reads it).
+  void tile(int64_t row, int64_t col, int64_t n, uint32_t* w) const {
     const int64_t first = row * cols + col;
     uint32_t *w0 = w, *w1 = w + kTile, *w2 = w + 2 * kTile;
     continuous_tile_words(seed, offset, static_cast<uint64_t>(first), n, w0, w1, reads_w2(law) ? w2 : nullptr);
     continuous::with_law(law, [&](auto tag) {
       constexpr int kLaw = decltype(tag)::value;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        acc_t* xw = x_warm != nullptr ? x_warm + first : buffer;
-        transform_tile<acc_t, kLaw>(x + first, z + first, eps + first, xw, w0, w1, w2, n, alpha[row], sigma[row],
-                                    warm_std);
+      const scalar_t* xs = x + first;
+      if (x_warm != nullptr) {
+        transform_tile<scalar_t, kLaw, true>(xs, z + first, eps + first, x_warm + first, w0, w1, w2, n, alpha[row],
+                                             sigma[row], warm_std);
       } else {
-        acc_t *xf = buffer, *zf = buffer + kTile, *ef = buffer + 2 * kTile, *wf = buffer + 3 * kTile;
-        widen(x + first, xf, n);
-        transform_tile<acc_t, kLaw>(xf, zf, ef, wf, w0, w1, w2, n, alpha[row], sigma[row], warm_std);
-        round_to(zf, z + first, n);
-        round_to(ef, eps + first, n);
-        if (x_warm != nullptr) round_to(wf, x_warm + first, n);
+        transform_tile<scalar_t, kLaw, false>(xs, z + first, eps + first, nullptr, w0, w1, w2, n, alpha[row],
+                                              sigma[row], warm_std);
       }
     });
   }
@@ -119,11 +118,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> continuous_perturb(const at::Tens
     const int64_t tiles_per_row = (cols + kTile - 1) / kTile;
     const int64_t grain = std::max<int64_t>(1, kMinPerThread / std::min(cols, kTile));
     at::parallel_for(0, rows * tiles_per_row, grain, [&](int64_t begin, int64_t end) {
-      uint32_t words[3 * kTile];
-      acc_t buffer[4 * kTile];  // x_warm when it is not returned, or the float tiles of a 16-bit x
+      uint32_t words[3 * kTile] = {};  // zeroed: a law without w2 still loads (and ignores) its lanes
       for (int64_t task = begin; task < end; ++task) {
         const int64_t row = task / tiles_per_row, col = (task % tiles_per_row) * kTile;
-        p.tile(row, col, std::min(kTile, cols - col), words, buffer);
+        p.tile(row, col, std::min(kTile, cols - col), words);
       }
     });
   });

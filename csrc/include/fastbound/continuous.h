@@ -71,22 +71,6 @@ struct Consts {
   static constexpr T kSqrt3 = static_cast<T>(1.73205080756887729353);
 };
 
-// (2 (w >> 9) + 1) 2^-24: an odd multiple of 2^-24, never 0 or 1, and 1 - u is exact.
-template <typename T>
-FB_HD T open_uniform(uint32_t w) {
-  return static_cast<T>((w >> 9) * 2u + 1u) * static_cast<T>(5.9604644775390625e-8);
-}
-
-template <typename T>
-FB_HD T half_open_uniform(uint32_t w) {
-  return static_cast<T>(w >> 8) * static_cast<T>(5.9604644775390625e-8);
-}
-
-// log and sincos. CUDA: logf / sincosf (and the double functions). Host float:
-// Cephes-style polynomials written without branches or library calls, so the CPU
-// kernels' loops vectorise (scalar libm calls would dominate their time); both are
-// within about 2 ulp (checked against float64 by tests/test_continuous_kernels.py).
-// Host double: libm.
 // The bits of a value reinterpreted as another type of the same size.
 template <typename To, typename From>
 FB_HD To bit_cast(From from) {
@@ -96,19 +80,39 @@ FB_HD To bit_cast(From from) {
   return to;
 }
 
+// log and sincos. CUDA: logf / sincosf (and the double functions). Host float:
+// Cephes-style polynomials written without branches or library calls, within
+// about 2 ulp (checked against float64 by tests/test_continuous_kernels.py);
+// host double: libm. The polynomials are templates over a lane type `L`: one
+// float (`FloatLane` below) or a GCC vector of floats (the CPU kernels,
+// csrc/cpu/continuous_lanes.h), the same operations in the same order in every
+// lane. `L` supplies the float and int32 lane types F and I, the truncating
+// F -> I and exact I -> F conversions, and the reinterpretation of the bits.
+struct FloatLane {
+  using F = float;
+  using I = int32_t;
+  static FB_HD I to_int(F x) { return static_cast<I>(x); }
+  static FB_HD F to_float(I i) { return static_cast<F>(i); }
+  static FB_HD I bits(F x) { return bit_cast<I>(x); }
+  static FB_HD F from_bits(I i) { return bit_cast<F>(i); }
+};
+
 // log x for a positive normal float (every argument here lies in [2^-24, 1]):
 // x = m 2^e with m in [sqrt(1/2), sqrt 2), log x = log1p(m - 1) + e log 2, the
 // log1p by Cephes `logf`'s degree-9 polynomial, log 2 split in two parts.
-FB_HD float log_f32(float x) {
-  const uint32_t bits = bit_cast<uint32_t>(x);
-  int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - 126;  // x = m 2^e, m in [1/2, 1)
-  float m = bit_cast<float>((bits & 0x007FFFFFu) | 0x3F000000u);
-  const bool low = m < 0.707106781186547524f;
-  e -= low ? 1 : 0;
-  m = m + (low ? m : 0.0f) - 1.0f;  // 2m - 1 or m - 1; a select of values, not of operations, vectorises
-  const float z = m * m;
-  float y = 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
+template <typename L>
+FB_HD typename L::F log_lanes(typename L::F x) {
+  using F = typename L::F;
+  using I = typename L::I;
+  const I bits = L::bits(x), mantissa = bits & 0x007FFFFF;
+  const F m0 = L::from_bits(mantissa | 0x3F000000);  // x = m0 2^e, m0 in [1/2, 1)
+  // All ones where m0 < sqrt(1/2) (0x3F3504F3 is that float), else zero: a mask from
+  // integer arithmetic, since GCC splits vector compares wider than the target's into lanes.
+  const I low = (mantissa - 0x003504F3) >> 31;
+  const I e = (bits >> 23) - 126 + low;  // x > 0: the sign bit is clear
+  const F m = m0 + L::from_bits(L::bits(m0) & low) - 1.0f;  // 2 m0 - 1 or m0 - 1
+  const F z = m * m;
+  F y = m * 7.0376836292e-2f - 1.1514610310e-1f;
   y = y * m + 1.1676998740e-1f;
   y = y * m - 1.2420140846e-1f;
   y = y * m + 1.4249322787e-1f;
@@ -117,32 +121,41 @@ FB_HD float log_f32(float x) {
   y = y * m - 2.4999993993e-1f;
   y = y * m + 3.3333331174e-1f;
   y = y * m * z;
-  const float fe = static_cast<float>(e);
-  y += -2.12194440e-4f * fe;
-  y += -0.5f * z;
-  return (m + y) + 0.693359375f * fe;
+  const F fe = L::to_float(e);
+  y += fe * -2.12194440e-4f;
+  y += z * -0.5f;
+  return (m + y) + fe * 0.693359375f;
 }
 
 // sin and cos of x in [0, 2^13): Cody-Waite reduction by pi/4 in three parts to
 // r in [-pi/4, pi/4] and the octant j, Cephes `sinf` / `cosf` polynomials on r,
 // then the octant's swap and signs.
-FB_HD void sincos_f32(float x, float* s, float* c) {
-  int32_t j = static_cast<int32_t>(x * 1.27323954473516268615f);  // 4 / pi
+template <typename L>
+FB_HD void sincos_lanes(typename L::F x, typename L::F* s, typename L::F* c) {
+  using F = typename L::F;
+  using I = typename L::I;
+  I j = L::to_int(x * 1.27323954473516268615f);  // 4 / pi
   j = (j + 1) & ~1;
-  const float y = static_cast<float>(j);
-  const float r = ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
-  const float z = r * r;
-  const float sr = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
-  const float cr = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
-                   0.5f * z + 1.0f;
+  const F y = L::to_float(j);
+  const F r = ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
+  const F z = r * r;
+  const F sr = ((z * -1.9515295891e-4f + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+  const F cr = ((z * 2.443315711809948e-5f - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
+               z * 0.5f + 1.0f;
   // Octant swap and signs in integer bit operations (no branch GCC could fail to if-convert):
-  // swap sin and cos when bit 1 of j is set; negate sin by bit 2 of j, cos by bit 2 of j + 2.
-  const uint32_t swap = 0u - ((static_cast<uint32_t>(j) >> 1) & 1u);
-  const uint32_t sb = bit_cast<uint32_t>(sr), cb = bit_cast<uint32_t>(cr);
-  const uint32_t sv = (cb & swap) | (sb & ~swap), cv = (sb & swap) | (cb & ~swap);
-  *s = bit_cast<float>(sv ^ (static_cast<uint32_t>(j & 4) << 29));
-  *c = bit_cast<float>(cv ^ (static_cast<uint32_t>((j + 2) & 4) << 29));
+  // swap sin and cos when bit 1 of j is set; negate sin by bit 2 of j, cos by bit 2 of j + 2,
+  // which for an even j is bit 2 of j xor bit 1 (one shift less: on Zen 1 vector shifts issue
+  // on a single pipe).
+  const I swap = 0 - ((j >> 1) & 1);  // all ones where bit 1 is set
+  const I sign_s = (j & 4) << 29, sign_c = sign_s ^ (swap & INT32_MIN);
+  const I sb = L::bits(sr), cb = L::bits(cr);
+  const I sv = (cb & swap) | (sb & ~swap), cv = (sb & swap) | (cb & ~swap);
+  *s = L::from_bits(sv ^ sign_s);
+  *c = L::from_bits(cv ^ sign_c);
 }
+
+FB_HD float log_f32(float x) { return log_lanes<FloatLane>(x); }
+FB_HD void sincos_f32(float x, float* s, float* c) { sincos_lanes<FloatLane>(x, s, c); }
 
 FB_HD float log_(float x) {
 #if defined(__CUDA_ARCH__)
@@ -174,34 +187,68 @@ FB_HD void sincos_(double x, double* s, double* c) {
 #endif
 }
 
-// Box-Muller radius and angle of words (w0, w1).
+// The noise formulas below are templates over the math `M` they run on: one
+// element in T = float or double (`ElementMath<T>`, every backend's kernels) or
+// a vector of floats (the CPU kernels, csrc/cpu/continuous_lanes.h). `M` supplies
+// the element type E, the lane types F (of E) and U (of uint32), the exact
+// conversion of a U below 2^24 to F, and log, sqrt, sincos, abs and copysign.
 template <typename T>
-FB_HD T radius(uint32_t w0) {
-  return sqrt_(T(-2) * log_(open_uniform<T>(w0)));
+struct ElementMath {
+  using E = T;
+  using F = T;
+  using U = uint32_t;
+  static FB_HD F u24(U u) { return static_cast<T>(u); }
+  static FB_HD F log(F x) { return log_(x); }
+  static FB_HD F sqrt(F x) { return sqrt_(x); }
+  static FB_HD void sincos(F x, F* s, F* c) { sincos_(x, s, c); }
+  static FB_HD F abs(F x) { return fabs_(x); }
+  static FB_HD F copysign(F x, F y) { return copysign_(x, y); }
+};
+
+// (2 (w >> 9) + 1) 2^-24: an odd multiple of 2^-24, never 0 or 1, and 1 - u is exact.
+template <typename M>
+FB_HD typename M::F open_uniform(typename M::U w) {
+  return M::u24((w >> 8) | 1u) * typename M::E(5.9604644775390625e-8);  // (w >> 8) | 1 = 2 (w >> 9) + 1
 }
-template <typename T>
-FB_HD T angle(uint32_t w1) {
-  return half_open_uniform<T>(w1) * Consts<T>::kTwoPi;
+
+template <typename M>
+FB_HD typename M::F half_open_uniform(typename M::U w) {
+  return M::u24(w >> 8) * typename M::E(5.9604644775390625e-8);
+}
+
+// Box-Muller radius and angle of words (w0, w1).
+template <typename M>
+FB_HD typename M::F radius(typename M::U w0) {
+  return M::sqrt(M::log(open_uniform<M>(w0)) * typename M::E(-2));
+}
+template <typename M>
+FB_HD typename M::F angle(typename M::U w1) {
+  return half_open_uniform<M>(w1) * Consts<typename M::E>::kTwoPi;
 }
 
 // eps alone (the loss and integration kernels regenerate only it).
+template <typename M>
+FB_HD typename M::F eps_of(typename M::U w0, typename M::U w1) {
+  typename M::F s, c;
+  M::sincos(angle<M>(w1), &s, &c);
+  return radius<M>(w0) * c;
+}
 template <typename T>
 FB_HD T eps_only(uint32_t w0, uint32_t w1) {
-  T s, c;
-  sincos_(angle<T>(w1), &s, &c);
-  return radius<T>(w0) * c;
+  return eps_of<ElementMath<T>>(w0, w1);
 }
 
 // The non-Gaussian warm-up laws by inverse CDF of p = open_uniform(w2).
-template <typename T, int kLaw>
-FB_HD T inverse_cdf(uint32_t w2) {
-  const T p = open_uniform<T>(w2);
+template <typename M, int kLaw>
+FB_HD typename M::F inverse_cdf(typename M::U w2) {
+  using E = typename M::E;
+  const typename M::F p = open_uniform<M>(w2);
   if (kLaw == kWarmLaplace) {
-    const T t = p - T(0.5);
-    return copysign_(log_(T(1) - T(2) * fabs_(t)) * -Consts<T>::kInvSqrt2, t);  // t is never 0
+    const typename M::F t = p - E(0.5);
+    return M::copysign(M::log(E(1) - M::abs(t) * E(2)) * -Consts<E>::kInvSqrt2, t);  // t is never 0
   }
-  if (kLaw == kWarmLogistic) return (log_(p) - log_(T(1) - p)) * Consts<T>::kSqrt3OverPi;
-  return (T(2) * p - T(1)) * Consts<T>::kSqrt3;
+  if (kLaw == kWarmLogistic) return (M::log(p) - M::log(E(1) - p)) * Consts<E>::kSqrt3OverPi;
+  return (p * E(2) - E(1)) * Consts<E>::kSqrt3;
 }
 
 // (eps, u) of one element's words for a warm law (u = 0 for kWarmNone).
@@ -211,20 +258,24 @@ struct Noise {
 };
 
 // Box-Muller pair of words (w0, w1): eps = r cos(theta) and the Gaussian warm noise r sin(theta).
-template <typename T>
-FB_HD Noise<T> gaussian_pair(uint32_t w0, uint32_t w1) {
-  T s, c;
-  sincos_(angle<T>(w1), &s, &c);
-  const T r = radius<T>(w0);
+template <typename M>
+FB_HD Noise<typename M::F> gaussian_pair(typename M::U w0, typename M::U w1) {
+  typename M::F s, c;
+  M::sincos(angle<M>(w1), &s, &c);
+  const typename M::F r = radius<M>(w0);
   return {r * c, r * s};
 }
 
+template <typename M, int kLaw>
+FB_HD Noise<typename M::F> noise_of(typename M::U w0, typename M::U w1, typename M::U w2) {
+  const Noise<typename M::F> pair = gaussian_pair<M>(w0, w1);
+  if (kLaw == kWarmNone) return {pair.eps, typename M::F{}};
+  if (kLaw == kWarmGaussian) return pair;
+  return {pair.eps, inverse_cdf<M, kLaw>(w2)};
+}
 template <typename T, int kLaw>
 FB_HD Noise<T> noise(uint32_t w0, uint32_t w1, uint32_t w2) {
-  const Noise<T> pair = gaussian_pair<T>(w0, w1);
-  if (kLaw == kWarmNone) return {pair.eps, T(0)};
-  if (kLaw == kWarmGaussian) return pair;
-  return {pair.eps, inverse_cdf<T, kLaw>(w2)};
+  return noise_of<ElementMath<T>, kLaw>(w0, w1, w2);
 }
 
 // Calls fn(LawTag<law>{}) for a runtime law code in [kWarmNone, kWarmUniform] (host code:
