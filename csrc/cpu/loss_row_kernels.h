@@ -111,25 +111,46 @@ inline void for_chunks(int64_t n, int64_t skip, Fn&& fn) {
   });
 }
 
-// log sum_y e^{s_y} as (m, sum e^{s_y - m}): the loss is formed as
+// log sum_y e^{s_y} as (m, sum e^{s_y - m}), m the maximum of the scores read
+// so far when the sum was started (or rescaled): the loss is formed as
 // (m - s_{x0}) + log sum, so that a common offset of the logits cancels
 // exactly in m - s_{x0} before it can cost precision.
 template <typename acc_t>
 struct LogSumExp {
-  acc_t max, sum;
+  acc_t shift, sum;
 };
 
+// A chunk read with the running shift keeps it while the row's sum stays at
+// most this (scores up to ~44 above the shift): 1 / sum, the softmax's factor,
+// stays a normal float for any sane weight.
+constexpr float kLazyShiftSumBound = 0x1p64f;
+
 // log sum_{y != skip} e^{s_y}, reading the row once from memory (online over
-// L1-sized chunks). With `e`, also writes e[y] = e^{s_y - shift_k} and
-// shifts[k] = shift_k for the k-th chunk (for_chunks), so that the gradient
-// needs no second exp: e^{s_y - m} = e[y] e^{shift_k - m}.
+// L1-sized chunks). The first chunk with a finite score takes a max pass (a
+// first read, the second from L1) to set the shift m; later chunks are read
+// once with the running m, and only a chunk whose sum would pass
+// kLazyShiftSumBound (or is NaN) is done again with a max pass and a rescale.
+// In place (e over the scores) every chunk takes the max pass: a chunk cannot
+// be read twice. With `e`, also writes e[y] = e^{s_y - shift_k} and shifts[k] =
+// shift_k for the k-th chunk (for_chunks), so that the gradient needs no
+// second exp: e^{s_y - m} = e[y] e^{shift_k - m}.
 template <typename scalar_t, typename acc_t>
 LogSumExp<acc_t> log_sum_exp(const scalar_t* s, int64_t n, int64_t skip, acc_t* e = nullptr,
                              acc_t* shifts = nullptr) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const bool lazy = static_cast<const void*>(e) != static_cast<const void*>(s);
   acc_t m = kNegInf, sum = 0;
   int64_t k = 0;
   for_chunks(n, skip, [&](int64_t c, int64_t len) {
+    acc_t* e_c = e ? e + c : nullptr;
+    if (lazy && m != kNegInf) {
+      const acc_t part = row_pass<scalar_t, acc_t, acc_t>(s + c, e_c, len, m, acc_t(1), acc_t(0)).sum_exp;
+      if (sum + part <= acc_t(kLazyShiftSumBound)) {  // false for NaN
+        sum += part;
+        if (shifts) shifts[k++] = m;
+        return;
+      }
+    }
     const acc_t cm = row_max<scalar_t, acc_t>(s + c, len);  // NaN-blind
     if (cm > m) {
       // While m is -inf every value seen was -inf or NaN, so sum is 0 or NaN: keep it.
@@ -138,7 +159,7 @@ LogSumExp<acc_t> log_sum_exp(const scalar_t* s, int64_t n, int64_t skip, acc_t* 
     }
     // With m = -inf the chunk holds only -inf and NaN: e^{s} adds 0, or NaN.
     const acc_t shift = m == kNegInf ? acc_t(0) : m;
-    sum += row_pass<scalar_t, acc_t, acc_t>(s + c, e ? e + c : nullptr, len, shift, acc_t(1), acc_t(0)).sum_exp;
+    sum += row_pass<scalar_t, acc_t, acc_t>(s + c, e_c, len, shift, acc_t(1), acc_t(0)).sum_exp;
     if (shifts) shifts[k++] = m;  // -inf marks a chunk whose e[] are all 0 (or NaN)
   });
   return {m, sum};
@@ -167,7 +188,7 @@ struct DceRow : MaskIds {
     const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
     if (row.grad == nullptr) {
       const LogSumExp<acc_t> lse = log_sum_exp<scalar_t, acc_t>(row.score, v, skip);
-      return row.scale * ((lse.max - s_x0) + std::log(lse.sum));
+      return row.scale * ((lse.shift - s_x0) + std::log(lse.sum));
     }
     acc_t* e = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(row.grad) : scratch_row<acc_t>(0, v);
     acc_t* shifts = scratch_row<acc_t>(1, v / kLseChunk + 2);
@@ -180,12 +201,12 @@ struct DceRow : MaskIds {
       // 0 (NaN for a NaN or infinite g_scale), not e^{0 - m}, which overflows for m < -88.
       const acc_t shift = shifts[k++];
       const acc_t f = shift == -std::numeric_limits<acc_t>::infinity() ? g_scale * acc_t(0)
-                                                                        : g_scale * exp_acc(shift - lse.max);
+                                                                        : g_scale * exp_acc(shift - lse.shift);
       row_rescale<scalar_t, acc_t>(e + c, row.grad + c, len, f);
     });
     if (skip >= 0) row.grad[skip] = scalar_t(0);
-    row.grad[row.x0] = static_cast<scalar_t>(g_scale * exp_acc(s_x0 - lse.max) - row.scale);
-    return row.scale * ((lse.max - s_x0) + std::log(lse.sum));
+    row.grad[row.x0] = static_cast<scalar_t>(g_scale * exp_acc(s_x0 - lse.shift) - row.scale);
+    return row.scale * ((lse.shift - s_x0) + std::log(lse.sum));
   }
 };
 

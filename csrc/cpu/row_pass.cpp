@@ -2,10 +2,10 @@
 // once per x86-64 level (FB_CPU_CLONES), and the ISA report (vectorize.h).
 //
 // Float accumulation (fp32 / bf16 / fp16 scores) runs on f32x8 lanes with the
-// vector exp (fastbound::exp_lanes); blocks of 64 scores whose exponents all
+// vector exp (fastbound::exp_lanes); blocks of 256 scores whose exponents all
 // lie in the normal range (the usual case) take exp_lanes_normal, which skips
-// the range fix-ups and gives the same values. The last < 16 columns take the
-// scalar exp_f32 (same formula). float64 keeps the scalar loop over libm's exp.
+// the range fix-ups and gives the same values. The last < 8 columns take the scalar exp_f32 (same formula).
+// float64 keeps the scalar loop over libm's exp.
 #include "row_pass.h"
 
 #include <algorithm>
@@ -21,59 +21,82 @@ namespace fastbound {
 namespace cpu {
 namespace {
 
-constexpr int64_t kStep = 2 * kLanes;  // two vectors per step, so that the adds of the sums overlap
-constexpr int64_t kBlock = 4 * kStep;  // the range check's unit
+// The range check's unit.
+constexpr int64_t kBlock = 256;
 
-// Whether every |s - shift| of the kBlock scores at s is at most
-// kExpNormalBound (no inf, no NaN): compared as the bits of |x|, which order
-// like the magnitudes and put inf and NaN above every finite value.
+// The bits of |x| as int32: they order like the magnitudes and put inf and NaN
+// above every finite value.
+inline __attribute__((always_inline)) i32x8 abs_bits(f32x8 x) { return VecLanes::as_int(x) & 0x7FFFFFFF; }
+
+// Whether no lane of m (a running maximum of abs_bits) exceeds kExpNormalBound.
+inline __attribute__((always_inline)) bool all_normal(i32x8 m) {
+  const i32x8 over = m > VecLanes::as_int(VecLanes::splat(kExpNormalBound));
+  int32_t any = 0;
+  for (int k = 0; k < kLanes; ++k) any |= over[k];
+  return any == 0;
+}
+
 template <typename scalar_t>
-inline __attribute__((always_inline)) bool block_is_normal(const scalar_t* s, float shift) {
-  u32x8 m{};
-  for (int64_t k = 0; k < kBlock; k += kLanes) {
-    const u32x8 a = float_to_bits(load8(s + k) - shift) & 0x7FFFFFFFu;
+inline __attribute__((always_inline)) bool block_is_normal(const scalar_t* s, int64_t n, float shift) {
+  i32x8 m{};
+  for (int64_t k = 0; k < n; k += kLanes) {
+    const i32x8 a = abs_bits(load8(s + k) - shift);
     m = a > m ? a : m;
   }
-  const u32x8 bound = u32x8{} + float_to_bits(kExpNormalBound);
-  const auto over = m > bound;
-  uint32_t any = 0;
-  for (int k = 0; k < kLanes; ++k) any |= static_cast<uint32_t>(over[k]);
-  return any == 0;
+  return all_normal(m);
 }
 
 template <bool kWrite, typename scalar_t, typename out_t>
 inline __attribute__((always_inline)) RowSums<float> row_pass_lanes(const scalar_t* s, out_t* g, int64_t n,
                                                                     float shift, float scale, float offset) {
-  f32x8 se0{}, se1{}, ss0{}, ss1{};
-  // kSteps vectors of kStep scores from column i, with the full exp or (kNormal) the in-range one.
-  auto steps = [&]<bool kNormal>(int64_t i, int64_t k_steps) {
-    for (int64_t k = 0; k < k_steps; ++k, i += kStep) {
-      const f32x8 v0 = load8(s + i), v1 = load8(s + i + kLanes);
-      const f32x8 e0 = kNormal ? exp_lanes_normal<VecLanes>(v0 - shift) : exp_lanes<VecLanes>(v0 - shift);
-      const f32x8 e1 = kNormal ? exp_lanes_normal<VecLanes>(v1 - shift) : exp_lanes<VecLanes>(v1 - shift);
-      se0 += e0;
-      se1 += e1;
-      ss0 += v0;
-      ss1 += v1;
-      if constexpr (kWrite) {
-        store8(g + i, scale * e0 + offset);
-        store8(g + i + kLanes, scale * e1 + offset);
-      }
+  // One vector per step: the exp's multiplies bound the loop, the sums' adds have slack.
+  f32x8 se{}, ss{};
+  // The vectors of [lo, hi) into the sums, with the full exp or (kNormal) the
+  // in-range one; the largest abs_bits(s - shift) seen goes into m.
+  auto steps = [&]<bool kNormal>(int64_t lo, int64_t hi, f32x8& sum_exp, f32x8& sum_score, i32x8& m) {
+    for (int64_t i = lo; i < hi; i += kLanes) {
+      const f32x8 v = load8(s + i);
+      const f32x8 x = v - shift;
+      const i32x8 a = abs_bits(x);
+      m = a > m ? a : m;
+      const f32x8 e = kNormal ? exp_lanes_normal<VecLanes>(x) : exp_lanes<VecLanes>(x);
+      sum_exp += e;
+      sum_score += v;
+      if constexpr (kWrite) store8(g + i, scale * e + offset);
     }
   };
+  const int64_t n_vec = n - n % kLanes;
+  // In place, the gradient overwrites the scores: each block is checked first
+  // (a second read from L1). Otherwise it takes the in-range exp, is checked
+  // as it goes, and is computed again with the full exp when out of range
+  // (rare: a score 87 away from the shift, inf or NaN).
+  const bool check_first = kWrite && static_cast<const void*>(g) == static_cast<const void*>(s);
   int64_t i = 0;
-  for (; i + kBlock <= n; i += kBlock) {
-    if (block_is_normal(s + i, shift)) {
-      steps.template operator()<true>(i, kBlock / kStep);
+  for (; i + kBlock <= n_vec; i += kBlock) {
+    i32x8 m{};
+    if (check_first) {
+      if (block_is_normal(s + i, kBlock, shift)) {
+        steps.template operator()<true>(i, i + kBlock, se, ss, m);
+      } else {
+        steps.template operator()<false>(i, i + kBlock, se, ss, m);
+      }
+      continue;
+    }
+    f32x8 block_se{};
+    steps.template operator()<true>(i, i + kBlock, block_se, ss, m);
+    if (all_normal(m)) {
+      se += block_se;
     } else {
-      steps.template operator()<false>(i, kBlock / kStep);
+      f32x8 again{};
+      steps.template operator()<false>(i, i + kBlock, se, again, m);
     }
   }
-  const int64_t k_steps = (n - i) / kStep;
-  steps.template operator()<false>(i, k_steps);
-  i += k_steps * kStep;
-  float sum_exp = lane_sum(se0 + se1), sum_score = lane_sum(ss0 + ss1);
-  for (; i < n; ++i) {
+  {
+    i32x8 m{};
+    steps.template operator()<false>(i, n_vec, se, ss, m);
+  }
+  float sum_exp = lane_sum(se), sum_score = lane_sum(ss);
+  for (i = n_vec; i < n; ++i) {
     const float v = to_acc(s[i]);
     const float e = exp_f32(v - shift);
     sum_exp += e;

@@ -37,9 +37,9 @@ struct VecLanes {
   using F = f32x8;
   using I = i32x8;
   static inline __attribute__((always_inline)) F splat(float c) { return F{} + c; }
-  static inline __attribute__((always_inline)) I to_int(F x) { return __builtin_convertvector(x, I); }
   // A vector cast reinterprets the bits.
   static inline __attribute__((always_inline)) F as_float(I i) { return (F)i; }
+  static inline __attribute__((always_inline)) I as_int(F x) { return (I)x; }
 };
 
 // Sum of the lanes, in a fixed order.
