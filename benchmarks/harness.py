@@ -10,8 +10,10 @@ other two providers itself:
 * ``floor``: ``inputs[case.floor].clone()``, one read and one write of the largest input,
   the memory-traffic floor for a one-pass kernel. An op that only reads that input (a
   reduction such as the integration step) passes its own ``floor_call``, e.g. one ``sum()``.
-  ``clone()`` allocates a fresh buffer and writes it once, as the fused kernels allocate and
-  write their gradient, so both pay the same page faults; the floor is timed over at least
+  The clone allocates a fresh buffer and writes it once, as the fused kernels allocate and
+  write their gradient, with the same allocation pattern (`clone_like_kernels`: a CPU buffer of
+  4 MiB or more is advised huge pages, as ``csrc/cpu/huge_pages.h`` advises the kernels'
+  gradient), so both pay the same page faults; the floor is timed over at least
   `FLOOR_MIN_ROUNDS` rounds and twice the target time (the report takes the minimum), so the
   ratios reproduce.
 
@@ -50,8 +52,10 @@ whose oracle cannot be captured in one graph (Python loops, data-dependent check
 
 from __future__ import annotations
 
+import ctypes
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -148,6 +152,24 @@ TOLERANCES = {
 """(rtol, atol as a fraction of the largest expected magnitude) per result dtype. Providers
 compute in fp32 (fp64 for fp64) and round once, so low-precision results differ by at most one
 unit in the last place (bf16: 2**-7 relative)."""
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_MADV_HUGEPAGE, _HUGE = 14, 1 << 21
+
+
+def clone_like_kernels(t: torch.Tensor) -> torch.Tensor:
+    """``t.clone()`` into a buffer allocated as the CPU kernels allocate their gradient: from 4 MiB
+    up, its 2 MiB-aligned interior advised huge pages (madvise MADV_HUGEPAGE, Linux), so that the
+    floor and the kernels pay the same page faults. Elsewhere a plain ``clone()``."""
+    if t.device.type != "cpu" or _LIBC is None or t.nbytes < 2 * _HUGE:
+        return t.clone()
+    out = torch.empty_like(t, memory_format=torch.contiguous_format)
+    begin = out.data_ptr()
+    lo, hi = (begin + _HUGE - 1) & ~(_HUGE - 1), (begin + out.nbytes) & ~(_HUGE - 1)
+    if hi > lo:
+        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE)
+    return out.copy_(t)
 
 
 def read_floor(name: str) -> Callable[..., torch.Tensor]:
@@ -389,7 +411,7 @@ def provider_fn(spec: Spec) -> Callable[..., object]:
         torch._dynamo.reset()
         return torch.compile(case.eager, dynamic=False, fullgraph=case.fullgraph)
     if spec.provider == "floor":
-        return case.floor_call or (lambda **inputs: inputs[case.floor].detach().clone())
+        return case.floor_call or (lambda **inputs: clone_like_kernels(inputs[case.floor].detach()))
     if spec.provider in case.extra_providers:
         return case.extra_providers[spec.provider]
     raise ValueError(f"unknown provider {spec.provider!r}")
