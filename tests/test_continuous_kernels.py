@@ -407,6 +407,43 @@ def test_integrate_step_is_deterministic_and_shapes(device, backend):
     assert acc.tolist() == [[6.0, 36.0]]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loss_and_integrate_step_over_vector_steps_tails_and_chunks(dtype):
+    """d = 2 chunks of 4096 + 43: the CPU kernels' full vector steps, their scalar tail and the
+    chunk sums, against the oracle; the float64 sums of the integration step to 1e-12."""
+    b, d = 3, 2 * 4096 + 43
+    eps_hat, eps = sample(b, d, dtype, "cpu", seed=11), sample(b, d, dtype, "cpu", seed=12)
+    weight = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    baseline = R.integrate_step(eps_hat, eps, torch.zeros(b, 2, dtype=torch.float64), weight=1.0)[:, 0] * 0.9
+    acc, want = torch.zeros(b, 2, dtype=torch.float64), torch.zeros(b, 2, dtype=torch.float64)
+    integrate_step(eps_hat, eps, acc, weight=weight, baseline=baseline)
+    R.integrate_step(eps_hat, eps, want, weight=weight, baseline=baseline)
+    torch.testing.assert_close(acc, want, rtol=1e-12, atol=0)
+    leaf, ref_leaf = eps_hat.clone().requires_grad_(), eps_hat.clone().requires_grad_()
+    loss = denoising_loss(leaf, eps, weight=weight.float(), reduction="none")
+    ref = R.denoising_loss(ref_leaf, eps, weight=weight.float(), reduction="none")
+    torch.testing.assert_close(loss, ref, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
+    loss.sum().backward()
+    ref.sum().backward()
+    close(leaf.grad, ref_leaf.grad, dtype)
+
+
+def test_denoising_loss_does_not_depend_on_the_thread_count():
+    eps_hat, eps = torch.randn(6, 3, 64, 64), torch.randn(6, 3, 64, 64)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 2):
+            torch.set_num_threads(n_threads)
+            leaf = eps_hat.clone().requires_grad_()
+            loss = denoising_loss(leaf, eps, reduction="none")
+            loss.sum().backward()
+            results.append((loss, leaf.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
 def test_integrate_step_non_contiguous():
     eps_hat = torch.randn(5, 4).t()
     eps = torch.randn(5, 4).t()
