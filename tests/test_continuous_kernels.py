@@ -453,6 +453,36 @@ def test_integrate_step_non_contiguous():
     torch.testing.assert_close(acc, want, rtol=1e-12, atol=1e-12)
 
 
+def test_per_sample_finite_check_reads_a_sum_and_falls_back_when_it_overflows():
+    """The finiteness check of a (B,) tensor is one sum; a sum that overflows (finite values) is not
+    an error, a NaN or infinity anywhere is."""
+    acc = torch.zeros(2, 2, dtype=torch.float64)
+    integrate_step(X, X, acc, weight=torch.full((2,), 1e308, dtype=torch.float64))  # the sum is inf
+    assert acc.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="weight must be finite everywhere"):
+            integrate_step(X, X, acc, weight=torch.tensor([1.0, bad], dtype=torch.float64))
+        with pytest.raises(ValueError, match="baseline must be finite everywhere"):
+            integrate_step(X, X, acc, weight=1.0, baseline=torch.tensor([bad, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="index contains id -1"):
+        integrate_step(X, X, acc, weight=1.0, index=torch.tensor([0, -1]))
+    assert acc.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_float_weights_are_cached_constants_that_nothing_writes():
+    eps_hat, eps = torch.randn(3, 5), torch.randn(3, 5)
+    for weight, reduction in ((2.0, "none"), (2.0, "mean"), (None, "mean"), (-0.0, "sum")):
+        for _ in range(2):
+            leaf, ref_leaf = eps_hat.clone().requires_grad_(), eps_hat.clone().requires_grad_()
+            loss = denoising_loss(leaf, eps, weight=weight, reduction=reduction)
+            ref = R.denoising_loss(ref_leaf, eps, weight=weight, reduction=reduction)
+            torch.testing.assert_close(loss, ref)
+            (loss * 3).sum().backward()
+            (ref * 3).sum().backward()
+            torch.testing.assert_close(leaf.grad, ref_leaf.grad)
+    assert str(denoising_loss(eps_hat, eps, weight=-0.0, reduction="none")[0].item()) == "-0.0"
+
+
 # -----------------------------------------------------------------------------
 # Op registrations (schemas, fake implementations, autograd under AOT)
 # -----------------------------------------------------------------------------
