@@ -45,17 +45,10 @@ constexpr int64_t kMinPerThread = 16384;  // elements: below this, one thread (O
 // difference). Integration step: every difference and square in float64, exact for
 // float32 and 16-bit inputs (a difference of two floats is exact in float64, its square
 // to 2^-53), so only the additions round.
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef double f64x4 __attribute__((vector_size(32)));  // one AVX2 register (GCC spills wider ones to the stack)
+typedef double f64x4 __attribute__((vector_size(32)));  // one AVX2 register
+typedef double f64x8 __attribute__((vector_size(64)));  // only converted and split, never kept: GCC spills it
 
 constexpr int64_t kStep = 4 * kLanes;  // four vectors per step, so that the adds of the sums overlap
-
-inline __attribute__((always_inline)) f64x4 widen_low(f32x8 v) {
-  return __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), f64x4);
-}
-inline __attribute__((always_inline)) f64x4 widen_high(f32x8 v) {
-  return __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), f64x4);
-}
 
 template <bool kGrad, typename scalar_t>
 FB_CPU_CLONES float squared_error(const scalar_t* __restrict eh, const scalar_t* __restrict e,
@@ -85,9 +78,13 @@ FB_CPU_CLONES float squared_error(const scalar_t* __restrict eh, const scalar_t*
 template <typename scalar_t>
 FB_CPU_CLONES double squared_error_f64(const scalar_t* __restrict eh, const scalar_t* __restrict e, int64_t n) {
   f64x4 s0{}, s1{}, s2{}, s3{};
+  // Eight differences widened as one f64x8 (GCC converts it with two 4-lane instructions; a
+  // 4-float vector widened on its own is converted in halves and reassembled) and split.
   auto lane = [&](int64_t i, f64x4& low, f64x4& high) __attribute__((always_inline)) {
-    const f32x8 a = load8(e + i), b = load8(eh + i);
-    const f64x4 d0 = widen_low(a) - widen_low(b), d1 = widen_high(a) - widen_high(b);
+    const f64x8 diff =
+        __builtin_convertvector(load8(e + i), f64x8) - __builtin_convertvector(load8(eh + i), f64x8);
+    const f64x4 d0 = __builtin_shufflevector(diff, diff, 0, 1, 2, 3);
+    const f64x4 d1 = __builtin_shufflevector(diff, diff, 4, 5, 6, 7);
     low += d0 * d0;
     high += d1 * d1;
   };
