@@ -50,21 +50,64 @@ typedef double f64x8 __attribute__((vector_size(64)));  // only converted and sp
 
 constexpr int64_t kStep = 4 * kLanes;  // four vectors per step, so that the adds of the sums overlap
 
+// Sixteen consecutive 16-bit values as two f32x8, the even and the odd elements, and back:
+// 32-bit lane operations only (widening eight 16-bit lanes to 32 bits, as load8 does, is
+// done by GCC in halves that are then reassembled, which doubles the loop's work).
+inline __attribute__((always_inline)) u32x8 load_pairs(const void* p) {
+  u32x8 w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+inline __attribute__((always_inline)) void load16(const c10::BFloat16* p, f32x8& even, f32x8& odd) {
+  const u32x8 w = load_pairs(p);
+  even = bits_to_float(w << 16);
+  odd = bits_to_float(w & 0xFFFF0000u);
+}
+inline __attribute__((always_inline)) void load16(const c10::Half* p, f32x8& even, f32x8& odd) {
+  const u32x8 w = load_pairs(p);
+  even = half_bits_to_float(w & 0xFFFFu);
+  odd = half_bits_to_float(w >> 16);
+}
+inline __attribute__((always_inline)) void store16(c10::BFloat16* p, f32x8 even, f32x8 odd) {
+  const u32x8 w = float_to_bf16_bits(even) | (float_to_bf16_bits(odd) << 16);
+  std::memcpy(p, &w, sizeof w);
+}
+inline __attribute__((always_inline)) void store16(c10::Half* p, f32x8 even, f32x8 odd) {
+  const u32x8 w = float_to_half_bits(even) | (float_to_half_bits(odd) << 16);
+  std::memcpy(p, &w, sizeof w);
+}
+
 template <bool kGrad, typename scalar_t>
 FB_CPU_CLONES float squared_error(const scalar_t* __restrict eh, const scalar_t* __restrict e,
                                   scalar_t* __restrict g, int64_t n, float scale) {
   f32x8 s0{}, s1{}, s2{}, s3{};  // named, not an array: GCC keeps an array of vectors on the stack
-  auto lane = [&](int64_t i, f32x8& sum) __attribute__((always_inline)) {
-    const f32x8 diff = load8(e + i) - load8(eh + i);
-    sum += diff * diff;
-    if constexpr (kGrad) store8(g + i, -scale * diff);
-  };
   int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    lane(i, s0);
-    lane(i + kLanes, s1);
-    lane(i + 2 * kLanes, s2);
-    lane(i + 3 * kLanes, s3);
+  if constexpr (sizeof(scalar_t) == 2) {
+    auto pair = [&](int64_t i, f32x8& even_sum, f32x8& odd_sum) __attribute__((always_inline)) {
+      f32x8 e0, e1, h0, h1;
+      load16(e + i, e0, e1);
+      load16(eh + i, h0, h1);
+      const f32x8 d0 = e0 - h0, d1 = e1 - h1;
+      even_sum += d0 * d0;
+      odd_sum += d1 * d1;
+      if constexpr (kGrad) store16(g + i, -scale * d0, -scale * d1);
+    };
+    for (; i + kStep <= n; i += kStep) {
+      pair(i, s0, s1);
+      pair(i + 2 * kLanes, s2, s3);
+    }
+  } else {
+    auto lane = [&](int64_t i, f32x8& sum) __attribute__((always_inline)) {
+      const f32x8 diff = load8(e + i) - load8(eh + i);
+      sum += diff * diff;
+      if constexpr (kGrad) store8(g + i, -scale * diff);
+    };
+    for (; i + kStep <= n; i += kStep) {
+      lane(i, s0);
+      lane(i + kLanes, s1);
+      lane(i + 2 * kLanes, s2);
+      lane(i + 3 * kLanes, s3);
+    }
   }
   float sum = lane_sum((s0 + s1) + (s2 + s3));
   for (; i < n; ++i) {
@@ -80,9 +123,8 @@ FB_CPU_CLONES double squared_error_f64(const scalar_t* __restrict eh, const scal
   f64x4 s0{}, s1{}, s2{}, s3{};
   // Eight differences widened as one f64x8 (GCC converts it with two 4-lane instructions; a
   // 4-float vector widened on its own is converted in halves and reassembled) and split.
-  auto lane = [&](int64_t i, f64x4& low, f64x4& high) __attribute__((always_inline)) {
-    const f64x8 diff =
-        __builtin_convertvector(load8(e + i), f64x8) - __builtin_convertvector(load8(eh + i), f64x8);
+  auto add = [&](f32x8 a, f32x8 b, f64x4& low, f64x4& high) __attribute__((always_inline)) {
+    const f64x8 diff = __builtin_convertvector(a, f64x8) - __builtin_convertvector(b, f64x8);
     const f64x4 d0 = __builtin_shufflevector(diff, diff, 0, 1, 2, 3);
     const f64x4 d1 = __builtin_shufflevector(diff, diff, 4, 5, 6, 7);
     low += d0 * d0;
@@ -90,8 +132,16 @@ FB_CPU_CLONES double squared_error_f64(const scalar_t* __restrict eh, const scal
   };
   int64_t i = 0;
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    lane(i, s0, s1);
-    lane(i + kLanes, s2, s3);
+    if constexpr (sizeof(scalar_t) == 2) {
+      f32x8 e0, e1, h0, h1;
+      load16(e + i, e0, e1);
+      load16(eh + i, h0, h1);
+      add(e0, h0, s0, s1);
+      add(e1, h1, s2, s3);
+    } else {
+      add(load8(e + i), load8(eh + i), s0, s1);
+      add(load8(e + i + kLanes), load8(eh + i + kLanes), s2, s3);
+    }
   }
   const f64x4 t = (s0 + s2) + (s1 + s3);
   double sum = (t[0] + t[2]) + (t[1] + t[3]);
