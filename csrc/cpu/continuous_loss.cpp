@@ -39,9 +39,9 @@ constexpr int64_t kTile = 512;    // regenerated eps per tile, kept in L1
 constexpr int64_t kMinPerThread = 16384;  // elements: below this, one thread (OpenMP start-up costs more)
 
 // Sum of (e - eh)^2 over n elements; writes g = scale (eh - e) when kGrad. Each sum runs in
-// fixed vector lanes (element i into lane i mod kStep, lanes added in a fixed order, the
-// last n mod kStep elements after them in index order), so it does not depend on the
-// thread count. Loss: float differences and sums (the gradient needs the float
+// fixed vector lanes (element i of a step of kStep into a lane fixed by i, lanes added in a
+// fixed order, the last n mod kStep elements after them in index order), so it does not
+// depend on the thread count. Loss: float differences and sums (the gradient needs the float
 // difference). Integration step: every difference and square in float64, exact for
 // float32 and 16-bit inputs (a difference of two floats is exact in float64, its square
 // to 2^-53), so only the additions round.
