@@ -18,6 +18,16 @@ normals, nothing else), so its ``vs eager`` is randn's time over perturb's. Floo
   1 write; the ε read of the given-ε case is not in the floor, the regenerating case has none);
 * integrate_step only reads: one ``sum()`` of ε̂ (and of ε when it is given).
 
+``continuous_nll_bound`` is the estimator's own work (issue 12: at most 1.3× one read of the
+denoiser output): `nll_bound` with ``DRAWS`` importance draws per image and a denoiser that
+returns a stored ε̂ (`StoredOutput`, its time measured apart and subtracted by the report), so an
+estimate's time is λ sampling, `perturb`, ‖ε‖², the integration step and the summary. Its
+``eager`` is the same estimator on the oracle (`eager_bound`: the same λ and Philox counters,
+so the same draws), ``compile`` compiles it (the Philox words eager, as above), and the floor
+is ``DRAWS`` reads (``sum()``) of the stored output, one per denoiser call. Both return the
+integral and its standard error (the closed-form terms are host arithmetic). The report puts
+this row in the estimator table.
+
 The image shape is carried by `ImageShape` as batch × channels × (height·width), which
 the report prints as ``batch×channels`` and ``V = height·width``.
 """
@@ -29,9 +39,11 @@ from dataclasses import dataclass
 import torch
 
 from fastbound import continuous
-from fastbound.continuous import reference
+from fastbound.continuous import bound, reference
+from fastbound.continuous.schedules import LogisticProposal
 
 from .harness import Case, Shape
+from .test_estimate_nll import StoredOutput, seconds_per_call
 
 WARM, WARM_STD = "gaussian", 0.01
 """The warm start of the paper's best setting (Gaussian warm-up noise)."""
@@ -164,6 +176,58 @@ def check_integrate(actual: dict, expected: dict, inputs: dict) -> None:
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * want.abs().max().item())
 
 
+DRAWS = 4
+"""Importance draws (λ, u, ε) per image, hence denoiser calls per estimate."""
+LOGSNR_RANGE = (-10.0, 15.0)
+"""[λ_min, λ_max] of `nll_bound`'s default."""
+
+
+def bound_inputs(shape: ImageShape, dtype: torch.dtype, generator: torch.Generator) -> dict:
+    """Images in [-1, 1) and a stored ε̂ of their shape and dtype."""
+    x = perturb_inputs(shape, dtype, generator)["x"]
+    eps_hat = torch.randn(shape.dims, generator=generator, device=generator.device).to(dtype)
+    return dict(denoiser=StoredOutput(eps_hat), x=x, eps_hat=eps_hat)
+
+
+def fastbound_bound(denoiser, x, eps_hat):
+    estimate = continuous.nll_bound(denoiser, x, warm=WARM, warm_std=WARM_STD, logsnr_min=LOGSNR_RANGE[0],
+                                    logsnr_max=LOGSNR_RANGE[1], n_samples=DRAWS, seed=0)
+    return estimate.integral, estimate.stderr
+
+
+def eager_bound(denoiser, x, eps_hat):
+    """`nll_bound`'s importance estimate of the integral on the oracle: the same λ (the same
+    `LogisticProposal` draws), the same Philox counters for (u, ε), the same control variate."""
+    n, d = x.shape[0], x[0].numel()
+    proposal = LogisticProposal(*LOGSNR_RANGE)
+    acc = torch.zeros(n, 2, dtype=torch.float64, device=x.device)
+    for k in range(DRAWS):
+        lam = proposal.sample(n, seed=0, offset=bound._LOGSNR_STREAM + k * n, device=x.device)
+        z, eps, _ = reference.perturb_with_words(x, _words(x.numel(), 0, k * n * d, x.device), lam, warm=WARM,
+                                                 warm_std=WARM_STD)
+        out = denoiser(z, lam.float())
+        eps_sq = eps.double().square().reshape(n, d).sum(1)
+        reference.integrate_step(out, eps, acc, weight=0.5 / proposal.density(lam),
+                                 baseline=torch.sigmoid(lam) * eps_sq)
+    mean = acc[:, 0] / DRAWS
+    var = (acc[:, 1] / DRAWS - mean**2).clamp_min(0) * (DRAWS / (DRAWS - 1))
+    return mean, (var / DRAWS).sqrt()
+
+
+def read_each_draw(denoiser, x, eps_hat):
+    """The floor: one read of the denoiser output per denoiser call."""
+    return torch.stack([eps_hat.sum() for _ in range(DRAWS)])
+
+
+def check_bound(actual: dict, expected: dict, inputs: dict) -> None:
+    """Integral (output0) and standard error (output1) agree with the oracle estimator's: the same
+    draws, ε a few ulp apart (16-bit: rounded to the dtype, a few elements one unit apart)."""
+    rtol = 1e-4 if inputs["x"].dtype == torch.float32 else 2e-3
+    for key in ("output0", "output1"):
+        want = expected[key]
+        torch.testing.assert_close(actual[key], want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
 COMMON = dict(shapes=SHAPES, working_set=working_set, smoke_providers=SMOKE)
 
 CASES = [
@@ -179,6 +243,9 @@ CASES = [
     Case("continuous_integrate_step", integrate_inputs, fastbound_integrate, eager_integrate, floor="eps_hat",
          floor_call=lambda eps_hat, eps, **_: eps_hat.sum() + eps.sum(), floor_op="sum", check=check_integrate,
          **COMMON),
+    Case("continuous_nll_bound", bound_inputs, fastbound_bound, eager_bound, floor="eps_hat",
+         floor_call=read_each_draw, floor_op=f"{DRAWS}×sum", check=check_bound, fullgraph=False,
+         info=dict(draws=DRAWS, method="importance", denoiser_seconds=DRAWS * seconds_per_call()), **COMMON),
 ]  # fmt: skip
 
 

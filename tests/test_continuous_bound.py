@@ -201,6 +201,7 @@ def _bad_shape(z, lam):
     (dict(), None, lambda z, lam: z * math.nan, ValueError, "non-finite"),
     (dict(), None, lambda z, lam: z.masked_fill(z > 0, math.inf), ValueError, "non-finite"),
     (dict(), None, lambda z, lam: z.long(), TypeError, "float tensor"),
+    (dict(), None, lambda z, lam: z.half(), TypeError, "z's dtype"),
     (dict(data="8bit"), torch.tensor([[0, 256, 3, 4]]), None, ValueError, r"\[0, 255\]"),
     (dict(data="8bit"), torch.tensor([[0.0, 1.5, 3.0, 4.0]]), None, ValueError, r"\[0, 255\]"),
     (dict(data="8bit"), torch.tensor([[-1, 0, 3, 4]]), None, ValueError, r"\[0, 255\]"),

@@ -426,6 +426,43 @@ def test_integrate_step_is_deterministic_and_shapes(device, backend):
     assert acc.tolist() == [[6.0, 36.0]]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_loss_and_integrate_step_over_vector_steps_tails_and_chunks(dtype):
+    """d = 2 chunks of 4096 + 43: the CPU kernels' full vector steps, their scalar tail and the
+    chunk sums, against the oracle; the float64 sums of the integration step to 1e-12."""
+    b, d = 3, 2 * 4096 + 43
+    eps_hat, eps = sample(b, d, dtype, "cpu", seed=11), sample(b, d, dtype, "cpu", seed=12)
+    weight = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    baseline = R.integrate_step(eps_hat, eps, torch.zeros(b, 2, dtype=torch.float64), weight=1.0)[:, 0] * 0.9
+    acc, want = torch.zeros(b, 2, dtype=torch.float64), torch.zeros(b, 2, dtype=torch.float64)
+    integrate_step(eps_hat, eps, acc, weight=weight, baseline=baseline)
+    R.integrate_step(eps_hat, eps, want, weight=weight, baseline=baseline)
+    torch.testing.assert_close(acc, want, rtol=1e-12, atol=0)
+    leaf, ref_leaf = eps_hat.clone().requires_grad_(), eps_hat.clone().requires_grad_()
+    loss = denoising_loss(leaf, eps, weight=weight.float(), reduction="none")
+    ref = R.denoising_loss(ref_leaf, eps, weight=weight.float(), reduction="none")
+    torch.testing.assert_close(loss, ref, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=0)
+    loss.sum().backward()
+    ref.sum().backward()
+    close(leaf.grad, ref_leaf.grad, dtype)
+
+
+def test_denoising_loss_does_not_depend_on_the_thread_count():
+    eps_hat, eps = torch.randn(6, 3, 64, 64), torch.randn(6, 3, 64, 64)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, 2):
+            torch.set_num_threads(n_threads)
+            leaf = eps_hat.clone().requires_grad_()
+            loss = denoising_loss(leaf, eps, reduction="none")
+            loss.sum().backward()
+            results.append((loss, leaf.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
 def test_integrate_step_non_contiguous():
     eps_hat = torch.randn(5, 4).t()
     eps = torch.randn(5, 4).t()
@@ -433,6 +470,36 @@ def test_integrate_step_non_contiguous():
     integrate_step(eps_hat, eps, acc, weight=1.0)
     R.integrate_step(eps_hat, eps, want, weight=1.0)
     torch.testing.assert_close(acc, want, rtol=1e-12, atol=1e-12)
+
+
+def test_per_sample_finite_check_reads_a_sum_and_falls_back_when_it_overflows():
+    """The finiteness check of a (B,) tensor is one sum; a sum that overflows (finite values) is not
+    an error, a NaN or infinity anywhere is."""
+    acc = torch.zeros(2, 2, dtype=torch.float64)
+    integrate_step(X, X, acc, weight=torch.full((2,), 1e308, dtype=torch.float64))  # the sum is inf
+    assert acc.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    for bad in (math.nan, math.inf, -math.inf):
+        with pytest.raises(ValueError, match="weight must be finite everywhere"):
+            integrate_step(X, X, acc, weight=torch.tensor([1.0, bad], dtype=torch.float64))
+        with pytest.raises(ValueError, match="baseline must be finite everywhere"):
+            integrate_step(X, X, acc, weight=1.0, baseline=torch.tensor([bad, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="index contains id -1"):
+        integrate_step(X, X, acc, weight=1.0, index=torch.tensor([0, -1]))
+    assert acc.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_float_weights_are_cached_constants_that_nothing_writes():
+    eps_hat, eps = torch.randn(3, 5), torch.randn(3, 5)
+    for weight, reduction in ((2.0, "none"), (2.0, "mean"), (None, "mean"), (-0.0, "sum")):
+        for _ in range(2):
+            leaf, ref_leaf = eps_hat.clone().requires_grad_(), eps_hat.clone().requires_grad_()
+            loss = denoising_loss(leaf, eps, weight=weight, reduction=reduction)
+            ref = R.denoising_loss(ref_leaf, eps, weight=weight, reduction=reduction)
+            torch.testing.assert_close(loss, ref)
+            (loss * 3).sum().backward()
+            (ref * 3).sum().backward()
+            torch.testing.assert_close(leaf.grad, ref_leaf.grad)
+    assert str(denoising_loss(eps_hat, eps, weight=-0.0, reduction="none")[0].item()) == "-0.0"
 
 
 # -----------------------------------------------------------------------------

@@ -39,31 +39,155 @@ constexpr int64_t kChunk = 4096;  // elements per task; a multiple of kTile
 constexpr int64_t kTile = 512;    // regenerated eps per tile, kept in L1
 constexpr int64_t kMinPerThread = 16384;  // elements: below this, one thread (OpenMP start-up costs more)
 
-// Sum of (e - eh)^2 over n elements in sum_t; writes g = scale (eh - e) when kGrad. The
-// sum runs in kLanes interleaved partial sums (element i into lane i mod kLanes, added
-// in lane order at the end): a fixed order that GCC vectorises (an `omp simd` reduction
-// is left scalar in the target clones).
-constexpr int64_t kLanes = 16;
+// Sum of (e - eh)^2 over n elements; writes g = scale (eh - e) when kGrad. Each sum runs in
+// fixed vector lanes (element i of a step of kStep into a lane fixed by i, lanes added in a
+// fixed order, the last n mod kStep elements after them in index order), so it does not
+// depend on the thread count. Loss: float differences and sums (the gradient needs the float
+// difference). Integration step: every difference and square in float64, exact for
+// float32 and 16-bit inputs (a difference of two floats is exact in float64, its square
+// to 2^-53), so only the additions round.
+typedef double f64x4 __attribute__((vector_size(32)));  // one AVX2 register
+typedef double f64x8 __attribute__((vector_size(64)));  // only converted and split, never kept: GCC spills it
 
-template <bool kGrad, typename scalar_t, typename acc_t, typename sum_t>
-FB_CPU_CLONES sum_t squared_error(const scalar_t* __restrict eh, const scalar_t* __restrict e, scalar_t* __restrict g,
-                                  int64_t n, acc_t scale) {
-  sum_t lanes[kLanes] = {};
-  const int64_t whole = n - n % kLanes;
-  for (int64_t i = 0; i < n; i += kLanes) {
-    const int64_t m = i < whole ? kLanes : n - i;
-    for (int64_t k = 0; k < m; ++k) {
-      // Without a gradient the difference is formed in sum_t (exact in float64 for the
-      // integration step); with one, in the compute type, as the gradient needs it.
-      const sum_t diff = kGrad ? static_cast<sum_t>(to_acc(e[i + k]) - to_acc(eh[i + k]))
-                               : static_cast<sum_t>(to_acc(e[i + k])) - static_cast<sum_t>(to_acc(eh[i + k]));
-      lanes[k] += diff * diff;
-      if (kGrad) g[i + k] = from_acc<scalar_t>(-scale * static_cast<acc_t>(diff));
+constexpr int64_t kStep = 4 * kLanes;  // four vectors per step, so that the adds of the sums overlap
+
+// Sixteen consecutive 16-bit values as two f32x8, the even and the odd elements, and back:
+// 32-bit lane operations only (widening eight 16-bit lanes to 32 bits, as load8 does, is
+// done by GCC in halves that are then reassembled, which doubles the loop's work).
+inline __attribute__((always_inline)) u32x8 load_pairs(const void* p) {
+  u32x8 w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+inline __attribute__((always_inline)) void load16(const c10::BFloat16* p, f32x8& even, f32x8& odd) {
+  const u32x8 w = load_pairs(p);
+  even = bits_to_float(w << 16);
+  odd = bits_to_float(w & 0xFFFF0000u);
+}
+inline __attribute__((always_inline)) void load16(const c10::Half* p, f32x8& even, f32x8& odd) {
+  const u32x8 w = load_pairs(p);
+  even = half_bits_to_float(w & 0xFFFFu);
+  odd = half_bits_to_float(w >> 16);
+}
+inline __attribute__((always_inline)) void store16(c10::BFloat16* p, f32x8 even, f32x8 odd) {
+  const u32x8 w = float_to_bf16_bits(even) | (float_to_bf16_bits(odd) << 16);
+  std::memcpy(p, &w, sizeof w);
+}
+inline __attribute__((always_inline)) void store16(c10::Half* p, f32x8 even, f32x8 odd) {
+  const u32x8 w = float_to_half_bits(even) | (float_to_half_bits(odd) << 16);
+  std::memcpy(p, &w, sizeof w);
+}
+
+template <bool kGrad, typename scalar_t>
+FB_CPU_CLONES float squared_error(const scalar_t* __restrict eh, const scalar_t* __restrict e,
+                                  scalar_t* __restrict g, int64_t n, float scale) {
+  f32x8 s0{}, s1{}, s2{}, s3{};  // named, not an array: GCC keeps an array of vectors on the stack
+  int64_t i = 0;
+  if constexpr (sizeof(scalar_t) == 2) {
+    auto pair = [&](int64_t i, f32x8& even_sum, f32x8& odd_sum) __attribute__((always_inline)) {
+      f32x8 e0, e1, h0, h1;
+      load16(e + i, e0, e1);
+      load16(eh + i, h0, h1);
+      const f32x8 d0 = e0 - h0, d1 = e1 - h1;
+      even_sum += d0 * d0;
+      odd_sum += d1 * d1;
+      if constexpr (kGrad) store16(g + i, -scale * d0, -scale * d1);
+    };
+    for (; i + kStep <= n; i += kStep) {
+      pair(i, s0, s1);
+      pair(i + 2 * kLanes, s2, s3);
+    }
+  } else {
+    auto lane = [&](int64_t i, f32x8& sum) __attribute__((always_inline)) {
+      const f32x8 diff = load8(e + i) - load8(eh + i);
+      sum += diff * diff;
+      if constexpr (kGrad) store8(g + i, -scale * diff);
+    };
+    for (; i + kStep <= n; i += kStep) {
+      lane(i, s0);
+      lane(i + kLanes, s1);
+      lane(i + 2 * kLanes, s2);
+      lane(i + 3 * kLanes, s3);
     }
   }
-  sum_t sum = 0;
-  for (int64_t k = 0; k < kLanes; ++k) sum += lanes[k];
+  float sum = lane_sum((s0 + s1) + (s2 + s3));
+  for (; i < n; ++i) {
+    const float diff = to_acc(e[i]) - to_acc(eh[i]);
+    sum += diff * diff;
+    if constexpr (kGrad) g[i] = from_acc<scalar_t>(-scale * diff);
+  }
   return sum;
+}
+
+template <typename scalar_t>
+FB_CPU_CLONES double squared_error_f64(const scalar_t* __restrict eh, const scalar_t* __restrict e, int64_t n) {
+  f64x4 s0{}, s1{}, s2{}, s3{};
+  // Eight differences widened as one f64x8 (GCC converts it with two 4-lane instructions; a
+  // 4-float vector widened on its own is converted in halves and reassembled) and split.
+  auto add = [&](f32x8 a, f32x8 b, f64x4& low, f64x4& high) __attribute__((always_inline)) {
+    const f64x8 diff = __builtin_convertvector(a, f64x8) - __builtin_convertvector(b, f64x8);
+    const f64x4 d0 = __builtin_shufflevector(diff, diff, 0, 1, 2, 3);
+    const f64x4 d1 = __builtin_shufflevector(diff, diff, 4, 5, 6, 7);
+    low += d0 * d0;
+    high += d1 * d1;
+  };
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    if constexpr (sizeof(scalar_t) == 2) {
+      f32x8 e0, e1, h0, h1;
+      load16(e + i, e0, e1);
+      load16(eh + i, h0, h1);
+      add(e0, h0, s0, s1);
+      add(e1, h1, s2, s3);
+    } else {
+      add(load8(e + i), load8(eh + i), s0, s1);
+      add(load8(e + i + kLanes), load8(eh + i + kLanes), s2, s3);
+    }
+  }
+  const f64x4 t = (s0 + s2) + (s1 + s3);
+  double sum = (t[0] + t[2]) + (t[1] + t[3]);
+  for (; i < n; ++i) {
+    const double diff = static_cast<double>(to_acc(e[i])) - static_cast<double>(to_acc(eh[i]));
+    sum += diff * diff;
+  }
+  return sum;
+}
+
+// float64 input (loss and integration step): kLanes scalar partial sums, same order rule.
+template <bool kGrad>
+double squared_error_double(const double* __restrict eh, const double* __restrict e, double* __restrict g,
+                            int64_t n, double scale) {
+  double lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const double diff = e[i + k] - eh[i + k];
+      lanes[k] += diff * diff;
+      if constexpr (kGrad) g[i + k] = -scale * diff;
+    }
+  }
+  double sum = 0;
+  for (int64_t k = 0; k < kLanes; ++k) sum += lanes[k];
+  for (; i < n; ++i) {
+    const double diff = e[i] - eh[i];
+    sum += diff * diff;
+    if constexpr (kGrad) g[i] = -scale * diff;
+  }
+  return sum;
+}
+
+// The chunk's sum: in float64 for the integration step (kWide), else in the compute type.
+template <bool kWide, typename scalar_t, typename acc_t>
+inline double tile_sum(const scalar_t* eh, const scalar_t* e, scalar_t* g, int64_t n, acc_t scale) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return g != nullptr ? squared_error_double<true>(eh, e, g, n, scale)
+                        : squared_error_double<false>(eh, e, nullptr, n, scale);
+  } else if constexpr (kWide) {
+    return squared_error_f64(eh, e, n);
+  } else {
+    return static_cast<double>(g != nullptr ? squared_error<true>(eh, e, g, n, scale)
+                                            : squared_error<false>(eh, e, g, n, scale));
+  }
 }
 
 // eps of elements first .. first + n - 1, rounded to scalar_t as perturb returns it
@@ -97,9 +221,9 @@ struct Regen {
   uint64_t seed, offset;
 };
 
-// Per-sample float64 sums of (eps - eps_hat)^2, chunks summed in sum_t; writes the
-// gradient when grad is not null.
-template <typename scalar_t, typename sum_t>
+// Per-sample float64 sums of (eps - eps_hat)^2, chunks summed in float64 (kWide) or the
+// compute type; writes the gradient when grad is not null.
+template <bool kWide, typename scalar_t>
 std::vector<double> row_sums(const at::Tensor& eps_hat, const std::optional<at::Tensor>& eps, const Regen& regen,
                              const at::opmath_type<scalar_t>* scale, scalar_t* grad) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -120,10 +244,7 @@ std::vector<double> row_sums(const at::Tensor& eps_hat, const std::optional<at::
         const int64_t n = std::min(kTile, hi - col), at = first + col;
         const scalar_t* target = e != nullptr ? e + at : buffer;
         if (e == nullptr) regenerate(regen.seed, regen.offset, static_cast<uint64_t>(at), n, buffer);
-        sum += static_cast<double>(grad != nullptr ? squared_error<true, scalar_t, acc_t, sum_t>(eh + at, target,
-                                                                                                grad + at, n, s)
-                                                   : squared_error<false, scalar_t, acc_t, sum_t>(eh + at, target,
-                                                                                                 nullptr, n, s));
+        sum += tile_sum<kWide>(eh + at, target, grad != nullptr ? grad + at : nullptr, n, s);
       }
       partial[task] = sum;
     }
@@ -146,7 +267,7 @@ std::tuple<at::Tensor, at::Tensor> continuous_denoising_loss(const at::Tensor& e
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, eps_hat.scalar_type(), "continuous_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* s = scale.const_data_ptr<acc_t>();
-    const std::vector<double> sums = row_sums<scalar_t, acc_t>(eps_hat, eps, Regen{static_cast<uint64_t>(seed),
+    const std::vector<double> sums = row_sums<false, scalar_t>(eps_hat, eps, Regen{static_cast<uint64_t>(seed),
                                                         static_cast<uint64_t>(offset)}, s,
                                                         need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr);
     acc_t* out = loss.mutable_data_ptr<acc_t>();
@@ -161,7 +282,7 @@ void continuous_integrate_step(const at::Tensor& eps_hat, const std::optional<at
   continuous::check_integrate(eps_hat, eps, acc, weight, baseline, index);
   std::vector<double> sums;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, eps_hat.scalar_type(), "continuous_integrate_cpu", [&] {
-    sums = row_sums<scalar_t, double>(eps_hat, eps, Regen{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)},
+    sums = row_sums<true, scalar_t>(eps_hat, eps, Regen{static_cast<uint64_t>(seed), static_cast<uint64_t>(offset)},
                               nullptr, nullptr);
   });
   const double* w = weight.const_data_ptr<double>();

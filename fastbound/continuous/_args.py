@@ -27,41 +27,86 @@ def batch_tensor(name: str, value: object) -> torch.Tensor:
     return t
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """Follows the value-check mode of ``t``'s device (`fastbound.value_checks`): one read in "sync"."""
+def check_finite(name: str, t: torch.Tensor, eager: bool | None = None) -> None:
+    """Follows the value-check mode of ``t``'s device (`fastbound.value_checks`): one read in "sync".
+
+    That read is a sum, finite exactly when every element is (a non-finite element makes the sum
+    NaN or infinite) unless it overflows; only then does the elementwise check decide.
+    """
+    if not t.numel() or not (v.eager(t) if eager is None else eager):
+        return
+    mode = v.mode_for(t.device)
+    if mode == "off" or (mode == "sync" and math.isfinite(t.sum().item())):
+        return
     checks = v.ValueChecks()
-    if checks.active(t):
-        checks.add(~torch.isfinite(t), lambda: f"{name} must be finite everywhere (it holds NaN or infinity)", name)
-        checks.run()
+    checks.add(~torch.isfinite(t), lambda: f"{name} must be finite everywhere (it holds NaN or infinity)", name)
+    checks.run()
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
     """(B, ...) as a contiguous (B, d) view or copy."""
+    if t.dim() == 2 and t.is_contiguous():
+        return t
     return t.reshape(t.shape[0], -1).contiguous() if t.shape[0] else t.reshape(0, int(math.prod(t.shape[1:])))
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+"""(value, its sign, n, dtype, device) -> the (n,) tensor of a float argument, for eager calls (never written)."""
+_MAX_CONSTANTS = 64
+
+
+def _constant(value: float, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    key = (value, math.copysign(1.0, value), n, dtype, device)  # the sign tells 0.0 from -0.0
+    out = _CONSTANTS.get(key)
+    if out is None:
+        with torch.inference_mode(False):  # cached: must be usable by later calls that save it for backward
+            out = torch.full((n,), value, dtype=dtype, device=device)
+        # Not while a CUDA graph captures: its fill would run only at replay.
+        if len(_CONSTANTS) < _MAX_CONSTANTS and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _CONSTANTS[key] = out
+    return out
+
+
 def per_sample(name: str, value: float | torch.Tensor | None, n: int, dtype: torch.dtype, device: torch.device,
-               default: float | None = None, finite: bool = True, factor: float = 1.0) -> torch.Tensor:
+               default: float | None = None, finite: bool = True, factor: float = 1.0,
+               eager: bool | None = None) -> torch.Tensor:
     """A float or a (B,) / (1,) / 0-dim tensor, times ``factor``, as a contiguous (B,) tensor of ``dtype``.
 
-    A float is checked on the host (no tensor pass); a tensor's finiteness is read once.
+    A float is checked on the host (no tensor pass) and its tensor cached in eager mode; a
+    tensor's finiteness is read once (`check_finite`). ``eager``: `fastbound._validate.eager`
+    of the call's tensors, when the caller knows it.
     """
-    if isinstance(value, torch.Tensor) and value.dim() > 1:
-        raise ValueError(f"{name} must be a float or a ({n},) tensor (one value per sample), got shape "
-                         f"{tuple(value.shape)}")
-    if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] not in (1, n):
-        raise ValueError(f"{name} must have one value per sample ({n},), got shape {tuple(value.shape)}")
-    if not isinstance(value, torch.Tensor):
-        value = default if value is None else value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):  # else as_rows raises the TypeError
-            if finite and not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value}")
-            value = float(value) * factor
-        return v.as_rows(name, value, torch.Size([n]), dtype, device, default=default)
-    out = v.as_rows(name, value, torch.Size([n]), dtype, device, default=default)
-    if finite:
-        check_finite(name, out)
-    return out if factor == 1.0 else out * factor
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1:
+            raise ValueError(f"{name} must be a float or a ({n},) tensor (one value per sample), got shape "
+                             f"{tuple(value.shape)}")
+        if value.dim() == 1 and value.shape[0] not in (1, n):
+            raise ValueError(f"{name} must have one value per sample ({n},), got shape {tuple(value.shape)}")
+        if (value.dim() == 1 and value.shape[0] == n and value.dtype == dtype and value.device == device
+                and not value.requires_grad and value.is_contiguous()):
+            out = value  # already what the kernels take
+        else:
+            out = v.as_rows(name, value, torch.Size([n]), dtype, device, default=default)
+        if finite:
+            check_finite(name, out, eager)
+        return out if factor == 1.0 else out * factor
+    value = default if value is None else value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # else as_rows raises the TypeError
+        if finite and not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
+        value = float(value) * factor
+        if abs(value) <= torch.finfo(dtype).max and (v.eager() if eager is None else eager):
+            return _constant(value, n, dtype, device)
+    return v.as_rows(name, value, torch.Size([n]), dtype, device, default=default)
+
+
+def check_index(index: torch.Tensor, n_slots: int, eager: bool) -> None:
+    """Slots in [0, n_slots) (`fastbound._validate.check_id_range`); on the host one min/max pass first."""
+    if eager and index.numel() and index.device.type in v.HOST_DEVICES:
+        lo, hi = torch.aminmax(index)
+        if lo.item() >= 0 and hi.item() < n_slots:
+            return
+    v.check_id_range("index", index, 0, n_slots)
 
 
 def check_warm(warm: object, warm_std: object) -> None:

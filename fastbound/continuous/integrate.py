@@ -54,18 +54,30 @@ def integrate_step(
         raise ValueError(f"acc must be a contiguous (n_slots, 2) float64 tensor, got shape {tuple(acc.shape)}")
     device, n = flat.device, flat.shape[0]
     v.check_same_device(device, acc=acc, index=index)
+    eager = v.eager(flat, acc)
     if index is None:
         if acc.shape[0] != n:
             raise ValueError(f"acc must have one row per sample ({n}) when index is not given, got {acc.shape[0]}")
     else:
         index = v.check_ids("index", index, torch.Size([n])).long().contiguous()
-        v.check_id_range("index", index, 0, acc.shape[0])
+        _args.check_index(index, acc.shape[0], eager)
     kernel_backend = _backend.select(device, backend)
     if weight is None:
         raise ValueError("weight is required (pass 1.0 for an unweighted sum)")
-    w = _args.per_sample("weight", weight, n, torch.float64, device)
-    c = None if baseline is None else _args.per_sample("baseline", baseline, n, torch.float64, device)
-    with torch.no_grad():
-        _ops.integrate_step(kernel_backend, flat.detach(), eps_rows, acc, w, c, index, seed_bits, offset_bits)
-    if v.eager(acc):  # a custom op's in-place write does not bump the version counter by itself
+    w = _args.per_sample("weight", weight, n, torch.float64, device, eager=eager)
+    c = None if baseline is None else _args.per_sample("baseline", baseline, n, torch.float64, device, eager=eager)
+    run(kernel_backend, flat, eps_rows, acc, w, c, index, seed_bits, offset_bits, eager)
+
+
+def run(backend: str, eps_hat: torch.Tensor, eps: torch.Tensor | None, acc: torch.Tensor, weight: torch.Tensor,
+        baseline: torch.Tensor | None, index: torch.Tensor | None, seed: int, offset: int, eager: bool) -> None:
+    """The op on checked arguments (contiguous (B, d) rows, (B,) float64 weight and baseline, int64
+    index in range), below autograd; bumps ``acc``'s version in eager mode."""
+    if eager:
+        with torch._C._AutoDispatchBelowAutograd():  # no autograd: eps_hat may require grad
+            _ops.integrate_step(backend, eps_hat, eps, acc, weight, baseline, index, seed, offset)
+        # A custom op's in-place write below autograd does not bump the version counter by itself.
         torch.autograd.graph.increment_version(acc)
+    else:
+        with torch.no_grad():
+            _ops.integrate_step(backend, eps_hat.detach(), eps, acc, weight, baseline, index, seed, offset)

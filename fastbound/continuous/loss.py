@@ -48,14 +48,16 @@ def denoising_loss(
 
     The loss is float32 (float64 for float64 eps_hat); the gradient has eps_hat's dtype.
     """
-    v.check_choice("reduction", reduction, REDUCTIONS)
+    if reduction not in REDUCTIONS:
+        v.check_choice("reduction", reduction, REDUCTIONS)
     flat, eps_rows, seed_bits, offset_bits = _args.eps_pair(eps_hat, eps, seed, offset, "denoising_loss")
     kernel_backend = _backend.select(flat.device, backend)
+    eager = v.eager(flat)
     acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
     n = flat.shape[0]
     scale = _args.per_sample("weight", weight, n, acc, flat.device, default=1.0,
-                             factor=1.0 / n if reduction == "mean" and n else 1.0)
-    loss = _ops.denoising_loss(kernel_backend, flat, eps_rows, scale, seed_bits, offset_bits)
+                             factor=1.0 / n if reduction == "mean" and n else 1.0, eager=eager)
+    loss = _ops.denoising_loss(kernel_backend, flat, eps_rows, scale, seed_bits, offset_bits, eager)
     if reduction == "none":
         return loss
     if reduction == "mean" and n == 0:
