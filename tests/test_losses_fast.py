@@ -186,3 +186,15 @@ def test_gradients_to_sigma_and_weight_and_tangents_take_the_full_path():
     assert not is_fast(fb.dse_loss(s, sigma.clone().requires_grad_(), x_t, x0, weight=weight.detach()))
     assert not is_fast(fb.dse_loss(s * 1, sigma, x_t, x0, weight=weight.detach(), inplace=True))
     assert is_fast(fb.dse_loss(s, sigma, x_t, x0, weight=weight.detach()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_fused_loss_opcheck(kind, reduction):
+    score, sigma, x_t, x0 = make_case(kind, (2, 3), 6, torch.float32)
+    loss, graph = (1, 0) if kind == "dce" else (0, fb._names.GRAPH_CODES[kind])
+    mask = -1 if kind == "uniform" else 5
+    args = (score.requires_grad_(), sigma if kind != "dce" else None, 0.0, x_t, x0, torch.rand(2, 1), 1.0, loss, graph,
+            mask, -100, reduction)
+    torch.library.opcheck(torch.ops.fastbound.fused_loss.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

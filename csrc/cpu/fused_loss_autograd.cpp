@@ -47,17 +47,23 @@ struct Rows {
   int64_t loss, graph, mask_id, ignore_index;
 };
 
+// ``t.to(dtype).contiguous()``, never returning ``t`` itself through `to` or `contiguous`
+// (below autograd an op may not return its input: torch.library.opcheck's schema check).
+at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
+  at::Tensor out = t.scalar_type() == dtype ? t : t.to(dtype);
+  return out.is_contiguous() ? out : out.contiguous();
+}
+
 // (N,) contiguous int64; the ids themselves when they already are. Called above the
 // ADInplaceOrView key, so a flattening view shares the ids' version counter: ids changed
 // in place before the backward make it raise (they decide which rows it skips).
 at::Tensor flat_ids(const at::Tensor& ids, int64_t n) {
-  if (ids.dim() == 1 && ids.scalar_type() == at::kLong && ids.is_contiguous()) return ids;
-  return ids.reshape({n}).to(at::kLong).contiguous();
+  return contiguous_as(ids.dim() == 1 ? ids : ids.reshape({n}), at::kLong);
 }
 
 // `fastbound._validate.as_rows` of a tensor (its shape was checked by the Python layer).
 at::Tensor as_rows(const at::Tensor& value, at::IntArrayRef shape, int64_t n, at::ScalarType acc) {
-  return at::broadcast_to(value, shape).reshape({n}).to(acc).contiguous();
+  return contiguous_as(at::broadcast_to(value, shape).reshape({n}), acc);
 }
 
 // Fills sigma and scale of `rows` (ids already flat) and runs the value checks. A float
