@@ -78,11 +78,27 @@ def test_fast_path_equals_the_full_path(monkeypatch, kind, dtype, case):
 @pytest.mark.parametrize("kind", ["absorb", "uniform"])
 def test_fast_path_sigma_forms(monkeypatch, kind):
     score, _, x_t, x0 = make_case(kind, (2, 4), 6, torch.float32)
-    for sigma in (0.7, 2, torch.rand(2, 1) + 0.1, torch.rand(2, 4, dtype=torch.float64) + 0.1):
+    for sigma in (0.7, 2, torch.tensor(0.3), torch.rand(2, 1) + 0.1, torch.rand(2, 4, dtype=torch.float64) + 0.1,
+                  (torch.rand(4, 2) + 0.1).t()):
         fast = loss_and_grad(kind, score, sigma, x_t, x0, reduction="sum")
         with monkeypatch.context() as m:
             full_path(m)
             full = loss_and_grad(kind, score, sigma, x_t, x0, reduction="sum")
+        assert fast[2] and not full[2]
+        torch.testing.assert_close(fast[:2], full[:2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_path_weight_forms(monkeypatch, kind):
+    """Weights of every dtype, broadcast shape and stride become the same row scale as in the full path."""
+    score, sigma, x_t, x0 = make_case(kind, (2, 4), 6, torch.float32)
+    weights = (torch.tensor(1.5), torch.rand(4) + 0.5, torch.rand(2, 1, dtype=torch.float64) + 0.5,
+               torch.randint(1, 4, (2, 4)), (torch.rand(4, 2) + 0.5).to(torch.bfloat16).t(), torch.rand(1, 4) + 0.5)
+    for weight in weights:
+        fast = loss_and_grad(kind, score, sigma, x_t, x0, weight=weight, reduction="sum")
+        with monkeypatch.context() as m:
+            full_path(m)
+            full = loss_and_grad(kind, score, sigma, x_t, x0, weight=weight, reduction="sum")
         assert fast[2] and not full[2]
         torch.testing.assert_close(fast[:2], full[:2], rtol=0, atol=0)
 

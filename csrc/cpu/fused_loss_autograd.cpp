@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "check_ids.h"
 #include "fastbound/elementwise.h"
@@ -61,9 +62,46 @@ at::Tensor flat_ids(const at::Tensor& ids, int64_t n) {
   return contiguous_as(ids.dim() == 1 ? ids : ids.reshape({n}), at::kLong);
 }
 
-// `fastbound._validate.as_rows` of a tensor (its shape was checked by the Python layer).
+// dst[i] = src at the i-th index of `sizes` (row-major) under the broadcast `strides`.
+template <typename src_t, typename acc_t>
+void gather_rows(const src_t* src, acc_t* dst, int64_t n, const std::vector<int64_t>& sizes,
+                 const std::vector<int64_t>& strides) {
+  std::vector<int64_t> index(sizes.size(), 0);
+  int64_t offset = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = static_cast<acc_t>(src[offset]);
+    for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {  // the next index, odometer-wise
+      if (++index[d] < sizes[d]) {
+        offset += strides[d];
+        break;
+      }
+      offset -= strides[d] * (sizes[d] - 1);
+      index[d] = 0;
+    }
+  }
+}
+
+// `fastbound._validate.as_rows` of a tensor (the Python layer checked that it broadcasts to
+// `shape`): (N,) of acc, in one strided pass (broadcast_to, reshape and a copy cost more than
+// the kernel at small sizes).
 at::Tensor as_rows(const at::Tensor& value, at::IntArrayRef shape, int64_t n, at::ScalarType acc) {
-  return contiguous_as(at::broadcast_to(value, shape).reshape({n}), acc);
+  if (value.scalar_type() == acc && value.numel() == n && value.is_contiguous()) return value.view({n});
+  const std::vector<int64_t> sizes(shape.begin(), shape.end());
+  std::vector<int64_t> strides(sizes.size(), 0);
+  const int64_t lead = static_cast<int64_t>(sizes.size()) - value.dim();
+  for (int64_t d = 0; d < value.dim(); ++d) {
+    if (value.size(d) != 1) strides[lead + d] = value.stride(d);
+  }
+  at::Tensor rows = at::empty({n}, value.options().dtype(acc));
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "fastbound_as_rows", [&] {
+    const scalar_t* src = value.const_data_ptr<scalar_t>();
+    if (acc == at::kDouble) {
+      gather_rows(src, rows.mutable_data_ptr<double>(), n, sizes, strides);
+    } else {
+      gather_rows(src, rows.mutable_data_ptr<float>(), n, sizes, strides);
+    }
+  });
+  return rows;
 }
 
 // Fills sigma and scale of `rows` (ids already flat) and runs the value checks. A float
