@@ -121,7 +121,9 @@ def _prepare(score, x_t, x0, weight, reduction, ignore_index, backend, inplace, 
     kernel_backend = _CHECKED.get(key) if key is not None else None
     if kernel_backend is None:
         kernel_backend = _check_arguments(score, x_t, x0, reduction, ignore_index, backend, score_name)
-        if key is not None and len(_CHECKED) < _MAX_CHECKED:
+        if key is not None:
+            if len(_CHECKED) >= _MAX_CHECKED:
+                _CHECKED.clear()  # as `_FAST`: the recent signatures stay cached
             _CHECKED[key] = kernel_backend
     eager = key is not None or not v.tracing(score)
     n, n_cols = x_t.numel(), score.shape[-1]
@@ -371,9 +373,15 @@ def _fast_key(loss: str, score, x_t, x0, weight, sigma, reduction, ignore_index,
 
 
 def _remember(key: tuple | None) -> None:
-    """After a call through the full path: its signature is valid, and fast if it ran on the CPU kernels."""
-    if key is not None and len(_FAST) < _MAX_CHECKED:
-        _FAST[key] = _CHECKED.get(key[1]) == "cpu"
+    """After a call through the full path: its signature is valid, and fast if it ran on the CPU kernels.
+
+    A full table starts again (a process that sees many shapes keeps the fast path for the recent ones).
+    """
+    if key is None:
+        return
+    if len(_FAST) >= _MAX_CHECKED:
+        _FAST.clear()
+    _FAST[key] = _CHECKED.get(key[1]) == "cpu"
 
 
 def _acc(score: torch.Tensor) -> torch.dtype:
