@@ -36,6 +36,14 @@ TORCH_LIBRARY(fastbound, m) {
   m.def(
       "check_loss_ids(Tensor x_t, Tensor x0, Tensor? sigma, int n_cols, int loss, int graph, int mask_id, "
       "int ignore_index) -> ()");
+  // The public losses' common call on CPU tensors, with a C++ autograd (csrc/cpu/fused_loss_autograd.cpp):
+  // scores (..., V), ids of shape S = score.shape[:-1]; sigma (DSE only) and weight broadcastable to S,
+  // else the floats sigma_value / weight_value for every row; reduction 0 none (a loss of shape S),
+  // 1 sum, 2 mean (scalars). Runs check_loss_ids and dse_forward / dce_forward; differentiable in score
+  // only. loss, graph, mask_id, ignore_index as in check_loss_ids.
+  m.def(
+      "fused_loss(Tensor score, Tensor? sigma, float sigma_value, Tensor x_t, Tensor x0, Tensor? weight, "
+      "float weight_value, int loss, int graph, int mask_id, int ignore_index, int reduction) -> Tensor");
   // Noise (fastbound/noise.py; the random-number contract is csrc/include/fastbound/philox.h).
   // x0 (B, L); exactly one of threshold (int32, (B or 1, L or 1): select iff (w0 >> 8) < threshold)
   // and num_masked (int64 (B,): exactly k per row); maskable bool (B, L). seed and offset are

@@ -4,7 +4,9 @@ The C++ library (`fastbound._C`, schemas in `csrc/ops.cpp`) registers the
 kernels per device. Here we add, per op, a fake (meta) implementation for
 tracing and the autograd formula of the raw ops, and `FusedLoss`, the autograd
 function of the public losses (gradients to the scores, sigma and the row
-scale; forward-mode AD; ``inplace=True``).
+scale; forward-mode AD; ``inplace=True``). The public losses' common eager CPU call
+(gradients to the scores only) skips `FusedLoss`: it is the one op ``fused_loss``, whose
+backward (csrc/cpu/fused_loss_autograd.cpp) is `chain_rows` in C++.
 
 Every fused loss op has the same contract: it returns the per-row loss (N,)
 and the gradient of that loss with respect to the scores, already multiplied by
@@ -109,6 +111,13 @@ def _scale_rows_fake(grad, factor, x_t, x0, mask_id, ignore_index):
 @torch.library.register_fake("fastbound::check_loss_ids")
 def _check_loss_ids_fake(x_t, x0, sigma, n_cols, loss, graph, mask_id, ignore_index):
     return None  # no data to check (the losses call it in eager mode only)
+
+
+@torch.library.register_fake("fastbound::fused_loss")
+def _fused_loss_fake(score, sigma, sigma_value, x_t, x0, weight, weight_value, loss, graph, mask_id, ignore_index,
+                     reduction):
+    acc = torch.float64 if score.dtype == torch.float64 else torch.float32
+    return score.new_empty(x_t.shape if reduction == 0 else (), dtype=acc)
 
 
 # ----------------------------------------------------------------------------- raw ops

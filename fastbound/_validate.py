@@ -56,11 +56,12 @@ INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 def tracing(*tensors: torch.Tensor) -> bool:
     """True while dynamo, AOTAutograd or make_fx trace: there is no data to branch on."""
-    return (
-        torch.compiler.is_compiling()
-        or get_proxy_mode() is not None
-        or any(torch._is_functional_tensor(t) or type(t) not in PLAIN and is_fake(t) for t in tensors)
-    )
+    if torch.compiler.is_compiling() or get_proxy_mode() is not None:
+        return True
+    for t in tensors:  # a loop, not any(generator): this runs on every call of the losses
+        if torch._is_functional_tensor(t) or type(t) not in PLAIN and is_fake(t):
+            return True
+    return False
 
 
 PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -8,7 +8,10 @@ See `fastbound.reference` for the formulas.
 A call's fixed cost matters at small sizes (V = 5, 4x64 tokens: a few microseconds of
 kernel): what reads no data is checked once per argument signature and cached, with the
 row scale of ones; on CPU tensors the id and sigma checks are one pass of a C++ op
-(``check_loss_ids``) instead of a dozen small torch ops.
+(``check_loss_ids``) instead of a dozen small torch ops. The common eager CPU call (the
+only gradient is to the scores; no forward-mode AD, not in place) is one C++ op,
+``fused_loss`` (csrc/cpu/fused_loss_autograd.cpp), whose backward is C++ too: a signature
+takes it once a call through the full path has validated it (`_fast_key`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,15 @@ def _check_arguments(score, x_t, x0, reduction, ignore_index, backend, score_nam
     return _backend.select(score.device, backend)
 
 
+_ENVIRON = getattr(os.environ, "_data", None)  # CPython's os.environ: encoded name -> encoded value
+
+
+def _environ(name: str) -> str | bytes | None:
+    """The variable ``name`` (for cache keys: str or bytes), without the KeyError that
+    ``os.environ.get`` raises and catches inside for an unset name (microseconds a call)."""
+    return _ENVIRON.get(os.fsencode(name)) if isinstance(_ENVIRON, dict) else os.environ.get(name)
+
+
 def _signature(score, x_t, x0, reduction, ignore_index, backend) -> tuple | None:
     """What `_check_arguments` depends on, for plain eager tensors (None: check every time)."""
     if type(score) not in v.PLAIN or type(x_t) not in v.PLAIN or type(x0) not in v.PLAIN or v.tracing(score):
@@ -54,9 +66,9 @@ def _signature(score, x_t, x0, reduction, ignore_index, backend) -> tuple | None
         return None
     if not isinstance(reduction, str) or not (backend is None or isinstance(backend, str)):
         return None  # unhashable or odd options: let the checks name them
-    env_backend = os.environ.get("FASTBOUND_BACKEND")
+    env_backend = _environ("FASTBOUND_BACKEND")
     # TRITON_INTERPRET decides only whether Triton may run on CPU tensors (`_backend.select`).
-    interpret = os.environ.get("TRITON_INTERPRET") if "triton" in (backend, env_backend) else None
+    interpret = _environ("TRITON_INTERPRET") if "triton" in (backend, env_backend) else None
     return (score.dtype, score.shape, score.device, score.layout, x_t.dtype, x_t.shape, x_t.device, x_t.layout,
             x0.dtype, x0.shape, x0.device, x0.layout, reduction, ignore_index, type(ignore_index), backend,
             env_backend, interpret)
@@ -109,7 +121,9 @@ def _prepare(score, x_t, x0, weight, reduction, ignore_index, backend, inplace, 
     kernel_backend = _CHECKED.get(key) if key is not None else None
     if kernel_backend is None:
         kernel_backend = _check_arguments(score, x_t, x0, reduction, ignore_index, backend, score_name)
-        if key is not None and len(_CHECKED) < _MAX_CHECKED:
+        if key is not None:
+            if len(_CHECKED) >= _MAX_CHECKED:
+                _CHECKED.clear()  # as `_FAST`: the recent signatures stay cached
             _CHECKED[key] = kernel_backend
     eager = key is not None or not v.tracing(score)
     n, n_cols = x_t.numel(), score.shape[-1]
@@ -325,6 +339,84 @@ def _reduce(rows: torch.Tensor, shape: torch.Size, reduction: str) -> torch.Tens
     return rows.view(shape) if reduction == "none" else rows.sum()
 
 
+_FAST: dict[tuple, bool] = {}
+"""`_fast_key` signatures already validated by a call through the full path -> whether they take
+`_fast_loss` (the CPU kernels ran)."""
+_REDUCTION_CODES = {name: code for code, name in enumerate(REDUCTIONS)}
+_FLOAT_MAX = {torch.float32: torch.finfo(torch.float32).max, torch.float64: torch.finfo(torch.float64).max}
+
+
+def _rows_meta(value: object) -> object:
+    """What `v.as_rows` checks of a weight or sigma without reading it; False: not a fast-path argument."""
+    if value is None:
+        return None
+    kind = type(value)
+    if kind is float or kind is int:
+        return kind
+    if kind not in v.PLAIN or value.requires_grad and torch.is_grad_enabled():
+        return False
+    return value.dtype, value.shape, value.device, value.layout
+
+
+def _fast_key(loss: str, score, x_t, x0, weight, sigma, reduction, ignore_index, backend, inplace) -> tuple | None:
+    """The signature of a call `_fast_loss` may run (None: the full path, always): eager CPU tensors,
+    gradients to the scores only, no forward-mode AD, not in place. Reads no data."""
+    if inplace is not False or _ops.forward_mode():
+        return None
+    key = _signature(score, x_t, x0, reduction, ignore_index, backend)
+    if key is None or score.device.type != "cpu":
+        return None
+    weight_meta, sigma_meta = _rows_meta(weight), _rows_meta(sigma)
+    if weight_meta is False or sigma_meta is False:
+        return None
+    return loss, key, weight_meta, sigma_meta
+
+
+def _remember(key: tuple | None) -> None:
+    """After a call through the full path: its signature is valid, and fast if it ran on the CPU kernels.
+
+    A full table starts again (a process that sees many shapes keeps the fast path for the recent ones).
+    """
+    if key is None:
+        return
+    if len(_FAST) >= _MAX_CHECKED:
+        _FAST.clear()
+    _FAST[key] = _CHECKED.get(key[1]) == "cpu"
+
+
+def _acc(score: torch.Tensor) -> torch.dtype:
+    return torch.float64 if score.dtype == torch.float64 else torch.float32
+
+
+def _fast_weight(weight: float | torch.Tensor | None, acc: torch.dtype) -> tuple | None:
+    """(weight tensor or None, float for every row) as ``fused_loss`` takes them; None: a float
+    that overflows ``acc`` (the full path names it)."""
+    if weight is None or isinstance(weight, torch.Tensor):
+        return weight, 1.0
+    weight = float(weight)
+    return None if abs(weight) > _FLOAT_MAX[acc] else (None, weight)
+
+
+def _fast_sigma(sigma: float | torch.Tensor, acc: torch.dtype) -> tuple:
+    """(sigma tensor or None, float) as ``fused_loss`` takes them; a float is checked here."""
+    if isinstance(sigma, torch.Tensor):
+        return sigma, 0.0
+    _check_float_sigma(sigma, acc)
+    return None, float(sigma)
+
+
+def _fast_loss(score, sigma_args: tuple, x_t, x0, weight_args: tuple, loss: str, graph: int, mask_id: int,
+               ignore_index: int, reduction: str) -> torch.Tensor:
+    """The loss through the one C++ op ``fused_loss`` (arguments from `_fast_sigma`, `_fast_weight`)."""
+    try:
+        return _backend.kernel("cpu", "fused_loss")(score, *sigma_args, x_t, x0, *weight_args, _names.LOSS_CODES[loss],
+                                                   graph, mask_id, ignore_index, _REDUCTION_CODES[reduction])
+    except ValueError as error:
+        if str(error).startswith("sigma"):
+            raise ValueError(f"{error}{_sigma_detail(_acc(score), score.dtype)}") from None
+        raise
+
+
 def dse_loss(
     score: torch.Tensor,
     sigma: float | torch.Tensor,
@@ -371,6 +463,14 @@ def dse_loss(
     """
     if graph not in _names.GRAPH_CODES:
         v.check_choice("graph", graph, _names.GRAPH_CODES)
+    key = _fast_key("dse", score, x_t, x0, weight, sigma, reduction, ignore_index, backend, inplace)
+    if key is not None and _FAST.get(key):
+        acc = _acc(score)
+        weight_args = _fast_weight(weight, acc)
+        if weight_args is not None:
+            mask = dse_mask_id(mask_id, graph, score.shape[-1])
+            return _fast_loss(score, _fast_sigma(sigma, acc), x_t, x0, weight_args, "dse", _names.GRAPH_CODES[graph],
+                              mask, ignore_index, reduction)
     flat, (xt, x0f), row_scale, kernel_backend, eager = _prepare(
         score, x_t, x0, weight, reduction, ignore_index, backend, inplace, "score"
     )
@@ -392,7 +492,9 @@ def dse_loss(
             checks.positive_finite("sigma", sigma_rows.detach(), _sigma_detail(sigma_rows.dtype, flat.dtype))
             checks.run()
     kernel = DseKernel(kernel_backend, code, mask, n_cols, xt, x0f, ignore_index, eager)
-    return _reduce(_run(flat, sigma_rows, row_scale, kernel, inplace), x_t.shape, reduction)
+    out = _reduce(_run(flat, sigma_rows, row_scale, kernel, inplace), x_t.shape, reduction)
+    _remember(key)
+    return out
 
 
 def dce_loss(
@@ -428,6 +530,13 @@ def dce_loss(
 
     Returns float32 (float64 for float64 logits); gradients flow to ``logits`` and ``weight``.
     """
+    key = _fast_key("dce", logits, x_t, x0, weight, None, reduction, ignore_index, backend, inplace)
+    if key is not None and _FAST.get(key):
+        weight_args = _fast_weight(weight, _acc(logits))
+        if weight_args is not None:
+            mask = dce_mask_id(mask_id, logits.shape[-1])
+            return _fast_loss(logits, (None, 0.0), x_t, x0, weight_args, "dce", _names.GRAPH_CODES["absorb"], mask,
+                              ignore_index, reduction)
     flat, (xt, x0f), row_scale, kernel_backend, eager = _prepare(
         logits, x_t, x0, weight, reduction, ignore_index, backend, inplace, "logits"
     )
@@ -440,4 +549,6 @@ def dce_loss(
         check_dce_ids(checks, xt, x0f, n_cols, mask_id, ignore_index)
         checks.run()
     kernel = DceKernel(kernel_backend, mask_id, xt, x0f, ignore_index, eager)
-    return _reduce(_run(flat, None, row_scale, kernel, inplace), x_t.shape, reduction)
+    out = _reduce(_run(flat, None, row_scale, kernel, inplace), x_t.shape, reduction)
+    _remember(key)
+    return out

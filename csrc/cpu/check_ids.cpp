@@ -3,7 +3,10 @@
 // pass over the ids, raising the same ValueError as the Python checks (the
 // first bad id of x_t, then of x0, then a mask id in x0, then sigma). It
 // replaces about a dozen small torch ops per call on CPU tensors; other devices
-// keep the Python checks (one sync).
+// keep the Python checks (one sync). `fused_loss` (fused_loss_autograd.cpp) calls
+// it directly, without the dispatcher.
+#include "check_ids.h"
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -36,6 +39,8 @@ bool positive_finite(const acc_t* sigma, int64_t n) {
   return true;
 }
 
+}  // namespace
+
 void check_loss_ids_cpu(const at::Tensor& x_t, const at::Tensor& x0, const std::optional<at::Tensor>& sigma,
                         int64_t n_cols, int64_t loss, int64_t graph, int64_t mask_id, int64_t ignore_index) {
   TORCH_CHECK_VALUE(x_t.dim() == 1 && x0.dim() == 1 && x_t.size(0) == x0.size(0) && x_t.is_contiguous() &&
@@ -61,8 +66,6 @@ void check_loss_ids_cpu(const at::Tensor& x_t, const at::Tensor& x0, const std::
                                                      : positive_finite(sigma->const_data_ptr<double>(), n);
   TORCH_CHECK_VALUE(ok, "sigma must be positive and finite everywhere");
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(fastbound, CPU, m) { m.impl("check_loss_ids", check_loss_ids_cpu); }
 

@@ -1,0 +1,258 @@
+// `fused_loss` on the CPU: the public losses' common call in one op, with its
+// backward as a C++ autograd function (fastbound/losses.py takes this path for
+// eager CPU calls whose only gradient is to the scores: no forward-mode AD, no
+// gradient to sigma or weight, not in place). One call flattens the ids, builds
+// the per-row scale (weight, 1/count for reduction="mean") and sigma rows, runs
+// the value checks (check_ids.h), the fused kernel (dse_forward / dce_forward)
+// and the reduction; `loss.backward()` never enters Python. At small sizes
+// (4x64 tokens, V = 5) the Python layer around the kernel, and a Python
+// autograd.Function's apply and backward, cost several times the kernel.
+//
+// The backward is `fastbound._ops.chain_rows`: the first backward of a graph that
+// is freed rescales the saved gradient in place with `scale_rows_` (which skips
+// unit-factor rows and rows the loss wrote as zeros) and hands it out; a retained
+// graph gets a new tensor (the buffer is never shared or mutated); a double
+// backward raises.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "check_ids.h"
+#include "fastbound/elementwise.h"
+
+namespace fastbound {
+namespace cpu {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kReduceNone = 0;  // reduction codes: fastbound/_names.py REDUCTIONS order
+constexpr int64_t kReduceMean = 2;
+
+constexpr const char* kOnce =
+    "fastbound's fused losses are differentiable once: double backward (create_graph=True) is not supported; use "
+    "fastbound.reference for higher derivatives";
+
+// The flattened per-row inputs of the loss ops (their contract: csrc/common/checks.h).
+struct Rows {
+  at::Tensor x_t, x0, sigma, scale;
+  int64_t loss, graph, mask_id, ignore_index;
+};
+
+// ``t.to(dtype).contiguous()``, never returning ``t`` itself through `to` or `contiguous`
+// (below autograd an op may not return its input: torch.library.opcheck's schema check).
+at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
+  at::Tensor out = t.scalar_type() == dtype ? t : t.to(dtype);
+  return out.is_contiguous() ? out : out.contiguous();
+}
+
+// (N,) contiguous int64; the ids themselves when they already are. Called above the
+// ADInplaceOrView key, so a flattening view shares the ids' version counter: ids changed
+// in place before the backward make it raise (they decide which rows it skips).
+at::Tensor flat_ids(const at::Tensor& ids, int64_t n) {
+  return contiguous_as(ids.dim() == 1 ? ids : ids.reshape({n}), at::kLong);
+}
+
+// dst[i] = src at the i-th index of `sizes` (row-major) under the broadcast `strides`.
+template <typename src_t, typename acc_t>
+void gather_rows(const src_t* src, acc_t* dst, int64_t n, const std::vector<int64_t>& sizes,
+                 const std::vector<int64_t>& strides) {
+  std::vector<int64_t> index(sizes.size(), 0);
+  int64_t offset = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = static_cast<acc_t>(src[offset]);
+    for (int64_t d = static_cast<int64_t>(sizes.size()) - 1; d >= 0; --d) {  // the next index, odometer-wise
+      if (++index[d] < sizes[d]) {
+        offset += strides[d];
+        break;
+      }
+      offset -= strides[d] * (sizes[d] - 1);
+      index[d] = 0;
+    }
+  }
+}
+
+// `fastbound._validate.as_rows` of a tensor (the Python layer checked that it broadcasts to
+// `shape`): (N,) of acc, in one strided pass (broadcast_to, reshape and a copy cost more than
+// the kernel at small sizes).
+at::Tensor as_rows(const at::Tensor& value, at::IntArrayRef shape, int64_t n, at::ScalarType acc) {
+  if (value.scalar_type() == acc && value.numel() == n && value.is_contiguous()) return value.view({n});
+  const std::vector<int64_t> sizes(shape.begin(), shape.end());
+  std::vector<int64_t> strides(sizes.size(), 0);
+  const int64_t lead = static_cast<int64_t>(sizes.size()) - value.dim();
+  for (int64_t d = 0; d < value.dim(); ++d) {
+    if (value.size(d) != 1) strides[lead + d] = value.stride(d);
+  }
+  at::Tensor rows = at::empty({n}, value.options().dtype(acc));
+  AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "fastbound_as_rows", [&] {
+    const scalar_t* src = value.const_data_ptr<scalar_t>();
+    if (acc == at::kDouble) {
+      gather_rows(src, rows.mutable_data_ptr<double>(), n, sizes, strides);
+    } else {
+      gather_rows(src, rows.mutable_data_ptr<float>(), n, sizes, strides);
+    }
+  });
+  return rows;
+}
+
+// Fills sigma and scale of `rows` (ids already flat) and runs the value checks. A float
+// sigma was checked in Python; a float weight is the row scale of every row.
+void fill_rows(Rows& rows, const at::Tensor& score, const std::optional<at::Tensor>& sigma, double sigma_value,
+               at::IntArrayRef shape, const std::optional<at::Tensor>& weight, double weight_value,
+               int64_t reduction) {
+  const int64_t n = rows.x_t.size(0);
+  const auto acc = score.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto options = score.options().dtype(acc);
+  rows.scale = weight.has_value() ? as_rows(*weight, shape, n, acc) : at::full({n}, weight_value, options);
+  if (rows.loss == kLossDse) {
+    rows.sigma = sigma.has_value() ? as_rows(*sigma, shape, n, acc) : at::full({n}, sigma_value, options);
+  }
+  if (reduction == kReduceMean) {
+    const int64_t* x0 = rows.x0.const_data_ptr<int64_t>();
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) count += x0[i] != rows.ignore_index;
+    rows.scale = rows.scale.div(static_cast<double>(count > 0 ? count : 1));  // in acc, as the Python layer
+  }
+  const std::optional<at::Tensor> checked_sigma = sigma.has_value() ? std::optional<at::Tensor>(rows.sigma) : std::nullopt;
+  check_loss_ids_cpu(rows.x_t, rows.x0, checked_sigma, score.size(-1), rows.loss, rows.graph, rows.mask_id,
+                     rows.ignore_index);
+}
+
+// The fused kernel on the flattened scores, through the dispatcher (called below the
+// Autograd key: the CPU kernel itself).
+std::tuple<at::Tensor, at::Tensor> run_kernel(const at::Tensor& score, const Rows& rows, bool need_grad) {
+  const int64_t n = rows.x_t.size(0), v = score.size(-1);
+  at::Tensor flat = score.reshape({n, v});
+  if (v > 1 && flat.stride(1) != 1) flat = flat.contiguous();
+  if (rows.loss == kLossDse) {
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastbound::dse_forward", "").typed<
+        std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, int64_t, int64_t, int64_t, bool)>();
+    return op.call(flat, rows.sigma, rows.x_t, rows.x0, rows.scale, rows.graph, rows.mask_id, rows.ignore_index,
+                   need_grad);
+  }
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastbound::dce_forward", "").typed<
+      std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         int64_t, int64_t, bool)>();
+  return op.call(flat, rows.x_t, rows.x0, rows.scale, rows.mask_id, rows.ignore_index, need_grad);
+}
+
+at::Tensor reduce(const at::Tensor& loss, at::IntArrayRef shape, int64_t reduction) {
+  return reduction == kReduceNone ? loss.view(shape) : loss.sum();
+}
+
+// Whether every factor is exactly 1 (`fastbound._ops._unit`; a broadcast scalar: one read).
+bool all_ones(const at::Tensor& factor) {
+  const int64_t n = factor.size(0);
+  bool ones = true;
+  AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "fastbound_all_ones", [&] {
+    const auto f = factor.accessor<scalar_t, 1>();
+    const int64_t m = factor.stride(0) == 0 ? (n > 0 ? 1 : 0) : n;
+    for (int64_t i = 0; i < m && ones; ++i) ones = f[i] == scalar_t(1);
+  });
+  return ones;
+}
+
+void scale_rows(at::Tensor& grad, const at::Tensor& factor, const at::Tensor& x_t, const at::Tensor& x0,
+                int64_t mask_id, int64_t ignore_index) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastbound::scale_rows_", "").typed<
+      void(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+           int64_t)>();
+  const auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+  op.call(grad, factor, opt(x_t), opt(x0), mask_id, ignore_index);
+}
+
+struct FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& score, const Rows& rows, at::IntArrayRef shape,
+                            int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // the output is no view of anything autograd knows
+    auto [loss, grad] = run_kernel(score, rows, /*need_grad=*/true);
+    // The rows the loss wrote as zeros, which the backward's rescale skips (`fastbound.losses.DseKernel`):
+    // x0 == ignore_index, and x_t != mask_id except on the uniform graph. Inference tensors cannot be
+    // saved: a copy is (it cannot change in place afterwards).
+    const bool uniform = rows.loss == kLossDse && rows.graph == kGraphUniform;
+    const auto savable = [](const at::Tensor& t) { return t.is_inference() ? t.clone() : t; };
+    ctx->save_for_backward({grad, uniform ? at::Tensor() : savable(rows.x_t), savable(rows.x0)});
+    ctx->saved_data["sizes"] = score.sizes().vec();
+    ctx->saved_data["mask_id"] = uniform ? int64_t(-1) : rows.mask_id;
+    ctx->saved_data["ignore_index"] = rows.ignore_index;
+    ctx->saved_data["handed_out"] = false;
+    ctx->set_materialize_grads(false);
+    return reduce(loss, shape, reduction);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& upstream = grads[0];
+    if (!upstream.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    TORCH_CHECK(!at::GradMode::is_enabled(), kOnce);
+    const variable_list saved = ctx->get_saved_variables();
+    at::Tensor grad = saved[0];
+    const int64_t n = grad.size(0);
+    const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor factor = upstream.dim() == 0 ? upstream.expand({n}) : upstream.reshape({n});
+    if (factor.scalar_type() != acc) factor = factor.to(acc);
+    // `fastbound._ops.may_hand_out`: once, and only by a backward that frees the graph.
+    at::IValue& handed_out = ctx->saved_data["handed_out"];
+    const bool first = !handed_out.toBool();
+    handed_out = true;
+    at::Tensor out;
+    if (first && !torch::autograd::get_current_graph_task_keep_graph()) {
+      scale_rows(grad, factor, saved[1], saved[2], ctx->saved_data["mask_id"].toInt(),
+                 ctx->saved_data["ignore_index"].toInt());
+      out = grad;
+    } else {
+      out = all_ones(factor) ? grad.clone() : grad * factor.unsqueeze(1);
+    }
+    return {out.view(ctx->saved_data["sizes"].toIntVector()), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+Rows flat_rows(const at::Tensor& x_t, const at::Tensor& x0, int64_t loss, int64_t graph, int64_t mask_id,
+               int64_t ignore_index) {
+  const int64_t n = x_t.numel();
+  return {flat_ids(x_t, n), flat_ids(x0, n), at::Tensor(), at::Tensor(), loss, graph, mask_id, ignore_index};
+}
+
+// The Autograd kernel: a graph node when the scores require grad, else the kernel alone.
+at::Tensor fused_loss_autograd(const at::Tensor& score, const std::optional<at::Tensor>& sigma, double sigma_value,
+                               const at::Tensor& x_t, const at::Tensor& x0, const std::optional<at::Tensor>& weight,
+                               double weight_value, int64_t loss, int64_t graph, int64_t mask_id, int64_t ignore_index,
+                               int64_t reduction) {
+  Rows rows = flat_rows(x_t, x0, loss, graph, mask_id, ignore_index);
+  const bool need_grad = at::GradMode::is_enabled() && score.requires_grad();
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    fill_rows(rows, score, sigma, sigma_value, x_t.sizes(), weight, weight_value, reduction);
+    if (!need_grad) return reduce(std::get<0>(run_kernel(score, rows, false)), x_t.sizes(), reduction);
+  }
+  return FusedLossFunction::apply(score, rows, x_t.sizes(), reduction);
+}
+
+// The CPU kernel, reached below the Autograd key (inference mode): no gradient.
+at::Tensor fused_loss_cpu(const at::Tensor& score, const std::optional<at::Tensor>& sigma, double sigma_value,
+                          const at::Tensor& x_t, const at::Tensor& x0, const std::optional<at::Tensor>& weight,
+                          double weight_value, int64_t loss, int64_t graph, int64_t mask_id, int64_t ignore_index,
+                          int64_t reduction) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  Rows rows = flat_rows(x_t, x0, loss, graph, mask_id, ignore_index);
+  fill_rows(rows, score, sigma, sigma_value, x_t.sizes(), weight, weight_value, reduction);
+  return reduce(std::get<0>(run_kernel(score, rows, false)), x_t.sizes(), reduction);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbound, AutogradCPU, m) { m.impl("fused_loss", fused_loss_autograd); }
+
+TORCH_LIBRARY_IMPL(fastbound, CPU, m) { m.impl("fused_loss", fused_loss_cpu); }
+
+}  // namespace cpu
+}  // namespace fastbound

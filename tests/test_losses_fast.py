@@ -1,0 +1,225 @@
+"""The losses' fast path (`fastbound.losses._fast_key`: one C++ op, ``fused_loss``, with a C++
+backward) against the full path: the same values, gradients, errors and autograd behaviour.
+
+A signature takes the fast path once a call through the full path has validated it, so every
+check here calls twice (`warm`) and compares with the full path forced by ``_fast_key -> None``.
+"""
+
+import pytest
+import torch
+
+import fastbound as fb
+from fastbound import losses
+from helpers import KINDS, make_case
+
+
+def call(kind, score, sigma, x_t, x0, **kw):
+    if kind == "dce":
+        return fb.dce_loss(score, x_t, x0, **kw)
+    return fb.dse_loss(score, sigma, x_t, x0, graph=kind, **kw)
+
+
+def warm(kind, score, sigma, x_t, x0, **kw):
+    """The call's signature validated (a first call, no gradient), then the call itself."""
+    with torch.no_grad():
+        call(kind, score.detach(), sigma, x_t, x0, **kw)
+    return call(kind, score, sigma, x_t, x0, **kw)
+
+
+def is_fast(out: torch.Tensor) -> bool:
+    return out.grad_fn is not None and "FusedLossFunction" in out.grad_fn.name()
+
+
+def full_path(monkeypatch):
+    monkeypatch.setattr(losses, "_fast_key", lambda *args: None)
+
+
+def loss_and_grad(kind, score, sigma, x_t, x0, upstream=None, **kw):
+    leaf = score.detach().clone().requires_grad_()
+    out = warm(kind, leaf, sigma, x_t, x0, **kw)
+    fast = is_fast(out)
+    out.backward(torch.ones_like(out) if upstream is None else upstream)
+    return out.detach(), leaf.grad, fast
+
+
+CASES = [
+    dict(),
+    dict(reduction="sum"),
+    dict(reduction="mean"),
+    dict(reduction="mean", weight=2.5),
+    dict(weight="rows"),
+    dict(weight="column", reduction="sum"),
+    dict(ignore_index=3),
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_fast_path_equals_the_full_path(monkeypatch, kind, dtype, case):
+    kw = dict(CASES[case])
+    score, sigma, x_t, x0 = make_case(kind, (3, 5), 7, dtype)
+    if kw.get("weight") == "rows":
+        kw["weight"] = torch.rand(3, 5, dtype=torch.float64) + 0.5
+    elif kw.get("weight") == "column":
+        kw["weight"] = torch.rand(3, 1) + 0.5
+    if "ignore_index" in kw:
+        x0 = x0.clone()
+        x0[0, :2] = kw["ignore_index"]
+    upstream = None if kw.get("reduction", "none") != "none" else torch.randn(3, 5)
+    fast = loss_and_grad(kind, score, sigma, x_t, x0, upstream, **kw)
+    full_path(monkeypatch)
+    full = loss_and_grad(kind, score, sigma, x_t, x0, upstream, **kw)
+    assert fast[2] and not full[2]
+    torch.testing.assert_close(fast[0], full[0], rtol=0, atol=0)
+    torch.testing.assert_close(fast[1], full[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["absorb", "uniform"])
+def test_fast_path_sigma_forms(monkeypatch, kind):
+    score, _, x_t, x0 = make_case(kind, (2, 4), 6, torch.float32)
+    for sigma in (0.7, 2, torch.tensor(0.3), torch.rand(2, 1) + 0.1, torch.rand(2, 4, dtype=torch.float64) + 0.1,
+                  (torch.rand(4, 2) + 0.1).t()):
+        fast = loss_and_grad(kind, score, sigma, x_t, x0, reduction="sum")
+        with monkeypatch.context() as m:
+            full_path(m)
+            full = loss_and_grad(kind, score, sigma, x_t, x0, reduction="sum")
+        assert fast[2] and not full[2]
+        torch.testing.assert_close(fast[:2], full[:2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_path_weight_forms(monkeypatch, kind):
+    """Weights of every dtype, broadcast shape and stride become the same row scale as in the full path."""
+    score, sigma, x_t, x0 = make_case(kind, (2, 4), 6, torch.float32)
+    weights = (torch.tensor(1.5), torch.rand(4) + 0.5, torch.rand(2, 1, dtype=torch.float64) + 0.5,
+               torch.randint(1, 4, (2, 4)), (torch.rand(4, 2) + 0.5).to(torch.bfloat16).t(), torch.rand(1, 4) + 0.5)
+    for weight in weights:
+        fast = loss_and_grad(kind, score, sigma, x_t, x0, weight=weight, reduction="sum")
+        with monkeypatch.context() as m:
+            full_path(m)
+            full = loss_and_grad(kind, score, sigma, x_t, x0, weight=weight, reduction="sum")
+        assert fast[2] and not full[2]
+        torch.testing.assert_close(fast[:2], full[:2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_path_odd_inputs(monkeypatch, kind):
+    """Non-contiguous scores, narrow id dtypes, one token, no tokens."""
+    score, _, x_t, x0 = make_case(kind, (4, 3), 9, torch.float32)
+    sigma = 0.8
+    wide = torch.randn(4, 3, 18)
+    wide[..., ::2] = score  # every other column: stride 2 in the last dimension
+    inputs = [(wide[..., ::2], x_t, x0), (score.transpose(0, 1), x_t.t(), x0.t()),
+              (score, x_t.to(torch.uint8), x0.to(torch.int32)), (score[:1, :1], x_t[:1, :1], x0[:1, :1]),
+              (score[:0], x_t[:0], x0[:0])]
+    for s, xt, x0_ in inputs:
+        fast = loss_and_grad(kind, s, sigma, xt, x0_)
+        with monkeypatch.context() as m:
+            full_path(m)
+            full = loss_and_grad(kind, s, sigma, xt, x0_)
+        assert fast[2] and not full[2]
+        torch.testing.assert_close(fast[:2], full[:2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_path_value_errors_match_the_full_path(monkeypatch, kind):
+    """Each bad call after a good call of the same signature: the message of the full path."""
+    score, sigma, x_t, x0 = make_case(kind, (3, 4), 9, torch.float32)
+    cases = []  # (good keyword arguments, bad ones)
+    bad_ids = [("x_t", -2), ("x_t", 11), ("x0", 40)] + ([("x0", 8)] if kind != "uniform" else [])  # 8: the mask
+    for name, value in bad_ids:
+        ids = dict(x_t=x_t.clone(), x0=x0.clone())
+        ids[name][1, 2] = value
+        cases.append((dict(x_t=x_t, x0=x0), ids))
+    if kind != "dce":
+        cases.append((dict(sigma=torch.full((3, 1), 0.5)), dict(sigma=torch.full((3, 1), -1.0))))
+        cases.append((dict(sigma=0.5), dict(sigma=1e-50)))
+    cases.append((dict(weight=2.0), dict(weight=1e300)))
+    if kind != "uniform":
+        cases.append((dict(mask_id=None), dict(mask_id=-1)))
+
+    def messages():
+        out = []
+        for good, bad in cases:
+            for kw in (good, bad):
+                args = {**dict(score=score, sigma=sigma, x_t=x_t, x0=x0), **kw}
+                if kw is good:
+                    warm(kind, **args)
+                    continue
+                with pytest.raises(ValueError) as error:
+                    call(kind, **args)
+                out.append(str(error.value))
+        return out
+
+    fast = messages()
+    full_path(monkeypatch)
+    assert fast == messages()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_path_autograd_rules(kind):
+    """Retained graphs never hand out the buffer; a double backward raises; ids changed in place
+    before the backward raise; the loss may be changed in place; no graph without gradients."""
+    score, sigma, x_t, x0 = make_case(kind, (2, 3), 6, torch.float64)
+    s = score.clone().requires_grad_()
+    out = warm(kind, s, sigma, x_t, x0)
+    assert is_fast(out)
+    (held,) = torch.autograd.grad(out.sum(), s, retain_graph=True)
+    before = held.clone()
+    out.sum().backward(retain_graph=True)
+    (out.sum() * 3).backward()
+    torch.testing.assert_close(held, before, rtol=0, atol=0)
+    torch.testing.assert_close(s.grad, 4 * before)
+
+    out = call(kind, s, sigma, x_t, x0, reduction="sum")
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(out, s, create_graph=True)
+
+    ids = x0.clone()
+    out = call(kind, s, sigma, x_t, ids)
+    ids.add_(0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+    out = call(kind, s, sigma, x_t, x0)
+    out.mul_(2)
+    out.sum().backward()
+
+    assert torch.autograd.gradcheck(lambda t: call(kind, t, sigma, x_t, x0), (s.detach().requires_grad_(),))
+    with torch.no_grad():
+        assert call(kind, s, sigma, x_t, x0).grad_fn is None
+    with torch.inference_mode():
+        assert call(kind, s, sigma, x_t, x0).grad_fn is None
+
+
+def test_gradients_to_sigma_and_weight_and_tangents_take_the_full_path():
+    score, sigma, x_t, x0 = make_case("absorb", (2, 3), 6, torch.float64)
+    weight = torch.rand(2, 1, dtype=torch.float64, requires_grad=True)
+    s = score.clone().requires_grad_()
+    warm("absorb", s, sigma, x_t, x0, weight=weight.detach())
+    assert not is_fast(fb.dse_loss(s, sigma, x_t, x0, weight=weight))
+    assert not is_fast(fb.dse_loss(s, sigma.clone().requires_grad_(), x_t, x0, weight=weight.detach()))
+    assert not is_fast(fb.dse_loss(s * 1, sigma, x_t, x0, weight=weight.detach(), inplace=True))
+    assert is_fast(fb.dse_loss(s, sigma, x_t, x0, weight=weight.detach()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_fused_loss_opcheck(kind, reduction):
+    score, sigma, x_t, x0 = make_case(kind, (2, 3), 6, torch.float32)
+    loss, graph = (1, 0) if kind == "dce" else (0, fb._names.GRAPH_CODES[kind])
+    mask = -1 if kind == "uniform" else 5
+    args = (score.requires_grad_(), sigma if kind != "dce" else None, 0.0, x_t, x0, torch.rand(2, 1), 1.0, loss, graph,
+            mask, -100, reduction)
+    torch.library.opcheck(torch.ops.fastbound.fused_loss.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_many_signatures_keep_the_fast_path(monkeypatch):
+    """The signature tables are bounded; a full one starts again instead of refusing new shapes."""
+    monkeypatch.setattr(losses, "_MAX_CHECKED", 4)
+    for n in range(1, 12):
+        score, sigma, x_t, x0 = make_case("dce", (n,), 5, torch.float32)
+        assert is_fast(warm("dce", score.requires_grad_(), sigma, x_t, x0))
+    assert len(losses._FAST) <= 4 and len(losses._CHECKED) <= 4
