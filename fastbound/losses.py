@@ -49,7 +49,8 @@ def _check_arguments(score, x_t, x0, reduction, ignore_index, backend, score_nam
     return _backend.select(score.device, backend)
 
 
-_ENVIRON = getattr(os.environ, "_data", None)  # CPython's os.environ: encoded name -> encoded value
+_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+"""CPython's os.environ on POSIX: encoded name -> encoded value (on Windows its keys are upper-cased str)."""
 
 
 def _environ(name: str) -> str | bytes | None:
@@ -361,8 +362,8 @@ def _rows_meta(value: object) -> object:
 def _fast_key(loss: str, score, x_t, x0, weight, sigma, reduction, ignore_index, backend, inplace) -> tuple | None:
     """The signature of a call `_fast_loss` may run (None: the full path, always): eager CPU tensors,
     gradients to the scores only, no forward-mode AD, not in place. Reads no data."""
-    if inplace is not False or _ops.forward_mode():
-        return None
+    if inplace is not False or _ops.forward_mode() or torch._C._are_functorch_transforms_active():
+        return None  # torch.func's wrapper tensors have no storage: the full path handles (or refuses) them
     key = _signature(score, x_t, x0, reduction, ignore_index, backend)
     if key is None or score.device.type != "cpu":
         return None

@@ -575,3 +575,15 @@ X = torch.randn(2, 3)
 def test_bad_input_is_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_integrate_step_refuses_an_inference_acc_outside_inference_mode():
+    """As PyTorch's own in-place ops: the op runs below autograd, so the rule is checked by hand."""
+    eps_hat, eps = torch.randn(3, 5), torch.randn(3, 5)
+    with torch.inference_mode():
+        acc = torch.zeros(3, 2, dtype=torch.float64)
+        integrate_step(eps_hat, eps, acc, weight=1.0)  # inside: allowed
+    before = acc.clone()
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        integrate_step(eps_hat, eps, acc, weight=1.0)
+    assert torch.equal(acc, before)

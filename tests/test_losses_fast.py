@@ -223,3 +223,25 @@ def test_many_signatures_keep_the_fast_path(monkeypatch):
         score, sigma, x_t, x0 = make_case("dce", (n,), 5, torch.float32)
         assert is_fast(warm("dce", score.requires_grad_(), sigma, x_t, x0))
     assert len(losses._FAST) <= 4 and len(losses._CHECKED) <= 4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_func_transforms_take_the_full_path(monkeypatch, kind):
+    """torch.func's wrapper tensors have no storage: a warmed signature must not send them to the C++
+    op (whose error would be an opaque "doesn't have storage"); they get the full path's behaviour."""
+    score, sigma, x_t, x0 = make_case(kind, (4, 5), 7, torch.float32)
+    warm(kind, score, sigma, x_t, x0, reduction="sum")
+
+    def outcome():
+        try:
+            return torch.func.grad(lambda s: call(kind, s, sigma, x_t, x0, reduction="sum"))(score.detach())
+        except Exception as error:  # noqa: BLE001  (whatever the full path does, the fast one must do)
+            return type(error), str(error)
+
+    warmed = outcome()
+    full_path(monkeypatch)
+    full = outcome()
+    if isinstance(full, tuple):
+        assert warmed == full
+    else:
+        torch.testing.assert_close(warmed, full)

@@ -8,6 +8,10 @@
 // kernel to back the buffer with 2 MiB pages (madvise MADV_HUGEPAGE, honoured
 // where transparent huge pages are "madvise" or "always") cuts the faults 512
 // times. The buffer is written whole, so the huge pages hold no unused memory.
+// Below glibc's largest mmap threshold (32 MiB) a buffer may come from the heap
+// rather than its own mapping; there the advice outlives the tensor and lets
+// khugepaged back that heap range with huge pages later (more resident memory,
+// never other contents).
 #pragma once
 
 #include <ATen/core/Tensor.h>

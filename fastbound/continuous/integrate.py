@@ -73,6 +73,9 @@ def run(backend: str, eps_hat: torch.Tensor, eps: torch.Tensor | None, acc: torc
         baseline: torch.Tensor | None, index: torch.Tensor | None, seed: int, offset: int, eager: bool) -> None:
     """The op on checked arguments (contiguous (B, d) rows, (B,) float64 weight and baseline, int64
     index in range), below autograd; bumps ``acc``'s version in eager mode."""
+    if eager and acc.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("acc is an inference tensor: update it inside torch.inference_mode() (PyTorch forbids "
+                           "in-place updates to inference tensors outside it), or pass a normal tensor")
     if eager:
         with torch._C._AutoDispatchBelowAutograd():  # no autograd: eps_hat may require grad
             _ops.integrate_step(backend, eps_hat, eps, acc, weight, baseline, index, seed, offset)

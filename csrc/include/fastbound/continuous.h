@@ -145,7 +145,8 @@ FB_HD void sincos_lanes(typename L::F x, typename L::F* s, typename L::F* c) {
   // Octant swap and signs in integer bit operations (no branch GCC could fail to if-convert):
   // swap sin and cos when bit 1 of j is set; negate sin by bit 2 of j, cos by bit 2 of j + 2,
   // which for an even j is bit 2 of j xor bit 1 (one shift less: on Zen 1 vector shifts issue
-  // on a single pipe).
+  // on a single pipe). `(j & 4) << 29` reaches the sign bit: well defined from C++20, the
+  // standard of the CPU build (torch's extension flags); the CUDA kernels call sincosf instead.
   const I swap = 0 - ((j >> 1) & 1);  // all ones where bit 1 is set
   const I sign_s = (j & 4) << 29, sign_c = sign_s ^ (swap & INT32_MIN);
   const I sb = L::bits(sr), cb = L::bits(cr);

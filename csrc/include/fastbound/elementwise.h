@@ -152,7 +152,7 @@ FB_HD typename Lanes::F exp_lanes(typename Lanes::F x) {
 
 // exp_lanes for |x| <= kExpNormalBound, where e^x is a normal float: the same
 // p 2^n (exact either way), formed by adding n to the exponent bits of p
-// (p in [0.7, 1.5], a normal result) without the range fix-ups.
+// (p in [1/sqrt 2, sqrt 2], a normal result) without the range fix-ups.
 constexpr float kExpNormalBound = 87.0f;
 
 template <typename Lanes>
