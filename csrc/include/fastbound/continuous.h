@@ -71,15 +71,6 @@ struct Consts {
   static constexpr T kSqrt3 = static_cast<T>(1.73205080756887729353);
 };
 
-// The bits of a value reinterpreted as another type of the same size.
-template <typename To, typename From>
-FB_HD To bit_cast(From from) {
-  static_assert(sizeof(To) == sizeof(From), "bit_cast needs types of one size");
-  To to;
-  memcpy(&to, &from, sizeof to);
-  return to;
-}
-
 // log and sincos. CUDA: logf / sincosf (and the double functions). Host float:
 // Cephes-style polynomials written without branches or library calls, within
 // about 2 ulp (checked against float64 by tests/test_continuous_kernels.py);

@@ -90,22 +90,8 @@ struct ScalarLanes {
   using F = float;
   using I = int32_t;
   static FB_HD F splat(float c) { return c; }
-  static FB_HD F as_float(I i) {
-    union {
-      int32_t i;
-      float f;
-    } u;
-    u.i = i;
-    return u.f;
-  }
-  static FB_HD I as_int(F x) {
-    union {
-      float f;
-      int32_t i;
-    } u;
-    u.f = x;
-    return u.i;
-  }
+  static FB_HD F as_float(I i) { return bit_cast<F>(i); }
+  static FB_HD I as_int(F x) { return bit_cast<I>(x); }
 };
 
 // The reduction and polynomial of exp_lanes: e^x = p 2^n for |x| <= 104.
