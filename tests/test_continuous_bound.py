@@ -358,6 +358,19 @@ def test_antithetic_batch_size_invariance_and_rows_per_call(method, data):
     assert not torch.equal(ref.nll, nll_bound(den, x, **{**kw, "seed": 3}).nll)
 
 
+def test_antithetic_float32_and_bfloat16_inputs():
+    # z₋ is built in perturb's compute dtype from x̃ and ε rounded to x's dtype.
+    x = SOURCE.sample(16, seed=0)
+    den = SOURCE.eps_denoiser(0.1)
+    kw = dict(warm="gaussian", warm_std=0.1, n_samples=32, antithetic=True)
+    ref = nll_bound(den, x, **kw)
+    for dtype in (torch.float32, torch.bfloat16):
+        est = nll_bound(den, x.to(dtype), **kw)
+        se = float(est.stderr.pow(2).sum().sqrt())
+        assert est.nll.dtype == torch.float64 and est.antithetic
+        assert abs(float((est.nll - ref.nll).sum())) < 3 * se + 0.05 * 16
+
+
 def _nan_in_the_minus_half(z, lam):
     out = z.clone()
     out[1::2] = math.nan
