@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from fastbound.continuous import LogisticProposal, fit_proposal, from_8bit, nll_bound, perturb, uniform_dequantisation_std
+from fastbound.continuous import (LogisticProposal, fit_proposal, from_8bit, nll_bound, perturb,
+                                  uniform_dequantisation_std)
 from fastbound.continuous import bound
 from fastbound.testing.continuous import GaussianMixture, GaussianSource, GridMixture1D
 
@@ -356,6 +357,9 @@ def test_antithetic_batch_size_invariance_and_rows_per_call(method, data):
         torch.testing.assert_close(est.nll, ref.nll, rtol=0, atol=1e-12)
         torch.testing.assert_close(est.stderr, ref.stderr, rtol=1e-9, atol=1e-12)
     assert not torch.equal(ref.nll, nll_bound(den, x, **{**kw, "seed": 3}).nll)
+    # (B, 2, 2) samples: the same rows (a denoiser of any shape sees z of x's shape)
+    square = nll_bound(lambda z, lam: den(z.reshape(z.shape[0], 4), lam).view(z.shape), x.view(5, 2, 2), **kw)
+    torch.testing.assert_close(square.nll, ref.nll, rtol=0, atol=1e-12)
 
 
 def test_antithetic_float32_and_bfloat16_inputs():
