@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from fastbound.continuous import LogisticProposal, from_8bit, nll_bound, uniform_dequantisation_std
+from fastbound.continuous import (LogisticProposal, fit_proposal, from_8bit, nll_bound, perturb,
+                                  uniform_dequantisation_std)
+from fastbound.continuous import bound
 from fastbound.testing.continuous import GaussianMixture, GaussianSource, GridMixture1D
 
 SOURCE = GaussianSource([0.5, -1.0, 0.0, 2.0], [0.5, 2.0, 1.0, 0.05])
@@ -240,3 +242,219 @@ def test_rows_per_call_bounded_by_batch_size():
     seen.clear()
     nll_bound(recording, x, n_samples=5, method="quadrature", n_steps=6, batch_size=7)
     assert max(seen) == 7 and sum(seen) == 90
+
+
+# --- antithetic pairs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["importance", "quadrature"])
+@pytest.mark.parametrize("warm,warm_std", [("gaussian", 0.1), (None, 0.0)])
+def test_antithetic_matches_exact_nll(method, warm, warm_std):
+    x = SOURCE.sample(48, seed=0)
+    n = dict(n_samples=32) if method == "importance" else dict(n_samples=4, n_steps=24)
+    est = nll_bound(SOURCE.eps_denoiser(warm_std), x, warm=warm, warm_std=warm_std, logsnr_min=-16.0,
+                    logsnr_max=22.0, method=method, seed=1, batch_size=1024, antithetic=True, **n)
+    assert abs(_batch_z(est, SOURCE.expected_nll(x, warm_std))) < 3
+    assert est.antithetic and est.method == method
+    torch.testing.assert_close(est.nll, est.prior + est.reference + est.integral + est.decoder)
+
+
+@pytest.mark.parametrize("method", ["importance", "quadrature"])
+@pytest.mark.parametrize("warm", ["gaussian", "uniform"])
+def test_antithetic_8bit_matches_the_closed_form(method, warm):
+    # The linear denoiser's finite-range bound of the bin centres, plus d log 128, for any warm law.
+    source = GaussianSource([0.1, -0.3, 0.4], [0.2, 0.1, 0.3])
+    x8 = ((source.sample(64, seed=3).clamp(-0.99, 0.99) + 1) * 128 - 0.5).round().to(torch.uint8)
+    s0, lo, hi = uniform_dequantisation_std(), -8.0, 14.0
+    n = dict(n_samples=16) if method == "importance" else dict(n_samples=4, n_steps=16)
+    est = nll_bound(source.eps_denoiser(s0), x8, data="8bit", warm=warm, warm_std=s0, logsnr_min=lo, logsnr_max=hi,
+                    method=method, seed=2, antithetic=True, **n)
+    exact = source.expected_bound(from_8bit(x8, torch.float64), s0, lo, hi) + 3 * math.log(128)
+    assert abs(_batch_z(est, exact)) < 3
+    assert est.discrete_exact == (warm == "uniform")
+
+
+@pytest.mark.parametrize("method", ["importance", "quadrature"])
+def test_antithetic_lowers_the_standard_error_at_high_snr(method):
+    # The exact (linear) denoiser's cross term -2 ε·ε̂(αx̃) is odd in ε: the pairs cancel it.
+    x = SOURCE.sample(64, seed=0)
+    n = dict(n_samples=16) if method == "importance" else dict(n_samples=4, n_steps=16)
+    kw = dict(warm="gaussian", warm_std=0.1, logsnr_min=4.0, logsnr_max=16.0, method=method, seed=1, **n)
+    plain = nll_bound(SOURCE.eps_denoiser(0.1), x, **kw)
+    anti = nll_bound(SOURCE.eps_denoiser(0.1), x, antithetic=True, **kw)
+    (p, p_se), (a, a_se) = plain.overall_bits_per_dim(), anti.overall_bits_per_dim()
+    assert a_se < 0.6 * p_se, (a_se, p_se)  # measured 0.39
+    assert abs(a - p) < 3 * math.hypot(a_se, p_se)
+    assert not plain.antithetic
+
+
+@pytest.mark.parametrize("method", ["importance", "quadrature"])
+def test_antithetic_pair_algebra_is_exact_for_even_integrands(method):
+    # Zero denoiser: ‖±ε − 0‖² are equal, so each pair average is the plain draw (the + half is
+    # the plain draw: the same counters). Odd denoiser at x = 0 without warm-up: z₋ = −z₊
+    # exactly, so ‖−ε − ε̂(z₋)‖² = ‖ε − ε̂(z₊)‖² and again the pair average is the plain draw.
+    n = dict(n_samples=5) if method == "importance" else dict(n_samples=3, n_steps=4)
+    cases = [(lambda z, lam: torch.zeros_like(z), SOURCE.sample(6, seed=1), dict(warm="laplace", warm_std=0.3)),
+             (lambda z, lam: 0.7 * z - 0.2 * z**3 + torch.tanh(z[:, [1, 2, 3, 0]]), torch.zeros(6, 4,
+              dtype=torch.float64), dict())]
+    for den, x, warm in cases:
+        kw = dict(warm, method=method, seed=4, **n)
+        plain, anti = nll_bound(den, x, **kw), nll_bound(den, x, antithetic=True, **kw)
+        torch.testing.assert_close(anti.integral, plain.integral, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(anti.stderr, plain.stderr, rtol=1e-9, atol=1e-12)
+        assert anti.antithetic and not plain.antithetic
+
+
+def test_antithetic_matches_a_plain_torch_version_of_the_pairs():
+    # Row g = k·B + b of draw k, sample b: λ from counter _LOGSNR_STREAM + g, u and ε at g·d.
+    B, d, n = 5, 3, 4
+    x = GaussianSource([0.2, -0.5, 1.0], [1.0, 0.5, 2.0]).sample(B, seed=7)
+
+    def den(z, lam):  # neither odd nor even in z
+        return 0.4 * z + 0.3 * z**2 - 0.1 + 0.05 * lam[:, None]
+
+    proposal = LogisticProposal(-6.0, 9.0, loc=1.0, scale=1.5)
+    kw = dict(warm="logistic", warm_std=0.2, logsnr_min=-6.0, logsnr_max=9.0, proposal=proposal, seed=3)
+    est = nll_bound(den, x, n_samples=n, antithetic=True, **kw)
+    lam = proposal.sample(n * B, seed=3, offset=bound._LOGSNR_STREAM)
+    noised = perturb(x.repeat(n, 1), lam, warm="logistic", warm_std=0.2, seed=3, return_warm=True)
+    a, s = torch.sigmoid(lam).sqrt()[:, None], torch.sigmoid(-lam).sqrt()[:, None]
+    eps = noised.eps
+    z_minus = a * noised.x_warm - s * eps
+    c = torch.sigmoid(lam) * eps.pow(2).sum(1)
+    plus = (eps - den(noised.z, lam)).pow(2).sum(1) - c
+    minus = (-eps - den(z_minus, lam)).pow(2).sum(1) - c
+    draws = ((plus + minus) / 2 / (2 * proposal.density(lam))).view(n, B)
+    torch.testing.assert_close(est.integral, draws.mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(est.stderr, draws.std(0) / math.sqrt(n), rtol=1e-8, atol=1e-12)
+    plain = nll_bound(den, x, n_samples=n, **kw)  # the + halves alone
+    torch.testing.assert_close(plain.integral, (plus / (2 * proposal.density(lam))).view(n, B).mean(0),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method,data", [("importance", "continuous"), ("quadrature", "continuous"),
+                                         ("importance", "8bit")])
+def test_antithetic_batch_size_invariance_and_rows_per_call(method, data):
+    x = SOURCE.sample(5, seed=0)
+    if data == "8bit":
+        x = ((x.clamp(-0.99, 0.99) + 1) * 128 - 0.5).round().to(torch.uint8)
+    seen = []
+    den = SOURCE.eps_denoiser(0.1)
+
+    def recording(z, lam):
+        seen.append(z.shape[0])
+        assert z.shape[0] % 2 == 0 and torch.equal(lam[0::2], lam[1::2])  # (z₊, z₋) rows at one λ
+        return den(z, lam)
+
+    n = dict(n_samples=7) if method == "importance" else dict(n_samples=3, n_steps=4)
+    kw = dict(warm="gaussian", warm_std=0.1, method=method, data=data, antithetic=True, seed=2, **n)
+    ref = nll_bound(recording, x, **kw)
+    assert max(seen) == 10 and sum(seen) == 2 * 5 * (7 if method == "importance" else 12)
+    for batch_size in (2, 3, 8, 1000):
+        seen.clear()
+        est = nll_bound(recording, x, batch_size=batch_size, **kw)
+        assert max(seen) <= batch_size
+        torch.testing.assert_close(est.nll, ref.nll, rtol=0, atol=1e-12)
+        torch.testing.assert_close(est.stderr, ref.stderr, rtol=1e-9, atol=1e-12)
+    assert not torch.equal(ref.nll, nll_bound(den, x, **{**kw, "seed": 3}).nll)
+    # (B, 2, 2) samples: the same rows (a denoiser of any shape sees z of x's shape)
+    square = nll_bound(lambda z, lam: den(z.reshape(z.shape[0], 4), lam).view(z.shape), x.view(5, 2, 2), **kw)
+    torch.testing.assert_close(square.nll, ref.nll, rtol=0, atol=1e-12)
+
+
+def test_antithetic_float32_and_bfloat16_inputs():
+    # z₋ is built in perturb's compute dtype from x̃ and ε rounded to x's dtype.
+    x = SOURCE.sample(16, seed=0)
+    den = SOURCE.eps_denoiser(0.1)
+    kw = dict(warm="gaussian", warm_std=0.1, n_samples=32, antithetic=True)
+    ref = nll_bound(den, x, **kw)
+    for dtype in (torch.float32, torch.bfloat16):
+        est = nll_bound(den, x.to(dtype), **kw)
+        se = float(est.stderr.pow(2).sum().sqrt())
+        assert est.nll.dtype == torch.float64 and est.antithetic
+        assert abs(float((est.nll - ref.nll).sum())) < 3 * se + 0.05 * 16
+
+
+def _nan_in_the_minus_half(z, lam):
+    out = z.clone()
+    out[1::2] = math.nan
+    return out
+
+
+@pytest.mark.parametrize("kwargs,denoiser,error,match", [
+    (dict(), _bad_shape, ValueError, "denoiser must return eps_hat of z's shape"),
+    (dict(), lambda z, lam: z[::2], ValueError, "denoiser must return eps_hat of z's shape"),
+    (dict(), lambda z, lam: z * math.nan, ValueError, "denoiser returned non-finite"),
+    (dict(), _nan_in_the_minus_half, ValueError, "denoiser returned non-finite"),
+    (dict(method="quadrature", n_steps=3), lambda z, lam: z.masked_fill(z > 0, math.inf), ValueError,
+     "denoiser returned non-finite"),
+    (dict(), lambda z, lam: z.half(), TypeError, "denoiser must return eps_hat of z's dtype"),
+    (dict(batch_size=1), None, ValueError, "batch_size must be >= 2"),
+    (dict(antithetic=1), None, TypeError, "antithetic must be a bool"),
+])
+def test_antithetic_bad_input(kwargs, denoiser, error, match):
+    with pytest.raises(error, match=match):
+        nll_bound(denoiser or SOURCE.eps_denoiser(), SOURCE.sample(3, seed=0),
+                  **{"n_samples": 2, "antithetic": True, **kwargs})
+
+
+# --- fit_proposal ----------------------------------------------------------------------------
+
+MIXTURE_RANGE = dict(warm="gaussian", warm_std=0.05, logsnr_min=-10.0, logsnr_max=16.0)
+
+
+def _run_mixture():
+    return GaussianMixture([1.0, 1.0, 1.0], [[-1.5, 0.0], [1.5, 0.5], [0.0, 1.8]], [0.4, 0.4, 0.4])
+
+
+def test_fitted_proposal_beats_the_data_driven_one_on_the_mixture():
+    source = _run_mixture()
+    train, x = source.sample(2000, seed=0), source.sample(300, seed=1)
+    den = source.eps_denoiser(0.05)
+    fitted = fit_proposal(den, train, seed=4, n_pilot=256, **MIXTURE_RANGE)
+    assert isinstance(fitted, LogisticProposal) and (fitted.logsnr_min, fitted.logsnr_max) == (-10.0, 16.0)
+    assert 1 <= fitted.scale <= 4 and -10 <= fitted.loc <= 16
+    kw = dict(MIXTURE_RANGE, n_samples=16, seed=1, antithetic=True)
+    data_driven = LogisticProposal.from_data(train, -10.0, 16.0, 0.05)
+    se_fit = nll_bound(den, x, proposal=fitted, **kw).overall_bits_per_dim()[1]
+    se_data = nll_bound(den, x, proposal=data_driven, **kw).overall_bits_per_dim()[1]
+    assert se_fit < se_data
+    plain = nll_bound(den, x, proposal=data_driven, **{**kw, "antithetic": False}).overall_bits_per_dim()[1]
+    assert se_data < 0.75 * plain  # the pairs' own gain on the run's mixture (measured 0.45)
+
+
+def test_fit_proposal_follows_the_integrand_and_takes_8bit_data():
+    # Zero denoiser: the pair average is (1 - sigmoid(λ))‖ε‖², V ~ e^{-2λ} above 0, 1 below:
+    # the variance-optimal proposal sits low in the range, its mass below λ = 0.
+    x = SOURCE.sample(64, seed=0)
+    zero = fit_proposal(lambda z, lam: torch.zeros_like(z), x, logsnr_min=-4.0, logsnr_max=8.0, seed=1)
+    assert zero.loc < 0 and (zero.logsnr_min, zero.logsnr_max) == (-4.0, 8.0)
+    x8 = torch.randint(0, 256, (16, 4), generator=torch.Generator().manual_seed(0))
+    fit8 = fit_proposal(SOURCE.eps_denoiser(), x8, data="8bit", warm="uniform", warm_std=uniform_dequantisation_std(),
+                        n_grid=9, n_pilot=8, batch_size=6)
+    assert 1 <= fit8.scale <= 4 and -10 <= fit8.loc <= 15
+    # the same seed gives the same fit for any batch_size
+    assert fit8 == fit_proposal(SOURCE.eps_denoiser(), x8, data="8bit", warm="uniform",
+                                warm_std=uniform_dequantisation_std(), n_grid=9, n_pilot=8)
+
+
+@pytest.mark.parametrize("kwargs,x,error,match", [
+    (dict(n_grid=1), None, ValueError, "n_grid"),
+    (dict(n_grid=2.5), None, TypeError, "n_grid"),
+    (dict(n_pilot=0), None, ValueError, "n_pilot"),
+    (dict(n_pilot=True), None, TypeError, "n_pilot"),
+    (dict(seed=-1), None, ValueError, "seed"),
+    (dict(batch_size=1), None, ValueError, "batch_size"),
+    (dict(logsnr_min=2.0, logsnr_max=1.0), None, ValueError, "logsnr_min"),
+    (dict(warm="cauchy", warm_std=0.1), None, ValueError, "warm"),
+    (dict(data="16bit"), None, ValueError, "data"),
+    (dict(), torch.zeros(0, 4), ValueError, "x must hold at least one row"),
+    (dict(), torch.tensor([[0.0, math.inf, 0.0, 0.0]]), ValueError, "x must be finite"),
+    (dict(denoiser=3), None, TypeError, "denoiser must be callable"),
+    (dict(denoiser=_bad_shape), None, ValueError, "denoiser must return eps_hat"),
+])
+def test_fit_proposal_bad_input(kwargs, x, error, match):
+    x = SOURCE.sample(4, seed=0) if x is None else x
+    denoiser = kwargs.pop("denoiser", SOURCE.eps_denoiser())
+    with pytest.raises(error, match=match):
+        fit_proposal(denoiser, x, **{"n_grid": 5, **kwargs})

@@ -49,7 +49,8 @@ and with ε̂ = 0 above λ_max (gap :math:`d\,\mathrm{sigmoid}(-\lambda)`, integ
 :math:`\tfrac d2\mathrm{softplus}(-\lambda_{max})`). `nll_bound` returns an unbiased estimate of
 :math:`\mathbb E_u[B(x + \sigma_0 u)]` per x, the prior in closed form over u
 (:math:`\mathbb E\lVert x + \sigma_0 u\rVert^2 = \lVert x\rVert^2 + d\sigma_0^2`), the integral by
-importance sampling or quadrature; u, ε and λ are drawn afresh for every term.
+importance sampling or quadrature; u, ε and λ are drawn afresh for every term (every pair
+with ``antithetic=True``).
 
 **What each number bounds.**
 
@@ -93,6 +94,46 @@ importance sampling or quadrature; u, ε and λ are drawn afresh for every term.
 * ``"quadrature"``: `LogisticProposal.quadrature` nodes (Gauss–Legendre in the proposal's
   CDF), n_samples (u, ε) per node; standard error from the per-node sample variances
   (the discretisation error of the rule is not in it).
+
+**Antithetic pairs** (``antithetic=True``, either method; Hammersley & Morton 1956). Each draw
+evaluates the denoiser twice at the same λ and x̃, at :math:`z_\pm = \alpha\tilde x \pm \sigma\varepsilon`
+with targets ±ε, and adds the pair's average
+
+.. math:: S = \frac{w}{2}\Big[\big(\lVert\varepsilon - \hat\varepsilon(z_+)\rVert^2 - c\big)
+          + \big(\lVert{-\varepsilon} - \hat\varepsilon(z_-)\rVert^2 - c\big)\Big],\qquad
+          c = \mathrm{sigmoid}(\lambda)\lVert\varepsilon\rVert^2 ,
+
+w the draw's weight (1/(2p(λ)) or the node's w_k/2). *Unbiased:* ε ~ N(0, I) is symmetric, so
+given (λ, x̃) the pair (−ε, z₋) has the law of (ε, z₊) (and c is even in ε): each half has the
+mean of a plain draw, hence so has their average. The halves are dependent, but the pairs are
+i.i.d. over draws, so the standard error is that of the pair averages,
+:math:`\sqrt{(\overline{S^2} - \bar S^2)/(n-1)}` over the n pairs, never of the 2n halves.
+*Why it helps:* at high SNR :math:`\hat\varepsilon(z_\pm) \approx \hat\varepsilon_0 \pm \sigma\,\partial\hat\varepsilon\,\varepsilon`
+(:math:`\hat\varepsilon_0 = \hat\varepsilon(\alpha\tilde x)`), so
+:math:`\lVert\pm\varepsilon - \hat\varepsilon(z_\pm)\rVert^2 = \lVert\varepsilon\rVert^2 \mp 2\varepsilon\cdot\hat\varepsilon_0
++ \lVert\hat\varepsilon_0\rVert^2 - 2\sigma\,\varepsilon\cdot\partial\hat\varepsilon\,\varepsilon
+\pm 2\sigma\,\hat\varepsilon_0\cdot\partial\hat\varepsilon\,\varepsilon + O(\sigma^2)`
+with the odd-in-ε terms of opposite signs: the pair average cancels them, above all the cross
+term :math:`\mp 2\varepsilon\cdot\hat\varepsilon_0`, whose variance, weighted by 1/p(λ)², dominates
+the upper tail. For a linear denoiser ε̂(z) = Az + b (the optimum for Gaussian data) the halves
+are :math:`\lVert(I - \sigma A)\varepsilon\rVert^2 \mp 2(I - \sigma A)\varepsilon\cdot(\alpha A\tilde x + b)
++ \lVert\alpha A\tilde x + b\rVert^2` exactly, so the pair removes the odd term at every λ. Measured on the reference run's 2-D mixture with its exact denoiser, 1000 points × 32
+draws: the standard error falls from 0.029 to 0.013 bits/dim with ITD's data-driven proposal and
+from 0.018 to 0.0095 with `fit_proposal`'s; where the variance comes from a model's own error at
+mid SNR (even in ε; the run's 8-bit digits) it changes little. *Cost:* two denoiser rows per
+draw (z₋ and −ε are built from `perturb`'s x̃ and ε, no second noise draw), so where the
+denoiser dominates the time it pays when it more than halves the variance. The + half of draw k is exactly the plain estimator's draw k
+(the same counters), so a plain and an antithetic estimate of one seed are paired.
+
+**The proposal** (`fit_proposal`). Any proposal on the range gives an unbiased estimate;
+the variance of one importance draw is :math:`\int V(\lambda)/p(\lambda)\,d\lambda - I^2`, with
+:math:`V(\lambda) = \mathbb E[S_\lambda^2]` the second moment of the unweighted pair average at λ,
+minimised over all densities by :math:`p \propto \sqrt V`. `fit_proposal` measures V on an even
+λ grid with a pilot denoiser on (training) data and picks the truncated logistic (loc, scale)
+of least :math:`\int V/p` (trapezoid rule). Scales below 1 are not tried: in both tails √V
+decays like :math:`e^{-|\lambda|}` (measured on the run's mixture; the pair's error is O(α²) at
+low SNR and O(σ²) at high SNR), and a lighter-tailed proposal would let V/p grow towards the
+ends of the range, where the grid has few points.
 """
 
 from __future__ import annotations
@@ -109,7 +150,7 @@ from . import _args
 from ._args import check_warm
 from .integrate import run as run_step
 from .noise import perturb
-from .schedules import LogisticProposal, _check_range
+from .schedules import LogisticProposal, _check_range, alpha, sigma
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("importance", "quadrature")
@@ -121,8 +162,13 @@ FISHER_INFORMATION = {"gaussian": 1.0, "laplace": 2.0, "logistic": math.pi**2 / 
 r"""J of each unit-variance warm-up law: 1/b² for Laplace (b = 1/√2), 1/(3s²) for logistic (s = √3/π)."""
 
 # Counters of the log-SNR uniforms (fastbound.sample_times' key); the warm and ε noise uses
-# perturb's own key at counters [0, rows * d).
+# perturb's own key at counters [0, rows * d), row g (draw g // B of sample g % B) at g * d,
+# with or without antithetic pairs (both halves of a pair share row g's u and ε).
 _LOGSNR_STREAM = 3 << 60
+PROPOSAL_SCALES = tuple(1.0 + 0.25 * i for i in range(13))
+"""The scales `fit_proposal` tries: 1, 1.25, …, 4 (module docstring: none below 1)."""
+PROPOSAL_LOC_STEP = 0.25
+"""The spacing of the locations `fit_proposal` tries, from logsnr_min to logsnr_max."""
 
 
 def from_8bit(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -154,6 +200,7 @@ class ContinuousNLLEstimate:
             :math:`\tfrac d2\log(1 + J_{law}e^{-\lambda_{max}}/\sigma_0^2)` (∞ for uniform or σ0 = 0).
             The low-SNR slack lies between 0 and ``prior`` (in expectation over the data).
         discrete_exact: ``"8bit"`` with uniform warm-up over exactly one bin (a bound on −log P(x)).
+        antithetic: each draw was an antithetic ε pair (``stderr`` is over the pair averages).
         logsnr, integrand: quadrature only: the nodes (n_steps,) and (B, n_steps) estimates of
             :math:`m(\lambda) - d\,\mathrm{sigmoid}(\lambda)` there (None for importance sampling).
     """
@@ -171,6 +218,7 @@ class ContinuousNLLEstimate:
     discretisation: float
     tail_bound: float
     discrete_exact: bool
+    antithetic: bool = False
     logsnr: torch.Tensor | None = None
     integrand: torch.Tensor | None = None
 
@@ -195,6 +243,7 @@ class _Setup:
     seed: int
     batch_size: int | None
     backend: str | None
+    antithetic: bool
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -206,7 +255,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 def _setup(method, data, warm, warm_std, logsnr_min, logsnr_max, n_samples, n_steps, proposal, seed, batch_size,
-           backend) -> _Setup:
+           backend, antithetic=False) -> _Setup:
     v.check_choice("method", method, METHODS)
     v.check_choice("data", data, DATA_KINDS)
     check_warm(warm, warm_std)
@@ -223,10 +272,13 @@ def _setup(method, data, warm, warm_std, logsnr_min, logsnr_max, n_samples, n_st
         raise ValueError(f"proposal covers [{proposal.logsnr_min}, {proposal.logsnr_max}] but the bound integrates "
                          f"over [logsnr_min, logsnr_max] = [{logsnr_min}, {logsnr_max}]")
     seed = _check_int("seed", seed, 0)
+    if not isinstance(antithetic, bool):
+        raise TypeError(f"antithetic must be a bool, got {type(antithetic).__name__}")
     if batch_size is not None:
-        batch_size = _check_int("batch_size", batch_size, 1)
+        # With pairs batch_size still bounds the denoiser's rows per call: batch_size // 2 draws.
+        batch_size = _check_int("batch_size", batch_size, 2 if antithetic else 1)
     return _Setup(method, data, warm, float(warm_std), logsnr_min, logsnr_max, n_samples, n_steps, proposal, seed,
-                  batch_size, backend)
+                  batch_size, backend, antithetic)
 
 
 def _check_x(x: object, data: str) -> torch.Tensor:
@@ -253,18 +305,23 @@ def _softplus(t: float) -> float:
 
 
 class _Plan:
-    """Row g of the virtual batch is draw k = g // B of sample b = g % B.
+    """Row g of the virtual batch is draw k = g // B of sample b = g % B (a pair with ``antithetic``).
 
     ``"importance"``: draw k has its own λ (counter ``_LOGSNR_STREAM + g``) and adds to slot b.
-    ``"quadrature"``: draw k is sample k % n_samples of node k // n_samples, slot node·B + b.
+    ``"quadrature"``: draw k is sample k % n_samples of node k // n_samples, slot node·B + b;
+    ``nodes`` = (λ_k, per-draw weight) replaces the proposal's rule (`fit_proposal`'s grid).
     """
 
-    def __init__(self, setup: _Setup, n_seq: int, device: torch.device):
+    def __init__(self, setup: _Setup, n_seq: int, device: torch.device,
+                 nodes: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.setup, self.n_seq, self.device = setup, n_seq, device
         if setup.method == "quadrature":
-            self.nodes, self.node_weights = setup.proposal.quadrature(setup.n_steps, device=device)
-            self.n_draws = setup.n_steps * setup.n_samples
-            self.n_slots = setup.n_steps * n_seq
+            if nodes is None:
+                lam, node_weights = setup.proposal.quadrature(setup.n_steps, device=device)
+                nodes = lam, node_weights / 2  # the bound's ½∫
+            self.nodes, self.draw_weights = nodes
+            self.n_draws = self.nodes.numel() * setup.n_samples
+            self.n_slots = self.nodes.numel() * n_seq
         else:
             self.n_draws = setup.n_samples
             self.n_slots = n_seq
@@ -287,9 +344,9 @@ class _Plan:
         if setup.method == "quadrature":
             node = k // setup.n_samples
             if isinstance(b, slice):
-                lam, weight = self.nodes[node].expand(count), self.node_weights[node].expand(count)
-                return b, lam.contiguous(), (weight / 2).contiguous(), slice(node * n + b0, node * n + b0 + count)
-            return b, self.nodes[node], self.node_weights[node] / 2, node * n + b
+                lam, weight = self.nodes[node].expand(count), self.draw_weights[node].expand(count)
+                return b, lam.contiguous(), weight.contiguous(), slice(node * n + b0, node * n + b0 + count)
+            return b, self.nodes[node], self.draw_weights[node], node * n + b
         lam = setup.proposal.sample(count, seed=setup.seed, offset=_LOGSNR_STREAM + g0, device=self.device,
                                     backend=setup.backend)
         return b, lam, 0.5 / setup.proposal.density(lam), b
@@ -309,21 +366,45 @@ def _denoise(denoiser: Denoiser, z: torch.Tensor, logsnr: torch.Tensor) -> torch
     return out
 
 
+def _pairs(noised, lam: torch.Tensor, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, target), each (2·rows, ...) of x's dtype: rows 2i and 2i + 1 are (z₊, ε) and (z₋, −ε) of row i.
+
+    z₋ = α x̃ − σ ε in perturb's compute dtype from its x̃ and ε, with the α, σ it used (rounded
+    once from float64), so z₋ = −z₊ exactly where x̃ = 0.
+    """
+    eps, x_warm = noised.eps, noised.x_warm
+    count, shape = eps.shape[0], (eps.shape[0],) + (1,) * (eps.dim() - 1)
+    a, s = (t.to(compute).view(shape) for t in (alpha(lam), sigma(lam)))
+    z = torch.empty((count, 2) + eps.shape[1:], dtype=eps.dtype, device=eps.device)
+    z[:, 0] = noised.z
+    z[:, 1] = a * x_warm.to(compute) - s * eps.to(compute)
+    target = torch.empty_like(z)
+    target[:, 0] = eps
+    torch.neg(eps, out=target[:, 1])
+    return z.flatten(0, 1), target.flatten(0, 1)
+
+
 def _accumulate(denoiser: Denoiser, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
     """Per draw: perturb (reads x, writes z and ε), the denoiser, ‖ε‖² (reads ε) and the
-    integration step (reads ε̂ and ε), whose arguments are built here (checked by construction)."""
+    integration step (reads ε̂ and ε), whose arguments are built here (checked by construction).
+
+    With antithetic pairs the denoiser sees the draws' (z₊, z₋) rows interleaved (`_pairs`),
+    and one integration step per chunk reads each pair as one row of 2d: its squared error is
+    the sum of the halves', so weight w/2 and baseline 2c add the pair average S (module
+    docstring) and S² to the draw's slot; the standard error is then over the pairs.
+    """
     setup = plan.setup
     d = math.prod(x.shape[1:])
     acc = torch.zeros(plan.n_slots, 2, dtype=torch.float64, device=x.device)
-    chunk = setup.batch_size or max(plan.n_seq, 1)
+    pair = 2 if setup.antithetic else 1
+    chunk = setup.batch_size // pair if setup.batch_size else max(plan.n_seq, 1)  # draws per denoiser call
     cond_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     backend = _backend.select(x.device, setup.backend)
     for g0 in range(0, plan.n_rows, chunk):
         count = min(plan.n_rows, g0 + chunk) - g0
         b, lam, weight, slot = plan.rows(g0, count)
         noised = perturb(x[b], lam, warm=setup.warm, warm_std=setup.warm_std, seed=setup.seed, offset=g0 * d,
-                         backend=setup.backend)
-        eps_hat = _args.rows(_denoise(denoiser, noised.z, lam.to(cond_dtype)))
+                         return_warm=setup.antithetic, backend=setup.backend)
         eps = noised.eps.reshape(count, d)
         # Control variate: sigmoid(λ)‖ε‖² has mean d·sigmoid(λ), and as λ → ±∞ it tracks ‖ε − ε̂‖²
         # draw by draw (ε̂ → 0 at high SNR, ε̂ → ε at low SNR), so the draws' variance stays
@@ -332,6 +413,13 @@ def _accumulate(denoiser: Denoiser, x: torch.Tensor, plan: _Plan) -> torch.Tenso
         # the Monte-Carlo error, where a float64 norm first copies ε to float64 (10x the time).
         eps_sq = torch.linalg.vector_norm(eps, dim=1, dtype=cond_dtype).double().square_()
         baseline = eps_sq.mul_(torch.sigmoid(lam))
+        if setup.antithetic:
+            z, target = _pairs(noised, lam, cond_dtype)
+            eps_hat = _args.rows(_denoise(denoiser, z, lam.repeat_interleave(2).to(cond_dtype)))
+            eps_hat, eps = eps_hat.view(count, pair * d), target.view(count, pair * d)
+            weight, baseline = weight / 2, baseline.mul_(2)
+        else:
+            eps_hat = _args.rows(_denoise(denoiser, noised.z, lam.to(cond_dtype)))
         if isinstance(slot, slice):
             run_step(backend, eps_hat, eps, acc[slot], weight, baseline, None, 0, 0, True)
         else:
@@ -350,7 +438,7 @@ def _summarise(acc: torch.Tensor, plan: _Plan) -> tuple[torch.Tensor, torch.Tens
     integral, stderr = mean.sum(0), (var.sum(0) / n).sqrt()
     integrand = None
     if plan.setup.method == "quadrature":
-        integrand = (2 * mean / plan.node_weights[:, None]).T.contiguous()
+        integrand = (mean / plan.draw_weights[:, None]).T.contiguous()
     return integral, stderr, integrand
 
 
@@ -367,6 +455,7 @@ def nll_bound(
     data: Literal["continuous", "8bit"] = "continuous",
     n_steps: int | None = None,
     proposal: LogisticProposal | None = None,
+    antithetic: bool = False,
     seed: int = 0,
     batch_size: int | None = None,
     backend: str | None = None,
@@ -383,9 +472,14 @@ def nll_bound(
         method: ``"importance"`` (λ from ``proposal``) or ``"quadrature"`` (``n_steps`` nodes, default 32).
         data: ``"continuous"`` or ``"8bit"`` (see the module docstring for what the number bounds).
         proposal: a `LogisticProposal` on [λ_min, λ_max] (default loc 0, scale 2; see
-            `LogisticProposal.from_data` for ITD's data-driven choice).
+            `LogisticProposal.from_data` for ITD's data-driven choice and `fit_proposal`).
+        antithetic: each draw is an antithetic pair (z₊, ε) and (z₋, −ε) at one λ and x̃, an
+            unbiased estimate of the same bound, often with a much smaller standard error, at
+            twice the denoiser rows per draw (module docstring). The denoiser then sees the
+            pairs as consecutive rows, (z₊, z₋) of a draw, with their λ repeated.
         seed: names every draw; the same seed gives the same estimate for any ``batch_size``.
-        batch_size: rows per denoiser call (default B).
+        batch_size: the most rows per denoiser call (with ``antithetic``: ``batch_size // 2``
+            pairs, so it must be ≥ 2); default one draw of every sample, B rows (2B with pairs).
         backend: kernel backend of `perturb` / `integrate_step`.
 
     Runs under ``torch.inference_mode()``. Raises ValueError / TypeError naming the bad
@@ -395,7 +489,7 @@ def nll_bound(
     if not callable(denoiser):
         raise TypeError(f"denoiser must be callable (z, logsnr) -> eps_hat, got {type(denoiser).__name__}")
     setup = _setup(method, data, warm, warm_std, logsnr_min, logsnr_max, n_samples, n_steps, proposal, seed,
-                   batch_size, backend)
+                   batch_size, backend, antithetic)
     x = _check_x(x, data)
     n_seq, d = x.shape[0], math.prod(x.shape[1:])
     lo, hi = setup.logsnr_min, setup.logsnr_max
@@ -425,5 +519,66 @@ def nll_bound(
         bits = nll / (d * math.log(2)) if d else torch.full_like(nll, math.nan)
         logsnr = plan.nodes.clone() if method == "quadrature" else None
     clone = (lambda t: None if t is None else t.clone())  # plain tensors (inference tensors cannot enter autograd)
-    return ContinuousNLLEstimate(clone(nll), clone(stderr), d, clone(bits), method, data, clone(prior), reference,
-                                 clone(integral), decoder, discretisation, tail, exact, clone(logsnr), clone(integrand))
+    return ContinuousNLLEstimate(
+        clone(nll), clone(stderr), d, clone(bits), method, data, clone(prior), reference, clone(integral), decoder,
+        discretisation, tail, exact, antithetic=setup.antithetic, logsnr=clone(logsnr), integrand=clone(integrand))
+
+
+def fit_proposal(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    *,
+    warm: Literal["gaussian", "laplace", "logistic", "uniform"] | None = None,
+    warm_std: float = 0.0,
+    logsnr_min: float = -10.0,
+    logsnr_max: float = 15.0,
+    data: Literal["continuous", "8bit"] = "continuous",
+    n_grid: int = 53,
+    n_pilot: int = 512,
+    seed: int = 0,
+    batch_size: int | None = None,
+    backend: str | None = None,
+) -> LogisticProposal:
+    r"""The truncated-logistic proposal of least antithetic-estimator variance on a pilot (module docstring).
+
+    :math:`V(\lambda_j)` is the mean square of the unweighted pair average
+    (:math:`\tfrac12[(\lVert\varepsilon - \hat\varepsilon(z_+)\rVert^2 - c) + (\lVert\varepsilon + \hat\varepsilon(z_-)\rVert^2 - c)]`,
+    one (u, ε) pair per row) over the first ``n_pilot`` rows of x at ``n_grid`` evenly spaced
+    :math:`\lambda_j` from λ_min to λ_max; the result minimises the trapezoid rule of
+    :math:`\int V/p\,d\lambda` over loc on a `PROPOSAL_LOC_STEP` grid of the range and scale in
+    `PROPOSAL_SCALES`. Fit on training data (a pilot denoiser and data apart from the held-out
+    set), then pass it to `nll_bound` (``proposal=``, best with ``antithetic=True``); any
+    proposal keeps the estimate unbiased.
+
+    Args:
+        denoiser, x, warm, warm_std, logsnr_min, logsnr_max, data, backend: as in `nll_bound`.
+        n_grid: λ grid points, ≥ 2. n_pilot: rows of x used, ≥ 1 (all of x if it has fewer).
+        seed: names the pilot's u and ε (the counters of `nll_bound`'s quadrature rows).
+        batch_size: the most rows per denoiser call (≥ 2; default 2·min(n_pilot, B)).
+    """
+    if not callable(denoiser):
+        raise TypeError(f"denoiser must be callable (z, logsnr) -> eps_hat, got {type(denoiser).__name__}")
+    n_grid = _check_int("n_grid", n_grid, 2)
+    n_pilot = _check_int("n_pilot", n_pilot, 1)
+    setup = _setup("quadrature", data, warm, warm_std, logsnr_min, logsnr_max, 1, n_grid, None, seed, batch_size,
+                   backend, antithetic=True)
+    x = _check_x(x, data)
+    if x.shape[0] == 0:
+        raise ValueError("x must hold at least one row (the pilot's data), got an empty batch")
+    x = x[:n_pilot]
+    lo, hi = setup.logsnr_min, setup.logsnr_max
+    with torch.inference_mode():
+        grid = torch.linspace(lo, hi, n_grid, dtype=torch.float64, device=x.device)
+        plan = _Plan(setup, x.shape[0], x.device, nodes=(grid, torch.ones_like(grid)))
+        second = _accumulate(denoiser, x, plan).view(n_grid, x.shape[0], 2)[..., 1].mean(1).cpu()
+    grid = grid.cpu()
+    trapezoid = torch.full((n_grid,), (hi - lo) / (n_grid - 1), dtype=torch.float64)
+    trapezoid[[0, -1]] /= 2
+    best = None
+    for k in range(math.floor((hi - lo) / PROPOSAL_LOC_STEP + 1e-9) + 1):
+        for scale in PROPOSAL_SCALES:
+            candidate = LogisticProposal(lo, hi, loc=lo + k * PROPOSAL_LOC_STEP, scale=scale)
+            cost = float((trapezoid * second / candidate.density(grid)).sum())
+            if best is None or cost < best[0]:
+                best = (cost, candidate)
+    return best[1]

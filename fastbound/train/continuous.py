@@ -2,11 +2,11 @@
 
 Trains small MLP ε-denoisers (`Denoiser`) with fastbound's continuous kernels
 (`fastbound.continuous.perturb`, `denoising_loss`), λ drawn from a truncated logistic proposal
-refitted to the model at every checkpoint (`continuous_estimate.fit_proposal`), each draw
+refitted to the model at every checkpoint (`fastbound.continuous.fit_proposal`), each draw
 weighted by 1 (a weighted ELBO, the default) or by 1/p(λ) (ITD's objective), and reports the
 held-out warm-start bound of `fastbound.continuous.nll_bound` in bits/dim with its standard
-error — estimated with antithetic ε pairs (`continuous_estimate.antithetic_bound`, an
-unbiased estimate of the same bound) — beside honest baselines computed in the same run:
+error — estimated with antithetic ε pairs (``antithetic=True``, an unbiased estimate of the
+same bound) — beside honest baselines computed in the same run:
 
 * part a: a 2-D mixture of three Gaussians (`continuous_data.mixture_source`) with Gaussian warm-up;
   baselines: the true NLL E_u[−log q(x + σ0 u)] of the same test points and the entropy h(x̃)
@@ -35,11 +35,11 @@ import time
 import torch
 from torch import nn
 
-from fastbound.continuous import (WARM_LAWS, ContinuousNLLEstimate, LogisticProposal, denoising_loss, from_8bit,
-                                  nll_bound, perturb, uniform_dequantisation_std)
+from fastbound.continuous import (WARM_LAWS, ContinuousNLLEstimate, LogisticProposal, denoising_loss, fit_proposal,
+                                  from_8bit, nll_bound, perturb, uniform_dequantisation_std)
 
 from . import continuous_data as data
-from .continuous_estimate import antithetic_bound, denoiser_gap, fit_proposal
+from .continuous_estimate import denoiser_gap
 
 PROG = "python -m fastbound.train continuous"
 WEIGHTINGS = ("proposal", "bound")
@@ -148,9 +148,14 @@ def _stats(x: torch.Tensor, warm_std: float) -> tuple[torch.Tensor, torch.Tensor
 
 def _evaluate(model, test_x, train_x, args, seed: int, bound: dict, n_samples: int,
               ) -> tuple[ContinuousNLLEstimate, LogisticProposal]:
-    """The held-out `antithetic_bound` with the proposal `fit_proposal` fits to this model on training data."""
+    """The held-out antithetic `nll_bound` with the proposal `fit_proposal` fits to this model on training data.
+
+    8192 denoiser rows per call: 4096 antithetic pairs.
+    """
     proposal = fit_proposal(model, train_x, seed=seed + 3, n_pilot=args.pilot_samples, **bound)
-    return antithetic_bound(model, test_x, n_samples=n_samples, seed=seed + 1, proposal=proposal, **bound), proposal
+    est = nll_bound(model, test_x, n_samples=n_samples, seed=seed + 1, proposal=proposal, antithetic=True,
+                    batch_size=8192, **bound)
+    return est, proposal
 
 
 def _fit(name: str, train_x, test_x, args, *, warm, warm_std, data_kind, steps, seed, bar, reference=None):
