@@ -20,7 +20,7 @@ import torch
 
 from . import _backend, _names, _ops  # noqa: F401  (_ops loads the op schemas)
 from . import _validate as v
-from .losses import check_dce_ids, check_dse_ids, dce_mask_id, dse_mask_id
+from .losses import check_dce_ids, check_dse_ids, check_values_on_cpu, dce_mask_id, dse_mask_id
 
 @torch.library.register_fake("fastbound::integrate_step")
 def _integrate_step_fake(out, x_t, x0, sigma, weight, acc, index, loss, graph, mask_id, ignore_index):
@@ -105,19 +105,29 @@ def integrate_step(
     checks = v.ValueChecks()
     if index is not None:
         checks.ids("index", index, 0, acc.shape[0])
+    # On the host the id and sigma checks are one pass of the C++ op (as the losses'); elsewhere
+    # torch ops under `fastbound.value_checks`.
+    on_host = out.device.type in v.HOST_DEVICES and v.eager(out)
     if loss == "dce":
         if graph != "absorb":
             raise ValueError("loss='dce' is the absorbing (masked) graph's loss; use loss='dse' for graph='uniform'")
         mask_id = dce_mask_id(mask_id, n_cols, "out")
-        check_dce_ids(checks, xt, x0l, n_cols, mask_id, ignore_index)
+        if not on_host:
+            check_dce_ids(checks, xt, x0l, n_cols, mask_id, ignore_index)
         sigma_rows = torch.zeros(n_seq, dtype=torch.float64, device=out.device)
+        sigma_check = None
     else:
         mask_id = dse_mask_id(mask_id, graph, n_cols, "out")
-        check_dse_ids(checks, graph, xt, x0l, n_cols, ignore_index, "out", mask_id=mask_id if mask_id >= 0 else None)
         if sigma is None:
             raise ValueError("sigma is required for loss='dse'")
-        sigma_rows = _per_sequence("sigma", sigma, n_seq, out.device)
-        checks.positive_finite("sigma", sigma_rows)
+        sigma_rows = sigma_check = _per_sequence("sigma", sigma, n_seq, out.device)
+        if not on_host:
+            check_dse_ids(checks, graph, xt, x0l, n_cols, ignore_index, "out",
+                          mask_id=mask_id if mask_id >= 0 else None)
+            checks.positive_finite("sigma", sigma_rows)
+    if on_host:
+        check_values_on_cpu(xt.view(-1), x0l.view(-1), sigma_check, n_cols, loss, _names.GRAPH_CODES[graph], mask_id,
+                            ignore_index)
     checks.run()
     weight_rows = _per_sequence("weight", 1.0 if weight is None else weight, n_seq, out.device)
     if n_cols > 1 and out.stride(2) != 1:

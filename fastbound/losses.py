@@ -223,15 +223,16 @@ def _sigma_detail(sigma_dtype: torch.dtype, score_dtype: torch.dtype) -> str:
     return f" (in {sigma_dtype}, the accumulation dtype of {score_dtype} scores)"
 
 
-def _check_values_on_cpu(x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor | None, n_cols: int, loss: str,
+def check_values_on_cpu(x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor | None, n_cols: int, loss: str,
                          graph: int, mask_id: int, ignore_index: int, score_dtype: torch.dtype | None = None) -> None:
-    """`check_dse_ids` / `check_dce_ids` of CPU ids, and sigma > 0 (when given), in one pass of the
-    C++ op ``check_loss_ids``: the same rules and messages, no torch ops of their own."""
+    """`check_dse_ids` / `check_dce_ids` of contiguous (N,) int64 CPU ids, and sigma > 0 (when given;
+    per row or per sequence), in one pass of the C++ op ``check_loss_ids``: the same rules and
+    messages, no torch ops of their own."""
     try:
         _backend.kernel("cpu", "check_loss_ids")(x_t, x0, sigma, n_cols, _names.LOSS_CODES[loss], graph, mask_id,
                                                  ignore_index)
     except ValueError as error:
-        if str(error).startswith("sigma"):
+        if str(error).startswith("sigma") and score_dtype is not None:
             raise ValueError(f"{error}{_sigma_detail(sigma.dtype, score_dtype)}") from None
         raise
 
@@ -486,7 +487,7 @@ def dse_loss(
             sigma_check = None  # a float sigma was checked above
             if isinstance(sigma, torch.Tensor):
                 sigma_check = sigma_rows.detach() if sigma_rows.requires_grad else sigma_rows
-            _check_values_on_cpu(xt, x0f, sigma_check, n_cols, "dse", code, mask, ignore_index, flat.dtype)
+            check_values_on_cpu(xt, x0f, sigma_check, n_cols, "dse", code, mask, ignore_index, flat.dtype)
         else:
             checks = v.ValueChecks()
             check_dse_ids(checks, graph, xt, x0f, n_cols, ignore_index, mask_id=mask if mask >= 0 else None)
@@ -544,7 +545,7 @@ def dce_loss(
     n_cols = flat.shape[1]
     mask_id = dce_mask_id(mask_id, n_cols)
     if eager and flat.device.type in v.HOST_DEVICES:
-        _check_values_on_cpu(xt, x0f, None, n_cols, "dce", _names.GRAPH_CODES["absorb"], mask_id, ignore_index)
+        check_values_on_cpu(xt, x0f, None, n_cols, "dce", _names.GRAPH_CODES["absorb"], mask_id, ignore_index)
     elif eager:
         checks = v.ValueChecks()
         check_dce_ids(checks, xt, x0f, n_cols, mask_id, ignore_index)

@@ -1,7 +1,8 @@
 // `check_loss_ids` on the CPU: the value checks of the public losses
 // (fastbound/losses.py: `check_dse_ids`, `check_dce_ids`, and sigma > 0) in one
 // pass over the ids, raising the same ValueError as the Python checks (the
-// first bad id of x_t, then of x0, then a mask id in x0, then sigma). It
+// first bad id of x_t, then of x0, then a mask id in x0, then sigma), and of
+// the integration step (fastbound/integrate.py; sigma per sequence). It
 // replaces about a dozen small torch ops per call on CPU tensors; other devices
 // keep the Python checks (one sync). `fused_loss` (fused_loss_autograd.cpp) calls
 // it directly, without the dispatcher.
@@ -59,11 +60,13 @@ void check_loss_ids_cpu(const at::Tensor& x_t, const at::Tensor& x0, const std::
   TORCH_CHECK_VALUE(!has_mask || first_bad(x0p, n, [&](int64_t id) { return id == mask_id; }) == n,
                     "x0 contains the mask id ", mask_id, "; clean tokens cannot be masked");
   if (!sigma.has_value()) return;
-  TORCH_CHECK_VALUE(sigma->dim() == 1 && sigma->size(0) == n && sigma->is_contiguous() &&
+  // Per row (the losses) or per sequence (the integration step): any length.
+  TORCH_CHECK_VALUE(sigma->dim() == 1 && sigma->is_contiguous() &&
                         (sigma->scalar_type() == at::kFloat || sigma->scalar_type() == at::kDouble),
-                    "fastbound.check_loss_ids: sigma must be a contiguous (N,) float32 or float64 tensor");
-  const bool ok = sigma->scalar_type() == at::kFloat ? positive_finite(sigma->const_data_ptr<float>(), n)
-                                                     : positive_finite(sigma->const_data_ptr<double>(), n);
+                    "fastbound.check_loss_ids: sigma must be a contiguous 1-D float32 or float64 tensor");
+  const int64_t n_sigma = sigma->size(0);
+  const bool ok = sigma->scalar_type() == at::kFloat ? positive_finite(sigma->const_data_ptr<float>(), n_sigma)
+                                                     : positive_finite(sigma->const_data_ptr<double>(), n_sigma);
   TORCH_CHECK_VALUE(ok, "sigma must be positive and finite everywhere");
 }
 
