@@ -180,6 +180,24 @@ def _per_position(name: str, value: torch.Tensor, rows: int, cols: int, one_row:
     raise ValueError(f"{name} of shape {tuple(value.shape)} does not broadcast to x0's shape {(rows, cols)}")
 
 
+SMALL_HOST_VALUES = 64
+"""Host σ / λ tensors of at most this many values are converted to thresholds in Python."""
+_RANGE_MESSAGES = {"sigma": "sigma must be finite and >= 0 everywhere",
+                   "mask_ratio": "mask_ratio must lie in [0, 1] everywhere"}
+
+
+def _in_range(is_sigma: bool, value: float) -> bool:
+    """σ finite and ≥ 0, or λ in [0, 1] (NaN is neither)."""
+    return 0 <= value < math.inf if is_sigma else 0 <= value <= 1
+
+
+def _float_threshold(is_sigma: bool, value: float) -> int:
+    """ceil(p 2^24), p = 1 - e^{-σ} or λ in float64; an unchecked NaN gives 0, out of range clamps."""
+    p = -math.expm1(-value) if is_sigma else value
+    p = 0.0 if math.isnan(p) else min(max(p, 0.0), 1.0)
+    return math.ceil(p * 2**UNIFORM_BITS)
+
+
 def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: torch.device,
                checks: v.ValueChecks) -> torch.Tensor:
     """int32 T = ceil(p * 2^24) (the Bernoulli rule of philox.h), p = 1 - e^{-σ} or λ, as (B or 1, L or 1).
@@ -190,24 +208,27 @@ def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: to
     is_sigma = name == "sigma"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = float(value)
-        if is_sigma and not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"sigma must be finite and >= 0, got {value}")
-        if not is_sigma and not 0 <= value <= 1:
-            raise ValueError(f"mask_ratio must lie in [0, 1], got {value}")
-        p = -math.expm1(-value) if is_sigma else value
-        return torch.full((1, 1), math.ceil(p * 2**UNIFORM_BITS), dtype=torch.int32, device=device)
+        if not _in_range(is_sigma, value):
+            raise ValueError(f"sigma must be finite and >= 0, got {value}" if is_sigma
+                             else f"mask_ratio must lie in [0, 1], got {value}")
+        return torch.full((1, 1), _float_threshold(is_sigma, value), dtype=torch.int32, device=device)
     t = v.check_float_tensor(name, value)
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x0 is on {device}; move it to {device}")
-    # Contiguous: the kernels read the threshold with a unit column stride (a transposed sigma is not).
     p = _per_position(name, t.detach(), rows, cols, one_row)
+    if p.device.type in v.HOST_DEVICES and p.numel() <= SMALL_HOST_VALUES and v.eager(p):
+        # A few host values (one σ per sequence): Python floats, exactly as a float σ; the
+        # dozen torch ops of the general path would cost several times the kernel.
+        values = p.flatten().tolist()
+        if not all(_in_range(is_sigma, x) for x in values) and checks.active(p):
+            raise ValueError(_RANGE_MESSAGES[name])
+        return torch.tensor([_float_threshold(is_sigma, x) for x in values], dtype=torch.int32).view(p.shape)
+    # Contiguous: the kernels read the threshold with a unit column stride (a transposed sigma is not).
     p = p.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
     if p.numel() and checks.active(p):
         # NaN fails both comparisons.
-        if is_sigma:
-            checks.add(~((p >= 0) & (p < math.inf)), lambda: "sigma must be finite and >= 0 everywhere", name)
-        else:
-            checks.add(~((p >= 0) & (p <= 1)), lambda: "mask_ratio must lie in [0, 1] everywhere", name)
+        bad = ~((p >= 0) & (p < math.inf)) if is_sigma else ~((p >= 0) & (p <= 1))
+        checks.add(bad, lambda: _RANGE_MESSAGES[name], name)
     if is_sigma:
         p.neg_().expm1_().neg_()  # p = 1 - e^{-sigma}
     # Unchecked values (checks off, capture, tracing) get a defined threshold: a NaN would convert

@@ -15,6 +15,7 @@ import torch
 from conftest import TRITON_DEVICE
 from fastbound import noise, reference
 from fastbound.noise import NoiseStream, perturb, philox_words, sample_num_masked, sample_times
+from fastbound._validate import ValueChecks
 
 # Random123's published known-answer vectors for philox4x32_10: (counter, key, words).
 PHILOX_KAT = [
@@ -92,6 +93,26 @@ def test_perturb_sigma_matches_oracle(graph, dtype):
                             seed=11, offset=3)
     _assert_same(out, ref)
     assert out.x_t.dtype == dtype and out.mask.dtype == torch.bool
+
+
+@pytest.mark.parametrize("name", ["sigma", "mask_ratio"])
+def test_few_host_values_take_the_same_thresholds_as_many(name):
+    # Up to noise.SMALL_HOST_VALUES host values are converted in Python, more by torch ops: the
+    # same values give the same corruption either way, and the same errors.
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randint(0, 60, (6, 40), generator=gen)
+    level = torch.rand(6, generator=gen, dtype=torch.float64) * (3.0 if name == "sigma" else 1.0)
+    level[0] = 0.0
+    few = perturb(x0, **{name: level}, vocab_size=60, seed=5)
+    many = perturb(x0, **{name: level[:, None].expand(6, 40)}, vocab_size=60, seed=5)
+    assert level.numel() <= noise.SMALL_HOST_VALUES < x0.numel()
+    _assert_same(few, many)
+    thresholds = [noise._threshold(name, t, 6, 40, False, x0.device, ValueChecks())
+                  for t in (level, level[:, None].expand(6, 40))]
+    assert thresholds[0].shape == (6, 1) and torch.equal(thresholds[0].expand(6, 40), thresholds[1])
+    for bad in (-0.5, math.nan, math.inf if name == "sigma" else 1.5):
+        with pytest.raises(ValueError, match=name):
+            perturb(x0, **{name: torch.tensor([0.1, bad, 0.2, 0.3, 0.4, 0.5])}, vocab_size=60, seed=5)
 
 
 @pytest.mark.parametrize("level", ["sigma_per_token", "sigma_float", "sigma_column", "ratio_float", "ratio_rows"])
