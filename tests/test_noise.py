@@ -14,8 +14,8 @@ import torch
 
 from conftest import TRITON_DEVICE
 from fastbound import noise, reference
-from fastbound.noise import NoiseStream, perturb, philox_words, sample_num_masked, sample_times
 from fastbound._validate import ValueChecks
+from fastbound.noise import NoiseStream, perturb, philox_words, sample_num_masked, sample_times
 
 # Random123's published known-answer vectors for philox4x32_10: (counter, key, words).
 PHILOX_KAT = [
