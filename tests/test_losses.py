@@ -108,6 +108,22 @@ def test_sigma_per_token_and_scalar(graph):
     check_against_oracle(graph, score, tiny, x_t, x0)
 
 
+@pytest.mark.parametrize("graph", ["absorb", "uniform"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigma_runs_repeating_and_returning(graph, dtype):
+    # The CPU kernels keep the constants of the last sigma a task saw (csrc/cpu/loss_row_kernels.h,
+    # SigmaMemo): runs of one value, a return to an earlier one and both accumulation dtypes
+    # must each give their own row's constants.
+    score, _, x_t, x0 = make_case(graph, (2, 9), 23, dtype)
+    a, b, c = 0.05, 1.3, 7.0
+    sigma = torch.tensor([[a, a, b, a, b, b, c, a, c], [c, c, c, b, a, a, b, c, a]])
+    check_against_oracle(graph, score, sigma, x_t, x0)
+    integrated = fb.integrate_step(score, x_t, x0, sigma[:, 0].double(), None, torch.zeros(2, 2, dtype=torch.float64),
+                                   loss="dse", graph=graph)
+    expected = oracle(graph, score.double(), sigma[:, :1].expand(2, 9).double(), x_t, x0, reduction="none").sum(1)
+    torch.testing.assert_close(integrated[:, 0], expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("graph", KINDS)
 def test_weight_and_ignore_index(graph):
     score, sigma, x_t, x0 = make_case(graph, (3, 5), 23, torch.float32)

@@ -40,6 +40,7 @@ void chunk_sums(const at::Tensor& out, const at::Tensor& x_t, const at::Tensor& 
   const int64_t* x0p = x0.const_data_ptr<int64_t>();
   const double* sig = sigma.const_data_ptr<double>();
   at::parallel_for(0, static_cast<int64_t>(partial.size()), 1, [&](int64_t begin, int64_t end) {
+    RowFn task_fn = row_fn;  // the task's own copy (its memo of per-sigma constants)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / n_chunks, lo = (task % n_chunks) * rows_per_chunk;
       const int64_t hi = std::min(l, lo + rows_per_chunk);
@@ -48,7 +49,7 @@ void chunk_sums(const at::Tensor& out, const at::Tensor& x_t, const at::Tensor& 
         const int64_t pos = b * l + i;
         LossRow<scalar_t, acc_t> row{base + b * stride_b + i * stride_l, nullptr, v,
                                      static_cast<acc_t>(sig[b]), xt[pos], x0p[pos], acc_t(1)};
-        sum += static_cast<double>(row_fn(row));
+        sum += static_cast<double>(task_fn(row));
       }
       partial[task] = sum;
     }

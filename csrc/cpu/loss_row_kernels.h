@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -65,15 +66,43 @@ bool row_runs(RowRole role, const LossRow<scalar_t, acc_t>& row, int64_t mask_id
   TORCH_CHECK_VALUE(false, "fastbound: x0 contains the mask id ", mask_id);
 }
 
+// The sigma-only constants K of the last sigma a row function saw: the rows of one
+// sequence share sigma (SEDD's is per sequence), and the log / expm1 / exp behind K cost
+// as much as a row of a few hundred scores. Each parallel task runs its own copy of the
+// row function (loss_rows.h, integrate.cpp), so nothing is shared between threads. A NaN
+// sigma never equals the last one: its constants are recomputed (and stay NaN).
+template <template <typename> class K>
+class SigmaMemo {
+ public:
+  template <typename acc_t, typename Make>
+  const K<acc_t>& get(acc_t sigma, const Make& make) {
+    auto& slot = std::get<Slot<acc_t>>(slots_);
+    if (!(slot.sigma == sigma)) {
+      slot.k = make();
+      slot.sigma = sigma;
+    }
+    return slot.k;
+  }
+
+ private:
+  template <typename acc_t>
+  struct Slot {
+    acc_t sigma = std::numeric_limits<acc_t>::quiet_NaN();
+    K<acc_t> k;
+  };
+  std::tuple<Slot<float>, Slot<double>> slots_;
+};
+
 // Absorbing-graph score entropy (SEDD): only masked positions (x_t == mask_id) contribute.
 struct DseAbsorbRow : MaskIds {
   using MaskIds::MaskIds;
+  SigmaMemo<AbsorbRow> memo;
 
   template <typename scalar_t, typename acc_t>
-  acc_t operator()(const LossRow<scalar_t, acc_t>& row) const {
+  acc_t operator()(const LossRow<scalar_t, acc_t>& row) {
     const int64_t v = row.n_cols;
     if (!row_runs(role(row.x_t, row.x0, v, /*check_x_t=*/true), row, mask_id)) return acc_t(0);
-    const AbsorbRow<acc_t> k(row.sigma);
+    const AbsorbRow<acc_t>& k = memo.get(row.sigma, [&] { return AbsorbRow<acc_t>(row.sigma); });
     const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
     const auto sums = row_pass_skipping<scalar_t, acc_t>(row.score, row.grad, v, mask_id, acc_t(0), row.scale, acc_t(0));
     if (row.grad != nullptr) row.grad[row.x0] = static_cast<scalar_t>(row.scale * (exp_acc(s_x0) - k.r));
@@ -84,13 +113,15 @@ struct DseAbsorbRow : MaskIds {
 // Uniform-graph score entropy (SEDD): every position contributes.
 struct DseUniformRow {
   int64_t ignore_index;
+  SigmaMemo<UniformSigma> memo;  // one row length per call: sigma is the key
   explicit DseUniformRow(const LossSpec& spec) : ignore_index(spec.ignore_index) {}
 
   template <typename scalar_t, typename acc_t>
-  acc_t operator()(const LossRow<scalar_t, acc_t>& row) const {
+  acc_t operator()(const LossRow<scalar_t, acc_t>& row) {
     const int64_t v = row.n_cols;
     if (!row_runs(uniform_role(row.x_t, row.x0, v, ignore_index), row, -1)) return acc_t(0);
-    const UniformRow<acc_t> k(row.sigma, v, row.x_t == row.x0);
+    const auto& sigma_part = memo.get(row.sigma, [&] { return UniformSigma<acc_t>(row.sigma, v); });
+    const UniformRow<acc_t> k(sigma_part, v, row.x_t == row.x0);
     const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
     const auto sums = row_pass_skipping<scalar_t, acc_t>(row.score, row.grad, v, row.x_t, acc_t(0),
                                                          row.scale * k.inv_n, -row.scale * k.c * k.inv_n);
@@ -181,7 +212,7 @@ struct DceRow : MaskIds {
   using MaskIds::MaskIds;
 
   template <typename scalar_t, typename acc_t>
-  acc_t operator()(const LossRow<scalar_t, acc_t>& row) const {
+  acc_t operator()(const LossRow<scalar_t, acc_t>& row) {
     const int64_t v = row.n_cols;
     if (!row_runs(role(row.x_t, row.x0, v, /*check_x_t=*/false), row, mask_id)) return acc_t(0);
     const int64_t skip = mask_id < v ? mask_id : -1;

@@ -44,10 +44,11 @@ void for_each_row(const LossInputs& in, at::Tensor* grad, at::Tensor& loss, cons
   // About 64 KiB of scores per task keeps scheduling overhead negligible.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(v, 1));
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    RowFn task_fn = row_fn;  // the task's own copy (its memo of per-sigma constants)
     for (int64_t i = begin; i < end; ++i) {
       LossRow<scalar_t, acc_t> row{s + i * s_stride, g ? g + i * g_stride : nullptr, v,
                                    sig ? sig[i] : acc_t(0), xt[i], x0p[i], scl[i]};
-      out[i] = row_fn(row);
+      out[i] = task_fn(row);
     }
   });
 }

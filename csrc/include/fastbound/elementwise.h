@@ -178,6 +178,7 @@ template <typename acc_t>
 struct AbsorbRow {
   acc_t r;      // 1 / (e^sigma - 1)
   acc_t konst;  // r (log r - 1)
+  AbsorbRow() = default;  // unset (csrc/cpu/loss_row_kernels.h's SigmaMemo fills it before use)
   FB_HD explicit AbsorbRow(acc_t sigma) {
     const acc_t log_a = log_expm1(sigma);
     r = exp(-log_a);
@@ -199,20 +200,34 @@ struct AbsorbRow {
 // dl/ds_y = [y != x_t] (e^{s_y} - c) / N - [x_t != x0][y = x0] / a,
 // with c = rho if x_t == x0 else 1. Formed from 1/a = e^{-log_a} as
 // rho = 1 / (1 + N/a) and log rho = -log1p(N/a), finite for every sigma.
+// The constants of a row that depend on sigma and N only (the transcendental part).
+template <typename acc_t>
+struct UniformSigma {
+  acc_t inv_a, rho, log_rho;
+  UniformSigma() = default;  // unset, as AbsorbRow's
+  FB_HD UniformSigma(acc_t sigma, int64_t n_states) {
+    const acc_t n = static_cast<acc_t>(n_states);
+    inv_a = exp(-log_expm1(sigma));
+    log_rho = -log1p(n * inv_a);
+    rho = acc_t(1) / (acc_t(1) + n * inv_a);
+  }
+};
+
 template <typename acc_t>
 struct UniformRow {
   acc_t inv_n, inv_a, rho, c, konst;
   bool same;
-  FB_HD UniformRow(acc_t sigma, int64_t n_states, bool x_t_equals_x0) {
+  FB_HD UniformRow(acc_t sigma, int64_t n_states, bool x_t_equals_x0)
+      : UniformRow(UniformSigma<acc_t>(sigma, n_states), n_states, x_t_equals_x0) {}
+  FB_HD UniformRow(const UniformSigma<acc_t>& k, int64_t n_states, bool x_t_equals_x0) {
     const acc_t n = static_cast<acc_t>(n_states);
     inv_n = acc_t(1) / n;
-    inv_a = exp(-log_expm1(sigma));
-    const acc_t log_rho = -log1p(n * inv_a);
-    rho = acc_t(1) / (acc_t(1) + n * inv_a);
+    inv_a = k.inv_a;
+    rho = k.rho;
     same = x_t_equals_x0;
     c = same ? rho : acc_t(1);
-    konst = same ? (n - acc_t(1)) * inv_n * rho * (log_rho - acc_t(1))
-                 : ((-log_rho - acc_t(1)) / rho - (n - acc_t(2))) * inv_n;
+    konst = same ? (n - acc_t(1)) * inv_n * rho * (k.log_rho - acc_t(1))
+                 : ((-k.log_rho - acc_t(1)) / rho - (n - acc_t(2))) * inv_n;
   }
   // The gradient of every column other than x_t (and x0 when x_t != x0).
   FB_HD acc_t grad(acc_t e) const { return (e - c) * inv_n; }
