@@ -64,7 +64,7 @@ FB_INLINE bool block_is_normal(const scalar_t* s, int64_t n, float shift) {
 }
 
 // One row_pass over a row: its pointers and constants, and the vector steps.
-template <bool kWrite, typename scalar_t, typename out_t>
+template <bool kWrite, bool kScores, typename scalar_t, typename out_t>
 struct ExpPass {
   const scalar_t* s;
   out_t* g;
@@ -83,16 +83,16 @@ struct ExpPass {
       m = a > m ? a : m;
       const F e = kNormal ? exp_lanes_normal<L>(x) : exp_lanes<L>(x);
       add_lanes(sum_exp, e);
-      add_lanes(sum_score, v);
+      if constexpr (kScores) add_lanes(sum_score, v);
       if constexpr (kWrite) store_lanes<L>(g + i, scale * e + offset);
     }
   }
 };
 
-template <typename L, bool kWrite, typename scalar_t, typename out_t>
+template <typename L, bool kWrite, bool kScores, typename scalar_t, typename out_t>
 FB_INLINE RowSums<float> row_pass_lanes(const scalar_t* s, out_t* g, int64_t n, float shift, float scale,
                                         float offset) {
-  const ExpPass<kWrite, scalar_t, out_t> pass{s, g, shift, scale, offset};
+  const ExpPass<kWrite, kScores, scalar_t, out_t> pass{s, g, shift, scale, offset};
   f32x8 se{}, ss{};
   const int64_t n_vec = n - n % L::kWidth;
   // In place, the gradient overwrites the scores: each block is checked first
@@ -137,7 +137,7 @@ FB_INLINE RowSums<float> row_pass_lanes(const scalar_t* s, out_t* g, int64_t n, 
     const float v = to_acc(s[i]);
     const float e = exp_f32(v - shift);
     sum_exp += e;
-    sum_score += v;
+    if constexpr (kScores) sum_score += v;
     if constexpr (kWrite) g[i] = from_acc<out_t>(scale * e + offset);
   }
   return {sum_exp, sum_score};
@@ -188,10 +188,10 @@ FB_INLINE void row_rescale_lanes(const float* e, scalar_t* g, int64_t n, float f
 }
 
 // The 16-lane instances, for x86-64-v4 only (wide_lanes()).
-template <bool kWrite, typename scalar_t, typename out_t>
+template <bool kWrite, bool kScores, typename scalar_t, typename out_t>
 FB_CPU_WIDE RowSums<float> row_pass_wide(const scalar_t* s, out_t* g, int64_t n, float shift, float scale,
                                          float offset) {
-  return row_pass_lanes<VecLanes16, kWrite>(s, g, n, shift, scale, offset);
+  return row_pass_lanes<VecLanes16, kWrite, kScores>(s, g, n, shift, scale, offset);
 }
 
 template <typename scalar_t>
@@ -208,23 +208,23 @@ FB_CPU_WIDE void row_rescale_wide(const float* e, scalar_t* g, int64_t n, float 
 
 }  // namespace
 
-template <typename scalar_t, typename acc_t, typename out_t>
+template <bool kScores, typename scalar_t, typename acc_t, typename out_t>
 FB_CPU_CLONES RowSums<acc_t> row_pass(const scalar_t* s, out_t* g, int64_t n, acc_t shift, acc_t scale,
                                       acc_t offset) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (wide_lanes()) {
-      return g == nullptr ? row_pass_wide<false>(s, g, n, shift, scale, offset)
-                          : row_pass_wide<true>(s, g, n, shift, scale, offset);
+      return g == nullptr ? row_pass_wide<false, kScores>(s, g, n, shift, scale, offset)
+                          : row_pass_wide<true, kScores>(s, g, n, shift, scale, offset);
     }
-    return g == nullptr ? row_pass_lanes<VecLanes, false>(s, g, n, shift, scale, offset)
-                        : row_pass_lanes<VecLanes, true>(s, g, n, shift, scale, offset);
+    return g == nullptr ? row_pass_lanes<VecLanes, false, kScores>(s, g, n, shift, scale, offset)
+                        : row_pass_lanes<VecLanes, true, kScores>(s, g, n, shift, scale, offset);
   } else {
     acc_t sum_exp = 0, sum_score = 0;
     for (int64_t i = 0; i < n; ++i) {
       const acc_t v = to_acc(s[i]);
       const acc_t e = exp_acc(v - shift);
       sum_exp += e;
-      sum_score += v;
+      if constexpr (kScores) sum_score += v;
       if (g != nullptr) g[i] = from_acc<out_t>(scale * e + offset);
     }
     return {sum_exp, sum_score};
@@ -259,7 +259,10 @@ FB_CPU_CLONES void row_rescale(const acc_t* e, scalar_t* g, int64_t n, acc_t fac
 }
 
 #define FB_INSTANTIATE(scalar_t, acc_t)                                                                          \
-  template RowSums<acc_t> row_pass<scalar_t, acc_t>(const scalar_t*, scalar_t*, int64_t, acc_t, acc_t, acc_t);   \
+  template RowSums<acc_t> row_pass<true, scalar_t, acc_t>(const scalar_t*, scalar_t*, int64_t, acc_t, acc_t,     \
+                                                          acc_t);                                                \
+  template RowSums<acc_t> row_pass<false, scalar_t, acc_t>(const scalar_t*, scalar_t*, int64_t, acc_t, acc_t,    \
+                                                           acc_t);                                               \
   template acc_t row_max<scalar_t, acc_t>(const scalar_t*, int64_t);                                             \
   template void row_rescale<scalar_t, acc_t>(const acc_t*, scalar_t*, int64_t, acc_t);
 FB_INSTANTIATE(float, float)
@@ -268,9 +271,10 @@ FB_INSTANTIATE(c10::Half, float)
 FB_INSTANTIATE(c10::BFloat16, float)
 #undef FB_INSTANTIATE
 // The DCE's exponentials of 16-bit scores, kept in float.
-template RowSums<float> row_pass<c10::Half, float, float>(const c10::Half*, float*, int64_t, float, float, float);
-template RowSums<float> row_pass<c10::BFloat16, float, float>(const c10::BFloat16*, float*, int64_t, float, float,
-                                                              float);
+template RowSums<float> row_pass<false, c10::Half, float, float>(const c10::Half*, float*, int64_t, float, float,
+                                                                 float);
+template RowSums<float> row_pass<false, c10::BFloat16, float, float>(const c10::BFloat16*, float*, int64_t, float,
+                                                                     float, float);
 
 namespace {
 
