@@ -1,8 +1,11 @@
 // Branch-free conversions between the 16-bit float formats and float, written
-// with integer and float arithmetic only, once for one value and for the eight
-// lanes of a GCC vector (vectorize.h), so that the row loops convert with
+// with integer and float arithmetic only, once for one value and for the 8 or
+// 16 lanes of a GCC vector (vectorize.h), so that the row loops convert with
 // vector instructions at every x86-64 level (c10's own conversions do not
-// vectorise there). `load8` / `store8` move eight scores of any dtype as f32x8.
+// vectorise there), with the same formula, hence the same bits, at every width.
+// `load_lanes<L>` / `store_lanes<L>` move one vector of a lane policy L of
+// scores of any dtype as floats; `load8` / `store8` are the 8-lane ones.
+// (Not AVX512-BF16's vcvtneps2bf16: it flushes subnormals to zero.)
 //
 // bfloat16: the high half of a float; rounding to nearest even, NaN kept quiet.
 // IEEE half: the exponent-rebias method of M. Dukhan's FP16 library, which
@@ -28,6 +31,7 @@ FB_INLINE float bits_to_float(uint32_t u) {
   return f;
 }
 FB_INLINE f32x8 bits_to_float(u32x8 u) { return (f32x8)u; }
+FB_INLINE f32x16 bits_to_float(u32x16 u) { return (f32x16)u; }
 
 FB_INLINE uint32_t float_to_bits(float f) {
   uint32_t u;
@@ -35,9 +39,10 @@ FB_INLINE uint32_t float_to_bits(float f) {
   return u;
 }
 FB_INLINE u32x8 float_to_bits(f32x8 f) { return (u32x8)f; }
+FB_INLINE u32x16 float_to_bits(f32x16 f) { return (u32x16)f; }
 
-// U: uint32_t or u32x8 holding 16-bit patterns in the low half of each lane;
-// F: float or f32x8.
+// U: uint32_t, u32x8 or u32x16 holding 16-bit patterns in the low half of each
+// lane; F: float, f32x8 or f32x16.
 template <typename U>
 FB_INLINE auto bf16_bits_to_float(U h) {
   return bits_to_float(h << 16);
@@ -112,29 +117,73 @@ FB_INLINE c10::Half from_acc<c10::Half>(float x) {
   return c10::Half(static_cast<uint16_t>(float_to_half_bits(x)), c10::Half::from_bits());
 }
 
-// Eight consecutive scores as floats, and back (unaligned).
-FB_INLINE f32x8 load8(const float* p) {
-  f32x8 v;
+// L::kWidth consecutive scores as floats, and back (unaligned).
+template <typename L>
+FB_INLINE typename L::F load_lanes(const float* p) {
+  typename L::F v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-FB_INLINE u32x8 load8_bits(const void* p) {
-  u16x8 h;
-  std::memcpy(&h, p, sizeof h);
-  return __builtin_convertvector(h, u32x8);
+// 16-bit patterns zero-extended to 32-bit lanes, and back (the low half of
+// each lane). At 16 lanes as interleaves with zeros (x86 is little-endian):
+// one vpmovzxwd / vpmovdw each, where GCC 12 splits __builtin_convertvector
+// of this width into halves.
+FB_INLINE u32x8 widen(u16x8 h) { return __builtin_convertvector(h, u32x8); }
+FB_INLINE u32x16 widen(u16x16 h) {
+  const u16x16 z{};
+  return (u32x16)__builtin_shufflevector(h, z, 0, 16, 1, 16, 2, 16, 3, 16, 4, 16, 5, 16, 6, 16, 7, 16, 8, 16, 9, 16,
+                                         10, 16, 11, 16, 12, 16, 13, 16, 14, 16, 15, 16);
 }
-FB_INLINE f32x8 load8(const c10::BFloat16* p) { return bf16_bits_to_float(load8_bits(p)); }
-FB_INLINE f32x8 load8(const c10::Half* p) { return half_bits_to_float(load8_bits(p)); }
+FB_INLINE u16x8 narrow(u32x8 u) { return __builtin_convertvector(u, u16x8); }
+FB_INLINE u16x16 narrow(u32x16 u) {
+  const u16x32 w = (u16x32)u;
+  return __builtin_shufflevector(w, w, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+}
 
-FB_INLINE void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+template <typename L>
+FB_INLINE typename L::U load_lanes_bits(const void* p) {
+  typename L::H h;
+  std::memcpy(&h, p, sizeof h);
+  return widen(h);
+}
+template <typename L>
+FB_INLINE typename L::F load_lanes(const c10::BFloat16* p) {
+  return bf16_bits_to_float(load_lanes_bits<L>(p));
+}
+template <typename L>
+FB_INLINE typename L::F load_lanes(const c10::Half* p) {
+  return half_bits_to_float(load_lanes_bits<L>(p));
+}
 
-FB_INLINE void store8_bits(void* p, u32x8 bits) {
-  const u16x8 h = __builtin_convertvector(bits, u16x8);
+template <typename L>
+FB_INLINE void store_lanes(float* p, typename L::F v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+template <typename L>
+FB_INLINE void store_lanes_bits(void* p, typename L::U bits) {
+  const typename L::H h = narrow(bits);
   std::memcpy(p, &h, sizeof h);
 }
-FB_INLINE void store8(c10::BFloat16* p, f32x8 v) { store8_bits(p, float_to_bf16_bits(v)); }
-FB_INLINE void store8(c10::Half* p, f32x8 v) { store8_bits(p, float_to_half_bits(v)); }
+template <typename L>
+FB_INLINE void store_lanes(c10::BFloat16* p, typename L::F v) {
+  store_lanes_bits<L>(p, float_to_bf16_bits(v));
+}
+template <typename L>
+FB_INLINE void store_lanes(c10::Half* p, typename L::F v) {
+  store_lanes_bits<L>(p, float_to_half_bits(v));
+}
+
+// Eight consecutive scores as floats, and back.
+template <typename scalar_t>
+FB_INLINE f32x8 load8(const scalar_t* p) {
+  return load_lanes<VecLanes>(p);
+}
+template <typename scalar_t>
+FB_INLINE void store8(scalar_t* p, f32x8 v) {
+  store_lanes<VecLanes>(p, v);
+}
 
 }  // namespace cpu
 }  // namespace fastbound

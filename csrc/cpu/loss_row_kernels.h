@@ -29,13 +29,14 @@
 namespace fastbound {
 namespace cpu {
 
-// Sums of row_pass over the columns [0, n) except `skip`.
-template <typename scalar_t, typename acc_t>
+// Sums of row_pass over the columns [0, n) except `skip` (sum_score only with kScores).
+template <bool kScores, typename scalar_t, typename acc_t>
 RowSums<acc_t> row_pass_skipping(const scalar_t* s, scalar_t* g, int64_t n, int64_t skip, acc_t shift, acc_t scale,
                                  acc_t offset) {
   RowSums<acc_t> sums{0, 0};
   for_segments(n, skip, [&](int64_t lo, int64_t hi) {
-    const auto part = row_pass<scalar_t, acc_t>(s + lo, g ? g + lo : nullptr, hi - lo, shift, scale, offset);
+    const auto part =
+        row_pass<kScores, scalar_t, acc_t>(s + lo, g ? g + lo : nullptr, hi - lo, shift, scale, offset);
     sums.sum_exp += part.sum_exp;
     sums.sum_score += part.sum_score;
   });
@@ -104,7 +105,8 @@ struct DseAbsorbRow : MaskIds {
     if (!row_runs(role(row.x_t, row.x0, v, /*check_x_t=*/true), row, mask_id)) return acc_t(0);
     const AbsorbRow<acc_t>& k = memo.get(row.sigma, [&] { return AbsorbRow<acc_t>(row.sigma); });
     const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
-    const auto sums = row_pass_skipping<scalar_t, acc_t>(row.score, row.grad, v, mask_id, acc_t(0), row.scale, acc_t(0));
+    const auto sums =
+        row_pass_skipping<false, scalar_t, acc_t>(row.score, row.grad, v, mask_id, acc_t(0), row.scale, acc_t(0));
     if (row.grad != nullptr) row.grad[row.x0] = static_cast<scalar_t>(row.scale * (exp_acc(s_x0) - k.r));
     return row.scale * k.loss(sums.sum_exp, s_x0);
   }
@@ -123,8 +125,8 @@ struct DseUniformRow {
     const auto& sigma_part = memo.get(row.sigma, [&] { return UniformSigma<acc_t>(row.sigma, v); });
     const UniformRow<acc_t> k(sigma_part, v, row.x_t == row.x0);
     const acc_t s_x0 = static_cast<acc_t>(row.score[row.x0]);  // before an in-place pass overwrites it
-    const auto sums = row_pass_skipping<scalar_t, acc_t>(row.score, row.grad, v, row.x_t, acc_t(0),
-                                                         row.scale * k.inv_n, -row.scale * k.c * k.inv_n);
+    const auto sums = row_pass_skipping<true, scalar_t, acc_t>(row.score, row.grad, v, row.x_t, acc_t(0),
+                                                               row.scale * k.inv_n, -row.scale * k.c * k.inv_n);
     if (row.grad != nullptr && !k.same) {
       row.grad[row.x0] = static_cast<scalar_t>(row.scale * (k.grad(exp_acc(s_x0)) - k.inv_a));
     }
@@ -175,7 +177,7 @@ LogSumExp<acc_t> log_sum_exp(const scalar_t* s, int64_t n, int64_t skip, acc_t* 
   for_chunks(n, skip, [&](int64_t c, int64_t len) {
     acc_t* e_c = e ? e + c : nullptr;
     if (lazy && m != kNegInf) {
-      const acc_t part = row_pass<scalar_t, acc_t, acc_t>(s + c, e_c, len, m, acc_t(1), acc_t(0)).sum_exp;
+      const acc_t part = row_pass<false, scalar_t, acc_t, acc_t>(s + c, e_c, len, m, acc_t(1), acc_t(0)).sum_exp;
       if (sum + part <= acc_t(kLazyShiftSumBound)) {  // false for NaN
         sum += part;
         if (shifts) shifts[k++] = m;
@@ -190,7 +192,7 @@ LogSumExp<acc_t> log_sum_exp(const scalar_t* s, int64_t n, int64_t skip, acc_t* 
     }
     // With m = -inf the chunk holds only -inf and NaN: e^{s} adds 0, or NaN.
     const acc_t shift = m == kNegInf ? acc_t(0) : m;
-    sum += row_pass<scalar_t, acc_t, acc_t>(s + c, e_c, len, shift, acc_t(1), acc_t(0)).sum_exp;
+    sum += row_pass<false, scalar_t, acc_t, acc_t>(s + c, e_c, len, shift, acc_t(1), acc_t(0)).sum_exp;
     if (shifts) shifts[k++] = m;  // -inf marks a chunk whose e[] are all 0 (or NaN)
   });
   return {m, sum};

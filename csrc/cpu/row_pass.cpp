@@ -1,15 +1,22 @@
 // The vectorised row loops of the CPU loss kernels (row_pass.h), compiled
-// once per x86-64 level (FB_CPU_CLONES), and the ISA report (vectorize.h).
+// once per x86-64 level (FB_CPU_CLONES) on 8 lanes, and once more on 16 lanes
+// for AVX-512 CPUs (FB_CPU_WIDE, chosen by wide_lanes()); and the ISA report
+// (vectorize.h).
 //
-// Float accumulation (fp32 / bf16 / fp16 scores) runs on f32x8 lanes with the
+// Float accumulation (fp32 / bf16 / fp16 scores) runs on vector lanes with the
 // vector exp (fastbound::exp_lanes); blocks of 256 scores whose exponents all
 // lie in the normal range (the usual case) take exp_lanes_normal, which skips
-// the range fix-ups and gives the same values. The last < 8 columns take the scalar exp_f32 (same formula).
+// the range fix-ups and gives the same values. The 16-lane loops end with one
+// 8-lane step where 8 columns remain; the last < 8 columns take the scalar
+// exp_f32 (same formula). Both widths add into 8-lane sums in the same order
+// (add_lanes), so they give the same sums and the same values, bit for bit.
 // float64 keeps the scalar loop over libm's exp.
 #include "row_pass.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -21,51 +28,73 @@ namespace fastbound {
 namespace cpu {
 namespace {
 
-// The range check's unit.
+// The range check's unit (a multiple of every lane width).
 constexpr int64_t kBlock = 256;
+
+#define FB_INLINE inline __attribute__((always_inline))
 
 // The bits of |x| as int32: they order like the magnitudes and put inf and NaN
 // above every finite value.
-inline __attribute__((always_inline)) i32x8 abs_bits(f32x8 x) { return VecLanes::as_int(x) & 0x7FFFFFFF; }
+template <typename L>
+FB_INLINE typename L::I abs_bits(typename L::F x) {
+  return L::as_int(x) & 0x7FFFFFFF;
+}
 
 // Whether no lane of m (a running maximum of abs_bits) exceeds kExpNormalBound.
-inline __attribute__((always_inline)) bool all_normal(i32x8 m) {
+FB_INLINE bool all_normal(i32x8 m) {
   const i32x8 over = m > VecLanes::as_int(VecLanes::splat(kExpNormalBound));
   int32_t any = 0;
   for (int k = 0; k < kLanes; ++k) any |= over[k];
   return any == 0;
 }
+FB_INLINE bool all_normal(i32x16 m) {
+  const i32x8 lo = __builtin_shufflevector(m, m, 0, 1, 2, 3, 4, 5, 6, 7);
+  const i32x8 hi = __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15);
+  return all_normal(lo > hi ? lo : hi);
+}
 
-template <typename scalar_t>
-inline __attribute__((always_inline)) bool block_is_normal(const scalar_t* s, int64_t n, float shift) {
-  i32x8 m{};
-  for (int64_t k = 0; k < n; k += kLanes) {
-    const i32x8 a = abs_bits(load8(s + k) - shift);
+template <typename L, typename scalar_t>
+FB_INLINE bool block_is_normal(const scalar_t* s, int64_t n, float shift) {
+  typename L::I m{};
+  for (int64_t k = 0; k < n; k += L::kWidth) {
+    const typename L::I a = abs_bits<L>(load_lanes<L>(s + k) - shift);
     m = a > m ? a : m;
   }
   return all_normal(m);
 }
 
-template <bool kWrite, typename scalar_t, typename out_t>
-inline __attribute__((always_inline)) RowSums<float> row_pass_lanes(const scalar_t* s, out_t* g, int64_t n,
-                                                                    float shift, float scale, float offset) {
-  // One vector per step: the exp's multiplies bound the loop, the sums' adds have slack.
-  f32x8 se{}, ss{};
+// One row_pass over a row: its pointers and constants, and the vector steps.
+template <bool kWrite, bool kScores, typename scalar_t, typename out_t>
+struct ExpPass {
+  const scalar_t* s;
+  out_t* g;
+  float shift, scale, offset;
+
   // The vectors of [lo, hi) into the sums, with the full exp or (kNormal) the
-  // in-range one; the largest abs_bits(s - shift) seen goes into m.
-  auto steps = [&]<bool kNormal>(int64_t lo, int64_t hi, f32x8& sum_exp, f32x8& sum_score, i32x8& m) {
-    for (int64_t i = lo; i < hi; i += kLanes) {
-      const f32x8 v = load8(s + i);
-      const f32x8 x = v - shift;
-      const i32x8 a = abs_bits(x);
+  // in-range one; the largest abs_bits(s - shift) seen goes into m. One
+  // vector per step: the exp's multiplies bound the loop, the sums' adds have slack.
+  template <typename L, bool kNormal>
+  FB_INLINE void steps(int64_t lo, int64_t hi, f32x8& sum_exp, f32x8& sum_score, typename L::I& m) const {
+    using F = typename L::F;
+    for (int64_t i = lo; i < hi; i += L::kWidth) {
+      const F v = load_lanes<L>(s + i);
+      const F x = v - shift;
+      const typename L::I a = abs_bits<L>(x);
       m = a > m ? a : m;
-      const f32x8 e = kNormal ? exp_lanes_normal<VecLanes>(x) : exp_lanes<VecLanes>(x);
-      sum_exp += e;
-      sum_score += v;
-      if constexpr (kWrite) store8(g + i, scale * e + offset);
+      const F e = kNormal ? exp_lanes_normal<L>(x) : exp_lanes<L>(x);
+      add_lanes(sum_exp, e);
+      if constexpr (kScores) add_lanes(sum_score, v);
+      if constexpr (kWrite) store_lanes<L>(g + i, scale * e + offset);
     }
-  };
-  const int64_t n_vec = n - n % kLanes;
+  }
+};
+
+template <typename L, bool kWrite, bool kScores, typename scalar_t, typename out_t>
+FB_INLINE RowSums<float> row_pass_lanes(const scalar_t* s, out_t* g, int64_t n, float shift, float scale,
+                                        float offset) {
+  const ExpPass<kWrite, kScores, scalar_t, out_t> pass{s, g, shift, scale, offset};
+  f32x8 se{}, ss{};
+  const int64_t n_vec = n - n % L::kWidth;
   // In place, the gradient overwrites the scores: each block is checked first
   // (a second read from L1). Otherwise it takes the in-range exp, is checked
   // as it goes, and is computed again with the full exp when out of range
@@ -73,54 +102,129 @@ inline __attribute__((always_inline)) RowSums<float> row_pass_lanes(const scalar
   const bool check_first = kWrite && static_cast<const void*>(g) == static_cast<const void*>(s);
   int64_t i = 0;
   for (; i + kBlock <= n_vec; i += kBlock) {
-    i32x8 m{};
+    typename L::I m{};
     if (check_first) {
-      if (block_is_normal(s + i, kBlock, shift)) {
-        steps.template operator()<true>(i, i + kBlock, se, ss, m);
+      if (block_is_normal<L>(s + i, kBlock, shift)) {
+        pass.template steps<L, true>(i, i + kBlock, se, ss, m);
       } else {
-        steps.template operator()<false>(i, i + kBlock, se, ss, m);
+        pass.template steps<L, false>(i, i + kBlock, se, ss, m);
       }
       continue;
     }
     f32x8 block_se{};
-    steps.template operator()<true>(i, i + kBlock, block_se, ss, m);
+    pass.template steps<L, true>(i, i + kBlock, block_se, ss, m);
     if (all_normal(m)) {
       se += block_se;
     } else {
       f32x8 again{};
-      steps.template operator()<false>(i, i + kBlock, se, again, m);
+      pass.template steps<L, false>(i, i + kBlock, se, again, m);
     }
   }
   {
-    i32x8 m{};
-    steps.template operator()<false>(i, n_vec, se, ss, m);
+    typename L::I m{};
+    pass.template steps<L, false>(i, n_vec, se, ss, m);
+  }
+  i = n_vec;
+  if constexpr (L::kWidth > kLanes) {
+    if (n - i >= kLanes) {
+      i32x8 m{};
+      pass.template steps<VecLanes, false>(i, i + kLanes, se, ss, m);
+      i += kLanes;
+    }
   }
   float sum_exp = lane_sum(se), sum_score = lane_sum(ss);
-  for (i = n_vec; i < n; ++i) {
+  for (; i < n; ++i) {
     const float v = to_acc(s[i]);
     const float e = exp_f32(v - shift);
     sum_exp += e;
-    sum_score += v;
+    if constexpr (kScores) sum_score += v;
     if constexpr (kWrite) g[i] = from_acc<out_t>(scale * e + offset);
   }
   return {sum_exp, sum_score};
 }
 
+// The largest score, NaN-blind; float accumulation.
+template <typename L, typename scalar_t>
+FB_INLINE float row_max_lanes(const scalar_t* s, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  if constexpr (L::kWidth == kLanes) {
+    // Two vectors per step, so that the comparisons overlap.
+    f32x8 m0 = VecLanes::splat(m), m1 = m0;
+    for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+      const f32x8 v0 = load8(s + i), v1 = load8(s + i + kLanes);
+      m0 = v0 > m0 ? v0 : m0;  // NaN-blind: a NaN lane never replaces the maximum
+      m1 = v1 > m1 ? v1 : m1;
+    }
+    m = lane_max(m1, lane_max(m0, m));
+  } else {
+    // One 16-lane vector holds the 8-lane loop's two (m0, m1): the same maximum.
+    f32x16 m01 = VecLanes16::splat(m);
+    for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+      const f32x16 v = load_lanes<VecLanes16>(s + i);
+      m01 = v > m01 ? v : m01;
+    }
+    m = lane_max(m01, m);
+  }
+  for (; i < n; ++i) {
+    const float v = to_acc(s[i]);
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// g = factor * e, float accumulation.
+template <typename L, typename scalar_t>
+FB_INLINE void row_rescale_lanes(const float* e, scalar_t* g, int64_t n, float factor) {
+  int64_t i = 0;
+  for (; i + L::kWidth <= n; i += L::kWidth) store_lanes<L>(g + i, factor * load_lanes<L>(e + i));
+  if constexpr (L::kWidth > kLanes) {
+    if (n - i >= kLanes) {
+      store8(g + i, factor * load8(e + i));
+      i += kLanes;
+    }
+  }
+  for (; i < n; ++i) g[i] = from_acc<scalar_t>(factor * e[i]);
+}
+
+// The 16-lane instances, for x86-64-v4 only (wide_lanes()).
+template <bool kWrite, bool kScores, typename scalar_t, typename out_t>
+FB_CPU_WIDE RowSums<float> row_pass_wide(const scalar_t* s, out_t* g, int64_t n, float shift, float scale,
+                                         float offset) {
+  return row_pass_lanes<VecLanes16, kWrite, kScores>(s, g, n, shift, scale, offset);
+}
+
+template <typename scalar_t>
+FB_CPU_WIDE float row_max_wide(const scalar_t* s, int64_t n) {
+  return row_max_lanes<VecLanes16>(s, n);
+}
+
+template <typename scalar_t>
+FB_CPU_WIDE void row_rescale_wide(const float* e, scalar_t* g, int64_t n, float factor) {
+  row_rescale_lanes<VecLanes16>(e, g, n, factor);
+}
+
+#undef FB_INLINE
+
 }  // namespace
 
-template <typename scalar_t, typename acc_t, typename out_t>
+template <bool kScores, typename scalar_t, typename acc_t, typename out_t>
 FB_CPU_CLONES RowSums<acc_t> row_pass(const scalar_t* s, out_t* g, int64_t n, acc_t shift, acc_t scale,
                                       acc_t offset) {
   if constexpr (std::is_same_v<acc_t, float>) {
-    return g == nullptr ? row_pass_lanes<false>(s, g, n, shift, scale, offset)
-                        : row_pass_lanes<true>(s, g, n, shift, scale, offset);
+    if (wide_lanes()) {
+      return g == nullptr ? row_pass_wide<false, kScores>(s, g, n, shift, scale, offset)
+                          : row_pass_wide<true, kScores>(s, g, n, shift, scale, offset);
+    }
+    return g == nullptr ? row_pass_lanes<VecLanes, false, kScores>(s, g, n, shift, scale, offset)
+                        : row_pass_lanes<VecLanes, true, kScores>(s, g, n, shift, scale, offset);
   } else {
     acc_t sum_exp = 0, sum_score = 0;
     for (int64_t i = 0; i < n; ++i) {
       const acc_t v = to_acc(s[i]);
       const acc_t e = exp_acc(v - shift);
       sum_exp += e;
-      sum_score += v;
+      if constexpr (kScores) sum_score += v;
       if (g != nullptr) g[i] = from_acc<out_t>(scale * e + offset);
     }
     return {sum_exp, sum_score};
@@ -129,35 +233,36 @@ FB_CPU_CLONES RowSums<acc_t> row_pass(const scalar_t* s, out_t* g, int64_t n, ac
 
 template <typename scalar_t, typename acc_t>
 FB_CPU_CLONES acc_t row_max(const scalar_t* s, int64_t n) {
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  int64_t i = 0;
   if constexpr (std::is_same_v<acc_t, float>) {
-    f32x8 m0 = VecLanes::splat(m), m1 = m0;
-    for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-      const f32x8 v0 = load8(s + i), v1 = load8(s + i + kLanes);
-      m0 = v0 > m0 ? v0 : m0;  // NaN-blind: a NaN lane never replaces the maximum
-      m1 = v1 > m1 ? v1 : m1;
+    return wide_lanes() ? row_max_wide(s, n) : row_max_lanes<VecLanes>(s, n);
+  } else {
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t v = to_acc(s[i]);
+      m = v > m ? v : m;
     }
-    m = lane_max(m1, lane_max(m0, m));
+    return m;
   }
-  for (; i < n; ++i) {
-    const acc_t v = to_acc(s[i]);
-    m = v > m ? v : m;
-  }
-  return m;
 }
 
 template <typename scalar_t, typename acc_t>
 FB_CPU_CLONES void row_rescale(const acc_t* e, scalar_t* g, int64_t n, acc_t factor) {
-  int64_t i = 0;
   if constexpr (std::is_same_v<acc_t, float>) {
-    for (; i + kLanes <= n; i += kLanes) store8(g + i, factor * load8(e + i));
+    if (wide_lanes()) {
+      row_rescale_wide(e, g, n, factor);
+    } else {
+      row_rescale_lanes<VecLanes>(e, g, n, factor);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) g[i] = from_acc<scalar_t>(factor * e[i]);
   }
-  for (; i < n; ++i) g[i] = from_acc<scalar_t>(factor * e[i]);
 }
 
 #define FB_INSTANTIATE(scalar_t, acc_t)                                                                          \
-  template RowSums<acc_t> row_pass<scalar_t, acc_t>(const scalar_t*, scalar_t*, int64_t, acc_t, acc_t, acc_t);   \
+  template RowSums<acc_t> row_pass<true, scalar_t, acc_t>(const scalar_t*, scalar_t*, int64_t, acc_t, acc_t,     \
+                                                          acc_t);                                                \
+  template RowSums<acc_t> row_pass<false, scalar_t, acc_t>(const scalar_t*, scalar_t*, int64_t, acc_t, acc_t,    \
+                                                           acc_t);                                               \
   template acc_t row_max<scalar_t, acc_t>(const scalar_t*, int64_t);                                             \
   template void row_rescale<scalar_t, acc_t>(const acc_t*, scalar_t*, int64_t, acc_t);
 FB_INSTANTIATE(float, float)
@@ -166,15 +271,48 @@ FB_INSTANTIATE(c10::Half, float)
 FB_INSTANTIATE(c10::BFloat16, float)
 #undef FB_INSTANTIATE
 // The DCE's exponentials of 16-bit scores, kept in float.
-template RowSums<float> row_pass<c10::Half, float, float>(const c10::Half*, float*, int64_t, float, float, float);
-template RowSums<float> row_pass<c10::BFloat16, float, float>(const c10::BFloat16*, float*, int64_t, float, float,
-                                                              float);
+template RowSums<float> row_pass<false, c10::Half, float, float>(const c10::Half*, float*, int64_t, float, float,
+                                                                 float);
+template RowSums<float> row_pass<false, c10::BFloat16, float, float>(const c10::BFloat16*, float*, int64_t, float,
+                                                                     float, float);
+
+namespace {
+
+enum class IsaLevel { kBaseline, kAvx2, kAvx512 };
+
+// The CPU's x86-64 level, lowered to AVX2 by FASTBOUND_CPU_ISA=avx2 (vectorize.h).
+IsaLevel detect_level() {
+  IsaLevel level = IsaLevel::kBaseline;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+  if (__builtin_cpu_supports("x86-64-v4")) {
+    level = IsaLevel::kAvx512;
+  } else if (__builtin_cpu_supports("x86-64-v3")) {
+    level = IsaLevel::kAvx2;
+  }
+#endif
+  const char* forced = std::getenv("FASTBOUND_CPU_ISA");
+  if (forced != nullptr && std::strcmp(forced, "avx2") == 0 && level == IsaLevel::kAvx512) level = IsaLevel::kAvx2;
+  return level;
+}
+
+IsaLevel isa_level() {
+  static const IsaLevel level = detect_level();
+  return level;
+}
+
+}  // namespace
+
+bool wide_lanes() { return isa_level() == IsaLevel::kAvx512; }
 
 const char* isa_name() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-  if (__builtin_cpu_supports("x86-64-v4")) return "avx512";
-  if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
-#endif
+  switch (isa_level()) {
+    case IsaLevel::kAvx512:
+      return "avx512";
+    case IsaLevel::kAvx2:
+      return "avx2";
+    case IsaLevel::kBaseline:
+      break;
+  }
   return "baseline";
 }
 

@@ -19,7 +19,9 @@ struct RowSums {
   acc_t sum_score;
 };
 
-template <typename scalar_t, typename acc_t, typename out_t = scalar_t>
+// kScores: whether sum_score is wanted (the uniform graph's); without it
+// sum_score is 0 and the pass saves its adds (one in eight of the loop's vector ops).
+template <bool kScores, typename scalar_t, typename acc_t, typename out_t = scalar_t>
 RowSums<acc_t> row_pass(const scalar_t* s, out_t* g, int64_t n, acc_t shift, acc_t scale, acc_t offset);
 
 template <typename scalar_t, typename acc_t>
