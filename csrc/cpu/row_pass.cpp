@@ -6,10 +6,11 @@
 // Float accumulation (fp32 / bf16 / fp16 scores) runs on vector lanes with the
 // vector exp (fastbound::exp_lanes); blocks of 256 scores whose exponents all
 // lie in the normal range (the usual case) take exp_lanes_normal, which skips
-// the range fix-ups and gives the same values. The 16-lane loops end with one
-// 8-lane step where 8 columns remain; the last < 8 columns take the scalar
-// exp_f32 (same formula). Both widths add into 8-lane sums in the same order
-// (add_lanes), so they give the same sums and the same values, bit for bit.
+// the range fix-ups and gives the same values; the last, shorter block too (a
+// short row is one block). The 16-lane loops end with one 8-lane step where 8
+// columns remain; the last < 8 columns take one 8-lane step on a zero-padded
+// copy. Both widths add into 8-lane sums in the same order (add_lanes), so they
+// give the same sums and the same values, bit for bit.
 // float64 keeps the scalar loop over libm's exp.
 #include "row_pass.h"
 
@@ -87,6 +88,35 @@ struct ExpPass {
       if constexpr (kWrite) store_lanes<L>(g + i, scale * e + offset);
     }
   }
+
+  // [lo, mid) on L's lanes and [mid, hi) on 8 into the sums; whether every exponent was in
+  // the normal range.
+  template <typename L, bool kNormal>
+  FB_INLINE bool block(int64_t lo, int64_t mid, int64_t hi, f32x8& sum_exp, f32x8& sum_score) const {
+    typename L::I m{};
+    i32x8 m8{};
+    steps<L, kNormal>(lo, mid, sum_exp, sum_score, m);
+    steps<VecLanes, kNormal>(mid, hi, sum_exp, sum_score, m8);
+    return all_normal(m) && all_normal(m8);
+  }
+
+  // The last count < 8 columns from i: one 8-lane step on a zero-padded copy, the padding
+  // lanes left out of the sums and the store (a short row has one such tail per segment,
+  // and up to seven scalar exps cost several vector ones).
+  FB_INLINE void tail(int64_t i, int64_t count, f32x8& sum_exp, f32x8& sum_score) const {
+    scalar_t in[kLanes] = {};
+    std::memcpy(in, s + i, count * sizeof(scalar_t));
+    const f32x8 v = load8(in);
+    const i32x8 live = i32x8{0, 1, 2, 3, 4, 5, 6, 7} < static_cast<int32_t>(count);
+    const f32x8 e = live ? exp_lanes<VecLanes>(v - shift) : VecLanes::splat(0.0f);
+    sum_exp += e;
+    if constexpr (kScores) sum_score += live ? v : VecLanes::splat(0.0f);
+    if constexpr (kWrite) {
+      out_t out[kLanes];
+      store_lanes<VecLanes>(out, scale * e + offset);
+      std::memcpy(g + i, out, count * sizeof(out_t));
+    }
+  }
 };
 
 template <typename L, bool kWrite, bool kScores, typename scalar_t, typename out_t>
@@ -94,53 +124,36 @@ FB_INLINE RowSums<float> row_pass_lanes(const scalar_t* s, out_t* g, int64_t n, 
                                         float offset) {
   const ExpPass<kWrite, kScores, scalar_t, out_t> pass{s, g, shift, scale, offset};
   f32x8 se{}, ss{};
-  const int64_t n_vec = n - n % L::kWidth;
+  // Blocks of kBlock columns on L's lanes, the last one shorter (a short row is one block)
+  // and, on 16 lanes, ending in one 8-lane step where 8 columns remain: the 8-lane loop's
+  // blocks, with the same sums in the same order.
+  const int64_t n8 = n - n % kLanes, n_wide = n - n % L::kWidth;
   // In place, the gradient overwrites the scores: each block is checked first
   // (a second read from L1). Otherwise it takes the in-range exp, is checked
   // as it goes, and is computed again with the full exp when out of range
   // (rare: a score 87 away from the shift, inf or NaN).
   const bool check_first = kWrite && static_cast<const void*>(g) == static_cast<const void*>(s);
-  int64_t i = 0;
-  for (; i + kBlock <= n_vec; i += kBlock) {
-    typename L::I m{};
+  for (int64_t i = 0; i < n8; i += kBlock) {
+    const int64_t hi = std::min(i + kBlock, n8), mid = std::min(hi, n_wide);
     if (check_first) {
-      if (block_is_normal<L>(s + i, kBlock, shift)) {
-        pass.template steps<L, true>(i, i + kBlock, se, ss, m);
+      if (block_is_normal<L>(s + i, mid - i, shift) && block_is_normal<VecLanes>(s + mid, hi - mid, shift)) {
+        pass.template block<L, true>(i, mid, hi, se, ss);
       } else {
-        pass.template steps<L, false>(i, i + kBlock, se, ss, m);
+        pass.template block<L, false>(i, mid, hi, se, ss);
       }
       continue;
     }
     f32x8 block_se{};
-    pass.template steps<L, true>(i, i + kBlock, block_se, ss, m);
-    if (all_normal(m)) {
+    if (pass.template block<L, true>(i, mid, hi, block_se, ss)) {
       se += block_se;
     } else {
       f32x8 again{};
-      pass.template steps<L, false>(i, i + kBlock, se, again, m);
+      pass.template block<L, false>(i, mid, hi, se, again);
     }
   }
-  {
-    typename L::I m{};
-    pass.template steps<L, false>(i, n_vec, se, ss, m);
-  }
-  i = n_vec;
-  if constexpr (L::kWidth > kLanes) {
-    if (n - i >= kLanes) {
-      i32x8 m{};
-      pass.template steps<VecLanes, false>(i, i + kLanes, se, ss, m);
-      i += kLanes;
-    }
-  }
-  float sum_exp = lane_sum(se), sum_score = lane_sum(ss);
-  for (; i < n; ++i) {
-    const float v = to_acc(s[i]);
-    const float e = exp_f32(v - shift);
-    sum_exp += e;
-    if constexpr (kScores) sum_score += v;
-    if constexpr (kWrite) g[i] = from_acc<out_t>(scale * e + offset);
-  }
-  return {sum_exp, sum_score};
+  const int64_t i = n8;
+  if (i < n) pass.tail(i, n - i, se, ss);
+  return {lane_sum(se), lane_sum(ss)};
 }
 
 // The largest score, NaN-blind; float accumulation.
