@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -30,6 +31,10 @@
 #include "fastbound/continuous.h"
 #include "common/continuous_checks.h"
 #include "vectorize.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace fastbound {
 namespace cpu {
@@ -153,6 +158,69 @@ FB_CPU_CLONES double squared_error_f64(const scalar_t* __restrict eh, const scal
   return sum;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FB_V4_LOOP 1
+// squared_error_f64 on AVX-512 registers: GCC lowers the f32x8 -> f64x8 conversion of the
+// loop above in 4-lane halves that it then reassembles (and splits again for the f64x4
+// sums), several times the work of the one vcvtps2pd zmm each eight differences need, so
+// the float64 sum cost twice the loss's float32 pass. The lanes are those of the loop
+// above: `low` holds its (s0, s1) and `high` its (s2, s3), each added with one FMA as
+// there, and the final reduction is the same (s0 + s2) + (s1 + s3), so both loops return
+// the same bits.
+#define FB_V4 __attribute__((target("arch=x86-64-v4"), always_inline)) inline
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_cvtps_pd's unused _mm512_undefined_pd
+FB_V4 __m512d widen(f32x8 x) { return _mm512_cvtps_pd((__m256)x); }
+FB_V4 void add_squares(f32x8 a, f32x8 b, __m512d& sum) {
+  const __m512d diff = _mm512_sub_pd(widen(a), widen(b));
+  sum = _mm512_fmadd_pd(diff, diff, sum);
+}
+
+template <typename scalar_t>
+__attribute__((target("arch=x86-64-v4"))) double squared_error_f64_v4(const scalar_t* __restrict eh,
+                                                                      const scalar_t* __restrict e, int64_t n) {
+  __m512d low = _mm512_setzero_pd(), high = _mm512_setzero_pd();
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    if constexpr (sizeof(scalar_t) == 2) {
+      f32x8 e0, e1, h0, h1;
+      load16(e + i, e0, e1);
+      load16(eh + i, h0, h1);
+      add_squares(e0, h0, low);
+      add_squares(e1, h1, high);
+    } else {
+      add_squares(load8(e + i), load8(eh + i), low);
+      add_squares(load8(e + i + kLanes), load8(eh + i + kLanes), high);
+    }
+  }
+  const __m512d both = _mm512_add_pd(low, high);  // (s0 + s2, s1 + s3)
+  const f64x4 t = (f64x4)_mm256_add_pd(_mm512_castpd512_pd256(both), _mm512_extractf64x4_pd(both, 1));
+  double sum = (t[0] + t[2]) + (t[1] + t[3]);
+  for (; i < n; ++i) {
+    const double diff = static_cast<double>(to_acc(e[i])) - static_cast<double>(to_acc(eh[i]));
+    sum += diff * diff;
+  }
+  return sum;
+}
+#pragma GCC diagnostic pop
+#undef FB_V4
+
+// The level FB_CPU_CLONES picks (isa_name).
+bool has_v4() {
+  static const bool v4 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v4"));
+  return v4;
+}
+#endif
+
+// The float64 sum of (e - eh)^2: on AVX-512 registers where the CPU has them.
+template <typename scalar_t>
+inline double squared_error_wide(const scalar_t* eh, const scalar_t* e, int64_t n) {
+#ifdef FB_V4_LOOP
+  if (has_v4()) return squared_error_f64_v4(eh, e, n);
+#endif
+  return squared_error_f64(eh, e, n);
+}
+
 // float64 input (loss and integration step): kLanes scalar partial sums, same order rule.
 template <bool kGrad>
 double squared_error_double(const double* __restrict eh, const double* __restrict e, double* __restrict g,
@@ -183,7 +251,7 @@ inline double tile_sum(const scalar_t* eh, const scalar_t* e, scalar_t* g, int64
     return g != nullptr ? squared_error_double<true>(eh, e, g, n, scale)
                         : squared_error_double<false>(eh, e, nullptr, n, scale);
   } else if constexpr (kWide) {
-    return squared_error_f64(eh, e, n);
+    return squared_error_wide(eh, e, n);
   } else {
     return static_cast<double>(g != nullptr ? squared_error<true>(eh, e, g, n, scale)
                                             : squared_error<false>(eh, e, g, n, scale));
