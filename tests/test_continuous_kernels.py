@@ -587,3 +587,108 @@ def test_integrate_step_refuses_an_inference_acc_outside_inference_mode():
     with pytest.raises(RuntimeError, match="inference tensor"):
         integrate_step(eps_hat, eps, acc, weight=1.0)
     assert torch.equal(acc, before)
+
+
+# -----------------------------------------------------------------------------
+# The checked-signature path (`_args.signature`): a call like one already checked skips the
+# shape, dtype, device and backend checks, never the value checks
+# -----------------------------------------------------------------------------
+
+
+def count_full_checks(monkeypatch) -> list:
+    """Counts calls through the full argument checks (`_args.eps_pair`), from no signature checked."""
+    from fastbound.continuous import _args
+
+    monkeypatch.setattr(_args, "_CHECKED", {})
+    calls, eps_pair = [], _args.eps_pair
+    monkeypatch.setattr(_args, "eps_pair", lambda *a: calls.append(1) or eps_pair(*a))
+    return calls
+
+
+def full_path(monkeypatch) -> None:
+    from fastbound.continuous import _args
+
+    monkeypatch.setattr(_args, "checked_backend", lambda key: None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("regenerate", [False, True])
+def test_checked_signature_equals_the_full_path(monkeypatch, dtype, regenerate):
+    eps_hat = sample(4, 3 * 37, dtype, "cpu", seed=20).reshape(4, 3, 37)
+    eps = None if regenerate else sample(4, 3 * 37, dtype, "cpu", seed=21).reshape(4, 3, 37)
+    kwargs = dict(seed=5, offset=9) if regenerate else {}
+    weight = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
+
+    def run():
+        leaf = eps_hat.clone().requires_grad_()
+        loss = denoising_loss(leaf, eps, weight=weight.float() if dtype != torch.float64 else weight,
+                              reduction="mean", **kwargs)
+        (loss * 3).backward()
+        acc = torch.ones(4, 2, dtype=torch.float64)
+        version = acc._version
+        integrate_step(eps_hat, eps, acc, weight=weight, baseline=torch.full((4,), 7.0, dtype=torch.float64),
+                       **kwargs)
+        assert acc._version > version
+        acc_float = torch.zeros(4, 2, dtype=torch.float64)
+        integrate_step(eps_hat, eps, acc_float, weight=0.5, baseline=3.0, **kwargs)
+        return loss.detach(), leaf.grad, acc, acc_float
+
+    calls = count_full_checks(monkeypatch)
+    first = run()
+    assert len(calls) == 2  # the loss and the integration step (the weight is not in its signature)
+    checked = run()
+    assert len(calls) == 2
+    full_path(monkeypatch)
+    full = run()
+    assert len(calls) == 5
+    for got, want, ref in zip(checked, full, first):
+        assert torch.equal(got, want) and torch.equal(got, ref)
+
+
+def test_checked_signature_keeps_the_value_checks_and_autograd_rules(monkeypatch):
+    eps_hat, eps = torch.randn(2, 3), torch.randn(2, 3)
+    acc = torch.zeros(2, 2, dtype=torch.float64)
+    calls = count_full_checks(monkeypatch)
+    for _ in range(2):
+        integrate_step(eps_hat, eps, acc, weight=torch.ones(2, dtype=torch.float64),
+                       baseline=torch.zeros(2, dtype=torch.float64))
+        integrate_step(eps_hat, eps, acc, weight=1.0, baseline=0.0)
+        denoising_loss(eps_hat, None, seed=1)
+    n_full = len(calls)
+    before = acc.clone()
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="weight must be finite everywhere"):
+            integrate_step(eps_hat, eps, acc, weight=torch.tensor([1.0, bad], dtype=torch.float64),
+                           baseline=torch.zeros(2, dtype=torch.float64))
+        with pytest.raises(ValueError, match="baseline must be finite everywhere"):
+            integrate_step(eps_hat, eps, acc, weight=torch.ones(2, dtype=torch.float64),
+                           baseline=torch.tensor([0.0, bad], dtype=torch.float64))
+        with pytest.raises(ValueError, match="weight must be finite"):
+            integrate_step(eps_hat, eps, acc, weight=bad, baseline=0.0)
+    with pytest.raises(ValueError, match="seed must lie in"):
+        denoising_loss(eps_hat, None, seed=-1)
+    assert len(calls) == n_full  # all on the checked path
+    assert torch.equal(acc, before)
+    # A product that overflows (finite values) is no error: each tensor is then checked alone.
+    big = torch.full((2,), 1e200, dtype=torch.float64)
+    integrate_step(eps_hat, eps, acc, weight=big, baseline=big)
+    with pytest.raises(ValueError, match="one row per"):  # another signature: checked again
+        integrate_step(eps_hat, eps, torch.zeros(3, 2, dtype=torch.float64), weight=1.0)
+    with torch.inference_mode():
+        inference_acc = torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        integrate_step(eps_hat, eps, inference_acc, weight=1.0, baseline=0.0)
+    # The loss: retain_graph (a new tensor each backward), inference mode, differentiable once.
+    leaf = eps_hat.clone().requires_grad_()
+    for _ in range(2):
+        loss = denoising_loss(leaf, eps, reduction="sum")
+    loss.backward(retain_graph=True)
+    first = leaf.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, 2 * first)
+    torch.testing.assert_close(first, eps_hat - eps)
+    with torch.inference_mode():
+        torch.testing.assert_close(denoising_loss(leaf, eps, reduction="sum"), loss.detach())
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(denoising_loss(leaf, eps, reduction="sum"), leaf, create_graph=True)
+    assert len(calls) == n_full + 2  # the 3-row acc and the loss's first call with eps

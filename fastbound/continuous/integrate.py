@@ -48,24 +48,43 @@ def integrate_step(
 
     Runs without autograd; bumps ``acc``'s version.
     """
-    flat, eps_rows, seed_bits, offset_bits = _args.eps_pair(eps_hat, eps, seed, offset, "integrate_step")
-    acc = v.check_float_tensor("acc", acc, (torch.float64,))
-    if acc.dim() != 2 or acc.shape[1] != 2 or not acc.is_contiguous():
-        raise ValueError(f"acc must be a contiguous (n_slots, 2) float64 tensor, got shape {tuple(acc.shape)}")
-    device, n = flat.device, flat.shape[0]
-    v.check_same_device(device, acc=acc, index=index)
-    eager = v.eager(flat, acc)
-    if index is None:
-        if acc.shape[0] != n:
-            raise ValueError(f"acc must have one row per sample ({n}) when index is not given, got {acc.shape[0]}")
+    key = None
+    if (type(acc) in v.PLAIN and not acc.is_nested and not torch._is_functional_tensor(acc) and index is None
+            and weight is not None):  # acc: what its checks read
+        key = _args.signature("integrate_step", eps_hat, eps, seed, offset, backend, acc.dtype, acc.shape,
+                              acc.device, acc.layout, acc.is_contiguous())
+    kernel_backend = _args.checked_backend(key)
+    if kernel_backend is not None:  # an eager CPU call like one already checked: the value checks only
+        flat, eps_rows, seed_bits, offset_bits = _args.checked_pair(eps_hat, eps, seed, offset)
+        device, n, eager = flat.device, flat.shape[0], True
     else:
-        index = v.check_ids("index", index, torch.Size([n])).long().contiguous()
-        _args.check_index(index, acc.shape[0], eager)
-    kernel_backend = _backend.select(device, backend)
-    if weight is None:
-        raise ValueError("weight is required (pass 1.0 for an unweighted sum)")
-    w = _args.per_sample("weight", weight, n, torch.float64, device, eager=eager)
-    c = None if baseline is None else _args.per_sample("baseline", baseline, n, torch.float64, device, eager=eager)
+        flat, eps_rows, seed_bits, offset_bits = _args.eps_pair(eps_hat, eps, seed, offset, "integrate_step")
+        acc = v.check_float_tensor("acc", acc, (torch.float64,))
+        if acc.dim() != 2 or acc.shape[1] != 2 or not acc.is_contiguous():
+            raise ValueError(f"acc must be a contiguous (n_slots, 2) float64 tensor, got shape {tuple(acc.shape)}")
+        device, n = flat.device, flat.shape[0]
+        v.check_same_device(device, acc=acc, index=index)
+        eager = v.eager(flat, acc)
+        if index is None:
+            if acc.shape[0] != n:
+                raise ValueError(f"acc must have one row per sample ({n}) when index is not given, got {acc.shape[0]}")
+        else:
+            index = v.check_ids("index", index, torch.Size([n])).long().contiguous()
+            _args.check_index(index, acc.shape[0], eager)
+        kernel_backend = _backend.select(device, backend)
+        if weight is None:
+            raise ValueError("weight is required (pass 1.0 for an unweighted sum)")
+        _args.remember(key, kernel_backend)
+    # Tensors' finiteness is read once for both (`_args.check_finite_rows`); floats are checked on the host.
+    w = _args.per_sample("weight", weight, n, torch.float64, device, eager=eager,
+                         finite=not isinstance(weight, torch.Tensor))
+    c = None if baseline is None else _args.per_sample("baseline", baseline, n, torch.float64, device, eager=eager,
+                                                       finite=not isinstance(baseline, torch.Tensor))
+    rows = {"weight": w} if isinstance(weight, torch.Tensor) else {}
+    if isinstance(baseline, torch.Tensor):
+        rows["baseline"] = c
+    if rows:
+        _args.check_finite_rows(rows, eager)
     run(kernel_backend, flat, eps_rows, acc, w, c, index, seed_bits, offset_bits, eager)
 
 

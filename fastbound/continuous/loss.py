@@ -48,11 +48,18 @@ def denoising_loss(
 
     The loss is float32 (float64 for float64 eps_hat); the gradient has eps_hat's dtype.
     """
-    if reduction not in REDUCTIONS:
-        v.check_choice("reduction", reduction, REDUCTIONS)
-    flat, eps_rows, seed_bits, offset_bits = _args.eps_pair(eps_hat, eps, seed, offset, "denoising_loss")
-    kernel_backend = _backend.select(flat.device, backend)
-    eager = v.eager(flat)
+    key = _args.signature("denoising_loss", eps_hat, eps, seed, offset, backend, type(reduction) is str and reduction)
+    kernel_backend = _args.checked_backend(key)
+    if kernel_backend is not None:  # an eager CPU call like one already checked: the value checks only
+        flat, eps_rows, seed_bits, offset_bits = _args.checked_pair(eps_hat, eps, seed, offset)
+        eager = True
+    else:
+        if reduction not in REDUCTIONS:
+            v.check_choice("reduction", reduction, REDUCTIONS)
+        flat, eps_rows, seed_bits, offset_bits = _args.eps_pair(eps_hat, eps, seed, offset, "denoising_loss")
+        kernel_backend = _backend.select(flat.device, backend)
+        eager = v.eager(flat)
+        _args.remember(key, kernel_backend)
     acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
     n = flat.shape[0]
     scale = _args.per_sample("weight", weight, n, acc, flat.device, default=1.0,
