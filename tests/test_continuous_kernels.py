@@ -692,3 +692,79 @@ def test_checked_signature_keeps_the_value_checks_and_autograd_rules(monkeypatch
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(denoising_loss(leaf, eps, reduction="sum"), leaf, create_graph=True)
     assert len(calls) == n_full + 2  # the 3-row acc and the loss's first call with eps
+
+
+def count_cpu_loss(monkeypatch) -> list:
+    """Counts the loss calls through the one C++ op ``continuous_loss`` (`_ops.cpu_loss`)."""
+    from fastbound.continuous import _ops
+
+    calls, cpu_loss = [], _ops.cpu_loss
+    monkeypatch.setattr(_ops, "cpu_loss", lambda *a: calls.append(1) or cpu_loss(*a))
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_cpu_loss_op_backward_forms(monkeypatch, reduction):
+    """The C++ backward: a unit upstream hands out the forward's buffer (the leaf's grad is that
+    memory), any other upstream rescales it per row, a retained graph gets a new tensor each time;
+    all as the full path and the oracle."""
+    calls = count_full_checks(monkeypatch)
+    cpu_calls = count_cpu_loss(monkeypatch)
+    eps_hat, eps = torch.randn(5, 2, 7), torch.randn(5, 2, 7)
+    weight = torch.tensor([1.0, 2.0, 0.5, 0.0, 3.0])
+    upstreams = [torch.ones(5), torch.arange(5.0) - 1] if reduction == "none" else [torch.tensor(1.0),
+                                                                                     torch.tensor(-2.5)]
+    denoising_loss(eps_hat, eps, weight=weight, reduction=reduction)  # checks the signature
+    for upstream in upstreams:
+        leaf, ref_leaf = eps_hat.clone().requires_grad_(), eps_hat.clone().requires_grad_()
+        loss = denoising_loss(leaf, eps, weight=weight, reduction=reduction)
+        ref = R.denoising_loss(ref_leaf, eps, weight=weight, reduction=reduction)
+        torch.testing.assert_close(loss, ref)
+        loss.backward(upstream, retain_graph=True)
+        ref.backward(upstream)
+        torch.testing.assert_close(leaf.grad, ref_leaf.grad)
+        retained = leaf.grad.clone()
+        leaf.grad = None
+        loss.backward(upstream)
+        torch.testing.assert_close(leaf.grad, retained)
+        leaf.grad = None
+        loss = denoising_loss(leaf, eps, weight=weight, reduction=reduction)
+        loss.backward(upstream)
+        torch.testing.assert_close(leaf.grad, retained)
+    assert len(calls) == 1 and len(cpu_calls) == 4
+    leaf = eps_hat.clone().requires_grad_()
+    with torch.no_grad():
+        assert not denoising_loss(leaf, eps, weight=weight, reduction=reduction).requires_grad
+    with torch.inference_mode():
+        torch.testing.assert_close(denoising_loss(leaf, eps, weight=weight, reduction=reduction),
+                                   R.denoising_loss(eps_hat, eps, weight=weight, reduction=reduction))
+    assert len(cpu_calls) == 6
+
+
+def test_cpu_loss_op_flattens_any_strides_and_means_no_sample_as_nan(monkeypatch):
+    cpu_calls = count_cpu_loss(monkeypatch)
+    eps_hat = torch.randn(3, 4, 5).transpose(1, 2)  # not contiguous: flattened to a copy
+    for _ in range(2):
+        leaf = eps_hat.detach().requires_grad_()
+        loss = denoising_loss(leaf, seed=3, offset=1)
+        grad_fn = loss.grad_fn
+        loss.backward()
+    assert len(cpu_calls) == 1 and "ContinuousLoss" in grad_fn.name()
+    ref_leaf = eps_hat.detach().clone().requires_grad_()
+    R.denoising_loss(ref_leaf, seed=3, offset=1).backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad)
+    assert leaf.grad.shape == eps_hat.shape
+    empty = torch.zeros(0, 3)
+    for _ in range(2):
+        assert denoising_loss(empty, empty).isnan()
+        assert denoising_loss(empty, empty, reduction="sum").item() == 0
+    assert len(cpu_calls) == 3
+
+
+def test_cpu_loss_opcheck():
+    per_row = torch.rand(3)
+    for eps in (torch.randn(3, 2, 5), None):
+        for reduction in (0, 1, 2):
+            torch.library.opcheck(torch.ops.fastbound.continuous_loss.default,
+                                  (torch.randn(3, 2, 5, requires_grad=True), eps, per_row, 7, 11, reduction),
+                                  test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

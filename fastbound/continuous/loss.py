@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from .. import _backend
+from .. import _ops as _discrete_ops
 from .. import _validate as v
 from . import _args, _ops
 
@@ -51,6 +52,9 @@ def denoising_loss(
     key = _args.signature("denoising_loss", eps_hat, eps, seed, offset, backend, type(reduction) is str and reduction)
     kernel_backend = _args.checked_backend(key)
     if kernel_backend is not None:  # an eager CPU call like one already checked: the value checks only
+        if kernel_backend == "cpu" and not _discrete_ops.forward_mode() and not (
+                isinstance(weight, torch.Tensor) and weight.requires_grad):
+            return _cpu_loss(eps_hat, eps, weight, reduction, seed, offset)
         flat, eps_rows, seed_bits, offset_bits = _args.checked_pair(eps_hat, eps, seed, offset)
         eager = True
     else:
@@ -60,13 +64,26 @@ def denoising_loss(
         kernel_backend = _backend.select(flat.device, backend)
         eager = v.eager(flat)
         _args.remember(key, kernel_backend)
-    acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
-    n = flat.shape[0]
-    scale = _args.per_sample("weight", weight, n, acc, flat.device, default=1.0,
-                             factor=1.0 / n if reduction == "mean" and n else 1.0, eager=eager)
-    loss = _ops.denoising_loss(kernel_backend, flat, eps_rows, scale, seed_bits, offset_bits, eager)
+    loss = _ops.denoising_loss(kernel_backend, flat, eps_rows, _scale(weight, flat, reduction, eager), seed_bits,
+                               offset_bits, eager)
     if reduction == "none":
         return loss
-    if reduction == "mean" and n == 0:
+    if reduction == "mean" and flat.shape[0] == 0:
         return loss.mean()  # NaN, as torch's mean of nothing (and the oracle's)
     return loss.sum()  # for "mean" the 1/B is in the scale
+
+
+def _cpu_loss(eps_hat: torch.Tensor, eps: torch.Tensor | None, weight: float | torch.Tensor | None, reduction: str,
+              seed: int | None, offset: int) -> torch.Tensor:
+    """`denoising_loss` of a checked eager CPU call through the one C++ op (`_ops.cpu_loss`)."""
+    seed_bits, offset_bits = _args.seed_offset(seed, offset) if eps is None else (0, 0)
+    return _ops.cpu_loss(eps_hat, eps, _scale(weight, eps_hat, reduction, True), seed_bits, offset_bits,
+                         REDUCTIONS.index(reduction))
+
+
+def _scale(weight: float | torch.Tensor | None, eps_hat: torch.Tensor, reduction: str, eager: bool) -> torch.Tensor:
+    """The kernels' row scale: w_b (default 1), times 1/B for the mean, in the compute type."""
+    n = eps_hat.shape[0]
+    acc = torch.float64 if eps_hat.dtype == torch.float64 else torch.float32
+    return _args.per_sample("weight", weight, n, acc, eps_hat.device, default=1.0,
+                            factor=1.0 / n if reduction == "mean" and n else 1.0, eager=eager)
