@@ -695,8 +695,11 @@ def test_checked_signature_keeps_the_value_checks_and_autograd_rules(monkeypatch
 
 
 def count_cpu_loss(monkeypatch) -> list:
-    """Counts the loss calls through the one C++ op ``continuous_loss`` (`_ops.cpu_loss`)."""
-    from fastbound.continuous import _ops
+    """Counts the loss calls through the one C++ op ``continuous_loss`` (`_ops.cpu_loss`), from no
+    signature checked."""
+    from fastbound.continuous import _args, _ops
+
+    monkeypatch.setattr(_args, "_CHECKED", {})
 
     calls, cpu_loss = [], _ops.cpu_loss
     monkeypatch.setattr(_ops, "cpu_loss", lambda *a: calls.append(1) or cpu_loss(*a))
