@@ -771,3 +771,38 @@ def test_cpu_loss_opcheck():
             torch.library.opcheck(torch.ops.fastbound.continuous_loss.default,
                                   (torch.randn(3, 2, 5, requires_grad=True), eps, per_row, 7, 11, reduction),
                                   test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_cpu_integrate_op_forms(monkeypatch):
+    """``continuous_integrate`` (the checked CPU call): float and (B,) float64 weight and baseline,
+    no baseline, regenerated eps, an eps_hat that requires grad, inference mode; as the full path.
+    Other forms (a float32 or (1,) weight) take the Python path."""
+    from fastbound.continuous import _ops
+
+    calls = count_full_checks(monkeypatch)
+    cpu_calls, cpu_integrate = [], _ops.cpu_integrate
+    monkeypatch.setattr(_ops, "cpu_integrate", lambda *a: cpu_calls.append(1) or cpu_integrate(*a))
+    eps_hat, eps = torch.randn(3, 2, 5).transpose(1, 2), torch.randn(3, 5, 2)
+    weight, baseline = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), torch.tensor([3.0, -1.0, 0.0],
+                                                                                        dtype=torch.float64)
+    forms = [dict(weight=weight, baseline=baseline), dict(weight=2.0), dict(weight=1, baseline=-0.5),
+             dict(weight=weight.float()), dict(weight=weight[:1].clone(), baseline=baseline)]
+    for e, seed in ((eps, None), (None, 4)):
+        for form in forms:
+            want = torch.ones(3, 2, dtype=torch.float64)
+            R.integrate_step(eps_hat, e, want, seed=seed, **form)
+            for _ in range(2):
+                acc = torch.ones(3, 2, dtype=torch.float64)
+                version = acc._version
+                integrate_step(eps_hat.requires_grad_(), e, acc, seed=seed, **form)
+                assert acc._version > version
+                torch.testing.assert_close(acc, want, rtol=1e-5 if seed else 1e-12, atol=1e-9)
+                eps_hat = eps_hat.detach()
+    assert len(calls) == 2 and len(cpu_calls) == 2 * (2 * 3 - 1)  # the first call of each eps checks
+    with torch.inference_mode():
+        acc = torch.ones(3, 2, dtype=torch.float64)
+        integrate_step(eps_hat, eps, acc, weight=2.0)
+    assert len(cpu_calls) == 2 * 5 + 1
+    torch.library.opcheck(torch.ops.fastbound.continuous_integrate.default,
+                          (eps_hat, eps, torch.zeros(3, 2, dtype=torch.float64), weight, 0.0, None, 1.5, 7, 11),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -4,7 +4,9 @@
 // no forward-mode AD and a weight that needs no gradient). It flattens eps_hat (and eps) to
 // (B, d) rows, runs continuous_denoising_loss and the reduction; `loss.backward()` never
 // enters Python. At image sizes (256 x 3x32x32) the Python autograd.Function's apply and
-// backward around the kernel cost about as much as the kernel itself.
+// backward around the kernel cost about as much as the kernel itself. `continuous_integrate`
+// is integrate_step's such call (fastbound/continuous/integrate.py): the weight and baseline
+// value checks, the kernel and acc's version bump, for the Python layer's 10 us.
 //
 // The backward is `fastbound._ops.chain_rows`, as in fused_loss_autograd.cpp: the first
 // backward of a graph that is freed rescales the saved gradient in place with `scale_rows_`
@@ -18,6 +20,7 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -139,11 +142,56 @@ at::Tensor continuous_loss_cpu(const at::Tensor& eps_hat, const std::optional<at
   return reduce(std::get<0>(run_kernel(eps_hat, Args{eps, scale, seed, offset}, false)), reduction);
 }
 
+// A weight or baseline tensor's value check on the host (`fastbound.continuous._args.check_finite`).
+void check_finite(const at::Tensor& t, const char* name) {
+  const double* p = t.const_data_ptr<double>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(p[i]), name, " must be finite everywhere (it holds NaN or infinity)");
+  }
+}
+
+// The (B,) float64 rows of a checked tensor, or of a float for every sample.
+at::Tensor per_row(const std::optional<at::Tensor>& t, double value, int64_t n, const char* name) {
+  if (!t.has_value()) return at::full({n}, value, at::TensorOptions().dtype(at::kDouble));
+  check_finite(*t, name);
+  return *t;
+}
+
+// integrate_step's checked call: the value checks, continuous_integrate_step, acc's version bump
+// (a custom op's write below autograd does not bump it). Registered for CPU and AutogradCPU alike:
+// it records nothing for autograd (eps_hat may require grad).
+void continuous_integrate(const at::Tensor& eps_hat, const std::optional<at::Tensor>& eps, at::Tensor& acc,
+                          const std::optional<at::Tensor>& weight, double weight_value,
+                          const std::optional<at::Tensor>& baseline, double baseline_value, int64_t seed,
+                          int64_t offset) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastbound::continuous_integrate_step", "")
+      .typed<void(const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&, const at::Tensor&,
+                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, int64_t)>();
+  const int64_t n = eps_hat.size(0);
+  const at::Tensor w = per_row(weight, weight_value, n, "weight");
+  // No baseline is a baseline of 0 (S - 0.0 is S, also for -0.0 and NaN).
+  const std::optional<at::Tensor> c = baseline.has_value() || baseline_value != 0.0
+                                          ? std::optional<at::Tensor>(per_row(baseline, baseline_value, n, "baseline"))
+                                          : std::nullopt;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const std::optional<at::Tensor> e = eps.has_value() ? std::optional<at::Tensor>(rows(*eps)) : std::nullopt;
+    op.call(rows(eps_hat), e, acc, w, c, std::nullopt, seed, offset);
+  }
+  acc.unsafeGetTensorImpl()->bump_version();
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastbound, AutogradCPU, m) { m.impl("continuous_loss", continuous_loss_autograd); }
+TORCH_LIBRARY_IMPL(fastbound, AutogradCPU, m) {
+  m.impl("continuous_loss", continuous_loss_autograd);
+  m.impl("continuous_integrate", continuous_integrate);
+}
 
-TORCH_LIBRARY_IMPL(fastbound, CPU, m) { m.impl("continuous_loss", continuous_loss_cpu); }
+TORCH_LIBRARY_IMPL(fastbound, CPU, m) {
+  m.impl("continuous_loss", continuous_loss_cpu);
+  m.impl("continuous_integrate", continuous_integrate);
+}
 
 }  // namespace cpu
 }  // namespace fastbound

@@ -210,6 +210,19 @@ def remember(key: tuple | None, backend: str) -> None:
     _CHECKED[key] = backend
 
 
+def host_row(value: object, n: int) -> tuple[torch.Tensor | None, float] | None:
+    """(tensor or None, float) as the C++ CPU ops take a weight or baseline: a finite float, or a
+    (B,) float64 CPU tensor that needs no gradient (its finiteness the op checks); None: any other
+    form, for `per_sample` (which names what is wrong)."""
+    kind = type(value)
+    if kind is float or kind is int:
+        return (None, float(value)) if math.isfinite(value) else None
+    if (kind in v.PLAIN and value.dtype == torch.float64 and value.shape == (n,) and value.device.type == "cpu"
+            and not value.requires_grad and value.is_contiguous()):
+        return value, 0.0
+    return None
+
+
 def checked_pair(eps_hat: torch.Tensor, eps: torch.Tensor | None, seed: object, offset: object):
     """`eps_pair`'s result for a call whose `signature` is checked: only the seed and offset values."""
     if eps is None:

@@ -10,7 +10,8 @@ kernels registered as ``<name>_triton`` in ``fastbound/triton_kernels/continuous
   broadcast-1 upstream).
 * ``continuous_loss``: the loss and its reduction in one op with a C++ backward, the
   common eager CPU call of `denoising_loss` (csrc/cpu/continuous_loss_autograd.cpp).
-* ``continuous_integrate_step`` mutates acc; no autograd.
+* ``continuous_integrate_step`` mutates acc; no autograd. ``continuous_integrate``: its common
+  eager CPU call with the value checks and the version bump in C++.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def _loss_fake(eps_hat, eps, scale, seed, offset, need_grad):
 @torch.library.register_fake("fastbound::continuous_loss")
 def _loss_rows_fake(eps_hat, eps, scale, seed, offset, reduction):
     return scale.new_empty(eps_hat.shape[:1] if reduction == 0 else ())
+
+
+@torch.library.register_fake("fastbound::continuous_integrate")
+def _cpu_integrate_fake(eps_hat, eps, acc, weight, weight_value, baseline, baseline_value, seed, offset):
+    return None
 
 
 @torch.library.register_fake("fastbound::continuous_integrate_step")
@@ -109,6 +115,14 @@ def cpu_loss(eps_hat, eps, scale, seed, offset, reduction: int):
     (csrc/cpu/continuous_loss_autograd.cpp: the kernel, the reduction and a C++ backward), for
     checked eager CPU calls without forward-mode AD; ``reduction``: the index in ``REDUCTIONS``."""
     return kernel("cpu", "continuous_loss")(eps_hat, eps, scale, seed, offset, reduction)
+
+
+def cpu_integrate(eps_hat, eps, acc, weight, weight_value, baseline, baseline_value, seed, offset):
+    """The integration step of (B, ...) ``eps_hat`` in the one C++ op ``continuous_integrate``
+    (csrc/cpu/continuous_loss_autograd.cpp: the weight and baseline value checks, the kernel and
+    acc's version bump), for checked eager CPU calls without index."""
+    kernel("cpu", "continuous_integrate")(eps_hat, eps, acc, weight, weight_value, baseline, baseline_value, seed,
+                                          offset)
 
 
 def integrate_step(backend, eps_hat, eps, acc, weight, baseline, index, seed, offset):

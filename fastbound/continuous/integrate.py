@@ -55,6 +55,8 @@ def integrate_step(
                               acc.device, acc.layout, acc.is_contiguous())
     kernel_backend = _args.checked_backend(key)
     if kernel_backend is not None:  # an eager CPU call like one already checked: the value checks only
+        if kernel_backend == "cpu" and _cpu_step(eps_hat, eps, acc, weight, baseline, seed, offset):
+            return
         flat, eps_rows, seed_bits, offset_bits = _args.checked_pair(eps_hat, eps, seed, offset)
         device, n, eager = flat.device, flat.shape[0], True
     else:
@@ -88,14 +90,33 @@ def integrate_step(
     run(kernel_backend, flat, eps_rows, acc, w, c, index, seed_bits, offset_bits, eager)
 
 
+def _cpu_step(eps_hat: torch.Tensor, eps: torch.Tensor | None, acc: torch.Tensor, weight: float | torch.Tensor,
+              baseline: float | torch.Tensor | None, seed: int | None, offset: int) -> bool:
+    """A checked eager CPU call through the one C++ op (`_ops.cpu_integrate`), when the weight and
+    baseline are floats or (B,) float64 tensors; False (nothing done): take the Python path."""
+    n = eps_hat.shape[0]
+    w, c = _args.host_row(weight, n), _args.host_row(0.0 if baseline is None else baseline, n)
+    if w is None or c is None:
+        return False
+    check_writable(acc)
+    seed_bits, offset_bits = _args.seed_offset(seed, offset) if eps is None else (0, 0)
+    _ops.cpu_integrate(eps_hat, eps, acc, *w, *c, seed_bits, offset_bits)
+    return True
+
+
+def check_writable(acc: torch.Tensor) -> None:
+    """PyTorch's rule for in-place updates of inference tensors (the op runs below autograd)."""
+    if acc.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("acc is an inference tensor: update it inside torch.inference_mode() (PyTorch forbids "
+                           "in-place updates to inference tensors outside it), or pass a normal tensor")
+
+
 def run(backend: str, eps_hat: torch.Tensor, eps: torch.Tensor | None, acc: torch.Tensor, weight: torch.Tensor,
         baseline: torch.Tensor | None, index: torch.Tensor | None, seed: int, offset: int, eager: bool) -> None:
     """The op on checked arguments (contiguous (B, d) rows, (B,) float64 weight and baseline, int64
     index in range), below autograd; bumps ``acc``'s version in eager mode."""
-    if eager and acc.is_inference() and not torch.is_inference_mode_enabled():
-        raise RuntimeError("acc is an inference tensor: update it inside torch.inference_mode() (PyTorch forbids "
-                           "in-place updates to inference tensors outside it), or pass a normal tensor")
     if eager:
+        check_writable(acc)
         with torch._C._AutoDispatchBelowAutograd():  # no autograd: eps_hat may require grad
             _ops.integrate_step(backend, eps_hat, eps, acc, weight, baseline, index, seed, offset)
         # A custom op's in-place write below autograd does not bump the version counter by itself.
