@@ -54,13 +54,16 @@ at::Tensor rows(const at::Tensor& t) {
   return flat.is_contiguous() ? flat : flat.contiguous();
 }
 
+std::optional<at::Tensor> optional_rows(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(rows(*t)) : std::nullopt;
+}
+
 // The CPU kernel through the dispatcher (called below the Autograd key).
 std::tuple<at::Tensor, at::Tensor> run_kernel(const at::Tensor& eps_hat, const Args& args, bool need_grad) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastbound::continuous_denoising_loss", "")
       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
                                                 const at::Tensor&, int64_t, int64_t, bool)>();
-  const std::optional<at::Tensor> eps = args.eps.has_value() ? std::optional<at::Tensor>(rows(*args.eps)) : std::nullopt;
-  return op.call(rows(eps_hat), eps, args.scale, args.seed, args.offset, need_grad);
+  return op.call(rows(eps_hat), optional_rows(args.eps), args.scale, args.seed, args.offset, need_grad);
 }
 
 // For "mean" the 1/B is in the scale; the mean of no sample is NaN, as torch's (and the oracle's).
@@ -175,8 +178,7 @@ void continuous_integrate(const at::Tensor& eps_hat, const std::optional<at::Ten
                                           : std::nullopt;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    const std::optional<at::Tensor> e = eps.has_value() ? std::optional<at::Tensor>(rows(*eps)) : std::nullopt;
-    op.call(rows(eps_hat), e, acc, w, c, std::nullopt, seed, offset);
+    op.call(rows(eps_hat), optional_rows(eps), acc, w, c, std::nullopt, seed, offset);
   }
   acc.unsafeGetTensorImpl()->bump_version();
 }

@@ -10,7 +10,9 @@ I-MMSE estimate of −log p(x̃) (Kong et al., "Information-Theoretic Diffusion"
 reference term (e.g. d·sigmoid(λ_b)), so the integrand is the MMSE gap. The
 squared errors are summed in float64 (each difference is exact in float64),
 with no (B, d) temporary, in a fixed order (deterministic). The oracle
-is `fastbound.continuous.reference.integrate_step`.
+is `fastbound.continuous.reference.integrate_step`. An eager CPU call whose signature an
+earlier call checked, with float or (B,) float64 weight and baseline, is the one C++ op
+``continuous_integrate`` (value checks, kernel, version bump).
 """
 
 from __future__ import annotations

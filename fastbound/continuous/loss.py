@@ -6,7 +6,8 @@ Per sample b (DDPM, Ho et al. 2020; VDM, Kingma et al. 2021, in ε form):
 
 one read of ε̂ (and ε) that writes d ℓ / d ε̂ = w_b (ε̂_b − ε_b) (times 1/B for the
 mean) in the same pass, so the backward is free for the usual ``loss.backward()``
-(see `fastbound._ops`). With ``eps=None`` the kernel regenerates ε from
+(see `fastbound._ops`; an eager CPU call whose signature an earlier call checked is the one
+C++ op ``continuous_loss``, whose backward is C++ too). With ``eps=None`` the kernel regenerates ε from
 (seed, offset) exactly as `fastbound.continuous.perturb` drew it, so ε is never
 stored or read. The oracle is `fastbound.continuous.reference.denoising_loss`.
 """
