@@ -806,3 +806,18 @@ def test_cpu_integrate_op_forms(monkeypatch):
     torch.library.opcheck(torch.ops.fastbound.continuous_integrate.default,
                           (eps_hat, eps, torch.zeros(3, 2, dtype=torch.float64), weight, 0.0, None, 1.5, 7, 11),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_finite_rows_read_once_and_fall_back_when_the_product_overflows():
+    from fastbound.continuous import _args
+
+    big = torch.full((3,), 1e200, dtype=torch.float64)
+    _args.check_finite_rows({"weight": big, "baseline": big}, True)  # the dot is inf: each checked alone
+    for bad in (math.nan, math.inf, -math.inf):
+        for zero in (0.0, 1.0):  # inf times 0 is NaN, times 1 inf: the dot is never finite
+            t = torch.tensor([1.0, bad, 2.0], dtype=torch.float64)
+            other = torch.tensor([1.0, zero, 2.0], dtype=torch.float64)
+            with pytest.raises(ValueError, match="baseline must be finite everywhere"):
+                _args.check_finite_rows({"weight": other, "baseline": t}, True)
+            with pytest.raises(ValueError, match="weight must be finite everywhere"):
+                _args.check_finite_rows({"weight": t, "baseline": other}, True)
