@@ -73,6 +73,19 @@ TORCH_LIBRARY(fastbound, m) {
   m.def(
       "continuous_denoising_loss(Tensor eps_hat, Tensor? eps, Tensor scale, int seed, int offset, "
       "bool need_grad) -> (Tensor, Tensor)");
+  // denoising_loss's common eager call on CPU tensors, with a C++ autograd
+  // (csrc/cpu/continuous_loss_autograd.cpp): eps_hat (B, ...) and eps (its shape, or None) of any
+  // strides, flattened to (B, d) for continuous_denoising_loss; reduction 0 none (B,), 1 sum, 2 mean
+  // (scalars; scale holds the 1/B). Differentiable in eps_hat only.
+  m.def(
+      "continuous_loss(Tensor eps_hat, Tensor? eps, Tensor scale, int seed, int offset, int reduction) -> Tensor");
+  // integrate_step's common eager call on CPU tensors (csrc/cpu/continuous_loss_autograd.cpp):
+  // eps_hat and eps as in continuous_loss; weight and baseline float64 (B,) tensors (checked finite
+  // here) or, when None, the floats weight_value / baseline_value for every sample; no index
+  // (acc has one row per sample). Runs continuous_integrate_step and bumps acc's version.
+  m.def(
+      "continuous_integrate(Tensor eps_hat, Tensor? eps, Tensor(a!) acc, Tensor? weight, float weight_value, "
+      "Tensor? baseline, float baseline_value, int seed, int offset) -> ()");
   // S_b = weight_b (||eps_b - eps_hat_b||^2 - baseline_b); acc[index_b] += (S_b, S_b^2).
   // weight, baseline float64 (B,); index int64 (B,); acc (n_slots, 2) float64.
   m.def(

@@ -587,3 +587,237 @@ def test_integrate_step_refuses_an_inference_acc_outside_inference_mode():
     with pytest.raises(RuntimeError, match="inference tensor"):
         integrate_step(eps_hat, eps, acc, weight=1.0)
     assert torch.equal(acc, before)
+
+
+# -----------------------------------------------------------------------------
+# The checked-signature path (`_args.signature`): a call like one already checked skips the
+# shape, dtype, device and backend checks, never the value checks
+# -----------------------------------------------------------------------------
+
+
+def count_full_checks(monkeypatch) -> list:
+    """Counts calls through the full argument checks (`_args.eps_pair`), from no signature checked."""
+    from fastbound.continuous import _args
+
+    monkeypatch.setattr(_args, "_CHECKED", {})
+    calls, eps_pair = [], _args.eps_pair
+    monkeypatch.setattr(_args, "eps_pair", lambda *a: calls.append(1) or eps_pair(*a))
+    return calls
+
+
+def full_path(monkeypatch) -> None:
+    from fastbound.continuous import _args
+
+    monkeypatch.setattr(_args, "checked_backend", lambda key: None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("regenerate", [False, True])
+def test_checked_signature_equals_the_full_path(monkeypatch, dtype, regenerate):
+    eps_hat = sample(4, 3 * 37, dtype, "cpu", seed=20).reshape(4, 3, 37)
+    eps = None if regenerate else sample(4, 3 * 37, dtype, "cpu", seed=21).reshape(4, 3, 37)
+    kwargs = dict(seed=5, offset=9) if regenerate else {}
+    weight = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
+
+    def run():
+        leaf = eps_hat.clone().requires_grad_()
+        loss = denoising_loss(leaf, eps, weight=weight.float() if dtype != torch.float64 else weight,
+                              reduction="mean", **kwargs)
+        (loss * 3).backward()
+        acc = torch.ones(4, 2, dtype=torch.float64)
+        version = acc._version
+        integrate_step(eps_hat, eps, acc, weight=weight, baseline=torch.full((4,), 7.0, dtype=torch.float64),
+                       **kwargs)
+        assert acc._version > version
+        acc_float = torch.zeros(4, 2, dtype=torch.float64)
+        integrate_step(eps_hat, eps, acc_float, weight=0.5, baseline=3.0, **kwargs)
+        return loss.detach(), leaf.grad, acc, acc_float
+
+    calls = count_full_checks(monkeypatch)
+    first = run()
+    assert len(calls) == 2  # the loss and the integration step (the weight is not in its signature)
+    checked = run()
+    assert len(calls) == 2
+    full_path(monkeypatch)
+    full = run()
+    assert len(calls) == 5
+    for got, want, ref in zip(checked, full, first):
+        assert torch.equal(got, want) and torch.equal(got, ref)
+
+
+def test_checked_signature_keeps_the_value_checks_and_autograd_rules(monkeypatch):
+    eps_hat, eps = torch.randn(2, 3), torch.randn(2, 3)
+    acc = torch.zeros(2, 2, dtype=torch.float64)
+    calls = count_full_checks(monkeypatch)
+    for _ in range(2):
+        integrate_step(eps_hat, eps, acc, weight=torch.ones(2, dtype=torch.float64),
+                       baseline=torch.zeros(2, dtype=torch.float64))
+        integrate_step(eps_hat, eps, acc, weight=1.0, baseline=0.0)
+        denoising_loss(eps_hat, None, seed=1)
+    n_full = len(calls)
+    before = acc.clone()
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ValueError, match="weight must be finite everywhere"):
+            integrate_step(eps_hat, eps, acc, weight=torch.tensor([1.0, bad], dtype=torch.float64),
+                           baseline=torch.zeros(2, dtype=torch.float64))
+        with pytest.raises(ValueError, match="baseline must be finite everywhere"):
+            integrate_step(eps_hat, eps, acc, weight=torch.ones(2, dtype=torch.float64),
+                           baseline=torch.tensor([0.0, bad], dtype=torch.float64))
+        with pytest.raises(ValueError, match="weight must be finite"):
+            integrate_step(eps_hat, eps, acc, weight=bad, baseline=0.0)
+    with pytest.raises(ValueError, match="seed must lie in"):
+        denoising_loss(eps_hat, None, seed=-1)
+    assert len(calls) == n_full  # all on the checked path
+    assert torch.equal(acc, before)
+    # A product that overflows (finite values) is no error: each tensor is then checked alone.
+    big = torch.full((2,), 1e200, dtype=torch.float64)
+    integrate_step(eps_hat, eps, acc, weight=big, baseline=big)
+    with pytest.raises(ValueError, match="one row per"):  # another signature: checked again
+        integrate_step(eps_hat, eps, torch.zeros(3, 2, dtype=torch.float64), weight=1.0)
+    with torch.inference_mode():
+        inference_acc = torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        integrate_step(eps_hat, eps, inference_acc, weight=1.0, baseline=0.0)
+    # The loss: retain_graph (a new tensor each backward), inference mode, differentiable once.
+    leaf = eps_hat.clone().requires_grad_()
+    for _ in range(2):
+        loss = denoising_loss(leaf, eps, reduction="sum")
+    loss.backward(retain_graph=True)
+    first = leaf.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, 2 * first)
+    torch.testing.assert_close(first, eps_hat - eps)
+    with torch.inference_mode():
+        torch.testing.assert_close(denoising_loss(leaf, eps, reduction="sum"), loss.detach())
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(denoising_loss(leaf, eps, reduction="sum"), leaf, create_graph=True)
+    assert len(calls) == n_full + 2  # the 3-row acc and the loss's first call with eps
+
+
+def count_cpu_loss(monkeypatch) -> list:
+    """Counts the loss calls through the one C++ op ``continuous_loss`` (`_ops.cpu_loss`), from no
+    signature checked."""
+    from fastbound.continuous import _args, _ops
+
+    monkeypatch.setattr(_args, "_CHECKED", {})
+
+    calls, cpu_loss = [], _ops.cpu_loss
+    monkeypatch.setattr(_ops, "cpu_loss", lambda *a: calls.append(1) or cpu_loss(*a))
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_cpu_loss_op_backward_forms(monkeypatch, reduction):
+    """The C++ backward: a unit upstream hands out the forward's buffer (the leaf's grad is that
+    memory), any other upstream rescales it per row, a retained graph gets a new tensor each time;
+    all as the full path and the oracle."""
+    calls = count_full_checks(monkeypatch)
+    cpu_calls = count_cpu_loss(monkeypatch)
+    eps_hat, eps = torch.randn(5, 2, 7), torch.randn(5, 2, 7)
+    weight = torch.tensor([1.0, 2.0, 0.5, 0.0, 3.0])
+    upstreams = [torch.ones(5), torch.arange(5.0) - 1] if reduction == "none" else [torch.tensor(1.0),
+                                                                                     torch.tensor(-2.5)]
+    denoising_loss(eps_hat, eps, weight=weight, reduction=reduction)  # checks the signature
+    for upstream in upstreams:
+        leaf, ref_leaf = eps_hat.clone().requires_grad_(), eps_hat.clone().requires_grad_()
+        loss = denoising_loss(leaf, eps, weight=weight, reduction=reduction)
+        ref = R.denoising_loss(ref_leaf, eps, weight=weight, reduction=reduction)
+        torch.testing.assert_close(loss, ref)
+        loss.backward(upstream, retain_graph=True)
+        ref.backward(upstream)
+        torch.testing.assert_close(leaf.grad, ref_leaf.grad)
+        retained = leaf.grad.clone()
+        leaf.grad = None
+        loss.backward(upstream)
+        torch.testing.assert_close(leaf.grad, retained)
+        leaf.grad = None
+        loss = denoising_loss(leaf, eps, weight=weight, reduction=reduction)
+        loss.backward(upstream)
+        torch.testing.assert_close(leaf.grad, retained)
+    assert len(calls) == 1 and len(cpu_calls) == 4
+    leaf = eps_hat.clone().requires_grad_()
+    with torch.no_grad():
+        assert not denoising_loss(leaf, eps, weight=weight, reduction=reduction).requires_grad
+    with torch.inference_mode():
+        torch.testing.assert_close(denoising_loss(leaf, eps, weight=weight, reduction=reduction),
+                                   R.denoising_loss(eps_hat, eps, weight=weight, reduction=reduction))
+    assert len(cpu_calls) == 6
+
+
+def test_cpu_loss_op_flattens_any_strides_and_means_no_sample_as_nan(monkeypatch):
+    cpu_calls = count_cpu_loss(monkeypatch)
+    eps_hat = torch.randn(3, 4, 5).transpose(1, 2)  # not contiguous: flattened to a copy
+    for _ in range(2):
+        leaf = eps_hat.detach().requires_grad_()
+        loss = denoising_loss(leaf, seed=3, offset=1)
+        grad_fn = loss.grad_fn
+        loss.backward()
+    assert len(cpu_calls) == 1 and "ContinuousLoss" in grad_fn.name()
+    ref_leaf = eps_hat.detach().clone().requires_grad_()
+    R.denoising_loss(ref_leaf, seed=3, offset=1).backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad)
+    assert leaf.grad.shape == eps_hat.shape
+    empty = torch.zeros(0, 3)
+    for _ in range(2):
+        assert denoising_loss(empty, empty).isnan()
+        assert denoising_loss(empty, empty, reduction="sum").item() == 0
+    assert len(cpu_calls) == 3
+
+
+def test_cpu_loss_opcheck():
+    per_row = torch.rand(3)
+    for eps in (torch.randn(3, 2, 5), None):
+        for reduction in (0, 1, 2):
+            torch.library.opcheck(torch.ops.fastbound.continuous_loss.default,
+                                  (torch.randn(3, 2, 5, requires_grad=True), eps, per_row, 7, 11, reduction),
+                                  test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_cpu_integrate_op_forms(monkeypatch):
+    """``continuous_integrate`` (the checked CPU call): float and (B,) float64 weight and baseline,
+    no baseline, regenerated eps, an eps_hat that requires grad, inference mode; as the full path.
+    Other forms (a float32 or (1,) weight) take the Python path."""
+    from fastbound.continuous import _ops
+
+    calls = count_full_checks(monkeypatch)
+    cpu_calls, cpu_integrate = [], _ops.cpu_integrate
+    monkeypatch.setattr(_ops, "cpu_integrate", lambda *a: cpu_calls.append(1) or cpu_integrate(*a))
+    eps_hat, eps = torch.randn(3, 2, 5).transpose(1, 2), torch.randn(3, 5, 2)
+    weight, baseline = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64), torch.tensor([3.0, -1.0, 0.0],
+                                                                                        dtype=torch.float64)
+    forms = [dict(weight=weight, baseline=baseline), dict(weight=2.0), dict(weight=1, baseline=-0.5),
+             dict(weight=weight.float()), dict(weight=weight[:1].clone(), baseline=baseline)]
+    for e, seed in ((eps, None), (None, 4)):
+        for form in forms:
+            want = torch.ones(3, 2, dtype=torch.float64)
+            R.integrate_step(eps_hat, e, want, seed=seed, **form)
+            for _ in range(2):
+                acc = torch.ones(3, 2, dtype=torch.float64)
+                version = acc._version
+                integrate_step(eps_hat.requires_grad_(), e, acc, seed=seed, **form)
+                assert acc._version > version
+                torch.testing.assert_close(acc, want, rtol=1e-5 if seed else 1e-12, atol=1e-9)
+                eps_hat = eps_hat.detach()
+    assert len(calls) == 2 and len(cpu_calls) == 2 * (2 * 3 - 1)  # the first call of each eps checks
+    with torch.inference_mode():
+        acc = torch.ones(3, 2, dtype=torch.float64)
+        integrate_step(eps_hat, eps, acc, weight=2.0)
+    assert len(cpu_calls) == 2 * 5 + 1
+    torch.library.opcheck(torch.ops.fastbound.continuous_integrate.default,
+                          (eps_hat, eps, torch.zeros(3, 2, dtype=torch.float64), weight, 0.0, None, 1.5, 7, 11),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_finite_rows_read_once_and_fall_back_when_the_product_overflows():
+    from fastbound.continuous import _args
+
+    big = torch.full((3,), 1e200, dtype=torch.float64)
+    _args.check_finite_rows({"weight": big, "baseline": big}, True)  # the dot is inf: each checked alone
+    for bad in (math.nan, math.inf, -math.inf):
+        for zero in (0.0, 1.0):  # inf times 0 is NaN, times 1 inf: the dot is never finite
+            t = torch.tensor([1.0, bad, 2.0], dtype=torch.float64)
+            other = torch.tensor([1.0, zero, 2.0], dtype=torch.float64)
+            with pytest.raises(ValueError, match="baseline must be finite everywhere"):
+                _args.check_finite_rows({"weight": other, "baseline": t}, True)
+            with pytest.raises(ValueError, match="weight must be finite everywhere"):
+                _args.check_finite_rows({"weight": t, "baseline": other}, True)

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -30,6 +31,10 @@
 #include "fastbound/continuous.h"
 #include "common/continuous_checks.h"
 #include "vectorize.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace fastbound {
 namespace cpu {
@@ -153,6 +158,148 @@ FB_CPU_CLONES double squared_error_f64(const scalar_t* __restrict eh, const scal
   return sum;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FB_V4_LOOP 1
+// squared_error_f64 on AVX-512 registers: GCC lowers the f32x8 -> f64x8 conversion of the
+// loop above in 4-lane halves that it then reassembles (and splits again for the f64x4
+// sums), several times the work of the one vcvtps2pd zmm each eight differences need, so
+// the float64 sum cost twice the loss's float32 pass. The lanes are those of the loop
+// above: `low` holds its (s0, s1) and `high` its (s2, s3), each added with one FMA as
+// there, and the final reduction is the same (s0 + s2) + (s1 + s3), so both loops return
+// the same bits.
+#define FB_V4 __attribute__((target("arch=x86-64-v4"), always_inline)) inline
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_cvtps_pd's unused _mm512_undefined_pd
+FB_V4 __m512d widen(f32x8 x) { return _mm512_cvtps_pd((__m256)x); }
+FB_V4 void add_squares(f32x8 a, f32x8 b, __m512d& sum) {
+  const __m512d diff = _mm512_sub_pd(widen(a), widen(b));
+  sum = _mm512_fmadd_pd(diff, diff, sum);
+}
+
+template <typename scalar_t>
+__attribute__((target("arch=x86-64-v4"))) double squared_error_f64_v4(const scalar_t* __restrict eh,
+                                                                      const scalar_t* __restrict e, int64_t n) {
+  __m512d low = _mm512_setzero_pd(), high = _mm512_setzero_pd();
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    if constexpr (sizeof(scalar_t) == 2) {
+      f32x8 e0, e1, h0, h1;
+      load16(e + i, e0, e1);
+      load16(eh + i, h0, h1);
+      add_squares(e0, h0, low);
+      add_squares(e1, h1, high);
+    } else {
+      add_squares(load8(e + i), load8(eh + i), low);
+      add_squares(load8(e + i + kLanes), load8(eh + i + kLanes), high);
+    }
+  }
+  const f64x8 both = (f64x8)_mm512_add_pd(low, high);  // (s0 + s2, s1 + s3)
+  const f64x4 t = __builtin_shufflevector(both, both, 0, 1, 2, 3) + __builtin_shufflevector(both, both, 4, 5, 6, 7);
+  double sum = (t[0] + t[2]) + (t[1] + t[3]);
+  for (; i < n; ++i) {
+    const double diff = static_cast<double>(to_acc(e[i])) - static_cast<double>(to_acc(eh[i]));
+    sum += diff * diff;
+  }
+  return sum;
+}
+#pragma GCC diagnostic pop
+
+// squared_error (the loss) on sixteen-lane AVX-512 registers, for float32 and bfloat16: half
+// the instructions of the eight-lane loop above, which the bfloat16 gradient's rounding made
+// compute-bound (2.7x the pass without gradient on one core). Same lanes, so the same bits:
+// float32 reads its four f32x8 sums s0..s3 as the halves of two f32x16, bfloat16 its even sums
+// (s0, s2) and odd sums (s1, s3) as two f32x16 of 32 elements' even and odd halves, and both
+// reduce as (s0 + s1) + (s2 + s3); the gradient and its rounding are elementwise.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+FB_V4 f32x8 low_half(f32x16 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+FB_V4 f32x8 high_half(f32x16 v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+FB_V4 u32x16 load_words16(const void* p) {
+  u32x16 w;
+  std::memcpy(&w, p, sizeof w);
+  return w;
+}
+// convert.h's float_to_bf16_bits on sixteen lanes (round to nearest even, NaN kept quiet).
+FB_V4 u32x16 bf16_bits(f32x16 x) {
+  const u32x16 u = (u32x16)x;
+  const u32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return x != x ? u32x16{} + 0x7FC0u : rounded;
+}
+
+template <bool kGrad, typename scalar_t>
+__attribute__((target("arch=x86-64-v4"))) float squared_error_v4(const scalar_t* __restrict eh,
+                                                                const scalar_t* __restrict e,
+                                                                scalar_t* __restrict g, int64_t n, float scale) {
+  static_assert(std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>);
+  f32x16 a{}, b{};
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      f32x16 e0, e1, h0, h1;
+      std::memcpy(&e0, e + i, sizeof e0);
+      std::memcpy(&e1, e + i + 16, sizeof e1);
+      std::memcpy(&h0, eh + i, sizeof h0);
+      std::memcpy(&h1, eh + i + 16, sizeof h1);
+      const f32x16 d0 = e0 - h0, d1 = e1 - h1;
+      a += d0 * d0;  // (s0, s1)
+      b += d1 * d1;  // (s2, s3)
+      if constexpr (kGrad) {
+        const f32x16 g0 = -scale * d0, g1 = -scale * d1;
+        std::memcpy(g + i, &g0, sizeof g0);
+        std::memcpy(g + i + 16, &g1, sizeof g1);
+      }
+    } else {
+      const u32x16 we = load_words16(e + i), wh = load_words16(eh + i);
+      const f32x16 d_even = (f32x16)(we << 16) - (f32x16)(wh << 16);
+      const f32x16 d_odd = (f32x16)(we & 0xFFFF0000u) - (f32x16)(wh & 0xFFFF0000u);
+      a += d_even * d_even;  // (s0, s2)
+      b += d_odd * d_odd;    // (s1, s3)
+      if constexpr (kGrad) {
+        const u32x16 w = bf16_bits(-scale * d_even) | (bf16_bits(-scale * d_odd) << 16);
+        std::memcpy(g + i, &w, sizeof w);
+      }
+    }
+  }
+  const f32x8 sums = std::is_same_v<scalar_t, float> ? (low_half(a) + high_half(a)) + (low_half(b) + high_half(b))
+                                                     : low_half(a + b) + high_half(a + b);
+  float sum = lane_sum(sums);
+  for (; i < n; ++i) {
+    const float diff = to_acc(e[i]) - to_acc(eh[i]);
+    sum += diff * diff;
+    if constexpr (kGrad) g[i] = from_acc<scalar_t>(-scale * diff);
+  }
+  return sum;
+}
+#undef FB_V4
+
+// The level FB_CPU_CLONES picks (isa_name).
+bool has_v4() {
+  static const bool v4 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v4"));
+  return v4;
+}
+#endif
+
+// The float64 sum of (e - eh)^2: on AVX-512 registers where the CPU has them.
+template <typename scalar_t>
+inline double squared_error_wide(const scalar_t* eh, const scalar_t* e, int64_t n) {
+#ifdef FB_V4_LOOP
+  if (has_v4()) return squared_error_f64_v4(eh, e, n);
+#endif
+  return squared_error_f64(eh, e, n);
+}
+
+// The loss's sum of (e - eh)^2 (and gradient): on AVX-512 registers for float32 and bfloat16.
+template <bool kGrad, typename scalar_t>
+inline float squared_error_any(const scalar_t* eh, const scalar_t* e, scalar_t* g, int64_t n, float scale) {
+#ifdef FB_V4_LOOP
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (has_v4()) return squared_error_v4<kGrad>(eh, e, g, n, scale);
+  }
+#endif
+  return squared_error<kGrad>(eh, e, g, n, scale);
+}
+
 // float64 input (loss and integration step): kLanes scalar partial sums, same order rule.
 template <bool kGrad>
 double squared_error_double(const double* __restrict eh, const double* __restrict e, double* __restrict g,
@@ -183,10 +330,10 @@ inline double tile_sum(const scalar_t* eh, const scalar_t* e, scalar_t* g, int64
     return g != nullptr ? squared_error_double<true>(eh, e, g, n, scale)
                         : squared_error_double<false>(eh, e, nullptr, n, scale);
   } else if constexpr (kWide) {
-    return squared_error_f64(eh, e, n);
+    return squared_error_wide(eh, e, n);
   } else {
-    return static_cast<double>(g != nullptr ? squared_error<true>(eh, e, g, n, scale)
-                                            : squared_error<false>(eh, e, g, n, scale));
+    return static_cast<double>(g != nullptr ? squared_error_any<true>(eh, e, g, n, scale)
+                                            : squared_error_any<false>(eh, e, g, n, scale));
   }
 }
 

@@ -12,6 +12,7 @@ import math
 import torch
 
 from .. import _validate as v
+from ..losses import _environ  # os.environ.get without its KeyError round trip (a cache key per call)
 from ..noise import _uint64 as uint64_bits  # an int in [0, 2^64) as the int64 bit pattern the ops take
 
 WARM_LAWS = ("gaussian", "laplace", "logistic", "uniform")
@@ -35,7 +36,8 @@ def check_finite(name: str, t: torch.Tensor, eager: bool | None = None) -> None:
     """
     if not t.numel() or not (v.eager(t) if eager is None else eager):
         return
-    mode = v.mode_for(t.device)
+    # Host tensors are always read at once (`v.mode_for`, whose mode lookup costs a microsecond).
+    mode = "sync" if t.device.type in v.HOST_DEVICES else v.mode_for(t.device)
     if mode == "off" or (mode == "sync" and math.isfinite(t.sum().item())):
         return
     checks = v.ValueChecks()
@@ -43,10 +45,23 @@ def check_finite(name: str, t: torch.Tensor, eager: bool | None = None) -> None:
     checks.run()
 
 
+def check_finite_rows(rows: dict[str, torch.Tensor], eager: bool) -> None:
+    """`check_finite` of several (B,) float64 host tensors in one read: their elementwise product
+    summed, which is finite only if every element of every tensor is (inf times x is inf or NaN,
+    NaN stays NaN, and a non-finite term makes the sum so); when it is not (or overflows), each
+    tensor is checked alone and the first non-finite one named."""
+    tensors = list(rows.values())
+    if (eager and len(tensors) == 2 and all(t.device.type in v.HOST_DEVICES and t.dtype == torch.float64
+                                            for t in tensors) and math.isfinite(torch.dot(*tensors).item())):
+        return
+    for name, t in rows.items():
+        check_finite(name, t, eager)
+
+
 def rows(t: torch.Tensor) -> torch.Tensor:
     """(B, ...) as a contiguous (B, d) view or copy."""
-    if t.dim() == 2 and t.is_contiguous():
-        return t
+    if t.is_contiguous():
+        return t if t.dim() == 2 else t.view(t.shape[0], -1) if t.shape[0] else t.view(0, math.prod(t.shape[1:]))
     return t.reshape(t.shape[0], -1).contiguous() if t.shape[0] else t.reshape(0, int(math.prod(t.shape[1:])))
 
 
@@ -151,3 +166,65 @@ def eps_pair(eps_hat: object, eps: object, seed: object, offset: object, what: s
         seed_bits, offset_bits = 0, 0
         eps_rows = rows(eps)
     return rows(eps_hat), eps_rows, seed_bits, offset_bits
+
+
+_CHECKED: dict[tuple, str] = {}
+"""`signature`s of calls whose argument checks passed -> the kernel backend they resolved to."""
+_MAX_CHECKED = 256
+
+
+def signature(what: str, eps_hat: object, eps: object, seed: object, offset: object, backend: object,
+              *options: object) -> tuple | None:
+    """What `eps_pair` and `fastbound._backend.select` depend on, for plain eager CPU tensors (None:
+    check every time); ``options``: hashable facts of the call's other checks. Reads no data.
+
+    The value checks (finite weights, seed and offset in range) are not in it: they run every call.
+    """
+    if type(eps_hat) not in v.PLAIN or eps_hat.is_nested or eps_hat.device.type != "cpu" or v.tracing(eps_hat):
+        return None
+    if torch._C._are_functorch_transforms_active() or not (backend is None or isinstance(backend, str)):
+        return None  # torch.func's wrapper tensors have no storage; odd options: let the checks name them
+    if eps is None:
+        eps_meta = None if seed is None else "regenerated"  # no seed: the full path raises
+    elif type(eps) not in v.PLAIN or eps.is_nested or seed is not None or type(offset) is not int or offset:
+        return None
+    else:
+        eps_meta = (eps.dtype, eps.shape, eps.device, eps.layout, eps.requires_grad)
+    env_backend = _environ("FASTBOUND_BACKEND")
+    # TRITON_INTERPRET decides only whether Triton may run on CPU tensors (`_backend.select`).
+    interpret = _environ("TRITON_INTERPRET") if "triton" in (backend, env_backend) else None
+    return (what, eps_hat.dtype, eps_hat.shape, eps_hat.layout, eps_meta, backend, env_backend, interpret, *options)
+
+
+def checked_backend(key: tuple | None) -> str | None:
+    """The backend of a `signature` already checked, else None (check now, then `remember`)."""
+    return None if key is None else _CHECKED.get(key)
+
+
+def remember(key: tuple | None, backend: str) -> None:
+    """After a call's checks passed. A full table starts again (the recent signatures stay cached)."""
+    if key is None:
+        return
+    if len(_CHECKED) >= _MAX_CHECKED:
+        _CHECKED.clear()
+    _CHECKED[key] = backend
+
+
+def host_row(value: object, n: int) -> tuple[torch.Tensor | None, float] | None:
+    """(tensor or None, float) as the C++ CPU ops take a weight or baseline: a finite float, or a
+    (B,) float64 CPU tensor that needs no gradient (its finiteness the op checks); None: any other
+    form, for `per_sample` (which names what is wrong)."""
+    kind = type(value)
+    if kind is float or kind is int:
+        return (None, float(value)) if math.isfinite(value) else None
+    if (kind in v.PLAIN and value.dtype == torch.float64 and value.shape == (n,) and value.device.type == "cpu"
+            and not value.requires_grad and value.is_contiguous()):
+        return value, 0.0
+    return None
+
+
+def checked_pair(eps_hat: torch.Tensor, eps: torch.Tensor | None, seed: object, offset: object):
+    """`eps_pair`'s result for a call whose `signature` is checked: only the seed and offset values."""
+    if eps is None:
+        return (rows(eps_hat), None, *seed_offset(seed, offset))
+    return rows(eps_hat), rows(eps), 0, 0

@@ -8,7 +8,10 @@ kernels registered as ``<name>_triton`` in ``fastbound/triton_kernels/continuous
 * ``continuous_denoising_loss`` -> (loss (B,), d loss / d ε̂ (B, d)), the fused-loss
   contract of `fastbound._ops` (gradient written in the forward, free backward for a
   broadcast-1 upstream).
-* ``continuous_integrate_step`` mutates acc; no autograd.
+* ``continuous_loss``: the loss and its reduction in one op with a C++ backward, the
+  common eager CPU call of `denoising_loss` (csrc/cpu/continuous_loss_autograd.cpp).
+* ``continuous_integrate_step`` mutates acc; no autograd. ``continuous_integrate``: its common
+  eager CPU call with the value checks and the version bump in C++.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .._backend import kernel
 from .._validate import tracing
 
 OPS = ("continuous_perturb", "continuous_denoising_loss", "continuous_integrate_step")
+"""The ops with kernels on every backend (``continuous_loss`` is CPU only)."""
 
 
 @torch.library.register_fake("fastbound::continuous_perturb")
@@ -31,6 +35,16 @@ def _perturb_fake(x, alpha, sigma, warm, warm_std, seed, offset, return_warm):
 @torch.library.register_fake("fastbound::continuous_denoising_loss")
 def _loss_fake(eps_hat, eps, scale, seed, offset, need_grad):
     return scale.new_empty(eps_hat.shape[0]), eps_hat.new_empty(eps_hat.shape if need_grad else (0,))
+
+
+@torch.library.register_fake("fastbound::continuous_loss")
+def _loss_rows_fake(eps_hat, eps, scale, seed, offset, reduction):
+    return scale.new_empty(eps_hat.shape[:1] if reduction == 0 else ())
+
+
+@torch.library.register_fake("fastbound::continuous_integrate")
+def _cpu_integrate_fake(eps_hat, eps, acc, weight, weight_value, baseline, baseline_value, seed, offset):
+    return None
 
 
 @torch.library.register_fake("fastbound::continuous_integrate_step")
@@ -94,6 +108,21 @@ def denoising_loss(backend, eps_hat, eps, scale, seed, offset, eager):
             return loss_kernel.run(eps_hat, None, scale, False)[0]
     function = _discrete_ops.FusedLossWithTangents if tangent else _discrete_ops.FusedLoss
     return function.apply(eps_hat, None, scale, loss_kernel, True, False, False, False)[0]
+
+
+def cpu_loss(eps_hat, eps, scale, seed, offset, reduction: int):
+    """The loss of (B, ...) ``eps_hat`` in the one C++ op ``continuous_loss``
+    (csrc/cpu/continuous_loss_autograd.cpp: the kernel, the reduction and a C++ backward), for
+    checked eager CPU calls without forward-mode AD; ``reduction``: the index in ``REDUCTIONS``."""
+    return kernel("cpu", "continuous_loss")(eps_hat, eps, scale, seed, offset, reduction)
+
+
+def cpu_integrate(eps_hat, eps, acc, weight, weight_value, baseline, baseline_value, seed, offset):
+    """The integration step of (B, ...) ``eps_hat`` in the one C++ op ``continuous_integrate``
+    (csrc/cpu/continuous_loss_autograd.cpp: the weight and baseline value checks, the kernel and
+    acc's version bump), for checked eager CPU calls without index."""
+    kernel("cpu", "continuous_integrate")(eps_hat, eps, acc, weight, weight_value, baseline, baseline_value, seed,
+                                          offset)
 
 
 def integrate_step(backend, eps_hat, eps, acc, weight, baseline, index, seed, offset):

@@ -10,7 +10,9 @@ I-MMSE estimate of −log p(x̃) (Kong et al., "Information-Theoretic Diffusion"
 reference term (e.g. d·sigmoid(λ_b)), so the integrand is the MMSE gap. The
 squared errors are summed in float64 (each difference is exact in float64),
 with no (B, d) temporary, in a fixed order (deterministic). The oracle
-is `fastbound.continuous.reference.integrate_step`.
+is `fastbound.continuous.reference.integrate_step`. An eager CPU call whose signature an
+earlier call checked, with float or (B,) float64 weight and baseline, is the one C++ op
+``continuous_integrate`` (value checks, kernel, version bump).
 """
 
 from __future__ import annotations
@@ -48,35 +50,75 @@ def integrate_step(
 
     Runs without autograd; bumps ``acc``'s version.
     """
-    flat, eps_rows, seed_bits, offset_bits = _args.eps_pair(eps_hat, eps, seed, offset, "integrate_step")
-    acc = v.check_float_tensor("acc", acc, (torch.float64,))
-    if acc.dim() != 2 or acc.shape[1] != 2 or not acc.is_contiguous():
-        raise ValueError(f"acc must be a contiguous (n_slots, 2) float64 tensor, got shape {tuple(acc.shape)}")
-    device, n = flat.device, flat.shape[0]
-    v.check_same_device(device, acc=acc, index=index)
-    eager = v.eager(flat, acc)
-    if index is None:
-        if acc.shape[0] != n:
-            raise ValueError(f"acc must have one row per sample ({n}) when index is not given, got {acc.shape[0]}")
+    key = None
+    if (type(acc) in v.PLAIN and not acc.is_nested and not torch._is_functional_tensor(acc) and index is None
+            and weight is not None):  # acc: what its checks read
+        key = _args.signature("integrate_step", eps_hat, eps, seed, offset, backend, acc.dtype, acc.shape,
+                              acc.device, acc.layout, acc.is_contiguous())
+    kernel_backend = _args.checked_backend(key)
+    if kernel_backend is not None:  # an eager CPU call like one already checked: the value checks only
+        if kernel_backend == "cpu" and _cpu_step(eps_hat, eps, acc, weight, baseline, seed, offset):
+            return
+        flat, eps_rows, seed_bits, offset_bits = _args.checked_pair(eps_hat, eps, seed, offset)
+        device, n, eager = flat.device, flat.shape[0], True
     else:
-        index = v.check_ids("index", index, torch.Size([n])).long().contiguous()
-        _args.check_index(index, acc.shape[0], eager)
-    kernel_backend = _backend.select(device, backend)
-    if weight is None:
-        raise ValueError("weight is required (pass 1.0 for an unweighted sum)")
-    w = _args.per_sample("weight", weight, n, torch.float64, device, eager=eager)
-    c = None if baseline is None else _args.per_sample("baseline", baseline, n, torch.float64, device, eager=eager)
+        flat, eps_rows, seed_bits, offset_bits = _args.eps_pair(eps_hat, eps, seed, offset, "integrate_step")
+        acc = v.check_float_tensor("acc", acc, (torch.float64,))
+        if acc.dim() != 2 or acc.shape[1] != 2 or not acc.is_contiguous():
+            raise ValueError(f"acc must be a contiguous (n_slots, 2) float64 tensor, got shape {tuple(acc.shape)}")
+        device, n = flat.device, flat.shape[0]
+        v.check_same_device(device, acc=acc, index=index)
+        eager = v.eager(flat, acc)
+        if index is None:
+            if acc.shape[0] != n:
+                raise ValueError(f"acc must have one row per sample ({n}) when index is not given, got {acc.shape[0]}")
+        else:
+            index = v.check_ids("index", index, torch.Size([n])).long().contiguous()
+            _args.check_index(index, acc.shape[0], eager)
+        kernel_backend = _backend.select(device, backend)
+        if weight is None:
+            raise ValueError("weight is required (pass 1.0 for an unweighted sum)")
+        _args.remember(key, kernel_backend)
+    # Tensors' finiteness is read once for both (`_args.check_finite_rows`); floats are checked on the host.
+    w = _args.per_sample("weight", weight, n, torch.float64, device, eager=eager,
+                         finite=not isinstance(weight, torch.Tensor))
+    c = None if baseline is None else _args.per_sample("baseline", baseline, n, torch.float64, device, eager=eager,
+                                                       finite=not isinstance(baseline, torch.Tensor))
+    rows = {"weight": w} if isinstance(weight, torch.Tensor) else {}
+    if isinstance(baseline, torch.Tensor):
+        rows["baseline"] = c
+    if rows:
+        _args.check_finite_rows(rows, eager)
     run(kernel_backend, flat, eps_rows, acc, w, c, index, seed_bits, offset_bits, eager)
+
+
+def _cpu_step(eps_hat: torch.Tensor, eps: torch.Tensor | None, acc: torch.Tensor, weight: float | torch.Tensor,
+              baseline: float | torch.Tensor | None, seed: int | None, offset: int) -> bool:
+    """A checked eager CPU call through the one C++ op (`_ops.cpu_integrate`), when the weight and
+    baseline are floats or (B,) float64 tensors; False (nothing done): take the Python path."""
+    n = eps_hat.shape[0]
+    w, c = _args.host_row(weight, n), _args.host_row(0.0 if baseline is None else baseline, n)
+    if w is None or c is None:
+        return False
+    check_writable(acc)
+    seed_bits, offset_bits = _args.seed_offset(seed, offset) if eps is None else (0, 0)
+    _ops.cpu_integrate(eps_hat, eps, acc, *w, *c, seed_bits, offset_bits)
+    return True
+
+
+def check_writable(acc: torch.Tensor) -> None:
+    """PyTorch's rule for in-place updates of inference tensors (the op runs below autograd)."""
+    if acc.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError("acc is an inference tensor: update it inside torch.inference_mode() (PyTorch forbids "
+                           "in-place updates to inference tensors outside it), or pass a normal tensor")
 
 
 def run(backend: str, eps_hat: torch.Tensor, eps: torch.Tensor | None, acc: torch.Tensor, weight: torch.Tensor,
         baseline: torch.Tensor | None, index: torch.Tensor | None, seed: int, offset: int, eager: bool) -> None:
     """The op on checked arguments (contiguous (B, d) rows, (B,) float64 weight and baseline, int64
     index in range), below autograd; bumps ``acc``'s version in eager mode."""
-    if eager and acc.is_inference() and not torch.is_inference_mode_enabled():
-        raise RuntimeError("acc is an inference tensor: update it inside torch.inference_mode() (PyTorch forbids "
-                           "in-place updates to inference tensors outside it), or pass a normal tensor")
     if eager:
+        check_writable(acc)
         with torch._C._AutoDispatchBelowAutograd():  # no autograd: eps_hat may require grad
             _ops.integrate_step(backend, eps_hat, eps, acc, weight, baseline, index, seed, offset)
         # A custom op's in-place write below autograd does not bump the version counter by itself.

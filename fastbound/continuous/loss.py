@@ -6,7 +6,8 @@ Per sample b (DDPM, Ho et al. 2020; VDM, Kingma et al. 2021, in ε form):
 
 one read of ε̂ (and ε) that writes d ℓ / d ε̂ = w_b (ε̂_b − ε_b) (times 1/B for the
 mean) in the same pass, so the backward is free for the usual ``loss.backward()``
-(see `fastbound._ops`). With ``eps=None`` the kernel regenerates ε from
+(see `fastbound._ops`; an eager CPU call whose signature an earlier call checked is the one
+C++ op ``continuous_loss``, whose backward is C++ too). With ``eps=None`` the kernel regenerates ε from
 (seed, offset) exactly as `fastbound.continuous.perturb` drew it, so ε is never
 stored or read. The oracle is `fastbound.continuous.reference.denoising_loss`.
 """
@@ -18,6 +19,7 @@ from typing import Literal
 import torch
 
 from .. import _backend
+from .. import _ops as _discrete_ops
 from .. import _validate as v
 from . import _args, _ops
 
@@ -48,18 +50,41 @@ def denoising_loss(
 
     The loss is float32 (float64 for float64 eps_hat); the gradient has eps_hat's dtype.
     """
-    if reduction not in REDUCTIONS:
-        v.check_choice("reduction", reduction, REDUCTIONS)
-    flat, eps_rows, seed_bits, offset_bits = _args.eps_pair(eps_hat, eps, seed, offset, "denoising_loss")
-    kernel_backend = _backend.select(flat.device, backend)
-    eager = v.eager(flat)
-    acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
-    n = flat.shape[0]
-    scale = _args.per_sample("weight", weight, n, acc, flat.device, default=1.0,
-                             factor=1.0 / n if reduction == "mean" and n else 1.0, eager=eager)
-    loss = _ops.denoising_loss(kernel_backend, flat, eps_rows, scale, seed_bits, offset_bits, eager)
+    key = _args.signature("denoising_loss", eps_hat, eps, seed, offset, backend, type(reduction) is str and reduction)
+    kernel_backend = _args.checked_backend(key)
+    if kernel_backend is not None:  # an eager CPU call like one already checked: the value checks only
+        if kernel_backend == "cpu" and not _discrete_ops.forward_mode() and not (
+                isinstance(weight, torch.Tensor) and weight.requires_grad):
+            return _cpu_loss(eps_hat, eps, weight, reduction, seed, offset)
+        flat, eps_rows, seed_bits, offset_bits = _args.checked_pair(eps_hat, eps, seed, offset)
+        eager = True
+    else:
+        if reduction not in REDUCTIONS:
+            v.check_choice("reduction", reduction, REDUCTIONS)
+        flat, eps_rows, seed_bits, offset_bits = _args.eps_pair(eps_hat, eps, seed, offset, "denoising_loss")
+        kernel_backend = _backend.select(flat.device, backend)
+        eager = v.eager(flat)
+        _args.remember(key, kernel_backend)
+    loss = _ops.denoising_loss(kernel_backend, flat, eps_rows, _scale(weight, flat, reduction, eager), seed_bits,
+                               offset_bits, eager)
     if reduction == "none":
         return loss
-    if reduction == "mean" and n == 0:
+    if reduction == "mean" and flat.shape[0] == 0:
         return loss.mean()  # NaN, as torch's mean of nothing (and the oracle's)
     return loss.sum()  # for "mean" the 1/B is in the scale
+
+
+def _cpu_loss(eps_hat: torch.Tensor, eps: torch.Tensor | None, weight: float | torch.Tensor | None, reduction: str,
+              seed: int | None, offset: int) -> torch.Tensor:
+    """`denoising_loss` of a checked eager CPU call through the one C++ op (`_ops.cpu_loss`)."""
+    seed_bits, offset_bits = _args.seed_offset(seed, offset) if eps is None else (0, 0)
+    return _ops.cpu_loss(eps_hat, eps, _scale(weight, eps_hat, reduction, True), seed_bits, offset_bits,
+                         REDUCTIONS.index(reduction))
+
+
+def _scale(weight: float | torch.Tensor | None, eps_hat: torch.Tensor, reduction: str, eager: bool) -> torch.Tensor:
+    """The kernels' row scale: w_b (default 1), times 1/B for the mean, in the compute type."""
+    n = eps_hat.shape[0]
+    acc = torch.float64 if eps_hat.dtype == torch.float64 else torch.float32
+    return _args.per_sample("weight", weight, n, acc, eps_hat.device, default=1.0,
+                            factor=1.0 / n if reduction == "mean" and n else 1.0, eager=eager)

@@ -1,0 +1,199 @@
+// `continuous_loss` on the CPU: `fastbound.continuous.denoising_loss`'s common eager call in
+// one op, with its backward as a C++ autograd function (fastbound/continuous/loss.py takes
+// this path for eager CPU calls whose checks an earlier call of the same signature passed, with
+// no forward-mode AD and a weight that needs no gradient). It flattens eps_hat (and eps) to
+// (B, d) rows, runs continuous_denoising_loss and the reduction; `loss.backward()` never
+// enters Python. At image sizes (256 x 3x32x32) the Python autograd.Function's apply and
+// backward around the kernel cost about as much as the kernel itself. `continuous_integrate`
+// is integrate_step's such call (fastbound/continuous/integrate.py): the weight and baseline
+// value checks, the kernel and acc's version bump, for the Python layer's 10 us.
+//
+// The backward is `fastbound._ops.chain_rows`, as in fused_loss_autograd.cpp: the first
+// backward of a graph that is freed rescales the saved gradient in place with `scale_rows_`
+// (not at all for the unit upstream of `loss.backward()` after a sum or mean) and hands it
+// out; a retained graph gets a new tensor (the buffer is never shared or mutated); a double
+// backward raises.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+namespace fastbound {
+namespace cpu {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kReduceNone = 0;  // reduction codes: fastbound/_names.py REDUCTIONS order
+constexpr int64_t kReduceMean = 2;
+
+constexpr const char* kOnce =
+    "fastbound's fused losses are differentiable once: double backward (create_graph=True) is not supported; use "
+    "fastbound.reference for higher derivatives";
+
+// The arguments besides eps_hat, none of them differentiated (a struct: autograd sees no inputs in it).
+struct Args {
+  std::optional<at::Tensor> eps;
+  at::Tensor scale;
+  int64_t seed, offset;
+};
+
+// (B, ...) as contiguous (B, d) rows (`fastbound.continuous._args.rows`).
+at::Tensor rows(const at::Tensor& t) {
+  const int64_t b = t.size(0);
+  const int64_t d = b > 0 ? t.numel() / b : c10::multiply_integers(t.sizes().slice(1));
+  at::Tensor flat = t.dim() == 2 ? t : t.reshape({b, d});
+  return flat.is_contiguous() ? flat : flat.contiguous();
+}
+
+std::optional<at::Tensor> optional_rows(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(rows(*t)) : std::nullopt;
+}
+
+// The CPU kernel through the dispatcher (called below the Autograd key).
+std::tuple<at::Tensor, at::Tensor> run_kernel(const at::Tensor& eps_hat, const Args& args, bool need_grad) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastbound::continuous_denoising_loss", "")
+      .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const std::optional<at::Tensor>&,
+                                                const at::Tensor&, int64_t, int64_t, bool)>();
+  return op.call(rows(eps_hat), optional_rows(args.eps), args.scale, args.seed, args.offset, need_grad);
+}
+
+// For "mean" the 1/B is in the scale; the mean of no sample is NaN, as torch's (and the oracle's).
+at::Tensor reduce(const at::Tensor& loss, int64_t reduction) {
+  if (reduction == kReduceNone) return loss;
+  return reduction == kReduceMean && loss.size(0) == 0 ? loss.mean() : loss.sum();
+}
+
+// Whether every factor is exactly 1 (`fastbound._ops._unit`; a broadcast scalar: one read).
+bool all_ones(const at::Tensor& factor) {
+  const int64_t n = factor.size(0);
+  bool ones = true;
+  AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "fastbound_all_ones", [&] {
+    const auto f = factor.accessor<scalar_t, 1>();
+    const int64_t m = factor.stride(0) == 0 ? (n > 0 ? 1 : 0) : n;
+    for (int64_t i = 0; i < m && ones; ++i) ones = f[i] == scalar_t(1);
+  });
+  return ones;
+}
+
+void scale_rows(at::Tensor& grad, const at::Tensor& factor) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastbound::scale_rows_", "").typed<
+      void(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+           int64_t)>();
+  op.call(grad, factor, std::nullopt, std::nullopt, -1, 0);  // every row may be nonzero: none skipped as zero
+}
+
+struct ContinuousLossFunction : public torch::autograd::Function<ContinuousLossFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& eps_hat, const Args& args, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // the output is no view of anything autograd knows
+    auto [loss, grad] = run_kernel(eps_hat, args, /*need_grad=*/true);
+    ctx->save_for_backward({grad});
+    ctx->saved_data["sizes"] = eps_hat.sizes().vec();
+    ctx->saved_data["handed_out"] = false;
+    ctx->set_materialize_grads(false);
+    return reduce(loss, reduction);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& upstream = grads[0];
+    if (!upstream.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    TORCH_CHECK(!at::GradMode::is_enabled(), kOnce);
+    at::Tensor grad = ctx->get_saved_variables()[0];
+    const int64_t n = grad.size(0);
+    const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    at::Tensor factor = upstream.dim() == 0 ? upstream.expand({n}) : upstream.reshape({n});
+    if (factor.scalar_type() != acc) factor = factor.to(acc);
+    // `fastbound._ops.may_hand_out`: once, and only by a backward that frees the graph.
+    at::IValue& handed_out = ctx->saved_data["handed_out"];
+    const bool first = !handed_out.toBool();
+    handed_out = true;
+    at::Tensor out;
+    if (first && !torch::autograd::get_current_graph_task_keep_graph()) {
+      // A sum's or mean's unit upstream (loss.backward()): one value to read, no rescale to call.
+      if (!(upstream.dim() == 0 && upstream.item<double>() == 1.0)) scale_rows(grad, factor);
+      out = grad;
+    } else {
+      out = all_ones(factor) ? grad.clone() : grad * factor.unsqueeze(1);
+    }
+    return {out.view(ctx->saved_data["sizes"].toIntVector()), at::Tensor(), at::Tensor()};
+  }
+};
+
+// The Autograd kernel: a graph node when eps_hat requires grad, else the kernel alone.
+at::Tensor continuous_loss_autograd(const at::Tensor& eps_hat, const std::optional<at::Tensor>& eps,
+                                    const at::Tensor& scale, int64_t seed, int64_t offset, int64_t reduction) {
+  const Args args{eps, scale, seed, offset};
+  if (!(at::GradMode::is_enabled() && eps_hat.requires_grad())) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return reduce(std::get<0>(run_kernel(eps_hat, args, false)), reduction);
+  }
+  return ContinuousLossFunction::apply(eps_hat, args, reduction);
+}
+
+// The CPU kernel, reached below the Autograd key (inference mode): no gradient.
+at::Tensor continuous_loss_cpu(const at::Tensor& eps_hat, const std::optional<at::Tensor>& eps,
+                               const at::Tensor& scale, int64_t seed, int64_t offset, int64_t reduction) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return reduce(std::get<0>(run_kernel(eps_hat, Args{eps, scale, seed, offset}, false)), reduction);
+}
+
+// A weight or baseline tensor's value check on the host (`fastbound.continuous._args.check_finite`).
+void check_finite(const at::Tensor& t, const char* name) {
+  const double* p = t.const_data_ptr<double>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    TORCH_CHECK_VALUE(std::isfinite(p[i]), name, " must be finite everywhere (it holds NaN or infinity)");
+  }
+}
+
+// The (B,) float64 rows of a checked tensor, or of a float for every sample.
+at::Tensor per_row(const std::optional<at::Tensor>& t, double value, int64_t n, const char* name) {
+  if (!t.has_value()) return at::full({n}, value, at::TensorOptions().dtype(at::kDouble));
+  check_finite(*t, name);
+  return *t;
+}
+
+// integrate_step's checked call: the value checks, continuous_integrate_step, acc's version bump
+// (a custom op's write below autograd does not bump it). Registered for CPU and AutogradCPU alike:
+// it records nothing for autograd (eps_hat may require grad).
+void continuous_integrate(const at::Tensor& eps_hat, const std::optional<at::Tensor>& eps, at::Tensor& acc,
+                          const std::optional<at::Tensor>& weight, double weight_value,
+                          const std::optional<at::Tensor>& baseline, double baseline_value, int64_t seed,
+                          int64_t offset) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastbound::continuous_integrate_step", "")
+      .typed<void(const at::Tensor&, const std::optional<at::Tensor>&, at::Tensor&, const at::Tensor&,
+                  const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, int64_t)>();
+  const int64_t n = eps_hat.size(0);
+  const at::Tensor w = per_row(weight, weight_value, n, "weight");
+  // No baseline is a baseline of 0 (S - 0.0 is S, also for -0.0 and NaN).
+  const std::optional<at::Tensor> c = baseline.has_value() || baseline_value != 0.0
+                                          ? std::optional<at::Tensor>(per_row(baseline, baseline_value, n, "baseline"))
+                                          : std::nullopt;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.call(rows(eps_hat), optional_rows(eps), acc, w, c, std::nullopt, seed, offset);
+  }
+  acc.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastbound, AutogradCPU, m) {
+  m.impl("continuous_loss", continuous_loss_autograd);
+  m.impl("continuous_integrate", continuous_integrate);
+}
+
+TORCH_LIBRARY_IMPL(fastbound, CPU, m) {
+  m.impl("continuous_loss", continuous_loss_cpu);
+  m.impl("continuous_integrate", continuous_integrate);
+}
+
+}  // namespace cpu
+}  // namespace fastbound
