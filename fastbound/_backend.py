@@ -73,3 +73,22 @@ def kernel(backend: str, name: str):
             name += "_triton"
         op = _KERNELS[key] = getattr(torch.ops.fastbound, name).default
     return op
+
+
+_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+"""CPython's os.environ on POSIX: encoded name -> encoded value (on Windows its keys are upper-cased str)."""
+
+
+def _environ(name: str) -> str | bytes | None:
+    """The variable ``name`` (str or bytes), without the KeyError that ``os.environ.get``
+    raises and catches inside for an unset name (microseconds a call)."""
+    return _ENVIRON.get(os.fsencode(name)) if isinstance(_ENVIRON, dict) else os.environ.get(name)
+
+
+def environment_key(backend: str | None) -> tuple:
+    """What the environment adds to `select`'s choice, for the cache keys of checked calls:
+    FASTBOUND_BACKEND, and TRITON_INTERPRET where Triton may be chosen (it decides only whether
+    Triton may run on CPU tensors)."""
+    env_backend = _environ("FASTBOUND_BACKEND")
+    interpret = _environ("TRITON_INTERPRET") if "triton" in (backend, env_backend) else None
+    return env_backend, interpret

@@ -17,7 +17,6 @@ takes it once a call through the full path has validated it (`_fast_key`).
 from __future__ import annotations
 
 import operator
-import os
 from typing import Literal
 
 import torch
@@ -49,16 +48,6 @@ def _check_arguments(score, x_t, x0, reduction, ignore_index, backend, score_nam
     return _backend.select(score.device, backend)
 
 
-_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
-"""CPython's os.environ on POSIX: encoded name -> encoded value (on Windows its keys are upper-cased str)."""
-
-
-def _environ(name: str) -> str | bytes | None:
-    """The variable ``name`` (for cache keys: str or bytes), without the KeyError that
-    ``os.environ.get`` raises and catches inside for an unset name (microseconds a call)."""
-    return _ENVIRON.get(os.fsencode(name)) if isinstance(_ENVIRON, dict) else os.environ.get(name)
-
-
 def _signature(score, x_t, x0, reduction, ignore_index, backend) -> tuple | None:
     """What `_check_arguments` depends on, for plain eager tensors (None: check every time)."""
     if type(score) not in v.PLAIN or type(x_t) not in v.PLAIN or type(x0) not in v.PLAIN or v.tracing(score):
@@ -67,12 +56,9 @@ def _signature(score, x_t, x0, reduction, ignore_index, backend) -> tuple | None
         return None
     if not isinstance(reduction, str) or not (backend is None or isinstance(backend, str)):
         return None  # unhashable or odd options: let the checks name them
-    env_backend = _environ("FASTBOUND_BACKEND")
-    # TRITON_INTERPRET decides only whether Triton may run on CPU tensors (`_backend.select`).
-    interpret = _environ("TRITON_INTERPRET") if "triton" in (backend, env_backend) else None
     return (score.dtype, score.shape, score.device, score.layout, x_t.dtype, x_t.shape, x_t.device, x_t.layout,
             x0.dtype, x0.shape, x0.device, x0.layout, reduction, ignore_index, type(ignore_index), backend,
-            env_backend, interpret)
+            *_backend.environment_key(backend))
 
 
 _ONES: dict[tuple, torch.Tensor] = {}

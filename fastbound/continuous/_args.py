@@ -11,8 +11,8 @@ import math
 
 import torch
 
+from .. import _backend
 from .. import _validate as v
-from ..losses import _environ  # os.environ.get without its KeyError round trip (a cache key per call)
 from ..noise import _uint64 as uint64_bits  # an int in [0, 2^64) as the int64 bit pattern the ops take
 
 WARM_LAWS = ("gaussian", "laplace", "logistic", "uniform")
@@ -190,10 +190,8 @@ def signature(what: str, eps_hat: object, eps: object, seed: object, offset: obj
         return None
     else:
         eps_meta = (eps.dtype, eps.shape, eps.device, eps.layout, eps.requires_grad)
-    env_backend = _environ("FASTBOUND_BACKEND")
-    # TRITON_INTERPRET decides only whether Triton may run on CPU tensors (`_backend.select`).
-    interpret = _environ("TRITON_INTERPRET") if "triton" in (backend, env_backend) else None
-    return (what, eps_hat.dtype, eps_hat.shape, eps_hat.layout, eps_meta, backend, env_backend, interpret, *options)
+    return (what, eps_hat.dtype, eps_hat.shape, eps_hat.layout, eps_meta, backend, *_backend.environment_key(backend),
+            *options)
 
 
 def checked_backend(key: tuple | None) -> str | None:
