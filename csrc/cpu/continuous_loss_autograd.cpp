@@ -8,16 +8,11 @@
 // is integrate_step's such call (fastbound/continuous/integrate.py): the weight and baseline
 // value checks, the kernel and acc's version bump, for the Python layer's 10 us.
 //
-// The backward is `fastbound._ops.chain_rows`, as in fused_loss_autograd.cpp: the first
-// backward of a graph that is freed rescales the saved gradient in place with `scale_rows_`
-// (not at all for the unit upstream of `loss.backward()` after a sum or mean) and hands it
-// out; a retained graph gets a new tensor (the buffer is never shared or mutated); a double
-// backward raises.
+// The backward is chain_rows.h's, as fused_loss_autograd.cpp's.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -25,19 +20,14 @@
 #include <optional>
 #include <tuple>
 
+#include "chain_rows.h"
+
 namespace fastbound {
 namespace cpu {
 namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-constexpr int64_t kReduceNone = 0;  // reduction codes: fastbound/_names.py REDUCTIONS order
-constexpr int64_t kReduceMean = 2;
-
-constexpr const char* kOnce =
-    "fastbound's fused losses are differentiable once: double backward (create_graph=True) is not supported; use "
-    "fastbound.reference for higher derivatives";
 
 // The arguments besides eps_hat, none of them differentiated (a struct: autograd sees no inputs in it).
 struct Args {
@@ -72,25 +62,6 @@ at::Tensor reduce(const at::Tensor& loss, int64_t reduction) {
   return reduction == kReduceMean && loss.size(0) == 0 ? loss.mean() : loss.sum();
 }
 
-// Whether every factor is exactly 1 (`fastbound._ops._unit`; a broadcast scalar: one read).
-bool all_ones(const at::Tensor& factor) {
-  const int64_t n = factor.size(0);
-  bool ones = true;
-  AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "fastbound_all_ones", [&] {
-    const auto f = factor.accessor<scalar_t, 1>();
-    const int64_t m = factor.stride(0) == 0 ? (n > 0 ? 1 : 0) : n;
-    for (int64_t i = 0; i < m && ones; ++i) ones = f[i] == scalar_t(1);
-  });
-  return ones;
-}
-
-void scale_rows(at::Tensor& grad, const at::Tensor& factor) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastbound::scale_rows_", "").typed<
-      void(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-           int64_t)>();
-  op.call(grad, factor, std::nullopt, std::nullopt, -1, 0);  // every row may be nonzero: none skipped as zero
-}
-
 struct ContinuousLossFunction : public torch::autograd::Function<ContinuousLossFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& eps_hat, const Args& args, int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;  // the output is no view of anything autograd knows
@@ -105,24 +76,7 @@ struct ContinuousLossFunction : public torch::autograd::Function<ContinuousLossF
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& upstream = grads[0];
     if (!upstream.defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
-    TORCH_CHECK(!at::GradMode::is_enabled(), kOnce);
-    at::Tensor grad = ctx->get_saved_variables()[0];
-    const int64_t n = grad.size(0);
-    const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    at::Tensor factor = upstream.dim() == 0 ? upstream.expand({n}) : upstream.reshape({n});
-    if (factor.scalar_type() != acc) factor = factor.to(acc);
-    // `fastbound._ops.may_hand_out`: once, and only by a backward that frees the graph.
-    at::IValue& handed_out = ctx->saved_data["handed_out"];
-    const bool first = !handed_out.toBool();
-    handed_out = true;
-    at::Tensor out;
-    if (first && !torch::autograd::get_current_graph_task_keep_graph()) {
-      // A sum's or mean's unit upstream (loss.backward()): one value to read, no rescale to call.
-      if (!(upstream.dim() == 0 && upstream.item<double>() == 1.0)) scale_rows(grad, factor);
-      out = grad;
-    } else {
-      out = all_ones(factor) ? grad.clone() : grad * factor.unsqueeze(1);
-    }
+    const at::Tensor out = chain_rows(ctx, upstream, ctx->get_saved_variables()[0]);  // every row may be nonzero
     return {out.view(ctx->saved_data["sizes"].toIntVector()), at::Tensor(), at::Tensor()};
   }
 };

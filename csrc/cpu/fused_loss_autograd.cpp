@@ -8,16 +8,12 @@
 // (4x64 tokens, V = 5) the Python layer around the kernel, and a Python
 // autograd.Function's apply and backward, cost several times the kernel.
 //
-// The backward is `fastbound._ops.chain_rows`: the first backward of a graph that
-// is freed rescales the saved gradient in place with `scale_rows_` (which skips
-// unit-factor rows and rows the loss wrote as zeros) and hands it out; a retained
-// graph gets a new tensor (the buffer is never shared or mutated); a double
-// backward raises.
+// The backward is chain_rows.h's (`fastbound._ops.chain_rows`), its rescale skipping the
+// rows the loss wrote as zeros.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
-#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -25,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "chain_rows.h"
 #include "check_ids.h"
 #include "fastbound/elementwise.h"
 
@@ -34,13 +31,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-constexpr int64_t kReduceNone = 0;  // reduction codes: fastbound/_names.py REDUCTIONS order
-constexpr int64_t kReduceMean = 2;
-
-constexpr const char* kOnce =
-    "fastbound's fused losses are differentiable once: double backward (create_graph=True) is not supported; use "
-    "fastbound.reference for higher derivatives";
 
 // The flattened per-row inputs of the loss ops (their contract: csrc/common/checks.h).
 struct Rows {
@@ -150,27 +140,6 @@ at::Tensor reduce(const at::Tensor& loss, at::IntArrayRef shape, int64_t reducti
   return reduction == kReduceNone ? loss.view(shape) : loss.sum();
 }
 
-// Whether every factor is exactly 1 (`fastbound._ops._unit`; a broadcast scalar: one read).
-bool all_ones(const at::Tensor& factor) {
-  const int64_t n = factor.size(0);
-  bool ones = true;
-  AT_DISPATCH_FLOATING_TYPES(factor.scalar_type(), "fastbound_all_ones", [&] {
-    const auto f = factor.accessor<scalar_t, 1>();
-    const int64_t m = factor.stride(0) == 0 ? (n > 0 ? 1 : 0) : n;
-    for (int64_t i = 0; i < m && ones; ++i) ones = f[i] == scalar_t(1);
-  });
-  return ones;
-}
-
-void scale_rows(at::Tensor& grad, const at::Tensor& factor, const at::Tensor& x_t, const at::Tensor& x0,
-                int64_t mask_id, int64_t ignore_index) {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastbound::scale_rows_", "").typed<
-      void(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-           int64_t)>();
-  const auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
-  op.call(grad, factor, opt(x_t), opt(x0), mask_id, ignore_index);
-}
-
 struct FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& score, const Rows& rows, at::IntArrayRef shape,
                             int64_t reduction) {
@@ -193,25 +162,10 @@ struct FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& upstream = grads[0];
     if (!upstream.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
-    TORCH_CHECK(!at::GradMode::is_enabled(), kOnce);
     const variable_list saved = ctx->get_saved_variables();
-    at::Tensor grad = saved[0];
-    const int64_t n = grad.size(0);
-    const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    at::Tensor factor = upstream.dim() == 0 ? upstream.expand({n}) : upstream.reshape({n});
-    if (factor.scalar_type() != acc) factor = factor.to(acc);
-    // `fastbound._ops.may_hand_out`: once, and only by a backward that frees the graph.
-    at::IValue& handed_out = ctx->saved_data["handed_out"];
-    const bool first = !handed_out.toBool();
-    handed_out = true;
-    at::Tensor out;
-    if (first && !torch::autograd::get_current_graph_task_keep_graph()) {
-      scale_rows(grad, factor, saved[1], saved[2], ctx->saved_data["mask_id"].toInt(),
-                 ctx->saved_data["ignore_index"].toInt());
-      out = grad;
-    } else {
-      out = all_ones(factor) ? grad.clone() : grad * factor.unsqueeze(1);
-    }
+    const at::Tensor out = chain_rows(ctx, upstream, saved[0],
+                                      {saved[1], saved[2], ctx->saved_data["mask_id"].toInt(),
+                                       ctx->saved_data["ignore_index"].toInt()});
     return {out.view(ctx->saved_data["sizes"].toIntVector()), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
