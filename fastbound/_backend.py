@@ -85,10 +85,7 @@ def _environ(name: str) -> str | bytes | None:
     return _ENVIRON.get(os.fsencode(name)) if isinstance(_ENVIRON, dict) else os.environ.get(name)
 
 
-def environment_key(backend: str | None) -> tuple:
+def environment_key() -> tuple:
     """What the environment adds to `select`'s choice, for the cache keys of checked calls:
-    FASTBOUND_BACKEND, and TRITON_INTERPRET where Triton may be chosen (it decides only whether
-    Triton may run on CPU tensors)."""
-    env_backend = _environ("FASTBOUND_BACKEND")
-    interpret = _environ("TRITON_INTERPRET") if "triton" in (backend, env_backend) else None
-    return env_backend, interpret
+    FASTBOUND_BACKEND and TRITON_INTERPRET (whether Triton may run on CPU tensors)."""
+    return _environ("FASTBOUND_BACKEND"), _environ("TRITON_INTERPRET")

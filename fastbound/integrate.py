@@ -126,9 +126,11 @@ def integrate_step(
                           mask_id=mask_id if mask_id >= 0 else None)
             checks.positive_finite("sigma", sigma_rows)
     if on_host:
+        checks.run()  # index first, as the torch checks order it
         check_values_on_cpu(xt.view(-1), x0l.view(-1), sigma_check, n_cols, loss, _names.GRAPH_CODES[graph], mask_id,
                             ignore_index)
-    checks.run()
+    else:
+        checks.run()
     weight_rows = _per_sequence("weight", 1.0 if weight is None else weight, n_seq, out.device)
     if n_cols > 1 and out.stride(2) != 1:
         out = out.contiguous()

@@ -58,7 +58,7 @@ def _signature(score, x_t, x0, reduction, ignore_index, backend) -> tuple | None
         return None  # unhashable or odd options: let the checks name them
     return (score.dtype, score.shape, score.device, score.layout, x_t.dtype, x_t.shape, x_t.device, x_t.layout,
             x0.dtype, x0.shape, x0.device, x0.layout, reduction, ignore_index, type(ignore_index), backend,
-            *_backend.environment_key(backend))
+            *_backend.environment_key())
 
 
 _ONES: dict[tuple, torch.Tensor] = {}

@@ -222,7 +222,8 @@ def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: to
         values = p.flatten().tolist()
         if not all(_in_range(is_sigma, x) for x in values) and checks.active(p):
             raise ValueError(_RANGE_MESSAGES[name])
-        return torch.tensor([_float_threshold(is_sigma, x) for x in values], dtype=torch.int32).view(p.shape)
+        return torch.tensor([_float_threshold(is_sigma, x) for x in values], dtype=torch.int32,
+                            device=device).view(p.shape)
     # Contiguous: the kernels read the threshold with a unit column stride (a transposed sigma is not).
     p = p.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
     if p.numel() and checks.active(p):

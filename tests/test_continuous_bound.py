@@ -458,3 +458,26 @@ def test_fit_proposal_bad_input(kwargs, x, error, match):
     denoiser = kwargs.pop("denoiser", SOURCE.eps_denoiser())
     with pytest.raises(error, match=match):
         fit_proposal(denoiser, x, **{"n_grid": 5, **kwargs})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_antithetic_halves_round_once_from_the_compute_dtype(dtype):
+    # For 16-bit x both halves are formed in float32 and rounded once: z- built from the rounded
+    # x~ and eps would carry their rounding (about sigma at high SNR) and bias the pair.
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(3)).to(dtype)
+    seen = []
+
+    def denoiser(z, logsnr):
+        seen.append((z.clone(), logsnr.clone()))
+        return torch.zeros_like(z)
+
+    kw = dict(warm="gaussian", warm_std=0.05, seed=4)
+    nll_bound(denoiser, x, n_samples=2, antithetic=True, **kw)
+    (z, lam), rows = seen[0], x.shape[0]
+    lam = lam[::2].double()
+    noised = perturb(x.float(), lam, return_warm=True, **kw)
+    a, s = (t.float()[:, None] for t in (bound.alpha(lam), bound.sigma(lam)))
+    assert z.dtype == dtype
+    torch.testing.assert_close(z[0::2], noised.z.to(dtype), rtol=0, atol=0)
+    torch.testing.assert_close(z[1::2], (a * noised.x_warm - s * noised.eps).to(dtype), rtol=0, atol=0)
+    assert z.shape[0] == 2 * rows

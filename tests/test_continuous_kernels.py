@@ -821,3 +821,12 @@ def test_finite_rows_read_once_and_fall_back_when_the_product_overflows():
                 _args.check_finite_rows({"weight": other, "baseline": t}, True)
             with pytest.raises(ValueError, match="weight must be finite everywhere"):
                 _args.check_finite_rows({"weight": t, "baseline": other}, True)
+
+
+def test_a_non_str_reduction_is_checked_on_every_call():
+    # Only a plain str keys the checked-call cache: a numpy str that passed must not let None through.
+    np = pytest.importorskip("numpy")
+    eps_hat, eps = torch.randn(4, 6), torch.randn(4, 6)
+    denoising_loss(eps_hat, eps, reduction=np.str_("mean"))
+    with pytest.raises(ValueError, match="reduction"):
+        denoising_loss(eps_hat, eps, reduction=None)

@@ -4,7 +4,8 @@ Both widths evaluate the same formulas per element and add into 8-lane sums in t
 (csrc/cpu/vectorize.h, `add_lanes`), so losses, gradients and integration sums must agree bit
 for bit. Each path runs in its own process (the variable is read once), on the same inputs:
 every dtype, odd vocabularies around the lane widths, the DCE's 2048-column chunks, in place
-and not, and scores out of the exp's normal range (±100, ±inf, NaN). On a CPU without AVX-512
+and not, and scores out of the exp's normal range (±100, ±inf, NaN); and the continuous loss and
+integration step (their 16-lane loops follow the same switch). On a CPU without AVX-512
 both processes run the 8-lane path and the comparison still checks that the override is harmless.
 """
 
@@ -66,6 +67,23 @@ WORKER = textwrap.dedent(
                     fb.integrate_step(score, x_t, x0, sigma[:, 0].double(), torch.ones(4, dtype=torch.float64),
                                       acc, loss="dse" if dse else "dce", graph=kind if dse else "absorb")
                     out[key + "/integrate"] = acc
+
+    # The continuous loss and integration step (csrc/cpu/continuous_loss.cpp), d around the lane widths.
+    import fastbound.continuous as fc
+    for dname, dtype in DTYPES.items():
+        for d in (1, 7, 15, 16, 17, 33, 3 * 32 * 32 + 5):
+            g = torch.Generator().manual_seed(d)
+            eps = torch.randn(5, d, generator=g).to(dtype)
+            eps_hat = (torch.randn(5, d, generator=g) * 2).to(dtype)
+            eps_hat[1, 0] = float("nan")
+            key = f"continuous/{dname}/d{d}"
+            leaf = eps_hat.clone().requires_grad_()
+            loss = fc.denoising_loss(leaf, eps, reduction="none")
+            (grad,) = torch.autograd.grad(loss, leaf, torch.ones_like(loss))
+            out[key + "/loss"], out[key + "/grad"] = loss.detach(), grad
+            acc = torch.zeros(5, 2, dtype=torch.float64)
+            fc.integrate_step(eps_hat, eps, acc, weight=0.5)
+            out[key + "/integrate"] = acc
     torch.save(out, sys.argv[1])
     """
 )

@@ -313,3 +313,21 @@ def test_cuda_op_nan_for_ids_out_of_range(loss, graph, bad_pairs, unread):
         torch.ops.fastbound.integrate_step(out, bad_t, bad_0, sigma, weight, expected, None, *codes)
         assert got[1].isnan().all(), pair
         torch.testing.assert_close(got.cpu()[[0, 2]], expected[[0, 2]], rtol=2e-5, atol=2e-4)
+
+
+def test_host_checks_name_index_first_and_a_negative_dse_id():
+    # On the host the id and sigma checks are one C++ pass; an out-of-range index is still named
+    # first, and -1 is an id like any other (not a "no exception" marker) for the score entropy.
+    out = torch.randn(2, 3, 9)
+    x0 = torch.zeros(2, 3, dtype=torch.long)
+    x_t = torch.full((2, 3), 8)
+    sigma, acc = torch.ones(2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64)
+    bad_xt = x_t.clone()
+    bad_xt[0, 0] = 99
+    with pytest.raises(ValueError, match="index"):
+        integrate_step(out, bad_xt, x0, sigma, None, acc, loss="dse", index=torch.tensor([0, 5]))
+    bad_xt[0, 0] = -1
+    bad_x0 = x0.clone()
+    bad_x0[1, 1] = 99
+    with pytest.raises(ValueError, match="^x_t contains id -1"):
+        integrate_step(out, bad_xt, bad_x0, sigma, None, acc, loss="dse")

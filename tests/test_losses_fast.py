@@ -245,3 +245,17 @@ def test_torch_func_transforms_take_the_full_path(monkeypatch, kind):
         assert warmed == full
     else:
         torch.testing.assert_close(warmed, full)
+
+
+def test_checked_calls_follow_triton_interpret_from_the_environment(monkeypatch):
+    # The cache keys hold FASTBOUND_BACKEND and TRITON_INTERPRET (fastbound._backend.environment_key;
+    # on POSIX the environment's values are bytes): a signature checked under the interpreter must
+    # not keep running Triton on CPU tensors once TRITON_INTERPRET is unset.
+    pytest.importorskip("triton")
+    score, sigma, x_t, x0 = make_case("absorb", (1, 2), 5, torch.float32)
+    monkeypatch.setenv("FASTBOUND_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fb.dse_loss(score, sigma, x_t, x0, reduction="sum")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        fb.dse_loss(score, sigma, x_t, x0, reduction="sum")

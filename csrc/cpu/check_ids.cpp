@@ -51,8 +51,9 @@ void check_loss_ids_cpu(const at::Tensor& x_t, const at::Tensor& x0, const std::
   const int64_t* xt = x_t.const_data_ptr<int64_t>();
   const int64_t* x0p = x0.const_data_ptr<int64_t>();
   // DCE: x_t may also be the mask id (which may lie past the logits); DSE: x_t in [0, V).
-  const int64_t allowed = loss == kLossDce ? mask_id : -1;
-  const int64_t bad_t = first_bad(xt, n, [&](int64_t id) { return !id_in_range(id, n_cols) && id != allowed; });
+  const bool dce = loss == kLossDce;
+  const int64_t bad_t =
+      first_bad(xt, n, [&](int64_t id) { return !id_in_range(id, n_cols) && !(dce && id == mask_id); });
   TORCH_CHECK_VALUE(bad_t == n, "x_t contains id ", bad_t < n ? xt[bad_t] : 0, " outside [0, ", n_cols, ")");
   const int64_t bad_0 = first_bad(x0p, n, [&](int64_t id) { return !id_in_range(id, n_cols) && id != ignore_index; });
   TORCH_CHECK_VALUE(bad_0 == n, "x0 contains id ", bad_0 < n ? x0p[bad_0] : 0, " outside [0, ", n_cols, ")");

@@ -273,18 +273,13 @@ __attribute__((target("arch=x86-64-v4"))) float squared_error_v4(const scalar_t*
 }
 #undef FB_V4
 
-// The level FB_CPU_CLONES picks (isa_name).
-bool has_v4() {
-  static const bool v4 = (__builtin_cpu_init(), __builtin_cpu_supports("x86-64-v4"));
-  return v4;
-}
 #endif
 
 // The float64 sum of (e - eh)^2: on AVX-512 registers where the CPU has them.
 template <typename scalar_t>
 inline double squared_error_wide(const scalar_t* eh, const scalar_t* e, int64_t n) {
 #ifdef FB_V4_LOOP
-  if (has_v4()) return squared_error_f64_v4(eh, e, n);
+  if (wide_lanes()) return squared_error_f64_v4(eh, e, n);  // as the row loops: FASTBOUND_CPU_ISA
 #endif
   return squared_error_f64(eh, e, n);
 }
@@ -294,7 +289,7 @@ template <bool kGrad, typename scalar_t>
 inline float squared_error_any(const scalar_t* eh, const scalar_t* e, scalar_t* g, int64_t n, float scale) {
 #ifdef FB_V4_LOOP
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (has_v4()) return squared_error_v4<kGrad>(eh, e, g, n, scale);
+    if (wide_lanes()) return squared_error_v4<kGrad>(eh, e, g, n, scale);
   }
 #endif
   return squared_error<kGrad>(eh, e, g, n, scale);

@@ -89,7 +89,7 @@ class SigmaMemo {
   template <typename acc_t>
   struct Slot {
     acc_t sigma = std::numeric_limits<acc_t>::quiet_NaN();
-    K<acc_t> k;
+    K<acc_t> k{};
   };
   std::tuple<Slot<float>, Slot<double>> slots_;
 };

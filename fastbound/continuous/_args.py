@@ -190,7 +190,7 @@ def signature(what: str, eps_hat: object, eps: object, seed: object, offset: obj
         return None
     else:
         eps_meta = (eps.dtype, eps.shape, eps.device, eps.layout, eps.requires_grad)
-    return (what, eps_hat.dtype, eps_hat.shape, eps_hat.layout, eps_meta, backend, *_backend.environment_key(backend),
+    return (what, eps_hat.dtype, eps_hat.shape, eps_hat.layout, eps_meta, backend, *_backend.environment_key(),
             *options)
 
 

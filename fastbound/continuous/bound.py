@@ -366,21 +366,24 @@ def _denoise(denoiser: Denoiser, z: torch.Tensor, logsnr: torch.Tensor) -> torch
     return out
 
 
-def _pairs(noised, lam: torch.Tensor, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, target), each (2·rows, ...) of x's dtype: rows 2i and 2i + 1 are (z₊, ε) and (z₋, −ε) of row i.
+def _pairs(noised, lam: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, target), each (2·rows, ...) of ``dtype``: rows 2i and 2i + 1 are (z₊, ε) and (z₋, −ε) of row i.
 
-    z₋ = α x̃ − σ ε in perturb's compute dtype from its x̃ and ε, with the α, σ it used (rounded
-    once from float64), so z₋ = −z₊ exactly where x̃ = 0.
+    ``noised`` is perturb's output in the compute dtype (float32, or float64 for float64 x):
+    z₋ = α x̃ − σ ε is formed there from its x̃ and ε, with the α, σ it used (rounded once from
+    float64), and each half is rounded once to ``dtype``, as perturb rounds z₊. Rounding is odd,
+    so (z₋, −ε) keeps the law of (z₊, ε) in every dtype (z₋ from 16-bit x̃ and ε would carry
+    their rounding, ~2⁻⁹|x̃|, about σ itself at high SNR), and z₋ = −z₊ exactly where x̃ = 0.
     """
     eps, x_warm = noised.eps, noised.x_warm
     count, shape = eps.shape[0], (eps.shape[0],) + (1,) * (eps.dim() - 1)
-    a, s = (t.to(compute).view(shape) for t in (alpha(lam), sigma(lam)))
-    z = torch.empty((count, 2) + eps.shape[1:], dtype=eps.dtype, device=eps.device)
+    a, s = (t.to(eps.dtype).view(shape) for t in (alpha(lam), sigma(lam)))
+    z = torch.empty((count, 2) + eps.shape[1:], dtype=dtype, device=eps.device)
     z[:, 0] = noised.z
-    z[:, 1] = a * x_warm.to(compute) - s * eps.to(compute)
+    z[:, 1] = a * x_warm - s * eps
     target = torch.empty_like(z)
     target[:, 0] = eps
-    torch.neg(eps, out=target[:, 1])
+    torch.neg(target[:, 0], out=target[:, 1])
     return z.flatten(0, 1), target.flatten(0, 1)
 
 
@@ -403,9 +406,11 @@ def _accumulate(denoiser: Denoiser, x: torch.Tensor, plan: _Plan) -> torch.Tenso
     for g0 in range(0, plan.n_rows, chunk):
         count = min(plan.n_rows, g0 + chunk) - g0
         b, lam, weight, slot = plan.rows(g0, count)
-        noised = perturb(x[b], lam, warm=setup.warm, warm_std=setup.warm_std, seed=setup.seed, offset=g0 * d,
+        # Pairs draw in the compute dtype (`_pairs`); the same counters, so the + half is the plain draw.
+        xb = x[b].to(cond_dtype) if setup.antithetic else x[b]
+        noised = perturb(xb, lam, warm=setup.warm, warm_std=setup.warm_std, seed=setup.seed, offset=g0 * d,
                          return_warm=setup.antithetic, backend=setup.backend)
-        eps = noised.eps.reshape(count, d)
+        eps = noised.eps.to(x.dtype).reshape(count, d)
         # Control variate: sigmoid(λ)‖ε‖² has mean d·sigmoid(λ), and as λ → ±∞ it tracks ‖ε − ε̂‖²
         # draw by draw (ε̂ → 0 at high SNR, ε̂ → ε at low SNR), so the draws' variance stays
         # finite however wide [λ_min, λ_max] is; with d·sigmoid(λ) it would grow like 1/p(λ).
@@ -414,7 +419,7 @@ def _accumulate(denoiser: Denoiser, x: torch.Tensor, plan: _Plan) -> torch.Tenso
         eps_sq = torch.linalg.vector_norm(eps, dim=1, dtype=cond_dtype).double().square_()
         baseline = eps_sq.mul_(torch.sigmoid(lam))
         if setup.antithetic:
-            z, target = _pairs(noised, lam, cond_dtype)
+            z, target = _pairs(noised, lam, x.dtype)
             eps_hat = _args.rows(_denoise(denoiser, z, lam.repeat_interleave(2).to(cond_dtype)))
             eps_hat, eps = eps_hat.view(count, pair * d), target.view(count, pair * d)
             weight, baseline = weight / 2, baseline.mul_(2)

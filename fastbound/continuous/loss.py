@@ -50,7 +50,9 @@ def denoising_loss(
 
     The loss is float32 (float64 for float64 eps_hat); the gradient has eps_hat's dtype.
     """
-    key = _args.signature("denoising_loss", eps_hat, eps, seed, offset, backend, type(reduction) is str and reduction)
+    # Only a plain str reduction keys the cache (anything else takes the checks every call).
+    key = _args.signature("denoising_loss", eps_hat, eps, seed, offset, backend, reduction) \
+        if type(reduction) is str else None
     kernel_backend = _args.checked_backend(key)
     if kernel_backend is not None:  # an eager CPU call like one already checked: the value checks only
         if kernel_backend == "cpu" and not _discrete_ops.forward_mode() and not (
