@@ -33,6 +33,7 @@ it (the score entropy reads every x_t; the cross-entropy only masked positions).
 
 from __future__ import annotations
 
+import array
 import math
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
@@ -192,10 +193,8 @@ def _in_range(is_sigma: bool, value: float) -> bool:
 
 
 def _float_threshold(is_sigma: bool, value: float) -> int:
-    """ceil(p 2^24), p = 1 - e^{-σ} or λ in float64; an unchecked NaN gives 0, out of range clamps."""
-    p = -math.expm1(-value) if is_sigma else value
-    p = 0.0 if math.isnan(p) else min(max(p, 0.0), 1.0)
-    return math.ceil(p * 2**UNIFORM_BITS)
+    """ceil(p 2^24) for a checked value, p = 1 - e^{-σ} or λ, in float64."""
+    return math.ceil((-math.expm1(-value) if is_sigma else value) * 2**UNIFORM_BITS)
 
 
 def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: torch.device,
@@ -216,14 +215,14 @@ def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: to
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x0 is on {device}; move it to {device}")
     p = _per_position(name, t.detach(), rows, cols, one_row)
-    if p.device.type in v.HOST_DEVICES and p.numel() <= SMALL_HOST_VALUES and v.eager(p):
+    if p.device.type in v.HOST_DEVICES and 0 < p.numel() <= SMALL_HOST_VALUES and v.eager(p):
         # A few host values (one σ per sequence): Python floats, exactly as a float σ; the
         # dozen torch ops of the general path would cost several times the kernel.
         values = p.flatten().tolist()
-        if not all(_in_range(is_sigma, x) for x in values) and checks.active(p):
-            raise ValueError(_RANGE_MESSAGES[name])
-        return torch.tensor([_float_threshold(is_sigma, x) for x in values], dtype=torch.int32,
-                            device=device).view(p.shape)
+        if not all(_in_range(is_sigma, x) for x in values):
+            raise ValueError(_RANGE_MESSAGES[name])  # host values are always checked (`v.mode_for`)
+        thresholds = array.array("i", [_float_threshold(is_sigma, x) for x in values])
+        return torch.frombuffer(thresholds, dtype=torch.int32).view(p.shape)  # keeps the array alive
     # Contiguous: the kernels read the threshold with a unit column stride (a transposed sigma is not).
     p = p.to(torch.float64, memory_format=torch.contiguous_format, copy=True)
     if p.numel() and checks.active(p):
