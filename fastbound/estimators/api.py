@@ -81,7 +81,9 @@ def nll(denoiser: Denoiser, x0: torch.Tensor, maskable: torch.Tensor | None, opt
         result = NLLEstimate(estimate, summary.stderr, checked.n_tokens, bits, options.method, summary.times,
                              summary.integrand)
     # Plain tensors for the caller (inference tensors cannot enter autograd later).
-    return NLLEstimate(*(t.clone() if isinstance(t, torch.Tensor) else t for t in dataclasses.astuple(result)))
+    # (dataclasses.astuple would deep-copy every tensor first.)
+    fields = (getattr(result, f.name) for f in dataclasses.fields(result))
+    return NLLEstimate(*(t.clone() if isinstance(t, torch.Tensor) else t for t in fields))
 
 
 def ratio(denoiser: Denoiser, x_a: torch.Tensor, x_b: torch.Tensor, coupled: bool, maskable: torch.Tensor | None,
