@@ -129,6 +129,30 @@ def mode_for(device: torch.device) -> str:
     return mode
 
 
+class SignatureTable:
+    """Signatures of calls whose data-free argument checks passed -> what the checks resolved
+    (e.g. the kernel backend), so later calls of the same signature skip them. Bounded: a full
+    table starts again, so a process that sees many shapes keeps the recent ones cached. A
+    None key (a call that checks every time) is neither looked up nor stored."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._table: dict[tuple, object] = {}
+
+    def get(self, key: tuple | None) -> object:
+        return None if key is None else self._table.get(key)
+
+    def remember(self, key: tuple | None, value: object) -> None:
+        if key is None:
+            return
+        if len(self._table) >= self.limit:
+            self._table.clear()
+        self._table[key] = value
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
 class ValueChecks:
     """Data-dependent checks gathered during argument parsing and run together (see the module docstring).
 

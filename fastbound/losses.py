@@ -27,9 +27,10 @@ from . import _validate as v
 Reduction = Literal["none", "sum", "mean"]
 REDUCTIONS = _names.REDUCTIONS
 
-_CHECKED: dict[tuple, str] = {}
-"""Argument signatures (types, dtypes, shapes, devices, options) already validated -> kernel backend."""
 _MAX_CHECKED = 256
+"""The bound of each table of checked signatures (and of the cached row scales of ones)."""
+_CHECKED = v.SignatureTable(_MAX_CHECKED)
+"""Argument signatures (types, dtypes, shapes, devices, options) already validated -> kernel backend."""
 
 
 def _check_arguments(score, x_t, x0, reduction, ignore_index, backend, score_name) -> str:
@@ -105,13 +106,10 @@ def _prepare(score, x_t, x0, weight, reduction, ignore_index, backend, inplace, 
     small kernel); what depends on values (weight, ids, sigma) is checked on every call.
     """
     key = _signature(score, x_t, x0, reduction, ignore_index, backend)
-    kernel_backend = _CHECKED.get(key) if key is not None else None
+    kernel_backend = _CHECKED.get(key)
     if kernel_backend is None:
         kernel_backend = _check_arguments(score, x_t, x0, reduction, ignore_index, backend, score_name)
-        if key is not None:
-            if len(_CHECKED) >= _MAX_CHECKED:
-                _CHECKED.clear()  # as `_FAST`: the recent signatures stay cached
-            _CHECKED[key] = kernel_backend
+        _CHECKED.remember(key, kernel_backend)
     eager = key is not None or not v.tracing(score)
     n, n_cols = x_t.numel(), score.shape[-1]
     flat = score.reshape(n, n_cols)
@@ -327,7 +325,7 @@ def _reduce(rows: torch.Tensor, shape: torch.Size, reduction: str) -> torch.Tens
     return rows.view(shape) if reduction == "none" else rows.sum()
 
 
-_FAST: dict[tuple, bool] = {}
+_FAST = v.SignatureTable(_MAX_CHECKED)
 """`_fast_key` signatures already validated by a call through the full path -> whether they take
 `_fast_loss` (the CPU kernels ran)."""
 _REDUCTION_CODES = {name: code for code, name in enumerate(REDUCTIONS)}
@@ -361,15 +359,9 @@ def _fast_key(loss: str, score, x_t, x0, weight, sigma, reduction, ignore_index,
 
 
 def _remember(key: tuple | None) -> None:
-    """After a call through the full path: its signature is valid, and fast if it ran on the CPU kernels.
-
-    A full table starts again (a process that sees many shapes keeps the fast path for the recent ones).
-    """
-    if key is None:
-        return
-    if len(_FAST) >= _MAX_CHECKED:
-        _FAST.clear()
-    _FAST[key] = _CHECKED.get(key[1]) == "cpu"
+    """After a call through the full path: its signature is valid, and fast if it ran on the CPU kernels."""
+    if key is not None:
+        _FAST.remember(key, _CHECKED.get(key[1]) == "cpu")
 
 
 def _acc(score: torch.Tensor) -> torch.dtype:
@@ -452,7 +444,7 @@ def dse_loss(
     if graph not in _names.GRAPH_CODES:
         v.check_choice("graph", graph, _names.GRAPH_CODES)
     key = _fast_key("dse", score, x_t, x0, weight, sigma, reduction, ignore_index, backend, inplace)
-    if key is not None and _FAST.get(key):
+    if _FAST.get(key):
         acc = _acc(score)
         weight_args = _fast_weight(weight, acc)
         if weight_args is not None:
@@ -519,7 +511,7 @@ def dce_loss(
     Returns float32 (float64 for float64 logits); gradients flow to ``logits`` and ``weight``.
     """
     key = _fast_key("dce", logits, x_t, x0, weight, None, reduction, ignore_index, backend, inplace)
-    if key is not None and _FAST.get(key):
+    if _FAST.get(key):
         weight_args = _fast_weight(weight, _acc(logits))
         if weight_args is not None:
             mask = dce_mask_id(mask_id, logits.shape[-1])

@@ -17,6 +17,7 @@ import torch
 
 from conftest import TRITON_DEVICE
 from fastbound import reference as discrete_reference
+from fastbound._validate import SignatureTable
 from fastbound.continuous import denoising_loss, integrate_step, perturb
 from fastbound.continuous import reference as R
 
@@ -599,7 +600,7 @@ def count_full_checks(monkeypatch) -> list:
     """Counts calls through the full argument checks (`_args.eps_pair`), from no signature checked."""
     from fastbound.continuous import _args
 
-    monkeypatch.setattr(_args, "_CHECKED", {})
+    monkeypatch.setattr(_args, "_CHECKED", SignatureTable())
     calls, eps_pair = [], _args.eps_pair
     monkeypatch.setattr(_args, "eps_pair", lambda *a: calls.append(1) or eps_pair(*a))
     return calls
@@ -699,7 +700,7 @@ def count_cpu_loss(monkeypatch) -> list:
     signature checked."""
     from fastbound.continuous import _args, _ops
 
-    monkeypatch.setattr(_args, "_CHECKED", {})
+    monkeypatch.setattr(_args, "_CHECKED", SignatureTable())
 
     calls, cpu_loss = [], _ops.cpu_loss
     monkeypatch.setattr(_ops, "cpu_loss", lambda *a: calls.append(1) or cpu_loss(*a))

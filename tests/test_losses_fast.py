@@ -218,7 +218,8 @@ def test_fused_loss_opcheck(kind, reduction):
 
 def test_many_signatures_keep_the_fast_path(monkeypatch):
     """The signature tables are bounded; a full one starts again instead of refusing new shapes."""
-    monkeypatch.setattr(losses, "_MAX_CHECKED", 4)
+    for table in (losses._FAST, losses._CHECKED):
+        monkeypatch.setattr(table, "limit", 4)
     for n in range(1, 12):
         score, sigma, x_t, x0 = make_case("dce", (n,), 5, torch.float32)
         assert is_fast(warm("dce", score.requires_grad_(), sigma, x_t, x0))

@@ -168,9 +168,8 @@ def eps_pair(eps_hat: object, eps: object, seed: object, offset: object, what: s
     return rows(eps_hat), eps_rows, seed_bits, offset_bits
 
 
-_CHECKED: dict[tuple, str] = {}
+_CHECKED = v.SignatureTable()
 """`signature`s of calls whose argument checks passed -> the kernel backend they resolved to."""
-_MAX_CHECKED = 256
 
 
 def signature(what: str, eps_hat: object, eps: object, seed: object, offset: object, backend: object,
@@ -196,16 +195,12 @@ def signature(what: str, eps_hat: object, eps: object, seed: object, offset: obj
 
 def checked_backend(key: tuple | None) -> str | None:
     """The backend of a `signature` already checked, else None (check now, then `remember`)."""
-    return None if key is None else _CHECKED.get(key)
+    return _CHECKED.get(key)
 
 
 def remember(key: tuple | None, backend: str) -> None:
-    """After a call's checks passed. A full table starts again (the recent signatures stay cached)."""
-    if key is None:
-        return
-    if len(_CHECKED) >= _MAX_CHECKED:
-        _CHECKED.clear()
-    _CHECKED[key] = backend
+    """After a call's checks passed (`fastbound._validate.SignatureTable`)."""
+    _CHECKED.remember(key, backend)
 
 
 def host_row(value: object, n: int) -> tuple[torch.Tensor | None, float] | None:
