@@ -216,8 +216,12 @@ def host_row(value: object, n: int) -> tuple[torch.Tensor | None, float] | None:
     return None
 
 
+def checked_seed_offset(eps: torch.Tensor | None, seed: object, offset: object) -> tuple[int, int]:
+    """The seed and offset bits of a call whose `signature` is checked: their values checked when
+    ε is regenerated, else (0, 0) (a stored ε: the kernels read no seed)."""
+    return seed_offset(seed, offset) if eps is None else (0, 0)
+
+
 def checked_pair(eps_hat: torch.Tensor, eps: torch.Tensor | None, seed: object, offset: object):
     """`eps_pair`'s result for a call whose `signature` is checked: only the seed and offset values."""
-    if eps is None:
-        return (rows(eps_hat), None, *seed_offset(seed, offset))
-    return rows(eps_hat), rows(eps), 0, 0
+    return (rows(eps_hat), None if eps is None else rows(eps), *checked_seed_offset(eps, seed, offset))

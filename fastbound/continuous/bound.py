@@ -281,6 +281,11 @@ def _setup(method, data, warm, warm_std, logsnr_min, logsnr_max, n_samples, n_st
                   batch_size, backend, antithetic)
 
 
+def _check_denoiser(denoiser: object) -> None:
+    if not callable(denoiser):
+        raise TypeError(f"denoiser must be callable (z, logsnr) -> eps_hat, got {type(denoiser).__name__}")
+
+
 def _check_x(x: object, data: str) -> torch.Tensor:
     x = v.check_tensor("x", x)
     if x.dim() < 1:
@@ -491,8 +496,7 @@ def nll_bound(
     argument (non-finite x, an empty range, σ0 < 0, an unknown law, 8-bit values out of
     range, a denoiser output of the wrong shape or with NaN / infinity).
     """
-    if not callable(denoiser):
-        raise TypeError(f"denoiser must be callable (z, logsnr) -> eps_hat, got {type(denoiser).__name__}")
+    _check_denoiser(denoiser)
     setup = _setup(method, data, warm, warm_std, logsnr_min, logsnr_max, n_samples, n_steps, proposal, seed,
                    batch_size, backend, antithetic)
     x = _check_x(x, data)
@@ -561,8 +565,7 @@ def fit_proposal(
         seed: names the pilot's u and ε (the counters of `nll_bound`'s quadrature rows).
         batch_size: the most rows per denoiser call (≥ 2; default 2·min(n_pilot, B)).
     """
-    if not callable(denoiser):
-        raise TypeError(f"denoiser must be callable (z, logsnr) -> eps_hat, got {type(denoiser).__name__}")
+    _check_denoiser(denoiser)
     n_grid = _check_int("n_grid", n_grid, 2)
     n_pilot = _check_int("n_pilot", n_pilot, 1)
     setup = _setup("quadrature", data, warm, warm_std, logsnr_min, logsnr_max, 1, n_grid, None, seed, batch_size,

@@ -101,7 +101,7 @@ def _cpu_step(eps_hat: torch.Tensor, eps: torch.Tensor | None, acc: torch.Tensor
     if w is None or c is None:
         return False
     check_writable(acc)
-    seed_bits, offset_bits = _args.seed_offset(seed, offset) if eps is None else (0, 0)
+    seed_bits, offset_bits = _args.checked_seed_offset(eps, seed, offset)
     _ops.cpu_integrate(eps_hat, eps, acc, *w, *c, seed_bits, offset_bits)
     return True
 

@@ -79,7 +79,7 @@ def denoising_loss(
 def _cpu_loss(eps_hat: torch.Tensor, eps: torch.Tensor | None, weight: float | torch.Tensor | None, reduction: str,
               seed: int | None, offset: int) -> torch.Tensor:
     """`denoising_loss` of a checked eager CPU call through the one C++ op (`_ops.cpu_loss`)."""
-    seed_bits, offset_bits = _args.seed_offset(seed, offset) if eps is None else (0, 0)
+    seed_bits, offset_bits = _args.checked_seed_offset(eps, seed, offset)
     return _ops.cpu_loss(eps_hat, eps, _scale(weight, eps_hat, reduction, True), seed_bits, offset_bits,
                          REDUCTIONS.index(reduction))
 
