@@ -56,6 +56,7 @@ from __future__ import annotations
 import ctypes
 import math
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -429,21 +430,25 @@ def _seconds(target: Callable[..., None], leaves: Inputs) -> float:
 
 def _paired_floor(target: Callable[..., None], setup: Callable[[], tuple[tuple, Inputs]], floor: Callable[..., object],
                   inputs: Inputs, device: torch.device, rounds: int) -> dict[str, float]:
-    """Fastbound's and the floor's fastest times over ``rounds`` alternating calls.
+    """``rounds`` alternating (fastbound, floor) calls: each one's fastest time and the median
+    of the pairs' ratios.
 
     On a shared machine the floor's minimum moves by ~20% from one case to the next (the
     state of the neighbours, huge pages found or not) and with it every ratio; timed in
-    alternation, the two see the same machine, so their ratio reproduces.
+    alternation, the two calls of a pair see the same machine. The median of the pairs'
+    ratios is what the report divides by: one lucky floor call (a ratio of minimums pairs the
+    fastest of each, which need not have seen the same machine) cannot move it.
     """
-    fast, base = math.inf, math.inf
+    fast, base = [], []
     for _ in range(rounds):
-        fast = min(fast, _seconds(target, setup()[1]))  # its gradient is freed after the clock stops
+        fast.append(_seconds(target, setup()[1]))  # its gradient is freed after the clock stops
         start = time.perf_counter()
         out = floor(**inputs)
         _sync(device)
-        base = min(base, time.perf_counter() - start)
+        base.append(time.perf_counter() - start)
         del out  # as the floor's copy, outside the timed region
-    return {"paired_seconds": fast, "paired_floor_seconds": base, "paired_rounds": rounds}
+    return {"paired_seconds": min(fast), "paired_floor_seconds": min(base),
+            "paired_ratio": statistics.median(f / b for f, b in zip(fast, base)), "paired_rounds": rounds}
 
 
 def _check(spec: Spec, actual: Result, expected: Result, inputs: Inputs) -> None:

@@ -64,8 +64,10 @@ def collect(run: dict, stat: str) -> dict[tuple, dict[str, dict]]:
             "draws": info.get("draws"),
             "method": info.get("method"),
             "denoiser": info.get("denoiser_seconds", 0.0),
-            # The alternating calls keep their minimums only: other statistics use the two benchmarks'.
-            "paired": (info["paired_seconds"], info["paired_floor_seconds"])
+            # The alternating calls' minimums and median ratio (runs before it have no ratio):
+            # other statistics use the two benchmarks'.
+            "paired": (info["paired_seconds"], info["paired_floor_seconds"],
+                       info.get("paired_ratio", info["paired_seconds"] / info["paired_floor_seconds"]))
             if "paired_seconds" in info and stat == "min" else None,
         }
     order = {"fp32": 0, "bf16": 1}
@@ -73,11 +75,11 @@ def collect(run: dict, stat: str) -> dict[tuple, dict[str, dict]]:
 
 
 def over_floor(providers: dict[str, dict]) -> float | None:
-    """fastbound's time over the floor: from their alternating calls where the run has them
-    (`benchmarks.harness._paired_floor`), else from the two benchmarks' minimums."""
+    """fastbound's time over the floor: the median ratio of their alternating calls where the
+    run has them (`benchmarks.harness._paired_floor`), else the two benchmarks' minimums'."""
     paired = providers.get("fastbound", {}).get("paired")
     if paired is not None:
-        return paired[0] / paired[1]
+        return paired[2]
     fast, floor = providers.get("fastbound", {}).get("time"), providers.get("floor", {}).get("time")
     return None if fast is None or not floor else fast / floor
 
@@ -150,8 +152,9 @@ def table(rows: dict[tuple, dict[str, dict]]) -> list[str]:
     notes = [
         "`vs eager` / `vs compile`: fastbound's speed-up over the eager oracle / `torch.compile` of it; "
         "`/ floor`: fastbound's time over the memory-traffic floor on the largest input, `clone()` (a read "
-        "and a write) or, for ops that only read it, `sum()` (one read), both timed in alternating calls "
-        "(the fastest of each) so that they see the same machine. Floors: " + floors(rows) + ". "
+        "and a write) or, for ops that only read it, `sum()` (one read), timed in alternating calls so that "
+        "each pair sees the same machine: the median of the pairs' ratios (`floor ms` is the floor's "
+        "fastest call). Floors: " + floors(rows) + ". "
         "`saved`: share of the eager oracle's peak that fastbound does not need."
         + (" `vs <provider>`: that provider's time over fastbound's (" + ", ".join(f"`{p}`" for p in extras)
            + "; `bare_op` is the raw `torch.ops` kernel call, so `vs bare_op` below 1 is the Python layer's cost)."
