@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/buffer_pool.h"
 #include "cpu/vectorize.h"
 
 TORCH_LIBRARY(fastbound, m) {
@@ -98,9 +99,18 @@ namespace {
 
 PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(fastbound::cpu::isa_name()); }
 
+PyObject* cpu_buffer_cache(PyObject*, PyObject* args) {
+  long long max_bytes = -1;
+  if (!PyArg_ParseTuple(args, "|L", &max_bytes)) return nullptr;
+  const fastbound::cpu::BufferCache cache = fastbound::cpu::buffer_cache(max_bytes);
+  return Py_BuildValue("(LL)", static_cast<long long>(cache.max_bytes), static_cast<long long>(cache.held_bytes));
+}
+
 PyMethodDef kMethods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "The x86-64 level the CPU kernels run at on this machine: 'avx512', 'avx2' or 'baseline'."},
+    {"cpu_buffer_cache", cpu_buffer_cache, METH_VARARGS,
+     "cpu_buffer_cache([max_bytes]) -> (max_bytes, held_bytes): the pool of reused CPU gradient buffers."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "fastbound's compiled operators.", -1, kMethods};

@@ -20,7 +20,7 @@ Public API:
 """
 
 from . import noise, reference, schedules, testing
-from ._ops import cpu_isa
+from ._ops import cpu_buffer_cache, cpu_isa
 from .estimators import NLLEstimate, RatioEstimate, estimate_nll, log_likelihood_ratio
 from .fused_linear import fused_linear_dce_loss, fused_linear_dse_loss
 from .integrate import integrate_step
@@ -51,6 +51,7 @@ __all__ = [
     "noise",
     "schedules",
     "reference",
+    "cpu_buffer_cache",
     "cpu_isa",
     "select_backend",
     "value_checks",

@@ -4,6 +4,8 @@
 // allocation. A backend supplies only its row loop:
 //
 //   struct Backend {
+//     // An uninitialised buffer like the scores for the gradient, which run writes whole.
+//     static at::Tensor new_grad(const at::Tensor& score);
 //     // Writes loss (N,) and, when grad is not null, d loss / d score into *grad
 //     // (which may be &in.score: in place).
 //     static void run(const LossInputs& in, at::Tensor* grad, at::Tensor& loss);
@@ -28,7 +30,7 @@ template <typename Backend>
 std::tuple<at::Tensor, at::Tensor> loss_forward(const LossInputs& in, bool need_grad) {
   check_loss_inputs(in, /*inplace=*/false);
   at::Tensor loss = at::empty({in.score.size(0)}, in.row_scale.options());
-  at::Tensor grad = need_grad ? at::empty(in.score.sizes(), in.score.options()) : at::empty({0}, in.score.options());
+  at::Tensor grad = need_grad ? Backend::new_grad(in.score) : at::empty({0}, in.score.options());
   Backend::run(in, need_grad ? &grad : nullptr, loss);
   return {loss, grad};
 }

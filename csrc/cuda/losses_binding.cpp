@@ -37,6 +37,7 @@ LossBatch<cuda_t> make_batch(const LossInputs& in, at::Tensor* grad, at::Tensor&
 }
 
 struct CudaLosses {
+  static at::Tensor new_grad(const at::Tensor& score) { return at::empty(score.sizes(), score.options()); }
   // On the current stream of the scores' device.
   static void run(const LossInputs& in, at::Tensor* grad, at::Tensor& loss) {
     const c10::cuda::CUDAGuard device_guard(in.score.device());
