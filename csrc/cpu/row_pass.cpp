@@ -34,6 +34,20 @@ constexpr int64_t kBlock = 256;
 
 #define FB_INLINE inline __attribute__((always_inline))
 
+// Software prefetch distance. The loops spend ~20 vector instructions per 64-byte line (the
+// exp), so the hardware prefetcher, which restarts at every 4 KiB page of the scores, does not
+// keep DRAM ahead of them: on a 2-core Xeon VM a 1024 x 32769 absorbing DSE forward (scores
+// beyond the cache) took 0.80 ns a bf16 score and 0.61 a float one with it alone, 0.26-0.29 and
+// 0.44 with each block's lines requested 2 KiB ahead (the same loop on cached scores: 0.30 / 0.27).
+constexpr int64_t kPrefetchBytes = 2048;
+
+// Requests the lines of scores [lo, hi) shifted kPrefetchBytes ahead, clipped to the row's n.
+template <typename scalar_t>
+FB_INLINE void prefetch_ahead(const scalar_t* s, int64_t lo, int64_t hi, int64_t n) {
+  constexpr int64_t kAhead = kPrefetchBytes / sizeof(scalar_t), kLine = 64 / sizeof(scalar_t);
+  for (int64_t k = lo + kAhead; k < std::min(hi + kAhead, n); k += kLine) __builtin_prefetch(s + k);
+}
+
 // The bits of |x| as int32: they order like the magnitudes and put inf and NaN
 // above every finite value.
 template <typename L>
@@ -135,6 +149,7 @@ FB_INLINE RowSums<float> row_pass_lanes(const scalar_t* s, out_t* g, int64_t n, 
   const bool check_first = kWrite && static_cast<const void*>(g) == static_cast<const void*>(s);
   for (int64_t i = 0; i < n8; i += kBlock) {
     const int64_t hi = std::min(i + kBlock, n8), mid = std::min(hi, n_wide);
+    prefetch_ahead(s, i, hi, n);
     if (check_first) {
       if (block_is_normal<L>(s + i, mid - i, shift) && block_is_normal<VecLanes>(s + mid, hi - mid, shift)) {
         pass.template block<L, true>(i, mid, hi, se, ss);
