@@ -215,6 +215,19 @@ FB_INLINE void row_rescale_lanes(const float* e, scalar_t* g, int64_t n, float f
   for (; i < n; ++i) g[i] = from_acc<scalar_t>(factor * e[i]);
 }
 
+// g *= factor in place, float accumulation; the lines ahead requested as in row_pass (the
+// stream's read and write of each line leave the hardware prefetcher behind, as the exp does).
+template <typename L, typename scalar_t>
+FB_INLINE void row_scale_inplace_lanes(scalar_t* g, int64_t n, float factor) {
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    prefetch_ahead(g, i, i + kBlock, n);
+    for (int64_t k = i; k < i + kBlock; k += L::kWidth) store_lanes<L>(g + k, factor * load_lanes<L>(g + k));
+  }
+  for (; i + L::kWidth <= n; i += L::kWidth) store_lanes<L>(g + i, factor * load_lanes<L>(g + i));
+  for (; i < n; ++i) g[i] = from_acc<scalar_t>(factor * to_acc(g[i]));
+}
+
 // The 16-lane instances, for x86-64-v4 only (wide_lanes()).
 template <bool kWrite, bool kScores, typename scalar_t, typename out_t>
 FB_CPU_WIDE RowSums<float> row_pass_wide(const scalar_t* s, out_t* g, int64_t n, float shift, float scale,
@@ -230,6 +243,11 @@ FB_CPU_WIDE float row_max_wide(const scalar_t* s, int64_t n) {
 template <typename scalar_t>
 FB_CPU_WIDE void row_rescale_wide(const float* e, scalar_t* g, int64_t n, float factor) {
   row_rescale_lanes<VecLanes16>(e, g, n, factor);
+}
+
+template <typename scalar_t>
+FB_CPU_WIDE void row_scale_inplace_wide(scalar_t* g, int64_t n, float factor) {
+  row_scale_inplace_lanes<VecLanes16>(g, n, factor);
 }
 
 #undef FB_INLINE
@@ -286,13 +304,27 @@ FB_CPU_CLONES void row_rescale(const acc_t* e, scalar_t* g, int64_t n, acc_t fac
   }
 }
 
+template <typename scalar_t, typename acc_t>
+FB_CPU_CLONES void row_scale_inplace(scalar_t* g, int64_t n, acc_t factor) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (wide_lanes()) {
+      row_scale_inplace_wide(g, n, factor);
+    } else {
+      row_scale_inplace_lanes<VecLanes>(g, n, factor);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) g[i] = from_acc<scalar_t>(factor * to_acc(g[i]));
+  }
+}
+
 #define FB_INSTANTIATE(scalar_t, acc_t)                                                                          \
   template RowSums<acc_t> row_pass<true, scalar_t, acc_t>(const scalar_t*, scalar_t*, int64_t, acc_t, acc_t,     \
                                                           acc_t);                                                \
   template RowSums<acc_t> row_pass<false, scalar_t, acc_t>(const scalar_t*, scalar_t*, int64_t, acc_t, acc_t,    \
                                                            acc_t);                                               \
   template acc_t row_max<scalar_t, acc_t>(const scalar_t*, int64_t);                                             \
-  template void row_rescale<scalar_t, acc_t>(const acc_t*, scalar_t*, int64_t, acc_t);
+  template void row_rescale<scalar_t, acc_t>(const acc_t*, scalar_t*, int64_t, acc_t);                         \
+  template void row_scale_inplace<scalar_t, acc_t>(scalar_t*, int64_t, acc_t);
 FB_INSTANTIATE(float, float)
 FB_INSTANTIATE(double, double)
 FB_INSTANTIATE(c10::Half, float)

@@ -5,7 +5,8 @@
 // g = scale * e^{s-shift} + offset in the same pass, as the scores' dtype or
 // (the DCE's exponentials, `out_t`) as the accumulation type. DSE (absorbing
 // and uniform) and the DCE are all instances of it; `row_max` gives the DCE's
-// running maximum and `row_rescale` its second pass, g = factor * e.
+// running maximum and `row_rescale` its second pass, g = factor * e;
+// `row_scale_inplace` is the backward's rescale of a saved gradient row.
 #pragma once
 
 #include <cstdint>
@@ -30,6 +31,10 @@ acc_t row_max(const scalar_t* s, int64_t n);
 // g[i] = factor * e[i], rounded once to the scores' dtype; e may alias g.
 template <typename scalar_t, typename acc_t>
 void row_rescale(const acc_t* e, scalar_t* g, int64_t n, acc_t factor);
+
+// g[i] *= factor in place, in the accumulation type, rounded once.
+template <typename scalar_t, typename acc_t>
+void row_scale_inplace(scalar_t* g, int64_t n, acc_t factor);
 
 }  // namespace cpu
 }  // namespace fastbound

@@ -1,7 +1,7 @@
 // `scale_rows_` on the CPU (contract: csrc/common/scale_rows.h): the backward of
 // a fused loss multiplies the saved gradient's contributing rows by their
-// upstream factor in place. One vectorised loop per row (compiled per x86-64
-// level, vectorize.h), rows in parallel; rows that are zero by construction or
+// upstream factor in place. One vectorised loop per row (row_pass.h's
+// row_scale_inplace), rows in parallel; rows that are zero by construction or
 // whose factor is 1 are not touched, so their pages are neither read nor written.
 // Also the op's ADInplaceOrView kernel, for every device: it bumps grad's
 // version, as every in-place write must.
@@ -19,23 +19,11 @@
 #include <optional>
 
 #include "common/scale_rows.h"
-#include "convert.h"
-#include "vectorize.h"
+#include "row_pass.h"
 
 namespace fastbound {
 namespace cpu {
 namespace {
-
-template <typename scalar_t, typename acc_t>
-FB_CPU_CLONES void scale_row(scalar_t* g, int64_t n, acc_t factor) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) g[j] = from_acc<scalar_t>(to_acc(g[j]) * factor);
-}
-
-template void scale_row<float, float>(float*, int64_t, float);
-template void scale_row<double, double>(double*, int64_t, double);
-template void scale_row<c10::Half, float>(c10::Half*, int64_t, float);
-template void scale_row<c10::BFloat16, float>(c10::BFloat16*, int64_t, float);
 
 void scale_rows_cpu(at::Tensor& grad, const at::Tensor& factor, const std::optional<at::Tensor>& x_t,
                     const std::optional<at::Tensor>& x0, int64_t mask_id, int64_t ignore_index) {
@@ -57,7 +45,7 @@ void scale_rows_cpu(at::Tensor& grad, const at::Tensor& factor, const std::optio
         // A zero row stays 0 only for a finite factor: 0 * inf and 0 * NaN are NaN, as autograd gives.
         const bool zero_row = std::isfinite(fi) &&
                               ((x0p != nullptr && x0p[i] == ignore_index) || (xt != nullptr && xt[i] != mask_id));
-        if (fi != acc_t(1) && !zero_row) scale_row<scalar_t, acc_t>(g + i * g_stride, v, fi);
+        if (fi != acc_t(1) && !zero_row) row_scale_inplace<scalar_t, acc_t>(g + i * g_stride, v, fi);
       }
     });
   });
