@@ -1,12 +1,15 @@
 """The import graph: the oracle is a leaf, the training script uses the public API only,
-and the low layers (names, tables, kernels) import no API module."""
+and the low layers (names, tables, kernels) import no API module; the README keeps its
+sections and its layout names files that exist."""
 
 import ast
 import pathlib
+import re
 
 import fastbound
 
 PACKAGE = pathlib.Path(fastbound.__file__).parent
+ROOT = PACKAGE.parent
 API_MODULES = {"losses", "noise", "integrate", "estimators", "schedules", "testing", "train"}
 
 
@@ -52,3 +55,26 @@ def test_low_layers_import_no_api_module():
         for level, name in _imports(path):
             if level == depth:
                 assert name.split(".")[0] not in API_MODULES, f"{path.name} imports the API module {name}"
+
+
+README_SECTIONS = (
+    "Quick start", "The main job", "Using the losses", "Keeping the backward free", "Errors",
+    "Fused linear head", "Noise sampling", "Likelihood estimation", "Continuous data",
+    "Speed and memory", "Building with CUDA", "Layout", "References",
+)
+
+
+def test_readme_keeps_its_sections():
+    """A regenerated table must not take the sections around it along (one commit once did)."""
+    headings = [line[3:] for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("## ")]
+    missing = [s for s in README_SECTIONS if not any(h.startswith(s) for h in headings)]
+    assert not missing, f"README.md lost its sections {missing}"
+
+
+def test_readme_layout_names_existing_files():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):text.index("## References")]
+    names = re.findall(r"^(csrc/[\w/.]+\.(?:h|cpp|cu)|fastbound/[\w/]+\.py)\s", layout, flags=re.M)
+    assert names, "no file names found in the README's layout"
+    gone = [n for n in names if not (ROOT / n).exists()]
+    assert not gone, f"the README's layout names files that do not exist: {gone}"
