@@ -123,6 +123,28 @@ def test_cpu_words_carry_and_wrap_bit_identically(offset, n):
     assert torch.equal(regen, denoising_loss(x, got.eps, reduction="none", backend="cpu"))
 
 
+@pytest.mark.parametrize("base", [2**32, 2**64])
+@pytest.mark.parametrize("law", ["gaussian", "uniform"])
+def test_cpu_words_carry_at_every_lane_of_a_block(base, law):
+    """On AVX-512 the CPU kernel draws blocks of two 16-counter groups, then one group, then a
+    group whose stores are masked to the tail (csrc/cpu/continuous_words.h); on AVX2, 8-counter
+    groups. The counter's low word wraps (and at 2^64 the high word too) at each position of a
+    32-counter block, of the lone group and of the tail, with and without w2 (the uniform law
+    reads it, the Gaussian one does not): the words equal the oracle's (x_warm is exact for the
+    uniform law; eps and the Gaussian x_warm within their few ulp, where a wrong word would give
+    another value altogether)."""
+    n = 32 + 16 + 13
+    x = torch.zeros(1, n)
+    for k in range(1, n + 1):
+        offset = (base - k) % 2**64
+        got = perturb(x, 0.0, warm=law, warm_std=1.0, seed=17, offset=offset, return_warm=True, backend="cpu")
+        want = R.perturb(x, 0.0, warm=law, warm_std=1.0, seed=17, offset=offset)
+        if law == "uniform":
+            assert torch.equal(got.x_warm, want[2]), k
+        close(got.eps, want[1], torch.float32)
+        close(got.x_warm, want[2], torch.float32)
+
+
 @pytest.mark.parametrize("device, backend", BACKENDS)
 @pytest.mark.parametrize("law", ["gaussian", "laplace", "logistic"])
 def test_perturb_float32_math_is_within_a_few_ulp_of_float64(device, backend, law):

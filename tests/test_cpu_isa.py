@@ -5,7 +5,9 @@ Both widths evaluate the same formulas per element and add into 8-lane sums in t
 for bit. Each path runs in its own process (the variable is read once), on the same inputs:
 every dtype, odd vocabularies around the lane widths, the DCE's 2048-column chunks, in place
 and not, and scores out of the exp's normal range (±100, ±inf, NaN); and the continuous loss and
-integration step (their 16-lane loops follow the same switch). On a CPU without AVX-512
+integration step (their 16-lane loops follow the same switch); and the continuous noise, whose
+Philox words come from 16-counter AVX-512 groups or 8-counter AVX2 ones by the same switch
+(perturb under every law and the regenerating loss, at counters that carry). On a CPU without AVX-512
 both processes run the 8-lane path and the comparison still checks that the override is harmless.
 """
 
@@ -84,6 +86,26 @@ WORKER = textwrap.dedent(
             acc = torch.zeros(5, 2, dtype=torch.float64)
             fc.integrate_step(eps_hat, eps, acc, weight=0.5)
             out[key + "/integrate"] = acc
+
+    # The continuous noise (csrc/cpu/continuous_words.h: 16-counter AVX-512 groups against 8-counter
+    # AVX2 ones): perturb under every law and the regenerating loss, d around the groups' widths,
+    # offsets where the counter's low word wraps inside a group and where the whole counter wraps.
+    for dname, dtype in DTYPES.items():
+        for d in (1, 15, 16, 17, 31, 33, 47, 512 + 37, 3 * 32 * 32 + 5):
+            g = torch.Generator().manual_seed(d)
+            x = torch.randn(3, d, generator=g).to(dtype)
+            lam = torch.tensor([-4.0, 0.5, 6.0], dtype=torch.float64)
+            for offset in (0, 2**32 - 21, 2**64 - 2 * d - 9):
+                for law in (None,) + fc.WARM_LAWS:
+                    key = f"perturb/{dname}/d{d}/o{offset}/{law}"
+                    p = fc.perturb(x, lam, warm=law, warm_std=0.3 if law else 0.0, seed=2**63 + d, offset=offset,
+                                   return_warm=True, backend="cpu")
+                    out[key + "/z"], out[key + "/eps"], out[key + "/x_warm"] = p.z, p.eps, p.x_warm
+                key = f"regen/{dname}/d{d}/o{offset}"
+                leaf = x.clone().requires_grad_()
+                loss = fc.denoising_loss(leaf, seed=2**63 + d, offset=offset, reduction="none", backend="cpu")
+                (grad,) = torch.autograd.grad(loss, leaf, torch.ones_like(loss))
+                out[key + "/loss"], out[key + "/grad"] = loss.detach(), grad
     torch.save(out, sys.argv[1])
     """
 )

@@ -5,7 +5,7 @@
 // warm-up noise u, and writes z = alpha_b (x + warm_std u) + sigma_b eps, eps
 // and (when asked) x_warm = x + warm_std u. Work is split into (row, tile)
 // tasks, so the result does not depend on the number of threads; per tile the
-// words come from the AVX2 Philox (continuous_words.h), then one loop on vector
+// words come from the AVX-512 or AVX2 Philox (continuous_words.h), then one loop on vector
 // lanes (continuous_lanes.h) forms the noise and the outputs.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
