@@ -24,8 +24,9 @@
 // makes an AVX-512 CPU run the 8-lane row loops (their x86-64-v4 clone: the
 // AVX2 CPUs' code, in AVX-512 encodings), so that both paths can be compared
 // on one machine (in the spirit of PyTorch's ATEN_CPU_CAPABILITY); any other
-// value, or a level the CPU lacks, changes nothing. It governs these row loops
-// only: the other FB_CPU_CLONES kernels keep the loader's pick.
+// value, or a level the CPU lacks, changes nothing. It governs every choice made
+// by wide_lanes() (the row loops, the continuous loss's loops, the Philox words);
+// the other FB_CPU_CLONES kernels keep the loader's pick.
 // `fastbound::cpu::isa_name()` reports the level the row loops run at.
 #pragma once
 
