@@ -136,3 +136,23 @@ def test_environment_sets_the_bound_and_exit_with_live_tensors_is_clean():
     env = dict(os.environ, FASTBOUND_CPU_BUFFER_CACHE="12345")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "12345"
+
+
+def test_perturb_writes_its_reused_outputs_whole():
+    from fastbound import continuous
+
+    x = torch.randn(128, 3 * 32 * 32, generator=torch.Generator().manual_seed(5))  # 1.5 MiB: pooled
+    lam = torch.linspace(-5, 5, x.shape[0])
+    fastbound.cpu_buffer_cache(0)
+    want = continuous.perturb(x, lam, warm="uniform", warm_std=0.1, seed=3, return_warm=True)
+    fastbound.cpu_buffer_cache(1 << 30)
+    for _ in range(3):  # buffers of the same size, then NaN-filled, back into the pool
+        junk = continuous.perturb(x, lam, warm="gaussian", warm_std=0.2, seed=9, return_warm=True)
+        for t in (junk.z, junk.eps, junk.x_warm):
+            t.fill_(float("nan"))
+        del junk, t
+    assert fastbound.cpu_buffer_cache().held_bytes >= 3 * x.nbytes
+    got = continuous.perturb(x, lam, warm="uniform", warm_std=0.1, seed=3, return_warm=True)
+    assert fastbound.cpu_buffer_cache().held_bytes < 3 * x.nbytes, "perturb did not take the pooled buffers"
+    for name in ("z", "eps", "x_warm"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name

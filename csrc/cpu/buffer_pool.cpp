@@ -20,8 +20,9 @@ namespace fastbound {
 namespace cpu {
 namespace {
 
-constexpr size_t kHuge = size_t(1) << 21;
-constexpr size_t kMinPooled = size_t(4) << 20;
+constexpr size_t kPage = size_t(1) << 12, kHuge = size_t(1) << 21;
+constexpr size_t kMinPooled = size_t(1) << 20;  // below, glibc's heap reuses freed memory itself
+constexpr size_t kMinHuge = size_t(4) << 20;    // from here, 2 MiB-aligned and advised huge pages
 constexpr int64_t kDefaultMaxBytes = int64_t(2) << 30;
 
 int64_t max_bytes_from_env() {
@@ -94,9 +95,10 @@ void* take(size_t capacity) {
     }
   }
   void* memory = nullptr;
-  if (posix_memalign(&memory, kHuge, capacity) != 0) throw std::bad_alloc();
+  const bool huge = capacity >= kMinHuge;
+  if (posix_memalign(&memory, huge ? kHuge : kPage, capacity) != 0) throw std::bad_alloc();
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
-  madvise(memory, capacity, MADV_HUGEPAGE);  // advice only: the contents never change
+  if (huge) madvise(memory, capacity, MADV_HUGEPAGE);  // advice only: the contents never change
 #endif
   std::lock_guard<std::mutex> lock(p.mutex);
   report(p, memory, static_cast<int64_t>(capacity));
@@ -110,7 +112,8 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
   for (const int64_t s : sizes) numel *= s;
   const size_t nbytes = static_cast<size_t>(numel) * options.dtype().itemsize();
   if (nbytes < kMinPooled) return at::empty(sizes, options);
-  const size_t capacity = (nbytes + kHuge - 1) & ~(kHuge - 1);
+  const size_t unit = nbytes >= kMinHuge ? kHuge : kPage;
+  const size_t capacity = (nbytes + unit - 1) & ~(unit - 1);
   void* memory = take(capacity);
   try {
     return at::from_blob(memory, sizes, [capacity](void* m) { give_back(m, capacity); }, options);

@@ -12,13 +12,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
 
+#include "buffer_pool.h"
 #include "continuous_lanes.h"
 #include "continuous_words.h"
 #include "convert.h"
@@ -103,8 +103,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> continuous_perturb(const at::Tens
                                                                   double warm_std, int64_t seed, int64_t offset,
                                                                   bool return_warm) {
   continuous::check_perturb(x, alpha, sigma, warm);
-  at::Tensor z = at::empty_like(x), eps = at::empty_like(x);
-  at::Tensor x_warm = return_warm ? at::empty_like(x) : at::empty({0}, x.options());
+  // Written whole: reused buffers (buffer_pool.h), so a draw loop pays no page faults.
+  at::Tensor z = pooled_empty(x.sizes(), x.options()), eps = pooled_empty(x.sizes(), x.options());
+  at::Tensor x_warm = return_warm ? pooled_empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   const int64_t rows = x.size(0), cols = x.size(1);
   if (x.numel() == 0) return {z, eps, x_warm};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "continuous_perturb_cpu", [&] {
