@@ -11,9 +11,9 @@ other two providers itself:
   the memory-traffic floor for a one-pass kernel. An op that only reads that input (a
   reduction such as the integration step) passes its own ``floor_call``, e.g. one ``sum()``.
   The clone writes its copy into memory allocated as the fused kernels allocate their
-  gradient (`clone_like_kernels`: from 4 MiB up, a huge-page buffer reused from the previous
-  call, as the CPU kernels reuse theirs, ``csrc/cpu/buffer_pool.h``), so that neither pays
-  page faults the other does not. The floor provider is timed over at least
+  gradient (`clone_like_kernels`: from 1 MiB up, a buffer reused from the previous call, as
+  the CPU kernels reuse theirs, ``csrc/cpu/buffer_pool.h``), so that neither pays page
+  faults the other does not. The floor provider is timed over at least
   `FLOOR_MIN_ROUNDS` rounds and twice the target time; the ratio over the floor comes from
   fastbound's own benchmark, which after its timed rounds calls fastbound and the floor in
   alternation (`_paired_floor`), so that both see the same state of a shared machine.
@@ -158,33 +158,38 @@ unit in the last place (bf16: 2**-7 relative)."""
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 _MADV_HUGEPAGE, _HUGE = 14, 1 << 21
-_FLOOR_BUFFER: dict[tuple, torch.Tensor] = {}
-"""`clone_like_kernels`' buffer for the last (shape, dtype) it copied."""
+_FLOOR_BUFFERS: dict[tuple, torch.Tensor] = {}
+"""`reused_like`'s buffers of the current case (`_Prepared` frees them with its inputs)."""
 
 
 def _reuses_memory(t: torch.Tensor) -> bool:
-    """Whether the CPU kernels would write a gradient like ``t`` into a reused buffer."""
-    return t.device.type == "cpu" and t.nbytes >= 2 * _HUGE and fastbound.cpu_buffer_cache().max_bytes >= t.nbytes
+    """Whether the CPU kernels would write an output like ``t`` into a reused buffer
+    (``csrc/cpu/buffer_pool.h``: from 1 MiB up, while fastbound's buffer cache is on)."""
+    return t.device.type == "cpu" and t.nbytes >= 1 << 20 and fastbound.cpu_buffer_cache().max_bytes >= t.nbytes
+
+
+def reused_like(t: torch.Tensor, slot: int = 0) -> torch.Tensor:
+    """An uninitialised buffer like ``t``, got as the CPU kernels get their outputs: where they
+    reuse memory, the same buffer from call to call (one per ``slot``), allocated once with its
+    2 MiB-aligned interior advised huge pages from 4 MiB up (madvise MADV_HUGEPAGE, Linux), so
+    that the floor and the kernels see the same pages and neither pays the OS's zeroing of fresh
+    ones; elsewhere a new one."""
+    if not _reuses_memory(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    key = (t.shape, t.dtype, slot)
+    out = _FLOOR_BUFFERS.get(key)
+    if out is None:
+        out = _FLOOR_BUFFERS[key] = torch.empty_like(t, memory_format=torch.contiguous_format)
+        begin = out.data_ptr()
+        lo, hi = (begin + _HUGE - 1) & ~(_HUGE - 1), (begin + out.nbytes) & ~(_HUGE - 1)
+        if _LIBC is not None and out.nbytes >= 2 * _HUGE and hi > lo:
+            _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE)
+    return out
 
 
 def clone_like_kernels(t: torch.Tensor) -> torch.Tensor:
-    """``t.clone()`` into memory as the CPU kernels get it for their gradient: from 4 MiB up (while
-    fastbound's buffer cache is on) one buffer kept from call to call, allocated once with its
-    2 MiB-aligned interior advised huge pages (madvise MADV_HUGEPAGE, Linux), so that the floor
-    and the kernels see the same pages and neither pays the OS's zeroing of fresh ones.
-    Elsewhere a plain ``clone()``."""
-    if not _reuses_memory(t):
-        return t.clone()
-    key = (t.shape, t.dtype)
-    out = _FLOOR_BUFFER.get(key)
-    if out is None:
-        _FLOOR_BUFFER.clear()
-        out = _FLOOR_BUFFER[key] = torch.empty_like(t, memory_format=torch.contiguous_format)
-        begin = out.data_ptr()
-        lo, hi = (begin + _HUGE - 1) & ~(_HUGE - 1), (begin + out.nbytes) & ~(_HUGE - 1)
-        if _LIBC is not None and hi > lo:
-            _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE)
-    return out.copy_(t)
+    """``t.clone()`` into a buffer got as the CPU kernels get their gradient (`reused_like`)."""
+    return reused_like(t).copy_(t)
 
 
 def read_floor(name: str) -> Callable[..., torch.Tensor]:
@@ -410,7 +415,7 @@ class _Prepared:
         key = (spec.case.name, spec.shape, spec.dtype, device)
         if cls.key != key:
             cls.key, cls.inputs, cls.expected = None, {}, {}  # free the previous case first
-            _FLOOR_BUFFER.clear()
+            _FLOOR_BUFFERS.clear()
             generator = torch.Generator(device).manual_seed(0)
             inputs = spec.case.make_inputs(spec.shape, spec.dtype, generator)
             cls.expected = outcome(spec.case.eager, inputs, spec.case.grad_inputs, device)

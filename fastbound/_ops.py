@@ -327,11 +327,12 @@ class BufferCache(NamedTuple):
 
 
 def cpu_buffer_cache(max_bytes: int | None = None) -> BufferCache:
-    """The pool that keeps the CPU losses' freed (N, V) gradient buffers for the next call.
+    """The pool that keeps the CPU kernels' freed large outputs for the next call: the losses'
+    (N, V) gradients and `fastbound.continuous.perturb`'s z, eps and x_warm.
 
     A fresh buffer's pages are faulted in and zeroed by the OS on first write, which at LM
     sizes costs as much as the kernel (4x512x32769 DSE forward+backward on a 2-core Xeon:
-    31.6 -> 20.3 ms fp32, 30.3 -> 15.4 ms bf16 with reused memory); buffers of 4 MiB and up
+    31.6 -> 20.3 ms fp32, 30.3 -> 15.4 ms bf16 with reused memory); buffers of 1 MiB and up
     therefore return to this pool when their tensor dies, and a call of the same size takes
     one back. ``max_bytes`` (default 2 GiB, or ``FASTBOUND_CPU_BUFFER_CACHE`` in bytes at
     start-up) bounds what it keeps, the most recently freed first; ``0`` frees every kept
