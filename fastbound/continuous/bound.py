@@ -146,9 +146,8 @@ import torch
 
 from .. import _backend
 from .. import _validate as v
-from . import _args
+from . import _args, _ops
 from ._args import check_warm
-from . import _ops
 from .integrate import run as run_step
 from .reference import WARM_CODES
 from .schedules import LogisticProposal, _check_range
@@ -422,6 +421,9 @@ def _accumulate(denoiser: Denoiser, x: torch.Tensor, plan: _Plan) -> torch.Tenso
     and one integration step per chunk reads each pair as one row of 2d: its squared error is
     the sum of the halves', so weight w/2 and baseline 2c add the pair average S (module
     docstring) and S² to the draw's slot; the standard error is then over the pairs.
+
+    x is made (rows, d) once (a copy only when strided; in the compute dtype for pairs of
+    16-bit x, a float32 copy), not once per draw.
     """
     setup = plan.setup
     d = math.prod(x.shape[1:])
@@ -432,7 +434,7 @@ def _accumulate(denoiser: Denoiser, x: torch.Tensor, plan: _Plan) -> torch.Tenso
     backend = _backend.select(x.device, setup.backend)
     v.check_size("x", min(plan.n_rows, chunk) * d, "elements")  # perturb's limit, per call: the largest chunk
     # Pairs draw in the compute dtype (`_pairs`); the same counters, so the + half is the plain draw.
-    x_rows = _args.rows(x.to(cond_dtype) if setup.antithetic else x)  # once, not per draw
+    x_rows = _args.rows(x.to(cond_dtype) if setup.antithetic else x)
     for g0 in range(0, plan.n_rows, chunk):
         count = min(plan.n_rows, g0 + chunk) - g0
         b, lam, weight, slot = plan.rows(g0, count)
