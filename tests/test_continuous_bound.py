@@ -7,7 +7,7 @@ import torch
 
 from fastbound.continuous import (LogisticProposal, fit_proposal, from_8bit, nll_bound, perturb,
                                   uniform_dequantisation_std)
-from fastbound.continuous import bound
+from fastbound.continuous import bound, schedules
 from fastbound.testing.continuous import GaussianMixture, GaussianSource, GridMixture1D
 
 SOURCE = GaussianSource([0.5, -1.0, 0.0, 2.0], [0.5, 2.0, 1.0, 0.05])
@@ -476,8 +476,25 @@ def test_antithetic_halves_round_once_from_the_compute_dtype(dtype):
     (z, lam), rows = seen[0], x.shape[0]
     lam = lam[::2].double()
     noised = perturb(x.float(), lam, return_warm=True, **kw)
-    a, s = (t.float()[:, None] for t in (bound.alpha(lam), bound.sigma(lam)))
+    a, s = (t.float()[:, None] for t in (schedules.alpha(lam), schedules.sigma(lam)))
     assert z.dtype == dtype
     torch.testing.assert_close(z[0::2], noised.z.to(dtype), rtol=0, atol=0)
     torch.testing.assert_close(z[1::2], (a * noised.x_warm - s * noised.eps).to(dtype), rtol=0, atol=0)
     assert z.shape[0] == 2 * rows
+
+
+@pytest.mark.parametrize("antithetic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_logsnr_window_and_strided_x_keep_the_estimate(monkeypatch, antithetic, dtype):
+    """λ is drawn `LOGSNR_WINDOW` rows at a time, elementwise in its counter: a window of 7 rows
+    (windows ending inside a draw, batches wrapping past sample B - 1) gives the same bits as one
+    window; a strided x gives those of its contiguous copy."""
+    x = SOURCE.sample(9, seed=2).to(dtype)
+    x = torch.stack([x, -x], 2)  # (9, 4, 2): x.transpose(1, 2) is strided
+    kw = dict(warm="gaussian", warm_std=0.1, n_samples=5, seed=4, antithetic=antithetic, batch_size=8)
+    den = lambda z, lam: (0.3 * z - 0.1 * lam.view(-1, 1, 1)).to(z.dtype)  # noqa: E731
+    whole = nll_bound(den, x.transpose(1, 2).contiguous(), **kw)
+    monkeypatch.setattr(bound, "LOGSNR_WINDOW", 7)
+    windowed = nll_bound(den, x.transpose(1, 2), **kw)
+    for name in ("nll", "stderr", "integral"):
+        assert torch.equal(getattr(whole, name), getattr(windowed, name)), name

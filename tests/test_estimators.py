@@ -317,3 +317,24 @@ def test_stratified_uniforms_cpu_equal_triton():
     cpu = stratified(7, 5, 3, 1 << 60, torch.device("cpu"), None)
     tri = stratified(7, 5, 3, 1 << 60, torch.device(TRITON_DEVICE), "triton")
     assert torch.equal(cpu, tri.cpu())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("method, loss, graph, kw", ESTIMATORS + [("time_free_exact", "dce", "absorb", {})])
+def test_internal_step_equals_the_public_step(method, loss, graph, kw, dtype):
+    """The loop's pre-checked step (`loop._checked_step`) gives the public `integrate_step`'s sums bit for bit,
+    on non-contiguous outputs of every dtype and odd sizes."""
+    from fastbound.estimators import api
+    from fastbound.integrate import integrate_step
+
+    g = torch.Generator().manual_seed(3)
+    length = 5 if method == "time_free_exact" else 13
+    width = V + 1 if graph == "absorb" else V
+    out = torch.randn(3, length, width + 3, generator=g).clamp(-3, 3).to(dtype)[..., :width]
+    x0 = torch.randint(0, V, (3, length), generator=g)
+    options = Options(method=method, loss=loss, graph=graph, vocab_size=V, seed=2, **({"n_samples": 3} | kw))
+    public = lambda *a, **k: integrate_step(*a, **k)  # noqa: E731  (not the step itself: the loop keeps it)
+    internal = api.nll(lambda x_t, sigma: out, x0, None, options)
+    checked = api.nll(lambda x_t, sigma: out, x0, None, options, step=public)
+    for name in ("nll", "stderr"):
+        assert torch.equal(getattr(internal, name), getattr(checked, name)), name

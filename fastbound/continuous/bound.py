@@ -146,11 +146,11 @@ import torch
 
 from .. import _backend
 from .. import _validate as v
-from . import _args
+from . import _args, _ops
 from ._args import check_warm
 from .integrate import run as run_step
-from .noise import perturb
-from .schedules import LogisticProposal, _check_range, alpha, sigma
+from .reference import WARM_CODES
+from .schedules import LogisticProposal, _check_range
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("importance", "quadrature")
@@ -165,6 +165,8 @@ r"""J of each unit-variance warm-up law: 1/b² for Laplace (b = 1/√2), 1/(3s²
 # perturb's own key at counters [0, rows * d), row g (draw g // B of sample g % B) at g * d,
 # with or without antithetic pairs (both halves of a pair share row g's u and ε).
 _LOGSNR_STREAM = 3 << 60
+LOGSNR_WINDOW = 1 << 16
+"""Rows whose λ `nll_bound` draws at once (1 MiB of float64 λ and weights: memory flat in n_samples)."""
 PROPOSAL_SCALES = tuple(1.0 + 0.25 * i for i in range(13))
 """The scales `fit_proposal` tries: 1, 1.25, …, 4 (module docstring: none below 1)."""
 PROPOSAL_LOC_STEP = 0.25
@@ -331,6 +333,19 @@ class _Plan:
             self.n_draws = setup.n_samples
             self.n_slots = n_seq
         self.n_rows = self.n_draws * n_seq
+        self._window = (0, None, None)  # importance: (first row, λ, weight) of the rows drawn last
+
+    def _importance(self, g0: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """λ and weight 1/(2p(λ)) of rows g0 .. g0 + count - 1, drawn `LOGSNR_WINDOW` rows at a time
+        (elementwise in the counter, so the values of any window are the same)."""
+        w0, lam, weight = self._window
+        if lam is None or not w0 <= g0 <= g0 + count <= w0 + lam.shape[0]:
+            setup, n = self.setup, min(self.n_rows - g0, max(count, LOGSNR_WINDOW))
+            lam = setup.proposal.sample(n, seed=setup.seed, offset=_LOGSNR_STREAM + g0, device=self.device,
+                                        backend=setup.backend)
+            w0, weight = g0, 0.5 / setup.proposal.density(lam)
+            self._window = (w0, lam, weight)
+        return lam[g0 - w0:g0 - w0 + count], weight[g0 - w0:g0 - w0 + count]
 
     def rows(self, g0: int, count: int) -> tuple[slice | torch.Tensor, torch.Tensor, torch.Tensor, slice | torch.Tensor]:
         """(samples b, λ float64, weight float64, slots) of rows g0 .. g0 + count - 1.
@@ -352,9 +367,7 @@ class _Plan:
                 lam, weight = self.nodes[node].expand(count), self.draw_weights[node].expand(count)
                 return b, lam.contiguous(), weight.contiguous(), slice(node * n + b0, node * n + b0 + count)
             return b, self.nodes[node], self.draw_weights[node], node * n + b
-        lam = setup.proposal.sample(count, seed=setup.seed, offset=_LOGSNR_STREAM + g0, device=self.device,
-                                    backend=setup.backend)
-        return b, lam, 0.5 / setup.proposal.density(lam), b
+        return (b, *self._importance(g0, count), b)
 
 
 def _denoise(denoiser: Denoiser, z: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
@@ -371,25 +384,33 @@ def _denoise(denoiser: Denoiser, z: torch.Tensor, logsnr: torch.Tensor) -> torch
     return out
 
 
-def _pairs(noised, lam: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, target), each (2·rows, ...) of ``dtype``: rows 2i and 2i + 1 are (z₊, ε) and (z₋, −ε) of row i.
+def _perturb(rows: torch.Tensor, alpha_sigma: tuple[torch.Tensor, torch.Tensor], setup: _Setup, offset: int,
+             return_warm: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`perturb`'s kernel on checked (rows, d) x (finite: `_check_x`) and (α, σ) in the compute dtype:
+    its (z, ε, x̃) without the per-call checks, which would read x again on every draw."""
+    seed_bits, offset_bits = _args.seed_offset(setup.seed, offset)
+    return _ops.perturb(backend, rows, *alpha_sigma, WARM_CODES[setup.warm], setup.warm_std, seed_bits, offset_bits,
+                        return_warm)
 
-    ``noised`` is perturb's output in the compute dtype (float32, or float64 for float64 x):
-    z₋ = α x̃ − σ ε is formed there from its x̃ and ε, with the α, σ it used (rounded once from
-    float64), and each half is rounded once to ``dtype``, as perturb rounds z₊. Rounding is odd,
-    so (z₋, −ε) keeps the law of (z₊, ε) in every dtype (z₋ from 16-bit x̃ and ε would carry
-    their rounding, ~2⁻⁹|x̃|, about σ itself at high SNR), and z₋ = −z₊ exactly where x̃ = 0.
+
+def _pairs(z_plus: torch.Tensor, eps: torch.Tensor, x_warm: torch.Tensor, a: torch.Tensor, s: torch.Tensor,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, target), each (rows, 2, d) of ``dtype``: [:, 0] and [:, 1] are (z₊, ε) and (z₋, −ε) of a row.
+
+    ``z_plus``, ``eps`` and ``x_warm`` are perturb's (rows, d) output in the compute dtype (float32,
+    or float64 for float64 x), ``a`` and ``s`` the (rows,) α, σ it used (rounded once from float64):
+    z₋ = α x̃ − σ ε is formed there, and each half is rounded once to ``dtype``, as perturb rounds
+    z₊. Rounding is odd, so (z₋, −ε) keeps the law of (z₊, ε) in every dtype (z₋ from 16-bit x̃ and ε
+    would carry their rounding, ~2⁻⁹|x̃|, about σ itself at high SNR), and z₋ = −z₊ exactly where x̃ = 0.
     """
-    eps, x_warm = noised.eps, noised.x_warm
-    count, shape = eps.shape[0], (eps.shape[0],) + (1,) * (eps.dim() - 1)
-    a, s = (t.to(eps.dtype).view(shape) for t in (alpha(lam), sigma(lam)))
+    count = eps.shape[0]
     z = torch.empty((count, 2) + eps.shape[1:], dtype=dtype, device=eps.device)
-    z[:, 0] = noised.z
-    z[:, 1] = a * x_warm - s * eps
+    z[:, 0] = z_plus
+    z[:, 1] = a[:, None] * x_warm - s[:, None] * eps
     target = torch.empty_like(z)
     target[:, 0] = eps
     torch.neg(target[:, 0], out=target[:, 1])
-    return z.flatten(0, 1), target.flatten(0, 1)
+    return z, target
 
 
 def _accumulate(denoiser: Denoiser, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -400,6 +421,9 @@ def _accumulate(denoiser: Denoiser, x: torch.Tensor, plan: _Plan) -> torch.Tenso
     and one integration step per chunk reads each pair as one row of 2d: its squared error is
     the sum of the halves', so weight w/2 and baseline 2c add the pair average S (module
     docstring) and S² to the draw's slot; the standard error is then over the pairs.
+
+    x is made (rows, d) once (a copy only when strided; in the compute dtype for pairs of
+    16-bit x, a float32 copy), not once per draw.
     """
     setup = plan.setup
     d = math.prod(x.shape[1:])
@@ -408,28 +432,30 @@ def _accumulate(denoiser: Denoiser, x: torch.Tensor, plan: _Plan) -> torch.Tenso
     chunk = setup.batch_size // pair if setup.batch_size else max(plan.n_seq, 1)  # draws per denoiser call
     cond_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     backend = _backend.select(x.device, setup.backend)
+    v.check_size("x", min(plan.n_rows, chunk) * d, "elements")  # perturb's limit, per call: the largest chunk
+    # Pairs draw in the compute dtype (`_pairs`); the same counters, so the + half is the plain draw.
+    x_rows = _args.rows(x.to(cond_dtype) if setup.antithetic else x)
     for g0 in range(0, plan.n_rows, chunk):
         count = min(plan.n_rows, g0 + chunk) - g0
         b, lam, weight, slot = plan.rows(g0, count)
-        # Pairs draw in the compute dtype (`_pairs`); the same counters, so the + half is the plain draw.
-        xb = x[b].to(cond_dtype) if setup.antithetic else x[b]
-        noised = perturb(xb, lam, warm=setup.warm, warm_std=setup.warm_std, seed=setup.seed, offset=g0 * d,
-                         return_warm=setup.antithetic, backend=setup.backend)
-        eps = noised.eps.to(x.dtype).reshape(count, d)
+        alpha2 = torch.sigmoid(lam)
+        a, s = alpha2.sqrt().to(cond_dtype), torch.sigmoid(-lam).sqrt().to(cond_dtype)  # as `perturb` rounds them
+        z, eps, x_warm = _perturb(x_rows[b], (a, s), setup, g0 * d, setup.antithetic, backend)
+        if setup.antithetic:
+            z, target = _pairs(z, eps, x_warm, a, s, x.dtype)
+            eps = target[:, 0]  # ε rounded to x's dtype, as the denoiser's target
         # Control variate: sigmoid(λ)‖ε‖² has mean d·sigmoid(λ), and as λ → ±∞ it tracks ‖ε − ε̂‖²
         # draw by draw (ε̂ → 0 at high SNR, ε̂ → ε at low SNR), so the draws' variance stays
         # finite however wide [λ_min, λ_max] is; with d·sigmoid(λ) it would grow like 1/p(λ).
         # ‖ε‖² accumulated in float32 (float64 for float64 x): relative error ~1e-7, far below
         # the Monte-Carlo error, where a float64 norm first copies ε to float64 (10x the time).
-        eps_sq = torch.linalg.vector_norm(eps, dim=1, dtype=cond_dtype).double().square_()
-        baseline = eps_sq.mul_(torch.sigmoid(lam))
+        baseline = torch.linalg.vector_norm(eps, dim=1, dtype=cond_dtype).double().square_().mul_(alpha2)
         if setup.antithetic:
-            z, target = _pairs(noised, lam, x.dtype)
-            eps_hat = _args.rows(_denoise(denoiser, z, lam.repeat_interleave(2).to(cond_dtype)))
-            eps_hat, eps = eps_hat.view(count, pair * d), target.view(count, pair * d)
+            eps_hat = _denoise(denoiser, z.view((2 * count,) + x.shape[1:]), lam.repeat_interleave(2).to(cond_dtype))
+            eps_hat, eps = _args.rows(eps_hat).view(count, pair * d), target.view(count, pair * d)
             weight, baseline = weight / 2, baseline.mul_(2)
         else:
-            eps_hat = _args.rows(_denoise(denoiser, noised.z, lam.to(cond_dtype)))
+            eps_hat = _args.rows(_denoise(denoiser, z.view((count,) + x.shape[1:]), lam.to(cond_dtype)))
         if isinstance(slot, slice):
             run_step(backend, eps_hat, eps, acc[slot], weight, baseline, None, 0, 0, True)
         else:

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from .. import _backend, _names
+from .. import _validate as v
 from ..integrate import integrate_step
 from ..noise import perturb
 from .methods import Draws, Method
@@ -48,6 +50,37 @@ def _denoise(denoiser, x_t: torch.Tensor, sigma: torch.Tensor, width: tuple[int,
     return out
 
 
+def _checked_step(out: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, weight: torch.Tensor,
+                  acc: torch.Tensor, *, loss: str, graph: str, mask_id: int, ignore_index: int, index: torch.Tensor,
+                  backend: str | None) -> torch.Tensor:
+    """`integrate_step` on the arguments `accumulate` builds, with the checks of ``out`` only.
+
+    The rest is checked by construction: x0 by `check_x0` (ids in [0, V), so never the mask,
+    and V ≤ the output width), x_t by `perturb` (x0 or the mask), the (rows,) float64 weight,
+    float64 sigma and int64 slots in range by the method, acc by `accumulate`, loss, graph and
+    mask_id by `Options`. Only the score entropy reads sigma: its positivity is checked as the
+    public step checks it off the host. The same kernel call as `integrate_step`'s, so the same sums.
+    """
+    out = v.check_float_tensor("out", out)
+    n_seq, length, n_cols = out.shape
+    v.check_size("out", n_seq * length, "positions")
+    v.check_size("out", n_cols, "columns")
+    if loss == "dce":
+        sigma = torch.zeros(n_seq, dtype=torch.float64, device=out.device)
+    else:
+        checks = v.ValueChecks()
+        checks.positive_finite("sigma", sigma)
+        checks.run()
+    if n_cols > 1 and out.stride(2) != 1:
+        out = out.contiguous()
+    with torch.no_grad():
+        _backend.kernel(_backend.select(out.device, backend), "integrate_step")(
+            out.detach(), x_t.long().contiguous(), x0.long().contiguous(), sigma, weight.contiguous(), acc,
+            index.long().contiguous(), _names.LOSS_CODES[loss], _names.GRAPH_CODES[graph],
+            mask_id, ignore_index)
+    return acc
+
+
 def accumulate(denoiser, batch: Batch, method: Method, step: Step = integrate_step,
                width: tuple[int, int] | None = None) -> torch.Tensor:
     """Runs every row of ``method`` through the denoiser in chunks; returns the (slots, 2) accumulator.
@@ -62,6 +95,8 @@ def accumulate(denoiser, batch: Batch, method: Method, step: Step = integrate_st
     chunk = options.batch_size or max(n_seq, 1)
     width = options.output_width() if width is None else width
     x0_scored = x0 if maskable is None else torch.where(maskable, x0, IGNORE)
+    if step is integrate_step:
+        step = _checked_step
     for g0 in range(0, method.n_rows, chunk):
         g = torch.arange(g0, min(method.n_rows, g0 + chunk), device=x0.device)
         draws = method.draws(g)
