@@ -156,3 +156,25 @@ def test_perturb_writes_its_reused_outputs_whole():
     assert fastbound.cpu_buffer_cache().held_bytes < 3 * x.nbytes, "perturb did not take the pooled buffers"
     for name in ("z", "eps", "x_warm"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_denoising_loss_writes_its_reused_gradient_whole(dtype):
+    from fastbound import continuous
+    from fastbound.continuous import reference as creference
+
+    generator = torch.Generator().manual_seed(6)
+    eps_hat = torch.randn(128, 3 * 32 * 32 * 2, generator=generator).to(dtype)  # >= 1 MiB: pooled
+    eps = torch.randn(eps_hat.shape, generator=generator).to(dtype)
+    weight = torch.rand(128, generator=generator)
+    for _ in range(2):
+        junk = eps_hat.detach().requires_grad_()
+        continuous.denoising_loss(junk, eps, reduction="sum").backward()
+        junk.grad.fill_(float("nan"))
+        del junk
+    leaf = eps_hat.detach().requires_grad_()
+    continuous.denoising_loss(leaf, eps, weight=weight, reduction="sum").backward()
+    oracle = eps_hat.double().requires_grad_()
+    creference.denoising_loss(oracle, eps.double(), weight=weight.double(), reduction="sum").backward()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(leaf.grad.double(), oracle.grad, **tol)

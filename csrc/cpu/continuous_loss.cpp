@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "buffer_pool.h"
 #include "continuous_lanes.h"
 #include "continuous_words.h"
 #include "convert.h"
@@ -405,7 +405,8 @@ std::tuple<at::Tensor, at::Tensor> continuous_denoising_loss(const at::Tensor& e
   continuous::check_eps("continuous_denoising_loss", eps_hat, eps);
   continuous::check_per_row("continuous_denoising_loss", eps_hat, scale, continuous::compute_type(eps_hat), "scale");
   at::Tensor loss = at::empty({eps_hat.size(0)}, scale.options());
-  at::Tensor grad = need_grad ? at::empty_like(eps_hat) : at::empty({0}, eps_hat.options());
+  // Written whole: a reused buffer (buffer_pool.h).
+  at::Tensor grad = need_grad ? pooled_empty(eps_hat.sizes(), eps_hat.options()) : at::empty({0}, eps_hat.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, eps_hat.scalar_type(), "continuous_loss_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* s = scale.const_data_ptr<acc_t>();
