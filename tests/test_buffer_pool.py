@@ -15,7 +15,7 @@ import torch
 import fastbound
 from fastbound import reference
 
-V = 32771  # 64 rows of it are 8 MiB in fp32: above the pool's 4 MiB minimum
+V = 32771  # 64 rows of it are 8 MiB in fp32 (4 MiB bf16): above the pool's 1 MiB minimum
 ROWS = 64
 
 
@@ -178,3 +178,15 @@ def test_denoising_loss_writes_its_reused_gradient_whole(dtype):
     creference.denoising_loss(oracle, eps.double(), weight=weight.double(), reduction="sum").backward()
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(leaf.grad.double(), oracle.grad, **tol)
+
+
+def test_a_new_size_releases_the_free_buffers_of_old_sizes():
+    generator = torch.Generator().manual_seed(7)
+    score, sigma, x_t, x0 = inputs(torch.float32, generator)
+    grad_of(fastbound.dse_loss, score, sigma, x_t, x0, graph="absorb")
+    assert fastbound.cpu_buffer_cache().held_bytes >= score.nbytes
+    half = slice(0, ROWS // 2)
+    grad = grad_of(fastbound.dse_loss, score[half], sigma[half], x_t[half], x0[half], graph="absorb")
+    assert fastbound.cpu_buffer_cache().held_bytes == 0, "a buffer of the old size is still held"
+    del grad
+    assert 0 < fastbound.cpu_buffer_cache().held_bytes < score.nbytes

@@ -93,6 +93,12 @@ void* take(size_t capacity) {
         return memory;
       }
     }
+    // A miss: the sizes changed (variable batches, an evaluation between training steps), so
+    // the free buffers of the old sizes go back to the OS instead of staying held.
+    const size_t keep = p.max_bytes;
+    p.max_bytes = 0;
+    p.trim(0);
+    p.max_bytes = keep;
   }
   void* memory = nullptr;
   const bool huge = capacity >= kMinHuge;
@@ -115,12 +121,10 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
   const size_t unit = nbytes >= kMinHuge ? kHuge : kPage;
   const size_t capacity = (nbytes + unit - 1) & ~(unit - 1);
   void* memory = take(capacity);
-  try {
-    return at::from_blob(memory, sizes, [capacity](void* m) { give_back(m, capacity); }, options);
-  } catch (...) {
-    give_back(memory, capacity);
-    throw;
-  }
+  // No catch: once from_blob has wrapped the deleter, a later failure (bad_alloc) gives the
+  // memory back itself, and a second give_back would lend one block twice. A failure before
+  // that leaks the block, which is the safe side.
+  return at::from_blob(memory, sizes, [capacity](void* m) { give_back(m, capacity); }, options);
 }
 
 BufferCache buffer_cache(int64_t max_bytes) {

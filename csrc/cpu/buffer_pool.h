@@ -14,7 +14,8 @@
 // faults of the first call 512 times. The pool holds at most max_bytes of
 // free buffers (default 2 GiB, FASTBOUND_CPU_BUFFER_CACHE=<bytes> at start-up,
 // or fastbound.cpu_buffer_cache at run time; 0 turns it off), the most
-// recently freed first. Below 1 MiB buffers come from torch's allocator (glibc
+// recently freed first; a call whose size finds no free buffer releases the
+// free ones (the sizes changed), so buffers of stale sizes are not held. Below 1 MiB buffers come from torch's allocator (glibc
 // keeps such blocks in its heap; from ~1 MiB up it maps and unmaps them, or trims
 // them off the heap's top: a 256 x 3072 perturb spent ~18% in page faults).
 #pragma once

@@ -224,10 +224,10 @@ FB_INLINE void row_scale_inplace_lanes(scalar_t* g, int64_t n, float factor) {
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     prefetch_ahead(g, i, i + kBlock);
-    for (int64_t k = i; k < i + kBlock; k += L::kWidth) store_lanes<L>(g + k, factor * load_lanes<L>(g + k));
+    for (int64_t k = i; k < i + kBlock; k += L::kWidth) store_lanes<L>(g + k, load_lanes<L>(g + k) * factor);
   }
-  for (; i + L::kWidth <= n; i += L::kWidth) store_lanes<L>(g + i, factor * load_lanes<L>(g + i));
-  for (; i < n; ++i) g[i] = from_acc<scalar_t>(factor * to_acc(g[i]));
+  for (; i + L::kWidth <= n; i += L::kWidth) store_lanes<L>(g + i, load_lanes<L>(g + i) * factor);
+  for (; i < n; ++i) g[i] = from_acc<scalar_t>(to_acc(g[i]) * factor);
 }
 
 // The 16-lane instances, for x86-64-v4 only (wide_lanes()).
@@ -315,7 +315,7 @@ FB_CPU_CLONES void row_scale_inplace(scalar_t* g, int64_t n, acc_t factor) {
       row_scale_inplace_lanes<VecLanes>(g, n, factor);
     }
   } else {
-    for (int64_t i = 0; i < n; ++i) g[i] = from_acc<scalar_t>(factor * to_acc(g[i]));
+    for (int64_t i = 0; i < n; ++i) g[i] = from_acc<scalar_t>(to_acc(g[i]) * factor);
   }
 }
 
