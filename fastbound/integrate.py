@@ -36,6 +36,20 @@ def _per_sequence(name: str, value: float | torch.Tensor, n: int, device: torch.
     return v.as_rows(name, value, torch.Size([n]), torch.float64, device)
 
 
+def _launch(kernel_backend: str, out: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
+            weight: torch.Tensor, acc: torch.Tensor, index: torch.Tensor | None, loss: str, graph: str, mask_id: int,
+            ignore_index: int) -> None:
+    """The integration kernel on checked arguments (int64 contiguous ids and slots, (B,) float64
+    sigma and weight, the resolved mask_id), ``out`` given a unit-stride last dimension here;
+    `integrate_step` and the estimators' loop (`fastbound.estimators.loop`) call it."""
+    if out.shape[2] > 1 and out.stride(2) != 1:
+        out = out.contiguous()
+    _backend.kernel(kernel_backend, "integrate_step")(
+        out.detach(), x_t, x0, sigma, weight, acc, index, _names.LOSS_CODES[loss], _names.GRAPH_CODES[graph],
+        mask_id, ignore_index,
+    )
+
+
 def integrate_step(
     out: torch.Tensor,
     x_t: torch.Tensor,
@@ -132,13 +146,8 @@ def integrate_step(
     else:
         checks.run()
     weight_rows = _per_sequence("weight", 1.0 if weight is None else weight, n_seq, out.device)
-    if n_cols > 1 and out.stride(2) != 1:
-        out = out.contiguous()
     with torch.no_grad():
-        _backend.kernel(kernel_backend, "integrate_step")(
-            out.detach(), xt, x0l, sigma_rows, weight_rows, acc, index,
-            _names.LOSS_CODES[loss], _names.GRAPH_CODES[graph], mask_id, ignore_index,
-        )
+        _launch(kernel_backend, out, xt, x0l, sigma_rows, weight_rows, acc, index, loss, graph, mask_id, ignore_index)
         if index is not None and out.device.type not in v.HOST_DEVICES and (
             v.tracing(index) or v.mode_for(out.device) == "off"
         ):

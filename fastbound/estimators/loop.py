@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 
-from .. import _backend, _names
+from .. import _backend
 from .. import _validate as v
-from ..integrate import integrate_step
+from ..integrate import _launch, integrate_step
 from ..noise import perturb
 from .methods import Draws, Method
 from .options import Batch
@@ -59,7 +59,8 @@ def _checked_step(out: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, sigma:
     and V ≤ the output width), x_t by `perturb` (x0 or the mask), the (rows,) float64 weight,
     float64 sigma and int64 slots in range by the method, acc by `accumulate`, loss, graph and
     mask_id by `Options`. Only the score entropy reads sigma: its positivity is checked as the
-    public step checks it off the host. The same kernel call as `integrate_step`'s, so the same sums.
+    public step checks it off the host. The same kernel launch as `integrate_step`'s
+    (`fastbound.integrate._launch`), so the same sums.
     """
     out = v.check_float_tensor("out", out)
     n_seq, length, n_cols = out.shape
@@ -71,13 +72,9 @@ def _checked_step(out: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, sigma:
         checks = v.ValueChecks()
         checks.positive_finite("sigma", sigma)
         checks.run()
-    if n_cols > 1 and out.stride(2) != 1:
-        out = out.contiguous()
     with torch.no_grad():
-        _backend.kernel(_backend.select(out.device, backend), "integrate_step")(
-            out.detach(), x_t.long().contiguous(), x0.long().contiguous(), sigma, weight.contiguous(), acc,
-            index.long().contiguous(), _names.LOSS_CODES[loss], _names.GRAPH_CODES[graph],
-            mask_id, ignore_index)
+        _launch(_backend.select(out.device, backend), out, x_t.long().contiguous(), x0.long().contiguous(), sigma,
+                weight.contiguous(), acc, index.long().contiguous(), loss, graph, mask_id, ignore_index)
     return acc
 
 
