@@ -110,7 +110,7 @@ PyMethodDef kMethods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS,
      "The x86-64 level the CPU kernels run at on this machine: 'avx512', 'avx2' or 'baseline'."},
     {"cpu_buffer_cache", cpu_buffer_cache, METH_VARARGS,
-     "cpu_buffer_cache([max_bytes]) -> (max_bytes, held_bytes): the pool of reused CPU gradient buffers."},
+     "cpu_buffer_cache([max_bytes]) -> (max_bytes, held_bytes): the pool of reused CPU output buffers."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "fastbound's compiled operators.", -1, kMethods};

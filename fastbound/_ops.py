@@ -321,7 +321,7 @@ def cpu_isa() -> str:
 
 class BufferCache(NamedTuple):
     max_bytes: int
-    """Most bytes of freed gradient buffers kept for reuse."""
+    """Most bytes of freed output buffers kept for reuse."""
     held_bytes: int
     """Bytes of freed buffers kept now."""
 

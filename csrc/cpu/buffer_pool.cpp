@@ -1,4 +1,4 @@
-// The pool of reused gradient buffers (buffer_pool.h).
+// The pool of reused output buffers (buffer_pool.h).
 #include "buffer_pool.h"
 
 #include <ATen/ops/empty.h>
@@ -40,9 +40,9 @@ struct Pool {
   size_t lent = 0;                            // sum of the capacities of live tensors' buffers
   size_t max_bytes = static_cast<size_t>(max_bytes_from_env());
 
-  // Frees the oldest free buffers until `held + extra <= max_bytes`; with the lock held.
-  void trim(size_t extra) {
-    while (!free.empty() && held + extra > max_bytes) {
+  // Frees the oldest free buffers until at most `limit` bytes are held; with the lock held.
+  void trim(size_t limit) {
+    while (!free.empty() && held > limit) {
       held -= free.front().first;
       std::free(free.front().second);
       free.pop_front();
@@ -71,7 +71,7 @@ void give_back(void* memory, size_t capacity) {
     std::lock_guard<std::mutex> lock(p.mutex);
     report(p, memory, -static_cast<int64_t>(capacity));
     if (capacity <= p.max_bytes) {
-      p.trim(capacity);
+      p.trim(p.max_bytes - capacity);
       p.free.emplace_back(capacity, memory);
       p.held += capacity;
       return;
@@ -95,10 +95,7 @@ void* take(size_t capacity) {
     }
     // A miss: the sizes changed (variable batches, an evaluation between training steps), so
     // the free buffers of the old sizes go back to the OS instead of staying held.
-    const size_t keep = p.max_bytes;
-    p.max_bytes = 0;
     p.trim(0);
-    p.max_bytes = keep;
   }
   void* memory = nullptr;
   const bool huge = capacity >= kMinHuge;
@@ -132,7 +129,7 @@ BufferCache buffer_cache(int64_t max_bytes) {
   std::lock_guard<std::mutex> lock(p.mutex);
   if (max_bytes >= 0) {
     p.max_bytes = static_cast<size_t>(max_bytes);
-    p.trim(0);
+    p.trim(p.max_bytes);
   }
   return {static_cast<int64_t>(p.max_bytes), static_cast<int64_t>(p.held)};
 }

@@ -1,9 +1,9 @@
 // The fused losses (DSE: SEDD's score entropy; DCE: MDLM's cross-entropy), CPU
 // kernels; the twin of csrc/cuda/losses.cu. One streaming pass per row reads
 // the scores once and writes the gradient in the same pass (the DCE reads its
-// row a second time from L1), into a reused buffer (buffer_pool.h). The per-row formulas are `loss_row_kernels.h`
-// (shared with the integration step); the ops' arguments are unpacked and
-// checked by csrc/common/loss_ops.h.
+// row a second time from L1), into a reused buffer (buffer_pool.h). The per-row
+// formulas are `loss_row_kernels.h` (shared with the integration step); the
+// ops' arguments are unpacked and checked by csrc/common/loss_ops.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
