@@ -150,7 +150,7 @@ from . import _args, _ops
 from ._args import check_warm
 from .integrate import run as run_step
 from .reference import WARM_CODES
-from .schedules import LogisticProposal, _check_range
+from .schedules import LogisticProposal, _check_range, alpha, sigma
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("importance", "quadrature")
@@ -438,8 +438,7 @@ def _accumulate(denoiser: Denoiser, x: torch.Tensor, plan: _Plan) -> torch.Tenso
     for g0 in range(0, plan.n_rows, chunk):
         count = min(plan.n_rows, g0 + chunk) - g0
         b, lam, weight, slot = plan.rows(g0, count)
-        alpha2 = torch.sigmoid(lam)
-        a, s = alpha2.sqrt().to(cond_dtype), torch.sigmoid(-lam).sqrt().to(cond_dtype)  # as `perturb` rounds them
+        a, s = alpha(lam).to(cond_dtype), sigma(lam).to(cond_dtype)  # as `perturb` rounds them
         z, eps, x_warm = _perturb(x_rows[b], (a, s), setup, g0 * d, setup.antithetic, backend)
         if setup.antithetic:
             z, target = _pairs(z, eps, x_warm, a, s, x.dtype)
@@ -449,7 +448,8 @@ def _accumulate(denoiser: Denoiser, x: torch.Tensor, plan: _Plan) -> torch.Tenso
         # finite however wide [λ_min, λ_max] is; with d·sigmoid(λ) it would grow like 1/p(λ).
         # ‖ε‖² accumulated in float32 (float64 for float64 x): relative error ~1e-7, far below
         # the Monte-Carlo error, where a float64 norm first copies ε to float64 (10x the time).
-        baseline = torch.linalg.vector_norm(eps, dim=1, dtype=cond_dtype).double().square_().mul_(alpha2)
+        eps_sq = torch.linalg.vector_norm(eps, dim=1, dtype=cond_dtype).double().square_()
+        baseline = eps_sq.mul_(torch.sigmoid(lam))
         if setup.antithetic:
             eps_hat = _denoise(denoiser, z.view((2 * count,) + x.shape[1:]), lam.repeat_interleave(2).to(cond_dtype))
             eps_hat, eps = _args.rows(eps_hat).view(count, pair * d), target.view(count, pair * d)

@@ -27,6 +27,7 @@ from .. import _backend
 from . import _args, _ops
 from ._args import WARM_LAWS  # noqa: F401  (re-exported by fastbound.continuous)
 from .reference import WARM_CODES
+from .schedules import alpha, sigma
 
 
 
@@ -46,7 +47,7 @@ def _alpha_sigma(logsnr, n: int, device: torch.device, dtype: torch.dtype) -> tu
     if isinstance(logsnr, torch.Tensor) and logsnr.requires_grad:
         raise ValueError("perturb does not differentiate with respect to logsnr; pass logsnr.detach()")
     lam = _args.per_sample("logsnr", logsnr, n, torch.float64, device)
-    return torch.sigmoid(lam).sqrt().to(dtype), torch.sigmoid(-lam).sqrt().to(dtype)
+    return alpha(lam).to(dtype), sigma(lam).to(dtype)
 
 
 def perturb(
