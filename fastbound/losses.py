@@ -11,7 +11,10 @@ row scale of ones; on CPU tensors the id and sigma checks are one pass of a C++ 
 (``check_loss_ids``) instead of a dozen small torch ops. The common eager CPU call (the
 only gradient is to the scores; no forward-mode AD, not in place) is one C++ op,
 ``fused_loss`` (csrc/cpu/fused_loss_autograd.cpp), whose backward is C++ too: a signature
-takes it once a call through the full path has validated it (`_fast_key`).
+takes it once a call through the full path has validated it (`_fast_key`). For a summed loss
+it also predicts a power-of-two factor after the call (``/ B``, a GradScaler's scale, ``/ k``)
+from the previous backwards of the signature and folds it into the gradient it writes, so
+that backward is free too; the bits are the same whatever the prediction (see that file).
 """
 
 from __future__ import annotations

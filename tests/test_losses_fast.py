@@ -260,3 +260,107 @@ def test_checked_calls_follow_triton_interpret_from_the_environment(monkeypatch)
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         fb.dse_loss(score, sigma, x_t, x0, reduction="sum")
+
+
+def rescales(backward) -> int:
+    """How many times ``backward()`` called the rescale op ``scale_rows_``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        backward()
+    return sum(event.name == "fastbound::scale_rows_" for event in prof.events())
+
+
+def summed_loss_and_grad(kind, score, sigma, x_t, x0, factor, **kw):
+    """``(loss(reduction="sum") * factor).backward()``: (loss, gradient, rescale calls)."""
+    leaf = score.detach().clone().requires_grad_()
+    out = call(kind, leaf, sigma, x_t, x0, reduction="sum", **kw)
+    assert is_fast(out)
+    calls = rescales(lambda: (out * factor).backward())
+    return out.detach(), leaf.grad, calls
+
+
+def summed_loss_and_grad_full(kind, score, sigma, x_t, x0, factor, **kw):
+    leaf = score.detach().clone().requires_grad_()
+    out = call(kind, leaf, sigma, x_t, x0, reduction="sum", **kw)
+    (out * factor).backward()
+    return out.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.float16])
+def test_predicted_upstream_factors_keep_the_bits(monkeypatch, kind, dtype):
+    """A power-of-two factor after a summed loss (``/ B``, a GradScaler's scale, ``/ k``) is folded
+    into the forward once two backwards met it: no rescale, and the loss and gradient of every
+    call have the full path's bits, before and after the prediction, for any factor."""
+    score, sigma, x_t, x0 = make_case(kind, (3, 5), 7, dtype)
+    factors = [0.25, 65536.0, 2.0**-20, 1 / 3, 3.0, 1.0, 0.25]
+    full = {}
+    with monkeypatch.context() as m:
+        full_path(m)
+        for factor in factors:
+            full[factor] = summed_loss_and_grad_full(kind, score, sigma, x_t, x0, factor)
+    warm(kind, score, sigma, x_t, x0, reduction="sum")
+    for factor in factors:
+        for step in range(4):
+            loss, grad, calls = summed_loss_and_grad(kind, score, sigma, x_t, x0, factor)
+            torch.testing.assert_close(loss, full[factor][0], rtol=0, atol=0)
+            torch.testing.assert_close(grad, full[factor][1], rtol=0, atol=0)
+        predicted = factor == 1.0 or (dtype != torch.float16 and factor in (0.25, 65536.0, 2.0**-20))
+        assert calls == (0 if predicted else 1), (factor, calls)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_factors_of_one_signature_in_a_step_predict_none(kind):
+    """``(a + 0.5 * b).backward()``, a and b of one signature: the factors alternate, so neither is
+    predicted (the unit one stays free, the other is rescaled), and both gradients are exact."""
+    score, sigma, x_t, x0 = make_case(kind, (4, 3), 6, torch.float32)
+    warm(kind, score, sigma, x_t, x0, reduction="sum")
+    for step in range(4):
+        a, b = score.clone().requires_grad_(), (score * 2).detach().requires_grad_()
+        out = call(kind, a, sigma, x_t, x0, reduction="sum") + 0.5 * call(kind, b, sigma, x_t, x0, reduction="sum")
+        assert rescales(out.backward) == 1
+        ref_a, ref_b = (score.clone().requires_grad_(), (score * 2).detach().requires_grad_())
+        call(kind, ref_a, sigma, x_t, x0, reduction="sum").backward()
+        (call(kind, ref_b, sigma, x_t, x0, reduction="sum") * 0.5).backward()
+        torch.testing.assert_close(a.grad, ref_a.grad, rtol=0, atol=0)
+        torch.testing.assert_close(b.grad, ref_b.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("factor", "weight"), [(65536.0, 2e34), (0.25, 3e-38)])
+def test_a_prediction_out_of_float_range(monkeypatch, kind, factor, weight):
+    """A predicted 2^k that takes the loss out of float's normal range (2e34 x 2^16 overflows,
+    3e-38 / 4 is subnormal) is dropped for that call, so the loss keeps its bits and the
+    gradient of a backward with another factor is not inf. Gradient values that 2^k takes below
+    2^-126 keep fewer bits on such a miss: exact above 2^-126 / 2^k, within 2^-149 / 2^k below."""
+    score, sigma, x_t, x0 = make_case(kind, (3, 5), 7, torch.float32)
+    warm(kind, score, sigma, x_t, x0, reduction="sum", weight=1.5)
+    for _ in range(3):
+        summed_loss_and_grad(kind, score, sigma, x_t, x0, factor, weight=1.5)
+    loss, grad, _ = summed_loss_and_grad(kind, score, sigma, x_t, x0, 1.0, weight=weight)
+    full_path(monkeypatch)
+    full_loss, full_grad = summed_loss_and_grad_full(kind, score, sigma, x_t, x0, 1.0, weight=weight)
+    torch.testing.assert_close(loss, full_loss, rtol=0, atol=0)
+    assert torch.isfinite(grad).all()
+    normal = full_grad.abs() >= 2.0**-126 / min(factor, 1.0)
+    torch.testing.assert_close(grad[normal], full_grad[normal], rtol=0, atol=0)
+    assert (grad - full_grad).abs().max() <= 2.0**-149 / min(factor, 1.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_predicted_factor_under_retained_graphs(kind):
+    """With a prediction in place, several backwards of one graph (retain_graph) and gradcheck
+    (float64, arbitrary upstreams) give the exact factors."""
+    score, sigma, x_t, x0 = make_case(kind, (2, 3), 6, torch.float64)
+    warm(kind, score, sigma, x_t, x0, reduction="sum")
+    for _ in range(3):
+        summed_loss_and_grad(kind, score, sigma, x_t, x0, 0.125)
+    s = score.clone().requires_grad_()
+    out = call(kind, s, sigma, x_t, x0, reduction="sum")
+    (g1,) = torch.autograd.grad(out * 0.125, s, retain_graph=True)
+    (g2,) = torch.autograd.grad(out * 3.0, s)
+    ref = score.clone().requires_grad_()
+    call(kind, ref, sigma, x_t, x0, reduction="sum").backward()
+    torch.testing.assert_close(g1, ref.grad * 0.125, rtol=0, atol=0)
+    torch.testing.assert_close(g2, ref.grad * 3.0)
+    assert torch.autograd.gradcheck(lambda t: call(kind, t, sigma, x_t, x0, reduction="sum") * 0.125,
+                                    (score.clone().requires_grad_(),))

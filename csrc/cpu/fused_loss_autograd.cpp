@@ -9,14 +9,21 @@
 // autograd.Function's apply and backward, cost several times the kernel.
 //
 // The backward is chain_rows.h's (`fastbound._ops.chain_rows`), its rescale skipping the
-// rows the loss wrote as zeros.
+// rows the loss wrote as zeros; for a summed loss the forward may have folded a predicted
+// power-of-two upstream into the gradient already (`FactorMemo`).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -140,11 +147,92 @@ at::Tensor reduce(const at::Tensor& loss, at::IntArrayRef shape, int64_t reducti
   return reduction == kReduceNone ? loss.view(shape) : loss.sum();
 }
 
+// The upstream factor the backward is expected to meet, per call signature of a summed loss:
+// the forward folds it into the gradient's row scale, so a backward that meets it has nothing
+// to rescale (`reduction="sum"` then `/ B`, a GradScaler's scale, gradient accumulation's
+// `/ k`: the same factor every step). A factor is predicted once two backwards in a row met
+// it, so two calls of one signature with different factors in a step (`(a + 0.5 * b)`) keep
+// the prediction of none, and only powers of two 2^k are: scaling by 2^k is exact in every
+// rounding, so the loss and the gradient are the same bits whatever the prediction (a miss
+// rescales by upstream / 2^k, exact too), except for gradient values that the scaling takes
+// below float's normal range (|g| 2^k < 2^-126), which keep fewer bits on a miss. fp16
+// gradients are never scaled (they overflow at 65504).
+class FactorMemo {
+ public:
+  // (loss, graph, reduction, rows, columns, dtype)
+  using Key = std::array<int64_t, 6>;
+
+  static FactorMemo& get() {
+    static FactorMemo* memo = new FactorMemo();  // leaked: backwards may run during exit
+    return *memo;
+  }
+
+  static bool predicts(const at::Tensor& score, int64_t reduction) {
+    const auto dtype = score.scalar_type();
+    return reduction != kReduceNone && (dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16);
+  }
+
+  int exponent(const Key& key) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = seen_.find(key);
+    return it == seen_.end() ? 0 : it->second.predicted;
+  }
+
+  // After a backward: its upstream's exponent if it is a power of two, else 0.
+  void observe(const Key& key, double upstream) {
+    int k = 0;
+    if (std::isfinite(upstream) && upstream > 0) {
+      const int e = std::ilogb(upstream);
+      if (std::ldexp(1.0, e) == upstream && std::abs(e) <= kMaxExponent) k = e;
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (seen_.size() >= kMaxKeys && !seen_.count(key)) seen_.clear();
+    Seen& seen = seen_[key];
+    seen.predicted = k == seen.last ? k : 0;
+    seen.last = k;
+  }
+
+ private:
+  static constexpr int kMaxExponent = 32;  // a GradScaler's scale starts at 2^16
+  static constexpr size_t kMaxKeys = 256;
+  struct Seen {
+    int last = 0, predicted = 0;
+  };
+  std::mutex mutex_;
+  std::map<Key, Seen> seen_;
+};
+
+// Whether each value of a loss computed with the row scale times 2^k is exactly 2^k times the
+// unscaled one: finite, and zero or normal (an overflow is inf, a subnormal lost bits).
+bool exactly_scaled(const at::Tensor& loss) {
+  const double tiny = loss.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
+                                                        : std::numeric_limits<float>::min();
+  const at::Tensor a = loss.abs();
+  return (a.isfinite() & (a.ge(tiny) | a.eq(0))).all().item<bool>();
+}
+
+// The kernel with the gradient's rows scaled by 2^k: (the loss, unscaled; the gradient; the k
+// used). A loss that the scaling did not keep exact runs again with k = 0.
+std::tuple<at::Tensor, at::Tensor, int> scaled_forward(const at::Tensor& score, Rows rows, int k) {
+  if (k != 0) {
+    const at::Tensor unscaled = rows.scale;
+    rows.scale = rows.scale.mul(std::ldexp(1.0, k));
+    auto [loss, grad] = run_kernel(score, rows, /*need_grad=*/true);
+    if (exactly_scaled(loss)) return {loss.mul_(std::ldexp(1.0, -k)), grad, k};
+    rows.scale = unscaled;
+  }
+  auto [loss, grad] = run_kernel(score, rows, /*need_grad=*/true);
+  return {loss, grad, 0};
+}
+
 struct FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& score, const Rows& rows, at::IntArrayRef shape,
                             int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;  // the output is no view of anything autograd knows
-    auto [loss, grad] = run_kernel(score, rows, /*need_grad=*/true);
+    const bool predicts = FactorMemo::predicts(score, reduction);
+    const FactorMemo::Key key{rows.loss, rows.graph, reduction, rows.x_t.size(0), score.size(-1),
+                              static_cast<int64_t>(score.scalar_type())};
+    auto [loss, grad, k] = scaled_forward(score, rows, predicts ? FactorMemo::get().exponent(key) : 0);
     // The rows the loss wrote as zeros, which the backward's rescale skips (`fastbound.losses.DseKernel`):
     // x0 == ignore_index, and x_t != mask_id except on the uniform graph. Inference tensors cannot be
     // saved: a copy is (it cannot change in place afterwards).
@@ -154,6 +242,8 @@ struct FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
     ctx->saved_data["sizes"] = score.sizes().vec();
     ctx->saved_data["mask_id"] = uniform ? int64_t(-1) : rows.mask_id;
     ctx->saved_data["ignore_index"] = rows.ignore_index;
+    ctx->saved_data["exponent"] = int64_t(k);
+    ctx->saved_data["memo_key"] = predicts ? std::vector<int64_t>(key.begin(), key.end()) : std::vector<int64_t>{};
     ctx->saved_data["handed_out"] = false;
     ctx->set_materialize_grads(false);
     return reduce(loss, shape, reduction);
@@ -162,8 +252,17 @@ struct FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const at::Tensor& upstream = grads[0];
     if (!upstream.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const std::vector<int64_t> memo_key = ctx->saved_data["memo_key"].toIntVector();
+    if (!memo_key.empty()) {
+      FactorMemo::Key key;
+      std::copy(memo_key.begin(), memo_key.end(), key.begin());
+      FactorMemo::get().observe(key, upstream.item<double>());
+    }
+    // The forward's gradient is 2^k d loss / d score, so the factor left is upstream 2^-k (exact).
+    const int64_t k = ctx->saved_data["exponent"].toInt();
+    const at::Tensor factor = k == 0 ? upstream : upstream.mul(std::ldexp(1.0, static_cast<int>(-k)));
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor out = chain_rows(ctx, upstream, saved[0],
+    const at::Tensor out = chain_rows(ctx, factor, saved[0],
                                       {saved[1], saved[2], ctx->saved_data["mask_id"].toInt(),
                                        ctx->saved_data["ignore_index"].toInt()});
     return {out.view(ctx->saved_data["sizes"].toIntVector()), at::Tensor(), at::Tensor(), at::Tensor()};
