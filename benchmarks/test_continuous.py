@@ -14,8 +14,9 @@ normals, nothing else), so its ``vs eager`` is randn's time over perturb's. Floo
 
 * perturb reads x and writes z and ε: one ``clone()`` of x plus one ``fill_`` of an
   x-sized buffer (1 read + 2 writes);
-* denoising_loss reads ε̂ and ε and writes the gradient: one ``clone()`` of ε̂ (1 read +
-  1 write; the ε read of the given-ε case is not in the floor, the regenerating case has none);
+* denoising_loss reads ε̂ and ε (the regenerating case: ε̂ only) and, with the backward, writes
+  the gradient: forward ``sum()`` of each input read, forward+backward ``torch.sub(ε̂, ε)`` into
+  a reused buffer (2 reads + 1 write; the regenerating case: one ``clone()`` of ε̂);
 * integrate_step only reads: one ``sum()`` of ε̂ (and of ε when it is given).
 
 ``continuous_nll_bound`` is the estimator's own work (issue 12: at most 1.3× one read of the
@@ -42,7 +43,7 @@ from fastbound import continuous
 from fastbound.continuous import bound, reference
 from fastbound.continuous.schedules import LogisticProposal
 
-from .harness import Case, Shape, clone_like_kernels, reused_like
+from .harness import Case, Shape, clone_like_kernels, read_floor, reused_like
 from .test_estimate_nll import StoredOutput, seconds_per_call
 
 WARM, WARM_STD = "gaussian", 0.01
@@ -128,6 +129,17 @@ def loss_inputs(shape: ImageShape, dtype: torch.dtype, generator: torch.Generato
     eps = torch.randn(size, generator=generator, device=generator.device).to(dtype)
     eps_hat = (eps.float() + 0.3 * torch.randn(size, generator=generator, device=generator.device)).to(dtype)
     return dict(eps_hat=eps_hat, eps=eps)
+
+
+def read_both(eps_hat, eps, **_):
+    """The floor of an op that reads ε̂ and ε and writes a few numbers: one ``sum()`` of each."""
+    return eps_hat.sum() + eps.sum()
+
+
+def difference_floor(eps_hat, eps):
+    """denoising_loss's forward+backward traffic: ε̂ and ε read, one ε̂-sized buffer written (got as
+    the kernel gets its gradient)."""
+    return torch.sub(eps_hat.detach(), eps, out=reused_like(eps_hat))
 
 
 def regen_inputs(shape: ImageShape, dtype: torch.dtype, generator: torch.Generator) -> dict:
@@ -238,11 +250,16 @@ CASES = [
     Case("continuous_perturb_vs_randn", perturb_inputs, fastbound_perturb, randn_pair, floor="x",
          floor_call=perturb_floor, floor_op="clone+fill", check=no_check, **COMMON),
     Case("continuous_denoising_loss", loss_inputs, fastbound_loss, eager_loss, floor="eps_hat",
-         grad_inputs=("eps_hat",), **COMMON),
+         floor_call=read_both, floor_op="sum", grad_inputs=("eps_hat",), mode_only="fwd", **COMMON),
+    Case("continuous_denoising_loss", loss_inputs, fastbound_loss, eager_loss, floor="eps_hat",
+         floor_call=difference_floor, floor_op="sub", grad_inputs=("eps_hat",), mode_only="fwd_bwd", **COMMON),
     Case("continuous_denoising_loss_regen", regen_inputs, fastbound_loss_regen, eager_loss_regen, floor="eps_hat",
-         grad_inputs=("eps_hat",), fullgraph=False, **COMMON),
+         floor_call=read_floor("eps_hat"), floor_op="sum", grad_inputs=("eps_hat",), mode_only="fwd",
+         fullgraph=False, **COMMON),
+    Case("continuous_denoising_loss_regen", regen_inputs, fastbound_loss_regen, eager_loss_regen, floor="eps_hat",
+         grad_inputs=("eps_hat",), mode_only="fwd_bwd", fullgraph=False, **COMMON),
     Case("continuous_integrate_step", integrate_inputs, fastbound_integrate, eager_integrate, floor="eps_hat",
-         floor_call=lambda eps_hat, eps, **_: eps_hat.sum() + eps.sum(), floor_op="sum", check=check_integrate,
+         floor_call=read_both, floor_op="sum", check=check_integrate,
          **COMMON),
     Case("continuous_nll_bound", bound_inputs, fastbound_bound, eager_bound, floor="eps_hat",
          floor_call=read_each_draw, floor_op=f"{DRAWS}×sum", check=check_bound, fullgraph=False,
