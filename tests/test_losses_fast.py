@@ -7,6 +7,8 @@ check here calls twice (`warm`) and compares with the full path forced by ``_fas
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastbound as fb
 from fastbound import losses
@@ -269,11 +271,12 @@ def rescales(backward) -> int:
     return sum(event.name == "fastbound::scale_rows_" for event in prof.events())
 
 
-def summed_loss_and_grad(kind, score, sigma, x_t, x0, factor, **kw):
-    """``(loss(reduction="sum") * factor).backward()``: (loss, gradient, rescale calls)."""
+def summed_loss_and_grad(kind, score, sigma, x_t, x0, factor, fast=True, **kw):
+    """``(loss(reduction="sum") * factor).backward()``: (loss, gradient, rescale calls); ``fast``: the
+    call must take the fast path."""
     leaf = score.detach().clone().requires_grad_()
     out = call(kind, leaf, sigma, x_t, x0, reduction="sum", **kw)
-    assert is_fast(out)
+    assert is_fast(out) or not fast
     calls = rescales(lambda: (out * factor).backward())
     return out.detach(), leaf.grad, calls
 
@@ -364,3 +367,28 @@ def test_a_predicted_factor_under_retained_graphs(kind):
     torch.testing.assert_close(g2, ref.grad * 3.0)
     assert torch.autograd.gradcheck(lambda t: call(kind, t, sigma, x_t, x0, reduction="sum") * 0.125,
                                     (score.clone().requires_grad_(),))
+
+
+FACTORS = st.one_of(st.integers(-40, 40).map(lambda k: 2.0**k), st.sampled_from([1.0, 0.0, -0.5, 1 / 3, 65536.0]),
+                    st.floats(1e-3, 1e3))
+
+
+@given(st.sampled_from(KINDS), st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+       st.lists(st.tuples(FACTORS, st.sampled_from([1.5, 1e30, 1e-30, 0.75])), min_size=2, max_size=8))
+@settings(max_examples=30, derandomize=True, deadline=None, database=None)
+def test_fuzz_any_history_of_factors_keeps_the_bits(kind, dtype, steps):
+    """A random history of upstream factors and weights on one signature (so any prediction,
+    hit or miss): every call's loss has the full path's bits, and its gradient too but for
+    values below float's normal range, which a miss may round to fewer bits."""
+    score, sigma, x_t, x0 = make_case(kind, (2, 3), 5, dtype)
+    warm(kind, score, sigma, x_t, x0, reduction="sum")
+    for factor, weight in steps:
+        loss, grad, _ = summed_loss_and_grad(kind, score, sigma, x_t, x0, factor, fast=False, weight=weight)
+        with pytest.MonkeyPatch.context() as m:
+            full_path(m)
+            full_loss, full_grad = summed_loss_and_grad_full(kind, score, sigma, x_t, x0, factor, weight=weight)
+        torch.testing.assert_close(loss, full_loss, rtol=0, atol=0, equal_nan=True)
+        tiny = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).tiny * 2.0**33
+        normal = full_grad.double().abs() >= tiny
+        torch.testing.assert_close(grad[normal], full_grad[normal], rtol=0, atol=0, equal_nan=True)
+        assert ((grad - full_grad)[~normal].double().abs() <= tiny).all()
