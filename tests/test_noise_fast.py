@@ -107,6 +107,7 @@ CASES = {
     "one_token": (X0[:1, :1], dict(mask_ratio=1.0)),
     "empty_rows": (X0[:0], dict(sigma=ROWS[:0])),
     "empty_cols": (X0[:, :0], dict(sigma=0.5)),
+    "low_word_carry": (X0, dict(sigma=ROWS, graph="uniform", offset=2**32 - 21)),
     "top_counters": (X0, dict(sigma=ROWS, seed=2**64 - 1, offset=2**64 - 100)),
 }
 
