@@ -29,6 +29,12 @@ corrupted (σ = ∞ always is; λ > 1 always is); k is in effect clamped to [0, 
 row's maskable count]; an x0 outside [0, V) is copied to x_t where the position
 stays clean, where the loss kernels' NaN policy gives its row NaN when they read
 it (the score entropy reads every x_t; the cross-entropy only masked positions).
+
+Fast path. At small sizes (4 x 512 tokens) the Python layer and its dozen small torch ops cost
+as much as the kernel. So the common eager CPU call, a noise level sigma or mask_ratio in a call
+signature that a call through the full path has validated (`_fast_key`), is one C++ op,
+``perturb_level`` (csrc/cpu/perturb.cpp): it checks the level's values (the same ValueError),
+forms the thresholds exactly as `_threshold` does, and runs the kernel, which checks the ids.
 """
 
 from __future__ import annotations
@@ -308,7 +314,9 @@ def _meta(value: object) -> object:
 def _fast_key(x0, sigma, mask_ratio, num_masked, graph, vocab_size, mask_id, maskable, backend) -> tuple | None:
     """The signature of a call `_fast_perturb` may run (None: the full path, always): eager plain
     tensors, a noise level sigma or mask_ratio, options of plain types. Reads no data."""
-    if type(x0) not in v.PLAIN or num_masked is not None or x0.is_nested or v.tracing(x0):
+    if type(x0) not in v.PLAIN or num_masked is not None or x0.is_nested or x0.device.type != "cpu":
+        return None
+    if v.tracing(x0):
         return None
     if torch._C._are_functorch_transforms_active():
         return None  # torch.func's wrapper tensors have no storage: the full path handles (or refuses) them

@@ -276,6 +276,8 @@ def test_perturb_level_op_refuses_bad_raw_arguments():
     op = torch.ops.fastbound.perturb_level.default
     with pytest.raises(RuntimeError, match="level must broadcast"):
         op(x0, torch.rand(2), True, 0, None, 10, 10, 0, 5, 0)
+    with pytest.raises(RuntimeError, match="float tensor"):
+        op(x0, torch.ones(3, dtype=torch.long), True, 0, None, 10, 10, 0, 5, 0)
     with pytest.raises(RuntimeError, match="threshold"):
         op(x0, None, True, 2**24 + 1, None, 10, 10, 0, 5, 0)
     with pytest.raises(RuntimeError, match="x0 must be"):

@@ -302,6 +302,7 @@ Thresholds level_thresholds(const at::Tensor& level, bool is_sigma, int32_t* few
 
 // `_per_position`'s view of a level tensor for ids of shape (rows, cols) (one_row: x0 was (L,)).
 at::Tensor level_view(const at::Tensor& level, bool one_row, int64_t rows, int64_t cols) {
+  TORCH_CHECK(at::isFloatingType(level.scalar_type()), "fastbound.perturb_level: level must be a float tensor");
   at::Tensor view = level.dim() == 0 ? level.view({1, 1}) : level.dim() == 1 ? level.unsqueeze(one_row ? 0 : 1) : level;
   TORCH_CHECK(view.dim() == 2 && (view.size(0) == 1 || view.size(0) == rows) &&
                   (view.size(1) == 1 || view.size(1) == cols),
