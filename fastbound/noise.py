@@ -314,7 +314,7 @@ def _meta(value: object) -> object:
 def _fast_key(x0, sigma, mask_ratio, num_masked, graph, vocab_size, mask_id, maskable, backend) -> tuple | None:
     """The signature of a call `_fast_perturb` may run (None: the full path, always): eager plain
     tensors, a noise level sigma or mask_ratio, options of plain types. Reads no data."""
-    if type(x0) not in v.PLAIN or num_masked is not None or x0.is_nested or x0.device.type != "cpu":
+    if type(x0) not in v.PLAIN or num_masked is not None or x0.is_nested or not x0.is_cpu:
         return None
     if v.tracing(x0):
         return None
@@ -327,8 +327,8 @@ def _fast_key(x0, sigma, mask_ratio, num_masked, graph, vocab_size, mask_id, mas
     sigma_meta, ratio_meta, maskable_meta = _meta(sigma), _meta(mask_ratio), _meta(maskable)
     if sigma_meta is False or ratio_meta is False or maskable_meta is False:
         return None
-    return (x0.dtype, x0.shape, x0.device, x0.layout, sigma_meta, ratio_meta, maskable_meta, graph, vocab_size,
-            mask_id, backend, *_backend.environment_key())
+    return (x0.dtype, x0.shape, x0.layout, sigma_meta, ratio_meta, maskable_meta, graph, vocab_size, mask_id, backend,
+            *_backend.environment_key())
 
 
 def _fast_perturb(x0, sigma, mask_ratio, maskable, graph: str, vocab_size: int, mask_id: int, seed,
