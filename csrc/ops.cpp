@@ -52,6 +52,14 @@ TORCH_LIBRARY(fastbound, m) {
   m.def(
       "perturb(Tensor x0, Tensor? threshold, Tensor? num_masked, Tensor? maskable, int vocab_size, "
       "int mask_id, int graph, int seed, int offset) -> (Tensor, Tensor)");
+  // fastbound.perturb's common eager CPU call (csrc/cpu/perturb.cpp): x0 (B, L) or (L,), any strides;
+  // the Bernoulli mode with the noise level `level` (sigma if is_sigma, else mask_ratio: a float
+  // tensor shaped as perturb takes it, () or (B,) or (B or 1, L or 1), (L,) per token of an (L,) x0),
+  // range-checked and turned into thresholds here, or without it the one `threshold` in [0, 2^24]
+  // for every element; maskable bool, broadcastable to x0. Returns (x_t, mask) of x0's shape.
+  m.def(
+      "perturb_level(Tensor x0, Tensor? level, bool is_sigma, int threshold, Tensor? maskable, int vocab_size, "
+      "int mask_id, int graph, int seed, int offset) -> (Tensor, Tensor)");
   // Philox4x32-10 words (N, 4) of the counters (N, 4) (each entry's low 32 bits) under key = seed.
   m.def("philox4x32(Tensor counter, int seed) -> Tensor");
   // Likelihood integration step: per sequence b, S_b = weight_b * sum_i loss_i of the

@@ -29,6 +29,12 @@ corrupted (σ = ∞ always is; λ > 1 always is); k is in effect clamped to [0, 
 row's maskable count]; an x0 outside [0, V) is copied to x_t where the position
 stays clean, where the loss kernels' NaN policy gives its row NaN when they read
 it (the score entropy reads every x_t; the cross-entropy only masked positions).
+
+Fast path. At small sizes (4 x 512 tokens) the Python layer and its dozen small torch ops cost
+as much as the kernel. So the common eager CPU call, a noise level sigma or mask_ratio in a call
+signature that a call through the full path has validated (`_fast_key`), is one C++ op,
+``perturb_level`` (csrc/cpu/perturb.cpp): it checks the level's values (the same ValueError),
+forms the thresholds exactly as `_threshold` does, and runs the kernel, which checks the ids.
 """
 
 from __future__ import annotations
@@ -115,6 +121,11 @@ def _perturb_fake(x0, threshold, num_masked, maskable, vocab_size, mask_id, grap
     return x0.new_empty(x0.shape), x0.new_empty(x0.shape, dtype=torch.bool)
 
 
+@torch.library.register_fake("fastbound::perturb_level")
+def _perturb_level_fake(x0, level, is_sigma, threshold, maskable, vocab_size, mask_id, graph, seed, offset):
+    return x0.new_empty(x0.shape), x0.new_empty(x0.shape, dtype=torch.bool)
+
+
 @torch.library.register_fake("fastbound::philox4x32")
 def _philox4x32_fake(counter, seed):
     return counter.new_empty(counter.shape)
@@ -197,6 +208,15 @@ def _float_threshold(is_sigma: bool, value: float) -> int:
     return math.ceil((-math.expm1(-value) if is_sigma else value) * 2**UNIFORM_BITS)
 
 
+def _checked_float_threshold(is_sigma: bool, value: int | float) -> int:
+    """`_float_threshold` of a float σ or λ, after its range check."""
+    value = float(value)
+    if not _in_range(is_sigma, value):
+        raise ValueError(f"sigma must be finite and >= 0, got {value}" if is_sigma
+                         else f"mask_ratio must lie in [0, 1], got {value}")
+    return _float_threshold(is_sigma, value)
+
+
 def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: torch.device,
                checks: v.ValueChecks) -> torch.Tensor:
     """int32 T = ceil(p * 2^24) (the Bernoulli rule of philox.h), p = 1 - e^{-σ} or λ, as (B or 1, L or 1).
@@ -206,11 +226,7 @@ def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: to
     """
     is_sigma = name == "sigma"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = float(value)
-        if not _in_range(is_sigma, value):
-            raise ValueError(f"sigma must be finite and >= 0, got {value}" if is_sigma
-                             else f"mask_ratio must lie in [0, 1], got {value}")
-        return torch.full((1, 1), _float_threshold(is_sigma, value), dtype=torch.int32, device=device)
+        return torch.full((1, 1), _checked_float_threshold(is_sigma, value), dtype=torch.int32, device=device)
     t = v.check_float_tensor(name, value)
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but x0 is on {device}; move it to {device}")
@@ -279,6 +295,58 @@ def _mask_id(mask_id, graph: str, vocab_size: int, dtype: torch.dtype) -> int:
     return mask_id
 
 
+_FAST = v.SignatureTable()
+"""`_fast_key` signatures that a call through the full path validated and ran on the CPU kernel ->
+the mask id it resolved."""
+
+
+def _meta(value: object) -> object:
+    """What the full path checks of a noise level or of maskable without reading it; False: not a
+    fast-path argument."""
+    kind = type(value)
+    if value is None or kind is float or kind is int:
+        return kind
+    if kind not in v.PLAIN or value.is_nested:
+        return False
+    return value.dtype, value.shape, value.device, value.layout
+
+
+def _fast_key(x0, sigma, mask_ratio, num_masked, graph, vocab_size, mask_id, maskable, backend) -> tuple | None:
+    """The signature of a call `_fast_perturb` may run (None: the full path, always): eager plain
+    tensors, a noise level sigma or mask_ratio, options of plain types. Reads no data."""
+    if type(x0) not in v.PLAIN or num_masked is not None or x0.is_nested or not x0.is_cpu:
+        return None
+    if v.tracing(x0):
+        return None
+    if torch._C._are_functorch_transforms_active():
+        return None  # torch.func's wrapper tensors have no storage: the full path handles (or refuses) them
+    if type(graph) is not str or type(vocab_size) is not int or not (mask_id is None or type(mask_id) is int):
+        return None  # unhashable or odd options: let the checks name them
+    if not (backend is None or type(backend) is str):
+        return None
+    sigma_meta, ratio_meta, maskable_meta = _meta(sigma), _meta(mask_ratio), _meta(maskable)
+    if sigma_meta is False or ratio_meta is False or maskable_meta is False:
+        return None
+    return (x0.dtype, x0.shape, x0.layout, sigma_meta, ratio_meta, maskable_meta, graph, vocab_size, mask_id, backend,
+            *_backend.environment_key())
+
+
+def _fast_perturb(x0, sigma, mask_ratio, maskable, graph: str, vocab_size: int, mask_id: int, seed,
+                  offset) -> Perturbed:
+    """`perturb` of a signature in `_FAST`: the one C++ op ``perturb_level``, which checks the level's
+    values and the ids, forms the thresholds as `_threshold` does and runs the CPU kernel."""
+    seed_bits, offset_bits = _uint64("seed", seed), _uint64("offset", offset)
+    is_sigma = sigma is not None
+    level = sigma if is_sigma else mask_ratio
+    if isinstance(level, torch.Tensor):
+        tensor, threshold = level, 0
+    else:
+        tensor, threshold = None, _checked_float_threshold(is_sigma, level)
+    return Perturbed._make(_backend.kernel("cpu", "perturb_level")(
+        x0, tensor, is_sigma, threshold, maskable, vocab_size, mask_id, _names.GRAPH_CODES[graph], seed_bits,
+        offset_bits))
+
+
 def perturb(
     x0: torch.Tensor,
     *,
@@ -328,6 +396,10 @@ def perturb(
     as a tensor relies on both devices' float64 expm1 agreeing at the 2^-24 grid, and a float
     σ or any λ always agrees); the uniform replacement is floor(w1·V / 2^32).
     """
+    key = _fast_key(x0, sigma, mask_ratio, num_masked, graph, vocab_size, mask_id, maskable, backend)
+    fast_mask_id = _FAST.get(key)
+    if fast_mask_id is not None:
+        return _fast_perturb(x0, sigma, mask_ratio, maskable, graph, vocab_size, fast_mask_id, seed, offset)
     x0 = v.check_ids("x0", x0)
     if x0.dim() not in (1, 2):
         raise ValueError(f"x0 must have shape (B, L) or (L,), got {tuple(x0.shape)}")
@@ -361,6 +433,8 @@ def perturb(
     if kernel_backend != "cpu":  # the C++ CPU kernel checks the ids itself, in the same pass
         checks.ids("x0", flat, 0, vocab_size)
     checks.run()
+    if kernel_backend == "cpu":
+        _FAST.remember(key, mask_id)
     if flat.numel() == 0:
         return Perturbed(x0.clone(), torch.zeros(x0.shape, dtype=torch.bool, device=device))
     op = _backend.kernel(kernel_backend, "perturb")

@@ -7,7 +7,8 @@ every dtype, odd vocabularies around the lane widths, the DCE's 2048-column chun
 and not, and scores out of the exp's normal range (±100, ±inf, NaN); and the continuous loss and
 integration step (their 16-lane loops follow the same switch); and the continuous noise, whose
 Philox words come from 16-counter AVX-512 groups or 8-counter AVX2 ones by the same switch
-(perturb under every law and the regenerating loss, at counters that carry). On a CPU without AVX-512
+(perturb under every law and the regenerating loss, at counters that carry), as the discrete perturb's
+words are (both graphs, Bernoulli and exact-k). On a CPU without AVX-512
 both processes run the 8-lane path and the comparison still checks that the override is harmless.
 """
 
@@ -106,6 +107,19 @@ WORKER = textwrap.dedent(
                 loss = fc.denoising_loss(leaf, seed=2**63 + d, offset=offset, reduction="none", backend="cpu")
                 (grad,) = torch.autograd.grad(loss, leaf, torch.ones_like(loss))
                 out[key + "/loss"], out[key + "/grad"] = loss.detach(), grad
+
+    # The discrete noise (csrc/cpu/perturb.cpp, on the same Philox words under the plain seed): both
+    # graphs, Bernoulli and exact-k, rows around the groups' widths, offsets as above.
+    for length in (1, 15, 16, 17, 33, 512 + 37):
+        x0 = torch.randint(0, 30, (3, length), generator=torch.Generator().manual_seed(length))
+        for offset in (0, 2**32 - 21, 2**64 - 6 * length - 9):
+            for graph in ("absorb", "uniform"):
+                key = f"discrete/L{length}/o{offset}/{graph}"
+                common = dict(graph=graph, vocab_size=30, seed=2**63 + length, offset=offset)
+                noised = fb.perturb(x0, sigma=torch.tensor([0.3, 1.0, 3.0]), **common)
+                out[key + "/x_t"], out[key + "/mask"] = noised.x_t, noised.mask.long()
+                exact = fb.perturb(x0, num_masked=torch.tensor([0, length // 2, length]), **common)
+                out[key + "/k/x_t"], out[key + "/k/mask"] = exact.x_t, exact.mask.long()
     torch.save(out, sys.argv[1])
     """
 )

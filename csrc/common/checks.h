@@ -113,6 +113,14 @@ inline void check_integrate_inputs(const at::Tensor& out, const at::Tensor& x_t,
   if (spec.loss == kLossDse && spec.graph == kGraphAbsorb) check_absorb_mask(b * l, v, spec.mask_id);
 }
 
+// The scalar arguments of the perturb ops, for rows of `cols` elements.
+inline void check_perturb_scalars(int64_t cols, int64_t vocab_size, int64_t graph) {
+  TORCH_CHECK(graph == kGraphAbsorb || graph == kGraphUniform, "fastbound.perturb: unknown graph code ", graph);
+  TORCH_CHECK(vocab_size >= 1 && vocab_size <= INT64_C(0xFFFFFFFF),
+              "fastbound.perturb: vocab_size must lie in [1, 2^32 - 1]");
+  TORCH_CHECK(cols <= INT64_C(0xFFFFFFFF), "fastbound.perturb: rows longer than 2^32 - 1 are not supported");
+}
+
 // The `perturb` op.
 inline void check_perturb_inputs(const at::Tensor& x0, const std::optional<at::Tensor>& threshold,
                                  const std::optional<at::Tensor>& num_masked,
@@ -135,10 +143,7 @@ inline void check_perturb_inputs(const at::Tensor& x0, const std::optional<at::T
     TORCH_CHECK(maskable->sizes() == x0.sizes() && maskable->scalar_type() == at::kBool && maskable->is_contiguous(),
                 "fastbound.perturb: maskable must be contiguous bool of x0's shape");
   }
-  TORCH_CHECK(graph == kGraphAbsorb || graph == kGraphUniform, "fastbound.perturb: unknown graph code ", graph);
-  TORCH_CHECK(vocab_size >= 1 && vocab_size <= INT64_C(0xFFFFFFFF),
-              "fastbound.perturb: vocab_size must lie in [1, 2^32 - 1]");
-  TORCH_CHECK(cols <= INT64_C(0xFFFFFFFF), "fastbound.perturb: rows longer than 2^32 - 1 are not supported");
+  check_perturb_scalars(cols, vocab_size, graph);
   for (const auto* t : {&threshold, &num_masked, &maskable}) {
     TORCH_CHECK(!t->has_value() || (*t)->device() == x0.device(),
                 "fastbound.perturb: every tensor must be on x0's device ", x0.device());

@@ -1,5 +1,6 @@
-// The Philox words of a run of consecutive elements (the continuous noise
-// contract, csrc/include/fastbound/continuous.h), for the CPU kernels.
+// The Philox words of a run of consecutive counters, for the CPU kernels: the
+// continuous noise (csrc/include/fastbound/continuous.h, `continuous_tile_words`)
+// and the discrete perturb (philox.h's contract, `philox_tile_words`).
 //
 // GCC vectorises philox.h's host loop into 64-bit lanes but multiplies them by
 // the round constants with shifts and adds (AVX2 has no 64-bit multiply), about
@@ -223,11 +224,11 @@ inline bool has_avx2() {
 #endif
 
 // philox.h's loop, kept scalar: vectorised, it would emulate the 64-bit multiplies.
-__attribute__((optimize("no-tree-vectorize"))) inline void words_scalar(uint64_t seed, uint64_t offset,
-                                                                        uint64_t first, int64_t begin, int64_t end,
-                                                                        uint32_t* w0, uint32_t* w1, uint32_t* w2) {
+__attribute__((optimize("no-tree-vectorize"))) inline void words_scalar(uint64_t key, uint64_t n, int64_t begin,
+                                                                        int64_t end, uint32_t* w0, uint32_t* w1,
+                                                                        uint32_t* w2) {
   for (int64_t j = begin; j < end; ++j) {
-    const philox::Words w = continuous::element_words(seed, offset, first + static_cast<uint64_t>(j));
+    const philox::Words w = philox::element_words(key, n, static_cast<uint64_t>(j));
     w0[j] = w.w0;
     w1[j] = w.w1;
     if (w2 != nullptr) w2[j] = w.w2;
@@ -236,27 +237,33 @@ __attribute__((optimize("no-tree-vectorize"))) inline void words_scalar(uint64_t
 
 }  // namespace continuous_words
 
-// Words w0, w1 (and w2 when not null) of elements first .. first + n - 1 of a call with (seed, offset).
-inline void continuous_tile_words(uint64_t seed, uint64_t offset, uint64_t first, int64_t n, uint32_t* w0,
-                                  uint32_t* w1, uint32_t* w2) {
+// Words w0, w1 (and w2 when not null) of the Philox4x32-10 counters (lo, hi, 0, 0) of
+// n .. n + count - 1 (mod 2^64) under the 64-bit `key` (philox.h's element_words(key, n, j)).
+inline void philox_tile_words(uint64_t key, uint64_t n, int64_t count, uint32_t* w0, uint32_t* w1, uint32_t* w2) {
   int64_t done = 0;
 #if defined(FB_WORDS_AVX2)
-  const uint64_t key = seed ^ continuous::kKeySalt;
   const uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
   if (wide_lanes()) {
     if (w2 != nullptr) {
-      continuous_words::words_avx512<true>(k0, k1, offset + first, n, w0, w1, w2);
+      continuous_words::words_avx512<true>(k0, k1, n, count, w0, w1, w2);
     } else {
-      continuous_words::words_avx512<false>(k0, k1, offset + first, n, w0, w1, w2);
+      continuous_words::words_avx512<false>(k0, k1, n, count, w0, w1, w2);
     }
     return;
   }
   if (continuous_words::has_avx2()) {
-    done = w2 != nullptr ? continuous_words::words_avx2<true>(k0, k1, offset + first, n, w0, w1, w2)
-                         : continuous_words::words_avx2<false>(k0, k1, offset + first, n, w0, w1, w2);
+    done = w2 != nullptr ? continuous_words::words_avx2<true>(k0, k1, n, count, w0, w1, w2)
+                         : continuous_words::words_avx2<false>(k0, k1, n, count, w0, w1, w2);
   }
 #endif
-  continuous_words::words_scalar(seed, offset, first, done, n, w0, w1, w2);
+  continuous_words::words_scalar(key, n, done, count, w0, w1, w2);
+}
+
+// Words w0, w1 (and w2 when not null) of elements first .. first + n - 1 of a continuous
+// noise call with (seed, offset): continuous::element_words's salted key.
+inline void continuous_tile_words(uint64_t seed, uint64_t offset, uint64_t first, int64_t n, uint32_t* w0,
+                                  uint32_t* w1, uint32_t* w2) {
+  philox_tile_words(seed ^ continuous::kKeySalt, offset + first, n, w0, w1, w2);
 }
 
 }  // namespace cpu
