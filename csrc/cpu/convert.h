@@ -18,6 +18,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
+
 #include "vectorize.h"
 
 #define FB_INLINE inline __attribute__((always_inline))
@@ -173,6 +177,38 @@ FB_INLINE void store_lanes(c10::BFloat16* p, typename L::F v) {
 template <typename L>
 FB_INLINE void store_lanes(c10::Half* p, typename L::F v) {
   store_lanes_bits<L>(p, float_to_half_bits(v));
+}
+
+// store_lanes of 16-bit values by non-temporal stores, which write a line without reading it
+// first (x86-64; elsewhere ordinary stores); p aligned to 16 bytes.
+template <typename L>
+FB_INLINE void stream_lanes_bits(void* p, typename L::U bits) {
+  const typename L::H h = narrow(bits);
+#if defined(__x86_64__)
+  static_assert(sizeof h % 16 == 0, "whole 16-byte stores");
+  for (size_t k = 0; k < sizeof h; k += 16) {
+    __m128i part;
+    std::memcpy(&part, reinterpret_cast<const char*>(&h) + k, sizeof part);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<char*>(p) + k), part);
+  }
+#else
+  std::memcpy(p, &h, sizeof h);
+#endif
+}
+template <typename L>
+FB_INLINE void stream_lanes(c10::BFloat16* p, typename L::F v) {
+  stream_lanes_bits<L>(p, float_to_bf16_bits(v));
+}
+template <typename L>
+FB_INLINE void stream_lanes(c10::Half* p, typename L::F v) {
+  stream_lanes_bits<L>(p, float_to_half_bits(v));
+}
+
+// Orders the non-temporal stores before what follows (they are weakly ordered).
+FB_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 // Eight consecutive scores as floats, and back.

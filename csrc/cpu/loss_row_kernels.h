@@ -53,7 +53,7 @@ bool row_runs(RowRole role, const LossRow<scalar_t, acc_t>& row, int64_t mask_id
     case RowRole::kRun:
       return true;
     case RowRole::kSkip:
-      zero_row(row.grad, row.n_cols);
+      zero_row(row.grad, row.n_cols, row.stream);
       return false;
     case RowRole::kBadXt:
       check_id(row.x_t, row.n_cols, "x_t");
@@ -235,7 +235,7 @@ struct DceRow : MaskIds {
       const acc_t shift = shifts[k++];
       const acc_t f = shift == -std::numeric_limits<acc_t>::infinity() ? g_scale * acc_t(0)
                                                                         : g_scale * exp_acc(shift - lse.shift);
-      row_rescale<scalar_t, acc_t>(e + c, row.grad + c, len, f);
+      row_rescale<scalar_t, acc_t>(e + c, row.grad + c, len, f, row.stream);
     });
     if (skip >= 0) row.grad[skip] = scalar_t(0);
     row.grad[row.x0] = static_cast<scalar_t>(g_scale * exp_acc(s_x0 - lse.shift) - row.scale);

@@ -203,10 +203,20 @@ FB_INLINE float row_max_lanes(const scalar_t* s, int64_t n) {
   return m;
 }
 
-// g = factor * e, float accumulation.
-template <typename L, typename scalar_t>
+// g = factor * e, float accumulation. kStream (16-bit g): the whole 64-byte lines of g are
+// written by non-temporal stores (`stream_lanes`; a line written in part that way costs the
+// memory a read-modify-write), the elements before the first and after the last one by
+// ordinary stores (the same rounding either way).
+template <typename L, bool kStream = false, typename scalar_t>
 FB_INLINE void row_rescale_lanes(const float* e, scalar_t* g, int64_t n, float factor) {
   int64_t i = 0;
+  if constexpr (kStream) {
+    constexpr int64_t kLine = 64 / sizeof(scalar_t);  // a multiple of L::kWidth
+    const int64_t head = std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(g) % 64) % 64 / sizeof(scalar_t));
+    const int64_t lines_end = head + (n - head) / kLine * kLine;
+    for (; i < head; ++i) g[i] = from_acc<scalar_t>(factor * e[i]);
+    for (; i < lines_end; i += L::kWidth) stream_lanes<L>(g + i, factor * load_lanes<L>(e + i));
+  }
   for (; i + L::kWidth <= n; i += L::kWidth) store_lanes<L>(g + i, factor * load_lanes<L>(e + i));
   if constexpr (L::kWidth > kLanes) {
     if (n - i >= kLanes) {
@@ -242,9 +252,9 @@ FB_CPU_WIDE float row_max_wide(const scalar_t* s, int64_t n) {
   return row_max_lanes<VecLanes16>(s, n);
 }
 
-template <typename scalar_t>
+template <bool kStream, typename scalar_t>
 FB_CPU_WIDE void row_rescale_wide(const float* e, scalar_t* g, int64_t n, float factor) {
-  row_rescale_lanes<VecLanes16>(e, g, n, factor);
+  row_rescale_lanes<VecLanes16, kStream>(e, g, n, factor);
 }
 
 template <typename scalar_t>
@@ -294,10 +304,21 @@ FB_CPU_CLONES acc_t row_max(const scalar_t* s, int64_t n) {
 }
 
 template <typename scalar_t, typename acc_t>
-FB_CPU_CLONES void row_rescale(const acc_t* e, scalar_t* g, int64_t n, acc_t factor) {
+FB_CPU_CLONES void row_rescale(const acc_t* e, scalar_t* g, int64_t n, acc_t factor, bool stream) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (stream) {
+      if (wide_lanes()) {
+        row_rescale_wide<true>(e, g, n, factor);
+      } else {
+        row_rescale_lanes<VecLanes, true>(e, g, n, factor);
+      }
+      stream_fence();
+      return;
+    }
+  }
   if constexpr (std::is_same_v<acc_t, float>) {
     if (wide_lanes()) {
-      row_rescale_wide(e, g, n, factor);
+      row_rescale_wide<false>(e, g, n, factor);
     } else {
       row_rescale_lanes<VecLanes>(e, g, n, factor);
     }
@@ -325,7 +346,7 @@ FB_CPU_CLONES void row_scale_inplace(scalar_t* g, int64_t n, acc_t factor) {
   template RowSums<acc_t> row_pass<false, scalar_t, acc_t>(const scalar_t*, scalar_t*, int64_t, acc_t, acc_t,    \
                                                            acc_t);                                               \
   template acc_t row_max<scalar_t, acc_t>(const scalar_t*, int64_t);                                             \
-  template void row_rescale<scalar_t, acc_t>(const acc_t*, scalar_t*, int64_t, acc_t);                         \
+  template void row_rescale<scalar_t, acc_t>(const acc_t*, scalar_t*, int64_t, acc_t, bool);                   \
   template void row_scale_inplace<scalar_t, acc_t>(scalar_t*, int64_t, acc_t);
 FB_INSTANTIATE(float, float)
 FB_INSTANTIATE(double, double)

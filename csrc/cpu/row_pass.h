@@ -28,9 +28,10 @@ RowSums<acc_t> row_pass(const scalar_t* s, out_t* g, int64_t n, acc_t shift, acc
 template <typename scalar_t, typename acc_t>
 acc_t row_max(const scalar_t* s, int64_t n);
 
-// g[i] = factor * e[i], rounded once to the scores' dtype; e may alias g.
+// g[i] = factor * e[i], rounded once to the scores' dtype; e may alias g. `stream`: 16-bit g
+// (not aliased) written by non-temporal stores (csrc/cpu/loss_rows.h kStreamBytes).
 template <typename scalar_t, typename acc_t>
-void row_rescale(const acc_t* e, scalar_t* g, int64_t n, acc_t factor);
+void row_rescale(const acc_t* e, scalar_t* g, int64_t n, acc_t factor, bool stream = false);
 
 // g[i] *= factor in place, in the accumulation type, rounded once.
 template <typename scalar_t, typename acc_t>
