@@ -35,3 +35,19 @@ def make_case(kind, shape, n_cols, dtype, *, seed=0, mask_frac=0.6, scale=1.0, d
 def magnitude(t):
     """The scale of an absolute tolerance: the largest |entry|, at least 1."""
     return max(1.0, t.abs().max().item()) if t.numel() else 1.0
+
+
+def outcome(fn):
+    """``fn()``'s result, or the (type, message) of what it raised: what a fast path must match."""
+    try:
+        return fn()
+    except Exception as error:  # noqa: BLE001  (whatever the full path does, the fast one must do)
+        return type(error), str(error)
+
+
+def assert_same_outcome(fast, full):
+    """Two `outcome`s agree: the same error, or the same values bit for bit."""
+    if isinstance(full, tuple):
+        assert fast == full
+    else:
+        torch.testing.assert_close(fast, full, rtol=0, atol=0)

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__x86_64__)
 #include <emmintrin.h>
@@ -195,13 +196,14 @@ FB_INLINE void stream_lanes_bits(void* p, typename L::U bits) {
   std::memcpy(p, &h, sizeof h);
 #endif
 }
-template <typename L>
-FB_INLINE void stream_lanes(c10::BFloat16* p, typename L::F v) {
-  stream_lanes_bits<L>(p, float_to_bf16_bits(v));
-}
-template <typename L>
-FB_INLINE void stream_lanes(c10::Half* p, typename L::F v) {
-  stream_lanes_bits<L>(p, float_to_half_bits(v));
+template <typename L, typename scalar_t>
+FB_INLINE void stream_lanes(scalar_t* p, typename L::F v) {
+  static_assert(sizeof(scalar_t) == 2, "16-bit values");
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    stream_lanes_bits<L>(p, float_to_bf16_bits(v));
+  } else {
+    stream_lanes_bits<L>(p, float_to_half_bits(v));
+  }
 }
 
 // Orders the non-temporal stores before what follows (they are weakly ordered).
