@@ -342,8 +342,8 @@ def _rows_meta(value: object) -> object:
     kind = type(value)
     if kind is float or kind is int:
         return kind
-    if kind not in v.PLAIN or value.requires_grad and torch.is_grad_enabled():
-        return False
+    if kind not in v.PLAIN or value.requires_grad and torch.is_grad_enabled() or value.is_neg():
+        return False  # a negative view (`conj().imag`): the C++ op reads the stored bits
     return value.dtype, value.shape, value.device, value.layout
 
 

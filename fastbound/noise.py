@@ -306,8 +306,8 @@ def _meta(value: object) -> object:
     kind = type(value)
     if value is None or kind is float or kind is int:
         return kind
-    if kind not in v.PLAIN or value.is_nested:
-        return False
+    if kind not in v.PLAIN or value.is_nested or value.is_neg():
+        return False  # a negative view (`conj().imag`): the C++ op reads the stored bits
     return value.dtype, value.shape, value.device, value.layout
 
 

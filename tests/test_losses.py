@@ -837,29 +837,40 @@ def test_dce_gradient_ignores_minus_inf_chunks_before_a_low_max(dtype):
     torch.testing.assert_close(low.grad.float(), want, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["absorb", "dce"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_streamed_gradient_rows_equal_the_ordinary_ones(kind, dtype):
-    """A gradient of 32 MiB or more (csrc/cpu/loss_rows.h kStreamBytes) has its zero rows, and the
-    DCE's 16-bit rows, written by non-temporal stores: the same bits as the rows of a small call
-    (ordinary stores). An odd V puts the rows at every alignment; masked and unmasked rows mix;
-    the big gradient reuses a NaN-filled buffer (the CPU buffer pool), so no byte is skipped."""
+    """A gradient of 32 MiB or more (csrc/cpu/loss_rows.h kStreamBytes) writes its zero rows, and
+    the DCE's 16-bit rows, by non-temporal stores: the same bits as the rows of a small call
+    (ordinary stores). An odd V puts the rows at every alignment; masked, unmasked and ignored
+    rows mix; the big gradient reuses a NaN-filled buffer (the CPU buffer pool), so no byte is
+    skipped."""
     v = 262147
     n = -(-(32 << 20) // (v * dtype.itemsize)) + 3
     score, sigma, x_t, x0 = make_case(kind, (n,), v, dtype, mask_frac=0.5)
-    assert (x_t == v - 1).any() and (x_t != v - 1).any()
+    x0[::7] = -100  # ignored rows: zero rows on every graph
+    if kind != "uniform":
+        assert (x_t == v - 1).any() and (x_t != v - 1).any()
 
     def loss_and_grad(rows):
         leaf = score[rows].detach().clone().requires_grad_()
         s = sigma[rows] if sigma.dim() else sigma
         out = (fb.dce_loss(leaf, x_t[rows], x0[rows]) if kind == "dce"
-               else fb.dse_loss(leaf, s, x_t[rows], x0[rows]))
+               else fb.dse_loss(leaf, s, x_t[rows], x0[rows], graph=kind))
         out.sum().backward()
         return out.detach(), leaf.grad
 
-    loss_and_grad(slice(None))[1].fill_(float("nan"))  # the next gradient reuses this buffer: every byte is written
-    big = loss_and_grad(slice(None))
+    before = fb.cpu_buffer_cache().max_bytes
+    fb.cpu_buffer_cache(1 << 30)
+    try:
+        poisoned = loss_and_grad(slice(None))[1].fill_(float("nan"))
+        address = poisoned.data_ptr()
+        del poisoned
+        big = loss_and_grad(slice(None))
+    finally:
+        fb.cpu_buffer_cache(before)
     assert big[1].nbytes >= 32 << 20
+    assert big[1].data_ptr() == address, "the gradient must reuse the NaN-filled buffer: every byte is written"
     for start in range(0, n, 16):
         rows = slice(start, min(n, start + 16))
         small = loss_and_grad(rows)

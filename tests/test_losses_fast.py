@@ -385,3 +385,71 @@ def test_fuzz_any_history_of_factors_keeps_the_bits(kind, dtype, steps):
         normal = full_grad.double().abs() >= tiny
         torch.testing.assert_close(grad[normal], full_grad[normal], rtol=0, atol=0, equal_nan=True)
         assert ((grad - full_grad)[~normal].double().abs() <= tiny).all()
+
+
+def predict(kind, score, sigma, x_t, x0, factor, **kw):
+    """Three backwards of one signature at ``factor``: the next call's forward predicts it."""
+    warm(kind, score, sigma, x_t, x0, reduction="sum", **kw)
+    for _ in range(3):
+        summed_loss_and_grad(kind, score, sigma, x_t, x0, factor, **kw)
+
+
+def test_a_subnormal_unscaled_loss_keeps_its_bits_under_a_prediction(monkeypatch):
+    """k > 0 with a loss that is subnormal before the scaling: 2^k L is normal, but 2^-k (2^k L)
+    would round L a second time, so the call runs unscaled (found by review: 6.4e-40 weight)."""
+    score, sigma, x_t, x0 = make_case("absorb", (1, 1), 7, torch.float32, seed=4, mask_frac=1.0)
+    weight = torch.tensor(6.4460850397713045e-40)
+    predict("absorb", score, sigma, x_t, x0, 65536.0, weight=weight)
+    fast = summed_loss_and_grad("absorb", score, sigma, x_t, x0, 65536.0, weight=weight)
+    full_path(monkeypatch)
+    full = summed_loss_and_grad_full("absorb", score, sigma, x_t, x0, 65536.0, weight=weight)
+    torch.testing.assert_close(fast[:2], full, rtol=0, atol=0)
+
+
+def test_a_cancelling_score_entropy_is_not_scaled_into_inf(monkeypatch):
+    """A tiny sigma (r ~ 7e35) lets sum e^s cancel r s_x0 in the absorbing loss (loss 0, gradient
+    ~5e32): under a predicted 2^32 the gradient would overflow while the loss stays finite, and
+    a backward with upstream 1 would hand out inf. The row bound |scale| 2^k (1 + r) keeps k = 0."""
+    x_t, x0 = torch.tensor([2]), torch.tensor([0])
+    sigma = torch.tensor([1.4281409754010587e-36])
+    small = torch.tensor([[0.1, 0.2, 0.0]])
+    predict("absorb", small, sigma, x_t, x0, 2.0**32)
+    score = torch.tensor([[82.53740692138672, 69.07432556152344, 0.0]])
+    fast = summed_loss_and_grad("absorb", score, sigma, x_t, x0, 1.0)
+    full_path(monkeypatch)
+    full = summed_loss_and_grad_full("absorb", score, sigma, x_t, x0, 1.0)
+    assert torch.isfinite(fast[1]).all()
+    torch.testing.assert_close(fast[:2], full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("predicted", "upstream"), [(2.0**32, 1e-30), (2.0**-32, 3e38)])
+def test_a_miss_whose_factor_leaves_float_range(monkeypatch, predicted, upstream):
+    """A miss whose upstream / 2^k is not a normal float (1e-30 / 2^32 is subnormal, 3e38 * 2^32
+    overflows) first takes the saved gradient back to its unscaled values, then applies the
+    upstream: the full path's bits, not a factor that lost its bits or became inf."""
+    score, sigma, x_t, x0 = make_case("dce", (4, 8), 7, torch.float32)
+    predict("dce", score, sigma, x_t, x0, predicted)
+    fast = summed_loss_and_grad("dce", score, sigma, x_t, x0, upstream)
+    full_path(monkeypatch)
+    full = summed_loss_and_grad_full("dce", score, sigma, x_t, x0, upstream)
+    torch.testing.assert_close(fast[:2], full, rtol=0, atol=0)
+
+
+def negative_view(t: torch.Tensor) -> torch.Tensor:
+    """A tensor equal to ``t`` that stores -t with the neg bit set (what ``conj().imag`` gives)."""
+    out = torch.complex(torch.zeros_like(t), -t).conj().imag
+    assert out.is_neg() and torch.equal(out, t)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_negative_views_of_weight_and_sigma(kind):
+    """The C++ op reads a weight's or sigma's stored values: a negative view takes the full path,
+    which reads the logical ones (found by review: the loss came out with its sign flipped)."""
+    score, sigma, x_t, x0 = make_case(kind, (3, 4), 7, torch.float32)
+    weight = torch.rand(3, 1) + 0.5
+    for _ in range(3):
+        got = call(kind, score, negative_view(sigma) if kind != "dce" else sigma, x_t, x0,
+                   weight=negative_view(weight), reduction="sum")
+        torch.testing.assert_close(got, call(kind, score, sigma, x_t, x0, weight=weight, reduction="sum"),
+                                   rtol=0, atol=0)

@@ -278,3 +278,16 @@ def test_perturb_level_op_refuses_bad_raw_arguments():
         op(x0[None], None, True, 1, None, 10, 10, 0, 5, 0)
     with pytest.raises(RuntimeError, match="graph"):
         op(x0, None, True, 1, None, 10, 10, 2, 5, 0)
+
+
+def test_a_negative_view_of_the_level():
+    """A level stored negated with the neg bit set (``conj().imag``) takes the full path, which
+    reads its logical values (found by review: the C++ op read the stored ones and refused them)."""
+    level = ROWS.to(torch.float64)
+    view = torch.complex(torch.zeros_like(level), -level).conj().imag
+    assert view.is_neg() and torch.equal(view, level)
+    warm(X0, sigma=view, vocab_size=VOCAB, seed=1)
+    for _ in range(2):
+        got = perturb(X0, sigma=view, vocab_size=VOCAB, seed=1)
+        want = perturb(X0, sigma=level, vocab_size=VOCAB, seed=1)
+        assert torch.equal(got.x_t, want.x_t) and torch.equal(got.mask, want.mask)

@@ -46,6 +46,21 @@ struct ZeroRows {
   int64_t mask_id = -1, ignore_index = 0;
 };
 
+// grad *= factor in place, every row but the zero ones (`fastbound::scale_rows_`).
+inline void rescale_rows(at::Tensor grad, const at::Tensor& factor, const ZeroRows& zero) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastbound::scale_rows_", "").typed<
+      void(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
+           int64_t)>();
+  const auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+  op.call(grad, factor, opt(zero.x_t), opt(zero.x0), zero.mask_id, zero.ignore_index);
+}
+
+// The same with one factor for every row.
+inline void rescale_rows(at::Tensor grad, double factor, const ZeroRows& zero) {
+  const auto acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  rescale_rows(grad, at::full({1}, factor, grad.options().dtype(acc)).expand({grad.size(0)}), zero);
+}
+
 // grad * upstream[:, None] for the saved buffer `grad` (N, V) (see the file comment); the
 // forward sets ctx->saved_data["handed_out"] = false.
 inline at::Tensor chain_rows(torch::autograd::AutogradContext* ctx, const at::Tensor& upstream, at::Tensor grad,
@@ -64,11 +79,7 @@ inline at::Tensor chain_rows(torch::autograd::AutogradContext* ctx, const at::Te
   }
   // A sum's or mean's unit upstream (loss.backward()): one value to read, no rescale to call.
   if (upstream.dim() == 0 && upstream.item<double>() == 1.0) return grad;
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastbound::scale_rows_", "").typed<
-      void(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t,
-           int64_t)>();
-  const auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
-  op.call(grad, factor, opt(zero.x_t), opt(zero.x0), zero.mask_id, zero.ignore_index);
+  rescale_rows(grad, factor, zero);
   return grad;
 }
 

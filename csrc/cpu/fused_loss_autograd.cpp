@@ -154,9 +154,11 @@ at::Tensor reduce(const at::Tensor& loss, at::IntArrayRef shape, int64_t reducti
 // it, so two calls of one signature with different factors in a step (`(a + 0.5 * b)`) keep
 // the prediction of none, and only powers of two 2^k are: scaling by 2^k is exact in every
 // rounding, so the loss and the gradient are the same bits whatever the prediction (a miss
-// rescales by upstream / 2^k, exact too), except for gradient values that the scaling takes
-// below float's normal range (|g| 2^k < 2^-126), which keep fewer bits on a miss. fp16
-// gradients are never scaled (they overflow at 65504).
+// rescales by upstream / 2^k, exact too), except for gradient values that are subnormal
+// before or after the scaling (|g| or |g| 2^k below 2^-126), which may round differently, on
+// a hit or a miss. A call the scaling could push out of float's range (`exactly_scaled`,
+// `gradient_in_range`) runs unscaled, so the loss keeps its bits. fp16 gradients are never
+// scaled (they overflow at 65504).
 class FactorMemo {
  public:
   // (loss, graph, reduction, rows, columns, dtype)
@@ -203,22 +205,39 @@ class FactorMemo {
 };
 
 // Whether each value of a loss computed with the row scale times 2^k is exactly 2^k times the
-// unscaled one: finite, and zero or normal (an overflow is inf, a subnormal lost bits).
-bool exactly_scaled(const at::Tensor& loss) {
-  const double tiny = loss.scalar_type() == at::kDouble ? std::numeric_limits<double>::min()
-                                                        : std::numeric_limits<float>::min();
+// unscaled one, and the gradient's values finite where the unscaled ones are: the scaled loss
+// finite, at most a quarter of the float range, and zero or normal both scaled and unscaled
+// (a subnormal lost bits, in the kernel or in the rescale by 2^-k).
+bool exactly_scaled(const at::Tensor& loss, int k) {
+  const bool is_double = loss.scalar_type() == at::kDouble;
+  const double tiny = is_double ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+  const double huge = (is_double ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max()) / 4;
   const at::Tensor a = loss.abs();
-  return (a.isfinite() & (a.ge(tiny) | a.eq(0))).all().item<bool>();
+  return (a.le(huge) & (a.ge(tiny * std::max(1.0, std::ldexp(1.0, k))) | a.eq(0))).all().item<bool>();
+}
+
+// Whether the score entropy's gradient stays finite under the row scale times 2^k (k > 0)
+// wherever its loss is exactly scaled. A finite loss bounds the gradient unless its terms
+// cancel: sum_y e^{s_y} against r s_{x0} - r (log r - 1) (absorbing; s_{x0} / a and the
+// constant on the uniform graph), r = 1 / a = 1 / (e^sigma - 1), whose parts are at most
+// r (2 * 88.8 + 1) for scores with a finite exp; so |scale| 2^k (1 + r) 2^9 <= 2^126 keeps
+// every gradient value below the float range when the scaled loss is within a quarter of it.
+// The DCE's gradient is at most |scale| 2^k, which the loss check bounds already.
+bool gradient_in_range(const Rows& rows, int k) {
+  if (rows.loss != kLossDse || k <= 0 || rows.scale.numel() == 0) return true;
+  const at::Tensor r = rows.sigma.to(at::kDouble).expm1().reciprocal();
+  const double bound = (rows.scale.to(at::kDouble).abs() * (r + 1)).max().item<double>();
+  return bound <= std::ldexp(1.0, 126 - 9 - k);  // false for NaN
 }
 
 // The kernel with the gradient's rows scaled by 2^k: (the loss, unscaled; the gradient; the k
-// used). A loss that the scaling did not keep exact runs again with k = 0.
+// used). A call the scaling would not keep exact runs with k = 0.
 std::tuple<at::Tensor, at::Tensor, int> scaled_forward(const at::Tensor& score, Rows rows, int k) {
-  if (k != 0) {
+  if (k != 0 && gradient_in_range(rows, k)) {
     const at::Tensor unscaled = rows.scale;
     rows.scale = rows.scale.mul(std::ldexp(1.0, k));
     auto [loss, grad] = run_kernel(score, rows, /*need_grad=*/true);
-    if (exactly_scaled(loss)) return {loss.mul_(std::ldexp(1.0, -k)), grad, k};
+    if (exactly_scaled(loss, k)) return {loss.mul_(std::ldexp(1.0, -k)), grad, k};
     rows.scale = unscaled;
   }
   auto [loss, grad] = run_kernel(score, rows, /*need_grad=*/true);
@@ -258,13 +277,27 @@ struct FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
       std::copy(memo_key.begin(), memo_key.end(), key.begin());
       FactorMemo::get().observe(key, upstream.item<double>());
     }
-    // The forward's gradient is 2^k d loss / d score, so the factor left is upstream 2^-k (exact).
-    const int64_t k = ctx->saved_data["exponent"].toInt();
-    const at::Tensor factor = k == 0 ? upstream : upstream.mul(std::ldexp(1.0, static_cast<int>(-k)));
     const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor out = chain_rows(ctx, factor, saved[0],
-                                      {saved[1], saved[2], ctx->saved_data["mask_id"].toInt(),
-                                       ctx->saved_data["ignore_index"].toInt()});
+    const ZeroRows zero{saved[1], saved[2], ctx->saved_data["mask_id"].toInt(), ctx->saved_data["ignore_index"].toInt()};
+    // The forward's gradient is 2^k d loss / d score, so the factor left is upstream 2^-k: exact
+    // when it is zero or a normal number of the gradient's float type, and the rescale then
+    // rounds once, as the unpredicted path's. Otherwise the saved gradient is first taken back
+    // to d loss / d score (a rescale by 2^-k, exact) and the upstream applied as it is.
+    const int64_t k = ctx->saved_data["exponent"].toInt();
+    at::Tensor factor = upstream;
+    if (k != 0) {
+      const double f = std::ldexp(upstream.item<double>(), static_cast<int>(-k));
+      const bool is_double = saved[0].scalar_type() == at::kDouble;
+      const double tiny = is_double ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
+      const double huge = is_double ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
+      if (f == 0 || (std::abs(f) >= tiny && std::abs(f) <= huge)) {
+        factor = upstream.mul(std::ldexp(1.0, static_cast<int>(-k)));
+      } else {
+        rescale_rows(saved[0], std::ldexp(1.0, static_cast<int>(-k)), zero);  // the buffer is still ours
+        ctx->saved_data["exponent"] = int64_t(0);
+      }
+    }
+    const at::Tensor out = chain_rows(ctx, factor, saved[0], zero);
     return {out.view(ctx->saved_data["sizes"].toIntVector()), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
