@@ -116,12 +116,17 @@ def is_estimator(providers: dict[str, dict]) -> bool:
 
 
 def floors(rows: dict[tuple, dict[str, dict]]) -> str:
-    """'case, case: op; ...': the floor each case is timed against."""
+    """'case, case: op; ...': the floor each case is timed against ('case (mode)' where the
+    case's modes have different floors)."""
+    ops: dict[tuple[str, str], str] = {}
+    for (case, mode, *_), providers in rows.items():
+        ops[case, mode] = next((p["floor_op"] for p in providers.values()), "clone")
     by_op: dict[str, list[str]] = defaultdict(list)
-    for (case, *_), providers in rows.items():
-        op = next((p["floor_op"] for p in providers.values()), "clone")
-        if case not in by_op[op]:
-            by_op[op].append(case)
+    for (case, mode), op in ops.items():
+        split = len({o for (c, _), o in ops.items() if c == case}) > 1
+        name = f"{case} ({MODE_LABELS.get(mode, mode)})" if split else case
+        if name not in by_op[op]:
+            by_op[op].append(name)
     return "; ".join(f"{', '.join(cases)}: `{op}()`" for op, cases in by_op.items())
 
 
