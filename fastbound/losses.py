@@ -14,7 +14,8 @@ only gradient is to the scores; no forward-mode AD, not in place) is one C++ op,
 takes it once a call through the full path has validated it (`_fast_key`). For a summed loss
 it also predicts a power-of-two factor after the call (``/ B``, a GradScaler's scale, ``/ k``)
 from the previous backwards of the signature and folds it into the gradient it writes, so
-that backward is free too; the bits are the same whatever the prediction (see that file).
+that backward is free too; the bits are the same whatever the prediction, but for subnormal
+gradient values (see that file).
 """
 
 from __future__ import annotations
