@@ -367,7 +367,7 @@ FACTORS = st.one_of(st.integers(-40, 40).map(lambda k: 2.0**k), st.sampled_from(
 
 
 @given(st.sampled_from(KINDS), st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
-       st.lists(st.tuples(FACTORS, st.sampled_from([1.5, 1e30, 1e-30, 0.75])), min_size=2, max_size=8))
+       st.lists(st.tuples(FACTORS, st.sampled_from([1.5, 1e30, 1e-30, 0.75, 3e-38, 1e-40])), min_size=2, max_size=8))
 @settings(max_examples=30, derandomize=True, deadline=None, database=None)
 def test_fuzz_any_history_of_factors_keeps_the_bits(kind, dtype, steps):
     """A random history of upstream factors and weights on one signature (so any prediction,
