@@ -331,3 +331,20 @@ def test_host_checks_name_index_first_and_a_negative_dse_id():
     bad_x0[1, 1] = 99
     with pytest.raises(ValueError, match="^x_t contains id -1"):
         integrate_step(out, bad_xt, bad_x0, sigma, None, acc, loss="dse")
+
+
+@pytest.mark.parametrize("backend", [None, pytest.param("triton", marks=pytest.mark.triton)])
+def test_writing_acc_bumps_its_version(backend):
+    """acc is written in place: its version moves, so a tensor saved for a backward before the step
+    makes autograd raise instead of using the new sums (found: the op's write did not bump it, and
+    ``(acc * w).sum().backward()`` then gave w the new acc as its gradient)."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    out, x_t, x0, sigma, weight = make_inputs("dse", "absorb", 2, 3, 6, device=device)
+    acc = torch.zeros(2, 2, dtype=torch.float64, device=device)
+    w = torch.ones(2, 2, dtype=torch.float64, device=device, requires_grad=True)
+    saved = (acc * w).sum()
+    before = acc._version
+    integrate_step(out, x_t, x0, sigma, weight, acc, loss="dse", backend=backend)
+    assert acc._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/inplace.h"
 #include "fastbound/elementwise.h"
 #include "fastbound/integrate.h"
 #include "loss_row_kernels.h"
@@ -89,9 +90,26 @@ void integrate_step(const at::Tensor& out, const at::Tensor& x_t, const at::Tens
   }
 }
 
+// Runs the backend kernel below this key, then marks acc as modified in place (common/inplace.h).
+void integrate_step_bump_version(c10::DispatchKeySet keys, const at::Tensor& out, const at::Tensor& x_t,
+                                 const at::Tensor& x0, const at::Tensor& sigma, const at::Tensor& weight,
+                                 at::Tensor& acc, const std::optional<at::Tensor>& index, int64_t loss, int64_t graph,
+                                 int64_t mask_id, int64_t ignore_index) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastbound::integrate_step", "")
+                             .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                                         int64_t, int64_t, int64_t)>();
+  redispatch_and_bump(op, keys, acc, out, x_t, x0, sigma, weight, acc, index, loss, graph, mask_id, ignore_index);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastbound, CPU, m) { m.impl("integrate_step", &integrate_step); }
+
+TORCH_LIBRARY_IMPL(fastbound, ADInplaceOrView, m) {
+  m.impl("integrate_step", TORCH_FN(integrate_step_bump_version));
+}
 
 }  // namespace cpu
 }  // namespace fastbound

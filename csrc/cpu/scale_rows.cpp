@@ -3,14 +3,13 @@
 // upstream factor in place. One vectorised loop per row (row_pass.h's
 // row_scale_inplace), rows in parallel; rows that are zero by construction or
 // whose factor is 1 are not touched, so their pages are neither read nor written.
-// Also the op's ADInplaceOrView kernel, for every device: it bumps grad's
-// version, as every in-place write must.
+// Also the op's ADInplaceOrView kernel, for every device (common/inplace.h): it
+// bumps grad's version, as every in-place write must.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,6 +17,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "common/inplace.h"
 #include "common/scale_rows.h"
 #include "row_pass.h"
 
@@ -59,11 +59,7 @@ void scale_rows_bump_version(c10::DispatchKeySet keys, at::Tensor& grad, const a
                              .findSchemaOrThrow("fastbound::scale_rows_", "")
                              .typed<void(at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                          const std::optional<at::Tensor>&, int64_t, int64_t)>();
-  {
-    const c10::impl::ExcludeDispatchKeyGuard below(c10::DispatchKey::ADInplaceOrView);
-    op.redispatch(keys & c10::after_ADInplaceOrView_keyset, grad, factor, x_t, x0, mask_id, ignore_index);
-  }
-  grad.unsafeGetTensorImpl()->bump_version();
+  redispatch_and_bump(op, keys, grad, grad, factor, x_t, x0, mask_id, ignore_index);
 }
 
 }  // namespace
