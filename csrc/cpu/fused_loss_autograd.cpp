@@ -204,16 +204,25 @@ class FactorMemo {
   std::map<Key, Seen> seen_;
 };
 
+// The normal range [tiny, huge] of the loss's and gradient's compute type: float, or double
+// for float64 scores.
+struct NormalRange {
+  double tiny, huge;
+};
+
+NormalRange normal_range(at::ScalarType dtype) {
+  if (dtype == at::kDouble) return {std::numeric_limits<double>::min(), std::numeric_limits<double>::max()};
+  return {std::numeric_limits<float>::min(), std::numeric_limits<float>::max()};
+}
+
 // Whether each value of a loss computed with the row scale times 2^k is exactly 2^k times the
 // unscaled one, and the gradient's values finite where the unscaled ones are: the scaled loss
 // finite, at most a quarter of the float range, and zero or normal both scaled and unscaled
 // (a subnormal lost bits, in the kernel or in the rescale by 2^-k).
 bool exactly_scaled(const at::Tensor& loss, int k) {
-  const bool is_double = loss.scalar_type() == at::kDouble;
-  const double tiny = is_double ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
-  const double huge = (is_double ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max()) / 4;
+  const NormalRange range = normal_range(loss.scalar_type());
   const at::Tensor a = loss.abs();
-  return (a.le(huge) & (a.ge(tiny * std::max(1.0, std::ldexp(1.0, k))) | a.eq(0))).all().item<bool>();
+  return (a.le(range.huge / 4) & (a.ge(range.tiny * std::max(1.0, std::ldexp(1.0, k))) | a.eq(0))).all().item<bool>();
 }
 
 // Whether the score entropy's gradient stays finite under the row scale times 2^k (k > 0)
@@ -272,10 +281,13 @@ struct FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
     const at::Tensor& upstream = grads[0];
     if (!upstream.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const std::vector<int64_t> memo_key = ctx->saved_data["memo_key"].toIntVector();
+    const int64_t k = ctx->saved_data["exponent"].toInt();
+    // A summed loss's upstream is one value (on the host: this is the CPU op).
+    const double u = memo_key.empty() && k == 0 ? 0.0 : upstream.item<double>();
     if (!memo_key.empty()) {
       FactorMemo::Key key;
       std::copy(memo_key.begin(), memo_key.end(), key.begin());
-      FactorMemo::get().observe(key, upstream.item<double>());
+      FactorMemo::get().observe(key, u);
     }
     const variable_list saved = ctx->get_saved_variables();
     const ZeroRows zero{saved[1], saved[2], ctx->saved_data["mask_id"].toInt(), ctx->saved_data["ignore_index"].toInt()};
@@ -283,17 +295,15 @@ struct FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
     // when it is zero or a normal number of the gradient's float type, and the rescale then
     // rounds once, as the unpredicted path's. Otherwise the saved gradient is first taken back
     // to d loss / d score (a rescale by 2^-k, exact) and the upstream applied as it is.
-    const int64_t k = ctx->saved_data["exponent"].toInt();
     at::Tensor factor = upstream;
     if (k != 0) {
-      const double f = std::ldexp(upstream.item<double>(), static_cast<int>(-k));
-      const bool is_double = saved[0].scalar_type() == at::kDouble;
-      const double tiny = is_double ? std::numeric_limits<double>::min() : std::numeric_limits<float>::min();
-      const double huge = is_double ? std::numeric_limits<double>::max() : std::numeric_limits<float>::max();
-      if (f == 0 || (std::abs(f) >= tiny && std::abs(f) <= huge)) {
-        factor = upstream.mul(std::ldexp(1.0, static_cast<int>(-k)));
+      const double unscale = std::ldexp(1.0, static_cast<int>(-k));
+      const double f = std::abs(u * unscale);
+      const NormalRange range = normal_range(saved[0].scalar_type());
+      if (f == 0 || (f >= range.tiny && f <= range.huge)) {
+        factor = upstream.mul(unscale);
       } else {
-        rescale_rows(saved[0], std::ldexp(1.0, static_cast<int>(-k)), zero);  // the buffer is still ours
+        rescale_rows(saved[0], unscale, zero);  // the buffer is still ours
         ctx->saved_data["exponent"] = int64_t(0);
       }
     }
