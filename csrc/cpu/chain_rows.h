@@ -4,7 +4,8 @@
 // gradient times the upstream per row. The first backward of a graph that is freed rescales
 // the saved buffer in place with `scale_rows_` (not at all for the unit upstream of
 // `loss.backward()` after a sum or mean) and hands it out; a retained graph gets a new tensor
-// (the buffer is never shared or mutated); a double backward raises.
+// (the buffer is never shared or mutated), as does a batched upstream (`batched`); a double
+// backward raises.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -37,6 +38,15 @@ inline bool all_ones(const at::Tensor& factor) {
     for (int64_t i = 0; i < m && ones; ++i) ones = f[i] == scalar_t(1);
   });
   return ones;
+}
+
+// Whether the upstream is a vmap wrapper (`is_grads_batched=True` uses the legacy Batched key;
+// vmap of a torch.func.vjp FuncTorchBatched): its values cannot be read, and the product has a
+// batch dimension the saved buffer has not.
+inline bool batched(const at::Tensor& upstream) {
+  return upstream.key_set().has_any(
+      c10::DispatchKeySet({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
+                           c10::DispatchKey::BatchedNestedTensor, c10::DispatchKey::FuncTorchGradWrapper}));
 }
 
 // The rows the loss wrote as zeros, which the rescale skips (csrc/common/scale_rows.h):
@@ -74,6 +84,7 @@ inline at::Tensor chain_rows(torch::autograd::AutogradContext* ctx, const at::Te
   at::IValue& handed_out = ctx->saved_data["handed_out"];
   const bool first = !handed_out.toBool();
   handed_out = true;
+  if (batched(upstream)) return grad * factor.unsqueeze(1);
   if (!first || torch::autograd::get_current_graph_task_keep_graph()) {
     return all_ones(factor) ? grad.clone() : grad * factor.unsqueeze(1);
   }

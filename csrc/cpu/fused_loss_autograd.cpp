@@ -282,6 +282,13 @@ struct FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
     if (!upstream.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const std::vector<int64_t> memo_key = ctx->saved_data["memo_key"].toIntVector();
     const int64_t k = ctx->saved_data["exponent"].toInt();
+    if (batched(upstream)) {
+      // No value to read: neither observed by nor checked against the prediction; the factor
+      // left is upstream 2^-k, applied out of place (`chain_rows`).
+      const at::Tensor factor = k == 0 ? upstream : upstream.mul(std::ldexp(1.0, static_cast<int>(-k)));
+      const at::Tensor out = chain_rows(ctx, factor, ctx->get_saved_variables()[0]);
+      return {out.view(ctx->saved_data["sizes"].toIntVector()), at::Tensor(), at::Tensor(), at::Tensor()};
+    }
     // A summed loss's upstream is one value (on the host: this is the CPU op).
     const double u = memo_key.empty() && k == 0 ? 0.0 : upstream.item<double>();
     if (!memo_key.empty()) {
