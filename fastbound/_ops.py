@@ -54,9 +54,16 @@ _ONCE = (
 )
 
 
+def batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a vmap wrapper (``is_grads_batched=True`` uses the legacy one; vmap of a
+    ``torch.func.vjp``): no values to read, and a product with it has a batch dimension the saved
+    buffer has not."""
+    return torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def _unit(factor: torch.Tensor) -> bool:
     """Whether ``factor`` is known to be all ones without a host-device synchronisation."""
-    if factor.device.type != "cpu" or tracing(factor):
+    if factor.device.type != "cpu" or tracing(factor) or batched(factor):
         return False
     if factor.numel() and factor.stride(0) == 0:  # a broadcast scalar: one element to read
         return factor[0].item() == 1
@@ -83,10 +90,10 @@ def chain_rows(ctx, grad: torch.Tensor, factor: torch.Tensor, zero_rows: tuple |
     ``scale_rows_`` of ``grad``'s device, `_scale_rows_op`), which skips the rows whose factor
     is 1 and the rows ``zero_rows`` = (x_t, x0, mask_id, ignore_index) marks as zero by
     construction (see `csrc/common/scale_rows.h`; None: only the unit rows). Otherwise
-    (``retain_graph=True``: gradcheck, jacobians, several backwards; tracing) a new tensor,
-    so the saved buffer stays intact and is never shared.
+    (``retain_graph=True``: gradcheck, jacobians, several backwards; tracing; a batched
+    upstream) a new tensor, so the saved buffer stays intact and is never shared.
     """
-    traced = tracing(grad, factor)
+    traced = tracing(grad, factor) or batched(factor)
     if torch.is_grad_enabled() and not traced:
         raise RuntimeError(_ONCE)
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
@@ -312,6 +319,14 @@ class FusedLossWithTangents(torch.autograd.Function):
             term = unscaled * t_scale
             out = term if out is None else out + term
         return out, None, None, None, None
+
+
+def function(tangents: bool):
+    """`FusedLossWithTangents` with forward-mode tangents or under a torch.func transform (which
+    needs the ``setup_context`` style), else `FusedLoss`."""
+    if tangents or torch._C._are_functorch_transforms_active():
+        return FusedLossWithTangents
+    return FusedLoss
 
 
 def cpu_isa() -> str:

@@ -162,7 +162,7 @@ def _backward(ctx, grad_loss, *_grad_of_grads):
             "is not supported; use the unfused composition with fastbound.reference for higher derivatives"
         )
     if ctx.reduce:
-        own = not v.tracing(grad_loss) and _ops.may_hand_out(ctx)
+        own = not v.tracing(grad_loss) and not _ops.batched(grad_loss) and _ops.may_hand_out(ctx)
         grads = [_scaled(g, grad_loss, own) if want else None for g, want in zip(ctx.saved_tensors, ctx.wants)]
     else:
         hidden, weight, bias, sigma, x_t, x0, row_scale = ctx.saved_tensors
