@@ -321,7 +321,7 @@ def _run(flat, sigma, row_scale, kernel, inplace: bool) -> torch.Tensor:
     if not (need_grad or need_scale or need_sigma):
         with _ops.below_autograd(kernel.eager):
             return kernel.run(flat, sigma, row_scale, False)[0]
-    function = _ops.FusedLossWithTangents if any(tangents) else _ops.FusedLoss
+    function = _ops.function(any(tangents))
     return function.apply(flat, sigma, row_scale, kernel, need_grad, inplace and need_grad, need_sigma, need_scale)[0]
 
 

@@ -106,7 +106,7 @@ def denoising_loss(backend, eps_hat, eps, scale, seed, offset, eager):
     if not ((torch.is_grad_enabled() and eps_hat.requires_grad) or tangent):
         with _discrete_ops.below_autograd(eager):
             return loss_kernel.run(eps_hat, None, scale, False)[0]
-    function = _discrete_ops.FusedLossWithTangents if tangent else _discrete_ops.FusedLoss
+    function = _discrete_ops.function(tangent)
     return function.apply(eps_hat, None, scale, loss_kernel, True, False, False, False)[0]
 
 
