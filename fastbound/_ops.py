@@ -41,6 +41,8 @@ import contextlib
 from typing import NamedTuple
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
@@ -59,6 +61,48 @@ def batched(t: torch.Tensor) -> bool:
     ``torch.func.vjp``): no values to read, and a product with it has a batch dimension the saved
     buffer has not."""
     return torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def base_requires_grad(*inputs) -> bool:
+    """Whether an input, unwrapped from every torch.func level, requires grad in plain autograd."""
+    for t in inputs:
+        if not isinstance(t, torch.Tensor):
+            continue
+        while torch._C._functorch.is_functorch_wrapped_tensor(t):
+            t = torch._C._functorch.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
+
+
+_ONCE_BASE = (
+    "fastbound's fused losses are differentiable once: under torch.func their gradient cannot follow "
+    "inputs that also require grad in plain autograd; detach them (as torch.func's per-sample-gradient "
+    "recipe does) or use fastbound.reference"
+)
+
+
+def check_once(ctx, saved: torch.Tensor | None) -> None:
+    """Raises where what this backward returns may be differentiated again, which the saved
+    gradient (a constant of the forward) cannot follow: ``create_graph=True`` in plain autograd
+    (the legacy vmap of ``is_grads_batched`` included); under torch.func, whose backwards always
+    build a graph, a differentiating transform (grad, vjp, jvp) outside the level of the forward
+    (``saved``'s), or a forward whose inputs also require grad in plain autograd
+    (``ctx.base_requires_grad``) under grad mode.
+    """
+    if not torch.is_grad_enabled():
+        return
+    if not torch._C._are_functorch_transforms_active():
+        raise RuntimeError(_ONCE)
+    levels = [i for i in retrieve_all_functorch_interpreters() if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    # A wrapper's level, or a negative number for a plain tensor or a wrapper whose level has
+    # exited (vjp_fn called after vjp returned, as jacrev does): then every live level is outside.
+    level = -1 if saved is None else torch._C._functorch.maybe_get_level(saved)
+    if any(level < 0 or i.level() < level for i in levels):
+        raise RuntimeError(_ONCE)
+    base = getattr(ctx, "base_requires_grad", False)
+    if base and (level < 0 or any(i.prev_grad_mode() for i in levels if i.level() == level)):
+        raise RuntimeError(_ONCE_BASE)
 
 
 def _unit(factor: torch.Tensor) -> bool:
@@ -93,9 +137,10 @@ def chain_rows(ctx, grad: torch.Tensor, factor: torch.Tensor, zero_rows: tuple |
     (``retain_graph=True``: gradcheck, jacobians, several backwards; tracing; a batched
     upstream) a new tensor, so the saved buffer stays intact and is never shared.
     """
-    traced = tracing(grad, factor) or batched(factor)
-    if torch.is_grad_enabled() and not traced:
-        raise RuntimeError(_ONCE)
+    traced = tracing(grad, factor)
+    if not traced:
+        check_once(ctx, grad)
+    traced = traced or batched(factor)
     acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
     if not traced and may_hand_out(ctx):
         x_t, x0, mask_id, ignore_index = zero_rows if zero_rows is not None else (None, None, -1, 0)
@@ -235,6 +280,8 @@ def _fused_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*(t for t in output[1:] if t is not None))
     ctx.set_materialize_grads(False)
     ctx.need_grad, ctx.kernel = need_grad, kernel
+    if torch._C._are_functorch_transforms_active():
+        ctx.base_requires_grad = base_requires_grad(score, sigma, row_scale)
     # The ids decide which gradient rows the backward may skip: saved, so that changing them
     # in place before the backward raises instead of skipping the wrong rows.
     # Inference tensors (ids made under torch.inference_mode) cannot be saved: a copy is
@@ -250,6 +297,8 @@ def _fused_backward(ctx, upstream, *_):
     if upstream is None:
         return (None,) * 8
     grad, row_scale, unscaled, dsigma, live, x_t, x0 = ctx.saved_tensors
+    if not tracing(upstream):
+        check_once(ctx, row_scale)  # dsigma and unscaled are constants of the forward too
     d_score = d_sigma = d_scale = None
     if ctx.needs_input_grad[0]:
         if not ctx.need_grad:

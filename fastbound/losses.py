@@ -76,8 +76,11 @@ def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if ones is None:
         with torch.inference_mode(False):  # cached: must be usable by later calls that save it for backward
             ones = torch.ones(n, dtype=dtype, device=device)
-        # Not while a CUDA graph captures: its fill would run only at replay.
-        if len(_ONES) < _MAX_CHECKED and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        # Not while a CUDA graph captures: its fill would run only at replay; nor a tensor a
+        # torch.func transform wrapped (under nested transforms a factory's result is one),
+        # which must not outlive its level.
+        if (len(_ONES) < _MAX_CHECKED and not torch._C._functorch.is_functorch_wrapped_tensor(ones)
+                and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
             _ONES[key] = ones
     return ones
 

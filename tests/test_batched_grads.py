@@ -114,3 +114,104 @@ def test_fused_linear_grads_batched(reduction):
     outputs = torch.randn(B, *loss.shape)
     (batched,) = torch.autograd.grad(loss, h, outputs, is_grads_batched=True)
     torch.testing.assert_close(batched, per_output(loss_of, hidden, outputs))
+
+
+# ----------------------------------------------------------------------------- higher order: raise, never zeros
+
+
+def _loss_fn(kind, sigma, x_t, x0, w=None):
+    return lambda s, sg=sigma: call(fb, kind, s, sg, x_t, x0, weight=w, reduction="sum")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_func_second_derivatives_raise(kind):
+    """torch.func's backwards always build a graph: an outer grad level must raise, not see the
+    saved gradient as a constant (second derivatives of exactly zero)."""
+    score, sigma, x_t, x0 = case(kind)
+    loss_of = _loss_fn(kind, sigma, x_t, x0, torch.rand(N, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.func.grad(lambda t: torch.func.grad(loss_of)(t).pow(2).sum())(score)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.func.jacrev(torch.func.jacrev(loss_of))(score)
+    if kind != "dce":  # through sigma alone
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.func.grad(lambda sg: torch.func.grad(lambda q: loss_of(score, q))(sg).pow(2).sum())(sigma)
+    # first order, still exact
+    first = torch.func.grad(loss_of)(score)
+    torch.testing.assert_close(first, per_output(loss_of, score, [torch.tensor(1.0, dtype=torch.float64)])[0])
+
+
+def test_torch_func_grad_of_inputs_requiring_grad_raises():
+    """Plain autograd outside torch.func.grad would differentiate the gradient again."""
+    score, sigma, x_t, x0 = case("absorb")
+    loss_of = _loss_fn("absorb", sigma, x_t, x0)
+    with pytest.raises(RuntimeError, match="detach"):
+        torch.func.grad(loss_of)(score.clone().requires_grad_())
+    torch.func.grad(loss_of)(score.clone().requires_grad_().detach())
+
+
+def test_denoising_loss_torch_func_second_derivative_raises():
+    eps_hat, eps = torch.randn(4, 6), torch.randn(4, 6)
+    loss_of = lambda e: denoising_loss(e, eps, reduction="sum")
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.func.grad(lambda t: torch.func.grad(loss_of)(t).pow(2).sum())(eps_hat)
+
+
+@pytest.mark.parametrize("weight", [None, "tensor", "requires_grad"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_grads_batched_create_graph_raises(kind, weight):
+    """is_grads_batched with create_graph=True raises on every call of a signature: the C++ path
+    of the later calls and the Python one (a weight that requires grad takes it every time)."""
+    score, sigma, x_t, x0 = case(kind)
+    w = torch.rand(N, dtype=torch.float64, requires_grad=weight == "requires_grad") if weight else None
+    for _ in range(3):
+        s = score.clone().requires_grad_()
+        loss = call(fb, kind, s, sigma, x_t, x0, weight=w)
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(loss, s, torch.eye(N, dtype=torch.float64), is_grads_batched=True, create_graph=True)
+
+
+@pytest.mark.parametrize("k, u", [(32, 1e-36), (-32, 1e30), (20, 1e-37)])
+def test_batched_backward_after_prediction_is_exact_at_range_edges(k, u):
+    """With 2^k predicted, a batched upstream far from 2^k: the factor u 2^-k would leave float's
+    range (0 or inf); the saved gradient is unscaled first instead."""
+    g = torch.Generator().manual_seed(3)
+    score = torch.randn(N, V, generator=g)
+    x0 = torch.randint(0, V - 1, (N,), generator=g)
+    x_t = torch.where(torch.rand(N, generator=g) < 0.5, V - 1, x0)
+    sigma = torch.rand(N, generator=g) + 0.1
+    loss_of = lambda s: fb.dse_loss(s, sigma, x_t, x0, reduction="sum")
+    for _ in range(4):  # 2^k twice in a row: predicted
+        s = score.clone().requires_grad_()
+        (loss_of(s) * 2.0**k).backward()
+    s = score.clone().requires_grad_()
+    (batched,) = torch.autograd.grad(loss_of(s), s, torch.tensor([u, 1.0]), is_grads_batched=True)
+    expect = per_output(loss_of, score, [torch.tensor(u)])[0]
+    assert torch.isfinite(batched).all()
+    torch.testing.assert_close(batched[0], expect, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nested_transform_leaves_no_cached_wrapper(kind):
+    """A first call under nested transforms must not cache a functorch wrapper (the row scale of
+    ones) that a later transform would find escaped from its level."""
+    from fastbound import losses
+
+    losses._ONES.clear()
+    score, sigma, x_t, x0 = case(kind)
+    loss_of = _loss_fn(kind, sigma, x_t, x0)
+    with pytest.raises(RuntimeError):
+        torch.func.jacrev(torch.func.jacrev(loss_of))(score)
+    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in losses._ONES.values())
+    torch.testing.assert_close(torch.func.grad(loss_of)(score), torch.func.grad(_loss_fn(kind, sigma, x_t, x0))(score))
+
+
+@pytest.mark.parametrize("kind", ("absorb", "uniform"))
+def test_create_graph_through_sigma_alone_raises(kind):
+    """d loss / d sigma is a constant of the forward too: create_graph=True through it raises."""
+    score, sigma, x_t, x0 = case(kind)
+    for _ in range(2):
+        sg = sigma.clone().requires_grad_()
+        loss = call(fb, kind, score, sg, x_t, x0, reduction="sum")
+        with pytest.raises(RuntimeError, match="differentiable once"):
+            torch.autograd.grad(loss, sg, create_graph=True)

@@ -76,8 +76,10 @@ def _constant(value: float, n: int, dtype: torch.dtype, device: torch.device) ->
     if out is None:
         with torch.inference_mode(False):  # cached: must be usable by later calls that save it for backward
             out = torch.full((n,), value, dtype=dtype, device=device)
-        # Not while a CUDA graph captures: its fill would run only at replay.
-        if len(_CONSTANTS) < _MAX_CONSTANTS and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        # Not while a CUDA graph captures: its fill would run only at replay; nor a tensor a
+        # torch.func transform wrapped (fastbound.losses._ones).
+        if (len(_CONSTANTS) < _MAX_CONSTANTS and not torch._C._functorch.is_functorch_wrapped_tensor(out)
+                and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
             _CONSTANTS[key] = out
     return out
 
