@@ -283,10 +283,13 @@ struct FusedLossFunction : public torch::autograd::Function<FusedLossFunction> {
     const std::vector<int64_t> memo_key = ctx->saved_data["memo_key"].toIntVector();
     const int64_t k = ctx->saved_data["exponent"].toInt();
     if (batched(upstream)) {
-      // No value to read: neither observed by nor checked against the prediction; the factor
-      // left is upstream 2^-k, applied out of place (`chain_rows`).
-      const at::Tensor factor = k == 0 ? upstream : upstream.mul(std::ldexp(1.0, static_cast<int>(-k)));
-      const at::Tensor out = chain_rows(ctx, factor, ctx->get_saved_variables()[0]);
+      // No value to read: neither observed by nor checked against the prediction. The saved
+      // gradient is taken back to d loss / d score first (2^-k, exact, out of place), since
+      // upstream 2^-k in the upstream's float type may leave its range; then the upstream is
+      // applied out of place (`chain_rows`).
+      const at::Tensor saved = ctx->get_saved_variables()[0];
+      const at::Tensor grad = k == 0 ? saved : saved.mul(std::ldexp(1.0, static_cast<int>(-k)));
+      const at::Tensor out = chain_rows(ctx, upstream, grad);
       return {out.view(ctx->saved_data["sizes"].toIntVector()), at::Tensor(), at::Tensor(), at::Tensor()};
     }
     // A summed loss's upstream is one value (on the host: this is the CPU op).
