@@ -1,7 +1,7 @@
 """The CPU row loops' 16-lane (AVX-512) path against the 8-lane one forced by FASTBOUND_CPU_ISA=avx2.
 
-Both widths evaluate the same formulas per element and add into 8-lane sums in the same order
-(csrc/cpu/vectorize.h, `add_lanes`), so losses, gradients and integration sums must agree bit
+Both widths evaluate the same formulas per element and add into 16-lane sums in the same order
+(csrc/cpu/vectorize.h, `ColumnSums`), so losses, gradients and integration sums must agree bit
 for bit. Each path runs in its own process (the variable is read once), on the same inputs:
 every dtype, odd vocabularies around the lane widths, the DCE's 2048-column chunks, in place
 and not, and scores out of the exp's normal range (±100, ±inf, NaN); and the continuous loss and

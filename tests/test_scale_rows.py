@@ -240,3 +240,16 @@ def test_check_loss_ids_refuses_sigma_not_positive_and_finite(sigma, ok):
     else:
         with pytest.raises(ValueError, match="sigma must be positive and finite"):
             check(x_t, x0, sigma, 5, 0, 0, 4, IGNORE)
+
+
+@pytest.mark.parametrize("factor", [0.5, 3.0, 1e-3, 2.0**-100])
+def test_every_bfloat16_pattern_rounds_as_torch(factor):
+    """All 65536 bfloat16 bit patterns (subnormals, ±inf, NaNs) times a factor: the same bits as
+    torch's float product rounded to bfloat16 (the AVX512_BF16 conversion where the CPU has it,
+    with its subnormal and NaN fallback; csrc/cpu/row_pass.cpp store_bf16_native)."""
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).reshape(64, 1024)
+    g = x.clone()
+    torch.ops.fastbound.scale_rows_(g, torch.full((64,), factor), None, None, -1, 0)
+    expect = (x.float() * factor).bfloat16()
+    same = (g.view(torch.int16) == expect.view(torch.int16)) | (g.isnan() & expect.isnan())
+    assert bool(same.all()), f"{int((~same).sum())} patterns differ"

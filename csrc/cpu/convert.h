@@ -5,7 +5,9 @@
 // vectorise there), with the same formula, hence the same bits, at every width.
 // `load_lanes<L>` / `store_lanes<L>` move one vector of a lane policy L of
 // scores of any dtype as floats; `load8` / `store8` are the 8-lane ones.
-// (Not AVX512-BF16's vcvtneps2bf16: it flushes subnormals to zero.)
+// The 16-lane row loops on an AVX512_BF16 CPU store bfloat16 by its vcvtneps2bf16
+// instead, falling back to these where it would differ (subnormals, which it
+// flushes to zero; NaN, whose sign it keeps): row_pass.cpp store_bf16_native.
 //
 // bfloat16: the high half of a float; rounding to nearest even, NaN kept quiet.
 // IEEE half: the exponent-rebias method of M. Dukhan's FP16 library, which
@@ -183,8 +185,7 @@ FB_INLINE void store_lanes(c10::Half* p, typename L::F v) {
 // store_lanes of 16-bit values by non-temporal stores, which write a line without reading it
 // first (x86-64; elsewhere ordinary stores); p aligned to 16 bytes.
 template <typename L>
-FB_INLINE void stream_lanes_bits(void* p, typename L::U bits) {
-  const typename L::H h = narrow(bits);
+FB_INLINE void stream_packed(void* p, typename L::H h) {
 #if defined(__x86_64__)
   static_assert(sizeof h % 16 == 0, "whole 16-byte stores");
   for (size_t k = 0; k < sizeof h; k += 16) {
@@ -195,6 +196,10 @@ FB_INLINE void stream_lanes_bits(void* p, typename L::U bits) {
 #else
   std::memcpy(p, &h, sizeof h);
 #endif
+}
+template <typename L>
+FB_INLINE void stream_lanes_bits(void* p, typename L::U bits) {
+  stream_packed<L>(p, narrow(bits));
 }
 template <typename L, typename scalar_t>
 FB_INLINE void stream_lanes(scalar_t* p, typename L::F v) {

@@ -9,7 +9,7 @@
 // the range fix-ups and gives the same values; the last, shorter block too (a
 // short row is one block). The 16-lane loops end with one 8-lane step where 8
 // columns remain; the last < 8 columns take one 8-lane step on a zero-padded
-// copy. Both widths add into 8-lane sums in the same order (add_lanes), so they
+// copy. Both widths add into 16-lane sums in the same order (ColumnSums), so they
 // give the same sums and the same values, bit for bit.
 // float64 keeps the scalar loop over libm's exp.
 #include "row_pass.h"
@@ -80,35 +80,109 @@ FB_INLINE bool block_is_normal(const scalar_t* s, int64_t n, float shift) {
   return all_normal(m);
 }
 
-// One row_pass over a row: its pointers and constants, and the vector steps.
-template <bool kWrite, bool kScores, typename scalar_t, typename out_t>
+// exp_lanes_normal's p 2^n. On 16 lanes one vscalefps (AVX-512F) scales p by the float n:
+// exact for a normal result, as adding n to p's exponent bits is, in one instruction
+// instead of three. Inline assembly because the templates here are compiled for the default
+// target and only inlined into FB_CPU_WIDE functions, where an intrinsic would not inline.
+template <typename L>
+FB_INLINE typename L::F exp_normal(typename L::F x) {
+  return exp_lanes_normal<L>(x);
+}
+#if FB_CPU_X86_WIDE
+template <>
+FB_INLINE f32x16 exp_normal<VecLanes16>(f32x16 x) {
+  const ExpParts<VecLanes16> e = exp_parts<VecLanes16>(x);
+  f32x16 y;
+  asm("vscalefps %2, %1, %0" : "=v"(y) : "v"(e.p), "v"(e.k));
+  return y;
+}
+#endif
+
+// Stores 16 floats as bfloat16 by AVX512_BF16's vcvtneps2bf16 (native_bf16()): round to
+// nearest even, as float_to_bf16_bits, in one instruction instead of seven. It treats a
+// subnormal input as zero and keeps a NaN's sign and payload, so a vector holding either
+// (one vfpclassps) takes float_to_bf16_bits: the same bits as every other path.
+#if FB_CPU_X86_WIDE
+template <bool kStream>
+FB_INLINE void store_bf16_native(c10::BFloat16* p, f32x16 v) {
+  uint16_t special;
+  asm("vfpclassps $0xA1, %1, %0" : "=k"(special) : "v"(v));  // QNaN, subnormal, SNaN
+  u16x16 h;
+  if (__builtin_expect(special != 0, 0)) {
+    h = narrow(float_to_bf16_bits(v));
+  } else {
+    asm("vcvtneps2bf16 %1, %0" : "=v"(h) : "v"(v));
+  }
+  if constexpr (kStream) {
+    stream_packed<VecLanes16>(p, h);
+  } else {
+    std::memcpy(p, &h, sizeof h);
+  }
+}
+#endif
+
+// store_lanes (kStream: stream_lanes), by store_bf16_native where kNative asks for it.
+template <typename L, bool kNative, bool kStream = false, typename out_t>
+FB_INLINE void store_out(out_t* p, typename L::F v) {
+#if FB_CPU_X86_WIDE
+  if constexpr (kNative && L::kWidth == 2 * kLanes && std::is_same_v<out_t, c10::BFloat16>) {
+    store_bf16_native<kStream>(p, v);
+    return;
+  }
+#endif
+  if constexpr (kStream) {
+    stream_lanes<L>(p, v);
+  } else {
+    store_lanes<L>(p, v);
+  }
+}
+
+// One row_pass over a row: its pointers and constants, and the vector steps (kNative: 16-lane
+// bfloat16 stores by store_bf16_native).
+template <bool kWrite, bool kScores, typename scalar_t, typename out_t, bool kNative = false>
 struct ExpPass {
   const scalar_t* s;
   out_t* g;
   float shift, scale, offset;
 
-  // The vectors of [lo, hi) into the sums, with the full exp or (kNormal) the
-  // in-range one; the largest abs_bits(s - shift) seen goes into m. One
-  // vector per step: the exp's multiplies bound the loop, the sums' adds have slack.
+  // The exp of the vector at i, with the full exp or (kNormal) the in-range one; the largest
+  // abs_bits(s - shift) seen goes into m, the scores into v.
   template <typename L, bool kNormal>
-  FB_INLINE void steps(int64_t lo, int64_t hi, f32x8& sum_exp, f32x8& sum_score, typename L::I& m) const {
+  FB_INLINE typename L::F step(int64_t i, typename L::F& v, typename L::I& m) const {
     using F = typename L::F;
-    for (int64_t i = lo; i < hi; i += L::kWidth) {
-      const F v = load_lanes<L>(s + i);
-      const F x = v - shift;
-      const typename L::I a = abs_bits<L>(x);
-      m = a > m ? a : m;
-      const F e = kNormal ? exp_lanes_normal<L>(x) : exp_lanes<L>(x);
-      add_lanes(sum_exp, e);
-      if constexpr (kScores) add_lanes(sum_score, v);
-      if constexpr (kWrite) store_lanes<L>(g + i, scale * e + offset);
+    v = load_lanes<L>(s + i);
+    const F x = v - shift;
+    const typename L::I a = abs_bits<L>(x);
+    m = a > m ? a : m;
+    const F e = kNormal ? exp_normal<L>(x) : exp_lanes<L>(x);
+    if constexpr (kWrite) store_out<L, kNative>(g + i, scale * e + offset);
+    return e;
+  }
+
+  // The vectors of [lo, hi) (lo a multiple of 16) into the sums. One vector, or two
+  // independent 8-lane ones, per iteration: the exp's multiplies bound the loop.
+  template <typename L, bool kNormal, typename Sums>
+  FB_INLINE void steps(int64_t lo, int64_t hi, Sums& sum_exp, Sums& sum_score, typename L::I& m) const {
+    typename L::F v;
+    for (int64_t i = lo; i < hi; i += 2 * kLanes) {
+      if constexpr (L::kWidth == 2 * kLanes) {
+        sum_exp.add(step<L, kNormal>(i, v, m));
+        if constexpr (kScores) sum_score.add(v);
+      } else {
+        sum_exp.add_lo(step<L, kNormal>(i, v, m));
+        if constexpr (kScores) sum_score.add_lo(v);
+        if (i + kLanes < hi) {
+          sum_exp.add_hi(step<L, kNormal>(i + kLanes, v, m));
+          if constexpr (kScores) sum_score.add_hi(v);
+        }
+      }
     }
   }
 
   // [lo, mid) on L's lanes and [mid, hi) on 8 into the sums; whether every exponent was in
   // the normal range.
-  template <typename L, bool kNormal>
-  FB_INLINE bool block(int64_t lo, int64_t mid, int64_t hi, f32x8& sum_exp, f32x8& sum_score) const {
+  template <typename L, bool kNormal, typename Sums>
+  FB_INLINE bool block(int64_t lo, int64_t mid, int64_t hi, Sums& sum_exp, Sums& sum_score) const {
     typename L::I m{};
     i32x8 m8{};
     steps<L, kNormal>(lo, mid, sum_exp, sum_score, m);
@@ -119,14 +193,21 @@ struct ExpPass {
   // The last count < 8 columns from i: one 8-lane step on a zero-padded copy, the padding
   // lanes left out of the sums and the store (a short row has one such tail per segment,
   // and up to seven scalar exps cost several vector ones).
-  FB_INLINE void tail(int64_t i, int64_t count, f32x8& sum_exp, f32x8& sum_score) const {
+  template <typename Sums>
+  FB_INLINE void tail(int64_t i, int64_t count, Sums& sum_exp, Sums& sum_score) const {
     scalar_t in[kLanes] = {};
     std::memcpy(in, s + i, count * sizeof(scalar_t));
     const f32x8 v = load8(in);
     const i32x8 live = i32x8{0, 1, 2, 3, 4, 5, 6, 7} < static_cast<int32_t>(count);
     const f32x8 e = live ? exp_lanes<VecLanes>(v - shift) : VecLanes::splat(0.0f);
-    sum_exp += e;
-    if constexpr (kScores) sum_score += live ? v : VecLanes::splat(0.0f);
+    const f32x8 vs = live ? v : VecLanes::splat(0.0f);
+    if (i % (2 * kLanes) == 0) {
+      sum_exp.add_lo(e);
+      if constexpr (kScores) sum_score.add_lo(vs);
+    } else {
+      sum_exp.add_hi(e);
+      if constexpr (kScores) sum_score.add_hi(vs);
+    }
     if constexpr (kWrite) {
       out_t out[kLanes];
       store_lanes<VecLanes>(out, scale * e + offset);
@@ -135,11 +216,12 @@ struct ExpPass {
   }
 };
 
-template <typename L, bool kWrite, bool kScores, typename scalar_t, typename out_t>
+template <typename L, bool kWrite, bool kScores, bool kNative = false, typename scalar_t, typename out_t>
 FB_INLINE RowSums<float> row_pass_lanes(const scalar_t* s, out_t* g, int64_t n, float shift, float scale,
                                         float offset) {
-  const ExpPass<kWrite, kScores, scalar_t, out_t> pass{s, g, shift, scale, offset};
-  f32x8 se{}, ss{};
+  using Sums = ColumnSums<typename L::F>;
+  const ExpPass<kWrite, kScores, scalar_t, out_t, kNative> pass{s, g, shift, scale, offset};
+  Sums se, ss;
   // Blocks of kBlock columns on L's lanes, the last one shorter (a short row is one block)
   // and, on 16 lanes, ending in one 8-lane step where 8 columns remain: the 8-lane loop's
   // blocks, with the same sums in the same order.
@@ -160,17 +242,17 @@ FB_INLINE RowSums<float> row_pass_lanes(const scalar_t* s, out_t* g, int64_t n, 
       }
       continue;
     }
-    f32x8 block_se{};
+    Sums block_se;
     if (pass.template block<L, true>(i, mid, hi, block_se, ss)) {
       se += block_se;
     } else {
-      f32x8 again{};
+      Sums again;
       pass.template block<L, false>(i, mid, hi, se, again);
     }
   }
   const int64_t i = n8;
   if (i < n) pass.tail(i, n - i, se, ss);
-  return {lane_sum(se), lane_sum(ss)};
+  return {lane_sum(se.folded()), lane_sum(ss.folded())};
 }
 
 // The largest score, NaN-blind; float accumulation.
@@ -207,7 +289,7 @@ FB_INLINE float row_max_lanes(const scalar_t* s, int64_t n) {
 // written by non-temporal stores (`stream_lanes`; a line written in part that way costs the
 // memory a read-modify-write), the elements before the first and after the last one by
 // ordinary stores (the same rounding either way).
-template <typename L, bool kStream = false, typename scalar_t>
+template <typename L, bool kStream = false, bool kNative = false, typename scalar_t>
 FB_INLINE void row_rescale_lanes(const float* e, scalar_t* g, int64_t n, float factor) {
   int64_t i = 0;
   if constexpr (kStream) {
@@ -215,9 +297,9 @@ FB_INLINE void row_rescale_lanes(const float* e, scalar_t* g, int64_t n, float f
     const int64_t head = std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(g) % 64) % 64 / sizeof(scalar_t));
     const int64_t lines_end = head + (n - head) / kLine * kLine;
     for (; i < head; ++i) g[i] = from_acc<scalar_t>(factor * e[i]);
-    for (; i < lines_end; i += L::kWidth) stream_lanes<L>(g + i, factor * load_lanes<L>(e + i));
+    for (; i < lines_end; i += L::kWidth) store_out<L, kNative, true>(g + i, factor * load_lanes<L>(e + i));
   }
-  for (; i + L::kWidth <= n; i += L::kWidth) store_lanes<L>(g + i, factor * load_lanes<L>(e + i));
+  for (; i + L::kWidth <= n; i += L::kWidth) store_out<L, kNative>(g + i, factor * load_lanes<L>(e + i));
   if constexpr (L::kWidth > kLanes) {
     if (n - i >= kLanes) {
       store8(g + i, factor * load8(e + i));
@@ -229,22 +311,22 @@ FB_INLINE void row_rescale_lanes(const float* e, scalar_t* g, int64_t n, float f
 
 // g *= factor in place, float accumulation; the lines ahead requested as in row_pass (the
 // stream's read and write of each line leave the hardware prefetcher behind, as the exp does).
-template <typename L, typename scalar_t>
+template <typename L, bool kNative = false, typename scalar_t>
 FB_INLINE void row_scale_inplace_lanes(scalar_t* g, int64_t n, float factor) {
   int64_t i = 0;
   for (; i + kBlock <= n; i += kBlock) {
     prefetch_ahead(g, i, i + kBlock);
-    for (int64_t k = i; k < i + kBlock; k += L::kWidth) store_lanes<L>(g + k, load_lanes<L>(g + k) * factor);
+    for (int64_t k = i; k < i + kBlock; k += L::kWidth) store_out<L, kNative>(g + k, load_lanes<L>(g + k) * factor);
   }
-  for (; i + L::kWidth <= n; i += L::kWidth) store_lanes<L>(g + i, load_lanes<L>(g + i) * factor);
+  for (; i + L::kWidth <= n; i += L::kWidth) store_out<L, kNative>(g + i, load_lanes<L>(g + i) * factor);
   for (; i < n; ++i) g[i] = from_acc<scalar_t>(to_acc(g[i]) * factor);
 }
 
 // The 16-lane instances, for x86-64-v4 only (wide_lanes()).
-template <bool kWrite, bool kScores, typename scalar_t, typename out_t>
+template <bool kWrite, bool kScores, bool kNative = false, typename scalar_t, typename out_t>
 FB_CPU_WIDE RowSums<float> row_pass_wide(const scalar_t* s, out_t* g, int64_t n, float shift, float scale,
                                          float offset) {
-  return row_pass_lanes<VecLanes16, kWrite, kScores>(s, g, n, shift, scale, offset);
+  return row_pass_lanes<VecLanes16, kWrite, kScores, kNative>(s, g, n, shift, scale, offset);
 }
 
 template <typename scalar_t>
@@ -254,11 +336,17 @@ FB_CPU_WIDE float row_max_wide(const scalar_t* s, int64_t n) {
 
 template <bool kStream, typename scalar_t>
 FB_CPU_WIDE void row_rescale_wide(const float* e, scalar_t* g, int64_t n, float factor) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (native_bf16()) return row_rescale_lanes<VecLanes16, kStream, true>(e, g, n, factor);
+  }
   row_rescale_lanes<VecLanes16, kStream>(e, g, n, factor);
 }
 
 template <typename scalar_t>
 FB_CPU_WIDE void row_scale_inplace_wide(scalar_t* g, int64_t n, float factor) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (native_bf16()) return row_scale_inplace_lanes<VecLanes16, true>(g, n, factor);
+  }
   row_scale_inplace_lanes<VecLanes16>(g, n, factor);
 }
 
@@ -271,6 +359,9 @@ FB_CPU_CLONES RowSums<acc_t> row_pass(const scalar_t* s, out_t* g, int64_t n, ac
                                       acc_t offset) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (wide_lanes()) {
+      if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
+        if (g != nullptr && native_bf16()) return row_pass_wide<true, kScores, true>(s, g, n, shift, scale, offset);
+      }
       return g == nullptr ? row_pass_wide<false, kScores>(s, g, n, shift, scale, offset)
                           : row_pass_wide<true, kScores>(s, g, n, shift, scale, offset);
     }
@@ -383,9 +474,22 @@ IsaLevel isa_level() {
   return level;
 }
 
+bool detect_bf16() {
+#if FB_CPU_X86_WIDE
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 bool wide_lanes() { return isa_level() == IsaLevel::kAvx512; }
+
+bool native_bf16() {
+  static const bool native = wide_lanes() && detect_bf16();
+  return native;
+}
 
 const char* isa_name() {
   switch (isa_level()) {

@@ -12,7 +12,7 @@
 // 16-lane vectors (`f32x16`, one zmm register) instead: a second instance of
 // each loop on the `VecLanes16` policy, compiled for x86-64-v4 only
 // (`FB_CPU_WIDE`), chosen once per call by `wide_lanes()`. Both widths give the
-// same value in every element and the same sums (add_lanes). On AVX2 and
+// same value in every element and the same sums (ColumnSums). On AVX2 and
 // baseline CPUs nothing changes: the 8-lane clones run as before.
 //
 // (Zen 5, 4 x 512 x 32769 scores: the bf16 losses and integration step take
@@ -36,9 +36,11 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define FB_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define FB_CPU_WIDE __attribute__((target("arch=x86-64-v4")))
+#define FB_CPU_X86_WIDE 1
 #else
 #define FB_CPU_CLONES
 #define FB_CPU_WIDE
+#define FB_CPU_X86_WIDE 0
 #endif
 
 namespace fastbound {
@@ -52,6 +54,11 @@ const char* isa_name();
 // Whether the row loops take their 16-lane instance: an x86-64-v4 CPU, not
 // lowered by FASTBOUND_CPU_ISA.
 bool wide_lanes();
+
+// Whether the 16-lane loops also convert floats to bfloat16 with AVX512_BF16's
+// instruction (row_pass.cpp store_bf16_native; the same bits): wide_lanes() on
+// a CPU that has it (Cooper Lake, Sapphire Rapids and later; Zen 4 and later).
+bool native_bf16();
 
 constexpr int64_t kLanes = 8;
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -88,15 +95,43 @@ inline __attribute__((always_inline)) f32x8 high_half(f32x16 v) {
   return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
 }
 
-// Adds a vector of consecutive values into 8-lane sums: lane k takes the
-// values k mod 8, in column order, at either width, so that the 16-lane loops
-// round exactly as the 8-lane ones (two dependent adds per 16 values, where the
-// exp's work leaves slack).
-inline __attribute__((always_inline)) void add_lanes(f32x8& sum, f32x8 v) { sum += v; }
-inline __attribute__((always_inline)) void add_lanes(f32x8& sum, f32x16 v) {
-  sum += low_half(v);
-  sum += high_half(v);
-}
+// Sums of the consecutive columns of a pass in 16 lanes: lane k takes the
+// columns k mod 16 (counted from a multiple of 16), in column order, at either
+// width, so that the 16-lane loops round exactly as the 8-lane ones. A 16-lane
+// vector is one add; the 8-lane loops keep the halves apart (two independent
+// chains); folded() is the same 8-lane sum either way.
+template <typename F>
+struct ColumnSums;
+
+template <>
+struct ColumnSums<f32x8> {
+  f32x8 lo{}, hi{};
+  inline __attribute__((always_inline)) void add_lo(f32x8 v) { lo += v; }
+  inline __attribute__((always_inline)) void add_hi(f32x8 v) { hi += v; }
+  inline __attribute__((always_inline)) void operator+=(const ColumnSums& o) {
+    lo += o.lo;
+    hi += o.hi;
+  }
+  inline __attribute__((always_inline)) f32x8 folded() const { return lo + hi; }
+};
+
+template <>
+struct ColumnSums<f32x16> {
+  f32x16 v{};
+  inline __attribute__((always_inline)) void add(f32x16 x) { v += x; }
+  // One 8-lane step (the end of a row): the other half adds -0, which leaves every value
+  // as it is (+0 included), as the 8-lane loops' untouched half.
+  inline __attribute__((always_inline)) void add_lo(f32x8 x) {
+    const f32x8 z = -f32x8{};  // -0 in every lane
+    v += __builtin_shufflevector(x, z, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  inline __attribute__((always_inline)) void add_hi(f32x8 x) {
+    const f32x8 z = -f32x8{};  // -0 in every lane
+    v += __builtin_shufflevector(z, x, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  inline __attribute__((always_inline)) void operator+=(const ColumnSums& o) { v += o.v; }
+  inline __attribute__((always_inline)) f32x8 folded() const { return low_half(v) + high_half(v); }
+};
 
 // Sum of the lanes, in a fixed order.
 inline __attribute__((always_inline)) float lane_sum(f32x8 v) {

@@ -94,11 +94,13 @@ struct ScalarLanes {
   static FB_HD I as_int(F x) { return bit_cast<I>(x); }
 };
 
-// The reduction and polynomial of exp_lanes: e^x = p 2^n for |x| <= 104.
+// The reduction and polynomial of exp_lanes: e^x = p 2^n for |x| <= 104 (n
+// also as a float, k, for an exponent-scaling instruction).
 template <typename Lanes>
 struct ExpParts {
   typename Lanes::F p;
   typename Lanes::I n;
+  typename Lanes::F k;
 };
 
 template <typename Lanes>
@@ -120,7 +122,7 @@ FB_HD ExpParts<Lanes> exp_parts(typename Lanes::F x) {
   const F mid = r * 1.6666419804096222e-1f + 4.9999991059303284e-1f;
   const F hi = r2 * 1.3836845755577087e-3f + (r * 8.374815806746483e-3f + 4.166822507977486e-2f);
   const F p = r2 * (r2 * hi + mid) + lo;
-  return {p, Lanes::as_int(t) - Lanes::as_int(Lanes::splat(shifter))};
+  return {p, Lanes::as_int(t) - Lanes::as_int(Lanes::splat(shifter)), n};
 }
 
 template <typename Lanes>
