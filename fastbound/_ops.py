@@ -88,11 +88,14 @@ def check_once(ctx, saved: torch.Tensor | None) -> None:
     (the legacy vmap of ``is_grads_batched`` included); under torch.func, whose backwards always
     build a graph, a differentiating transform (grad, vjp, jvp) outside the level of the forward
     (``saved``'s), or a forward whose inputs also require grad in plain autograd
-    (``ctx.base_requires_grad``) under grad mode.
+    (``ctx.base_requires_grad``) under grad mode. A ``vjp_fn`` called after ``torch.func.vjp``
+    returned (``saved`` a wrapper of an exited level) is torch.func's too, with or without an
+    active transform.
     """
     if not torch.is_grad_enabled():
         return
-    if not torch._C._are_functorch_transforms_active():
+    wrapped = saved is not None and torch._C._functorch.is_functorch_wrapped_tensor(saved)
+    if not wrapped and not torch._C._are_functorch_transforms_active():
         raise RuntimeError(_ONCE)
     levels = [i for i in retrieve_all_functorch_interpreters() if i.key() in (TransformType.Grad, TransformType.Jvp)]
     # A wrapper's level, or a negative number for a plain tensor or a wrapper whose level has

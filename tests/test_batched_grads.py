@@ -215,3 +215,89 @@ def test_create_graph_through_sigma_alone_raises(kind):
         loss = call(fb, kind, score, sg, x_t, x0, reduction="sum")
         with pytest.raises(RuntimeError, match="differentiable once"):
             torch.autograd.grad(loss, sg, create_graph=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_vjp_fn_called_after_vjp_returned(kind, reduction):
+    """torch.func.vjp's vjp_fn runs a create_graph backward after its level has exited: first
+    order, not a double backward."""
+    score, sigma, x_t, x0 = case(kind)
+    loss_of = lambda s: call(fb, kind, s, sigma, x_t, x0, reduction=reduction)
+    _, vjp_fn = torch.func.vjp(loss_of, score)
+    u = torch.randn(loss_of(score).shape, dtype=torch.float64)
+    torch.testing.assert_close(vjp_fn(u)[0], per_output(loss_of, score, [u])[0])
+
+
+# ----------------------------------------------------------------------------- torch.func: the fused head
+
+H = 5
+
+
+def head_case(kind, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / 2
+    bias = torch.randn(V, generator=g, dtype=torch.float64)
+    _, sigma, x_t, x0 = case(kind, seed)
+    return hidden, weight, bias, sigma, x_t, x0
+
+
+def head_loss(kind, sigma, x_t, x0, reduction):
+    if kind == "dce":
+        return lambda h, w, b: fb.fused_linear.fused_linear_dce_loss(h, w, b, x_t, x0, reduction=reduction)
+    return lambda h, w, b: fb.fused_linear.fused_linear_dse_loss(h, w, b, sigma, x_t, x0, graph=kind,
+                                                                 reduction=reduction)
+
+
+def unfused(kind, sigma, x_t, x0, reduction):
+    return lambda h, w, b: call(ref, kind, h @ w.T + b, sigma, x_t, x0, reduction=reduction)
+
+
+@pytest.fixture
+def no_batching_fallback():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batching rule")
+        yield
+
+
+@pytest.mark.usefixtures("no_batching_fallback")
+@pytest.mark.parametrize("reduction", ("sum", "mean"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_head_torch_func_grad(kind, reduction):
+    hidden, weight, bias, sigma, x_t, x0 = head_case(kind)
+    fused, oracle = head_loss(kind, sigma, x_t, x0, reduction), unfused(kind, sigma, x_t, x0, reduction)
+    got = torch.func.grad(fused, argnums=(0, 1, 2))(hidden, weight, bias)
+    expect = torch.func.grad(oracle, argnums=(0, 1, 2))(hidden, weight, bias)
+    torch.testing.assert_close(got, expect)
+    # per-example gradients of the weight: vmap over a batch of hidden states
+    batch = torch.stack([hidden, hidden.flip(0), 2 * hidden])
+    got = torch.func.vmap(torch.func.grad(fused, argnums=1), in_dims=(0, None, None))(batch, weight, bias)
+    expect = torch.stack([torch.func.grad(oracle, argnums=1)(h, weight, bias) for h in batch])
+    torch.testing.assert_close(got, expect)
+
+
+@pytest.mark.usefixtures("no_batching_fallback")
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_head_torch_func_vjp_and_jacrev(kind):
+    hidden, weight, bias, sigma, x_t, x0 = head_case(kind)
+    fused, oracle = head_loss(kind, sigma, x_t, x0, "none"), unfused(kind, sigma, x_t, x0, "none")
+    _, vjp_fn = torch.func.vjp(fused, hidden, weight, bias)
+    _, vjp_ref = torch.func.vjp(oracle, hidden, weight, bias)
+    u = torch.randn(N, dtype=torch.float64)
+    torch.testing.assert_close(vjp_fn(u), vjp_ref(u))
+    us = torch.randn(B, N, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.vmap(vjp_fn)(us), torch.func.vmap(vjp_ref)(us))
+    torch.testing.assert_close(torch.func.jacrev(fused)(hidden, weight, bias), torch.func.jacrev(oracle)(hidden, weight, bias))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_head_torch_func_second_derivative_raises(kind):
+    hidden, weight, bias, sigma, x_t, x0 = head_case(kind)
+    fused = head_loss(kind, sigma, x_t, x0, "sum")
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.func.grad(lambda h: torch.func.grad(fused)(h, weight, bias).pow(2).sum())(hidden)
+    with pytest.raises(RuntimeError, match="detach"):
+        torch.func.grad(fused)(hidden, weight.clone().requires_grad_(), bias)

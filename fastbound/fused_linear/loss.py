@@ -126,6 +126,15 @@ def _fused_linear_loss_fake(hidden, weight, bias, sigma, x_t, x0, row_scale, los
     return total, gh, gw.to(weight.dtype), gb.to(weight.dtype)
 
 
+@fused_linear_loss.register_vmap
+def _fused_linear_loss_vmap(info, in_dims, *args):
+    """One fused pass per batch entry: torch.func's per-example losses or gradients (a vmap over
+    ``hidden``), and vmap over the backward of ``reduction="none"`` (a batched row scale)."""
+    outs = [fused_linear_loss(*(a if d is None else a.select(d, b) for a, d in zip(args, in_dims)))
+            for b in range(info.batch_size)]
+    return tuple(torch.stack(o) for o in zip(*outs)), (0, 0, 0, 0)
+
+
 N_SPEC_ARGS = 7  # loss, graph, mask_id, ignore_index, sedd, chunk, backend
 
 
@@ -135,10 +144,13 @@ def _setup_context(ctx, inputs, output):
     ctx.reduce, *ctx.wants = inputs[7 + N_SPEC_ARGS:]
     ctx.has_bias = bias is not None
     ctx.n_inputs = len(inputs)
+    if torch._C._are_functorch_transforms_active():
+        ctx.base_requires_grad = _ops.base_requires_grad(hidden, weight, bias)
+    # The loss is saved too: its torch.func level is the forward's (`fastbound._ops.check_once`).
     if ctx.reduce:
-        ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(output[0], *output[1:])
     else:
-        ctx.save_for_backward(hidden, weight, bias, sigma, x_t, x0, row_scale)
+        ctx.save_for_backward(output[0], hidden, weight, bias, sigma, x_t, x0, row_scale)
     # The gradient outputs are constants of the forward: no gradient, no zero buffers for them.
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
@@ -156,16 +168,14 @@ def _backward(ctx, grad_loss, *_grad_of_grads):
     none = (None,) * ctx.n_inputs
     if grad_loss is None:
         return none
-    if torch.is_grad_enabled() and not v.tracing(grad_loss):
-        raise RuntimeError(
-            "fastbound's fused linear losses are differentiable once: double backward (create_graph=True) "
-            "is not supported; use the unfused composition with fastbound.reference for higher derivatives"
-        )
+    loss, *saved = ctx.saved_tensors
+    if not v.tracing(grad_loss):
+        _ops.check_once(ctx, loss)
     if ctx.reduce:
         own = not v.tracing(grad_loss) and not _ops.batched(grad_loss) and _ops.may_hand_out(ctx)
-        grads = [_scaled(g, grad_loss, own) if want else None for g, want in zip(ctx.saved_tensors, ctx.wants)]
+        grads = [_scaled(g, grad_loss, own) if want else None for g, want in zip(saved, ctx.wants)]
     else:
-        hidden, weight, bias, sigma, x_t, x0, row_scale = ctx.saved_tensors
+        hidden, weight, bias, sigma, x_t, x0, row_scale = saved
         _, *grads = fused_linear_loss(hidden, weight, bias, sigma, x_t, x0, row_scale * grad_loss,
                                       *ctx.spec_args, True, *ctx.wants)
         grads = [g if want else None for g, want in zip(grads, ctx.wants)]
@@ -177,12 +187,23 @@ def _backward(ctx, grad_loss, *_grad_of_grads):
 fused_linear_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _FusedLinearLossFunc(torch.autograd.Function):
+    """The op's autograd for calls under a torch.func transform: torch.func needs an
+    autograd.Function (a custom op's registered autograd is not one it can transform);
+    ``generate_vmap_rule`` vmaps its forward and backward through `_fused_linear_loss_vmap`."""
+
+    generate_vmap_rule = True
+    forward = staticmethod(lambda *inputs: fused_linear_loss(*inputs))
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
 def _run(spec: HeadSpec, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], sigma: Tensor, x_t: Tensor,
          x0: Tensor, row_scale: Tensor, reduction: str, lead: torch.Size) -> Tensor:
     grad = torch.is_grad_enabled()
     wants = [grad and t is not None and t.requires_grad for t in (hidden, weight, bias)]
-    out = fused_linear_loss(hidden, weight, bias, sigma, x_t, x0, row_scale, *spec.as_args(),
-                            reduction != "none", *wants)[0]
+    op = _FusedLinearLossFunc.apply if torch._C._are_functorch_transforms_active() else fused_linear_loss
+    out = op(hidden, weight, bias, sigma, x_t, x0, row_scale, *spec.as_args(), reduction != "none", *wants)[0]
     return out.view(lead) if reduction == "none" else out
 
 
