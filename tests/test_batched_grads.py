@@ -229,6 +229,15 @@ def test_vjp_fn_called_after_vjp_returned(kind, reduction):
     torch.testing.assert_close(vjp_fn(u)[0], per_output(loss_of, score, [u])[0])
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_denoising_loss_vjp_fn_called_after_vjp_returned(reduction):
+    eps_hat, eps = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    loss_of = lambda e: denoising_loss(e, eps, reduction=reduction)
+    _, vjp_fn = torch.func.vjp(loss_of, eps_hat)
+    u = torch.randn(loss_of(eps_hat).shape, dtype=torch.float64)
+    torch.testing.assert_close(vjp_fn(u)[0], per_output(loss_of, eps_hat, [u])[0])
+
+
 # ----------------------------------------------------------------------------- torch.func: the fused head
 
 H = 5
