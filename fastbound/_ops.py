@@ -292,14 +292,18 @@ def _fused_setup(ctx, inputs, output):
     ids = kernel.zero_ids
     if kernel.eager:  # tracing sees no inference tensors (and cannot ask)
         ids = tuple(t.clone() if t is not None and t.is_inference() else t for t in ids)
-    ctx.save_for_backward(grad if need_grad else None, row_scale, unscaled, dsigma, live, *ids)
+    # fp16's range is narrow: a gradient written with the row scale alone may be subnormal or zero
+    # where the upstream factor (a GradScaler's 2^16) would have kept its bits, so a backward
+    # with another factor computes it again from the scores (`_recompute`) instead of rescaling.
+    again = (score, sigma) if need_grad and not inplace and score.dtype == torch.float16 else (None, None)
+    ctx.save_for_backward(grad if need_grad else None, row_scale, unscaled, dsigma, live, *ids, *again)
     ctx.save_for_forward(grad if need_grad else None, row_scale, unscaled, dsigma, live)
 
 
 def _fused_backward(ctx, upstream, *_):
     if upstream is None:
         return (None,) * 8
-    grad, row_scale, unscaled, dsigma, live, x_t, x0 = ctx.saved_tensors
+    grad, row_scale, unscaled, dsigma, live, x_t, x0, score, sigma = ctx.saved_tensors
     if not tracing(upstream):
         check_once(ctx, row_scale)  # dsigma and unscaled are constants of the forward too
     d_score = d_sigma = d_scale = None
@@ -307,12 +311,23 @@ def _fused_backward(ctx, upstream, *_):
         if not ctx.need_grad:
             raise RuntimeError("the fused loss ran without its gradient (the scores did not require grad)")
         factor = upstream if live is None else upstream * live
-        d_score = chain_rows(ctx, grad, factor, (x_t, x0, *ctx.kernel.zero_ints), ctx.kernel.scale)
+        if score is not None and not batched(factor) and not _unit(factor):
+            d_score = _recompute(ctx.kernel, score, sigma, row_scale, live, factor)
+        else:
+            d_score = chain_rows(ctx, grad, factor, (x_t, x0, *ctx.kernel.zero_ints), ctx.kernel.scale)
     if ctx.needs_input_grad[1]:
         d_sigma = upstream * row_scale * dsigma
     if ctx.needs_input_grad[2]:
         d_scale = upstream * unscaled
     return d_score, d_sigma, d_scale, None, None, None, None, None
+
+
+def _recompute(kernel, score, sigma, row_scale, live, factor):
+    """d out / d score = factor[:, None] * grad by the kernel itself, with the factor in the row
+    scale: computed in the accumulation type and rounded once, as the oracle's (fp16 scores)."""
+    used = row_scale if live is None else torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale)
+    with below_autograd(kernel.eager):
+        return kernel.run(score, sigma, used * factor.to(row_scale.dtype), True)[1]
 
 
 class FusedLoss(torch.autograd.Function):

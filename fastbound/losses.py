@@ -357,8 +357,8 @@ def _fast_key(loss: str, score, x_t, x0, weight, sigma, reduction, ignore_index,
     if inplace is not False or _ops.forward_mode() or torch._C._are_functorch_transforms_active():
         return None  # torch.func's wrapper tensors have no storage: the full path handles (or refuses) them
     key = _signature(score, x_t, x0, reduction, ignore_index, backend)
-    if key is None or score.device.type != "cpu":
-        return None
+    if key is None or score.device.type != "cpu" or score.dtype == torch.float16:
+        return None  # fp16: the full path, whose backward recomputes a rescaled gradient (`fastbound._ops`)
     weight_meta, sigma_meta = _rows_meta(weight), _rows_meta(sigma)
     if weight_meta is False or sigma_meta is False:
         return None
@@ -437,7 +437,10 @@ def dse_loss(
             number of positions whose ``x0`` is not ``ignore_index``).
         inplace: overwrite ``score`` with the gradient (saves one (N, V) buffer; ``score``
             is clobbered and marked modified, so autograd raises if it was saved for another
-            op's backward; refused for a leaf that requires grad).
+            op's backward; refused for a leaf that requires grad). For fp16 the backward
+            then rescales the fp16 gradient by its upstream, which loses the values that were
+            subnormal before it (pass a GradScaler's scale in ``weight=`` instead); without
+            ``inplace`` an fp16 backward recomputes the gradient with the upstream in.
         backend: ``None``/``"auto"``, ``"cpu"``, ``"cuda"`` or ``"triton"`` (see `fastbound._backend`).
 
     Absorbing graph with mask column m, :math:`r = 1/(e^\sigma - 1)` (Lou et al. 2024, SEDD, the

@@ -21,6 +21,9 @@ Where the gradient is computed:
   it). The backward of the scalar loss only multiplies ``grad_hidden`` (N, H),
   ``grad_weight`` (V, H) and ``grad_bias`` (V,) by the incoming scalar, and returns them
   as they are when it is 1 (eager mode). Per-position factors go in ``loss_weight=``.
+  For fp16 inputs a backward whose scalar is not 1 reruns the pass with it, as below: the
+  fp16 gradients written with the row scale alone may have underflowed where the scalar (a
+  GradScaler's 2^16) would have kept them.
 * ``reduction="none"``: the forward computes the per-row losses only and holds no gradient
   buffer; the backward reruns the chunked pass with the per-row upstream gradient folded
   into the row scale (one more score matmul per chunk than the reduced path), so any
@@ -147,10 +150,15 @@ def _setup_context(ctx, inputs, output):
     if torch._C._are_functorch_transforms_active():
         ctx.base_requires_grad = _ops.base_requires_grad(hidden, weight, bias)
     # The loss is saved too: its torch.func level is the forward's (`fastbound._ops.check_once`).
+    # fp16 gradients written with the row scale alone may have lost bits to fp16's narrow range
+    # that the upstream factor (a GradScaler's) would have kept: the inputs are kept to run the
+    # pass again with that factor (as for reduction="none").
+    inputs = (hidden, weight, bias, sigma, x_t, x0, row_scale)
     if ctx.reduce:
-        ctx.save_for_backward(output[0], *output[1:])
+        again = any(ctx.wants) and hidden.dtype == torch.float16
+        ctx.save_for_backward(output[0], *output[1:], *(inputs if again else ()))
     else:
-        ctx.save_for_backward(output[0], hidden, weight, bias, sigma, x_t, x0, row_scale)
+        ctx.save_for_backward(output[0], *inputs)
     # The gradient outputs are constants of the forward: no gradient, no zero buffers for them.
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
@@ -171,11 +179,12 @@ def _backward(ctx, grad_loss, *_grad_of_grads):
     loss, *saved = ctx.saved_tensors
     if not v.tracing(grad_loss):
         _ops.check_once(ctx, loss)
-    if ctx.reduce:
+    rerun = not ctx.reduce or (len(saved) > 3 and not _ops.batched(grad_loss) and not _ops._unit(grad_loss.reshape(1)))
+    if not rerun:
         own = not v.tracing(grad_loss) and not _ops.batched(grad_loss) and _ops.may_hand_out(ctx)
         grads = [_scaled(g, grad_loss, own) if want else None for g, want in zip(saved, ctx.wants)]
     else:
-        hidden, weight, bias, sigma, x_t, x0, row_scale = saved
+        hidden, weight, bias, sigma, x_t, x0, row_scale = saved[-7:]
         _, *grads = fused_linear_loss(hidden, weight, bias, sigma, x_t, x0, row_scale * grad_loss,
                                       *ctx.spec_args, True, *ctx.wants)
         grads = [g if want else None for g, want in zip(grads, ctx.wants)]
