@@ -240,6 +240,41 @@ def test_perturb_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (x,))
 
 
+def test_perturb_forward_mode_and_torch_func_match_oracle():
+    """jvp / jacfwd / forward_ad tangents and torch.func's reverse transforms: dz/dx = α, dx̃/dx = 1
+    (the op's registered autograd is invisible to them; they once gave zero tangents)."""
+    x = torch.randn(2, 3, 2, dtype=torch.float64)
+    lam_ = torch.tensor([-1.0, 2.5], dtype=torch.float64)
+
+    def ours(x):
+        out = perturb(x, lam_, warm="laplace", warm_std=0.2, seed=3, return_warm=True)
+        return out.z, out.x_warm
+
+    def oracle(x):
+        z, _, x_warm = R.perturb(x, lam_, warm="laplace", warm_std=0.2, seed=3)
+        return z, x_warm
+
+    t = torch.randn_like(x)
+    torch.testing.assert_close(torch.func.jvp(ours, (x,), (t,)), torch.func.jvp(oracle, (x,), (t,)))
+    torch.testing.assert_close(torch.func.jacfwd(ours)(x), torch.func.jacfwd(oracle)(x))
+    torch.testing.assert_close(torch.func.jacrev(ours)(x), torch.func.jacrev(oracle)(x))
+    with torch.autograd.forward_ad.dual_level():
+        z, x_warm = ours(torch.autograd.forward_ad.make_dual(x, t))
+        alpha = torch.sigmoid(lam_).sqrt()[:, None, None]
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(z).tangent, alpha * t)
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(x_warm).tangent, t)
+
+
+def test_perturb_eps_does_not_require_grad():
+    """ε does not depend on x: it must not require grad when x does (the README's
+    ``denoising_loss(model(n.z), n.eps)`` with a trainable x)."""
+    x = torch.randn(4, 6, requires_grad=True)
+    out = perturb(x, 1.0, seed=0)
+    assert out.z.requires_grad and not out.eps.requires_grad
+    denoising_loss(out.z * 2, out.eps).backward()
+    assert x.grad is not None
+
+
 def test_perturb_without_warm_keeps_x():
     x = torch.randn(3, 8)
     out = perturb(x, 2.0, seed=1, return_warm=True)

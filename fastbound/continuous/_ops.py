@@ -53,6 +53,7 @@ def _integrate_fake(eps_hat, eps, acc, weight, baseline, index, seed, offset):
 
 
 def _perturb_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[1])  # ε does not depend on x
     ctx.save_for_backward(inputs[1])
     ctx.return_warm = inputs[-1]
     ctx.set_materialize_grads(False)
@@ -77,7 +78,16 @@ register_autograd()
 
 
 def perturb(backend, x, alpha, sigma, law, warm_std, seed, offset, return_warm):
-    return kernel(backend, "continuous_perturb")(x, alpha, sigma, law, warm_std, seed, offset, return_warm)
+    """(z, ε, x̃) of (B, d) rows. Forward-mode AD and torch.func (whose transforms cannot see the
+    op's registered autograd) get the linear part in torch ops around the op on the detached
+    rows: z = z₀ + α (x − x₀), x̃ = x̃₀ + (x − x₀), with x − x₀ zero in value."""
+    op = kernel(backend, "continuous_perturb")
+    if not (_discrete_ops.forward_mode() or torch._C._are_functorch_transforms_active()):
+        return op(x, alpha, sigma, law, warm_std, seed, offset, return_warm)
+    z, eps, x_warm = op(x.detach(), alpha, sigma, law, warm_std, seed, offset, return_warm)
+    dx = x - x.detach()
+    z = z + alpha.to(z.dtype)[:, None] * dx
+    return z, eps, x_warm + dx if return_warm else x_warm
 
 
 class _LossKernel:
