@@ -370,6 +370,21 @@ class FusedLossWithTangents(torch.autograd.Function):
     backward = staticmethod(_fused_backward)
 
     @staticmethod
+    def vmap(info, in_dims, score, sigma, row_scale, kernel, need_grad, inplace, need_sigma, need_scale):
+        """``torch.func.vmap`` (per-example losses and gradients, ``vmap(grad(...))``): one kernel
+        call per batch entry of the scores, sigma or row scale; the ids stay those of the call."""
+        if inplace:
+            raise RuntimeError("fastbound's losses with inplace=True cannot run under torch.func.vmap; use inplace=False")
+
+        def entry(t, dim, b):
+            return t if t is None or dim is None else t.select(dim, b)
+
+        outs = [_fused_forward(entry(score, in_dims[0], b), entry(sigma, in_dims[1], b), entry(row_scale, in_dims[2], b),
+                               kernel, need_grad, False, need_sigma, need_scale) for b in range(info.batch_size)]
+        stacked = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*outs))
+        return stacked, tuple(None if t is None else 0 for t in stacked)
+
+    @staticmethod
     def jvp(ctx, t_score, t_sigma, t_scale, *_):
         grad, row_scale, unscaled, dsigma, live = ctx.saved_tensors
         out = None

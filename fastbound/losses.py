@@ -321,7 +321,7 @@ def _run(flat, sigma, row_scale, kernel, inplace: bool) -> torch.Tensor:
     need_grad = (grad_on and flat.requires_grad) or tangents[0]
     need_sigma = sigma is not None and ((grad_on and sigma.requires_grad) or tangents[1])
     need_scale = (grad_on and row_scale.requires_grad) or tangents[2]
-    if not (need_grad or need_scale or need_sigma):
+    if not (need_grad or need_scale or need_sigma or torch._C._are_functorch_transforms_active()):
         with _ops.below_autograd(kernel.eager):
             return kernel.run(flat, sigma, row_scale, False)[0]
     function = _ops.function(any(tangents))

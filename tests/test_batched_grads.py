@@ -8,10 +8,20 @@ import torch
 import fastbound as fb
 from fastbound import reference as ref
 from fastbound.continuous import denoising_loss
+from fastbound.continuous import reference as cref
 
 N, V, B = 6, 9, 3
 KINDS = ("absorb", "uniform", "dce")
 REDUCTIONS = ("none", "sum", "mean")
+
+
+@pytest.fixture
+def no_batching_fallback():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batching rule")
+        yield
 
 
 def case(kind, seed=0):
@@ -238,6 +248,26 @@ def test_denoising_loss_vjp_fn_called_after_vjp_returned(reduction):
     torch.testing.assert_close(vjp_fn(u)[0], per_output(loss_of, eps_hat, [u])[0])
 
 
+@pytest.mark.usefixtures("no_batching_fallback")
+@pytest.mark.parametrize("reduction", ("sum", "mean"))
+@pytest.mark.parametrize("kind", KINDS + ("continuous",))
+def test_per_example_gradients(kind, reduction):
+    """vmap(grad(loss)) over a batch of score tensors, and vmap of the loss alone: one kernel
+    call per entry (`FusedLossWithTangents.vmap`), equal to the oracle's."""
+    score, sigma, x_t, x0 = case("absorb" if kind == "continuous" else kind)
+    batch = torch.stack([score, score.flip(0), 2 * score])
+    if kind == "continuous":
+        eps = torch.randn(N, V, dtype=torch.float64)
+        ours = lambda s: denoising_loss(s, eps, reduction=reduction)
+        oracle = lambda s: cref.denoising_loss(s, eps, reduction=reduction)
+    else:
+        ours = lambda s: call(fb, kind, s, sigma, x_t, x0, reduction=reduction)
+        oracle = lambda s: call(ref, kind, s, sigma, x_t, x0, reduction=reduction)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(ours))(batch),
+                               torch.func.vmap(torch.func.grad(oracle))(batch))
+    torch.testing.assert_close(torch.func.vmap(ours)(batch), torch.func.vmap(oracle)(batch))
+
+
 # ----------------------------------------------------------------------------- torch.func: the fused head
 
 H = 5
@@ -261,15 +291,6 @@ def head_loss(kind, sigma, x_t, x0, reduction):
 
 def unfused(kind, sigma, x_t, x0, reduction):
     return lambda h, w, b: call(ref, kind, h @ w.T + b, sigma, x_t, x0, reduction=reduction)
-
-
-@pytest.fixture
-def no_batching_fallback():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*batching rule")
-        yield
 
 
 @pytest.mark.usefixtures("no_batching_fallback")

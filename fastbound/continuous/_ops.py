@@ -113,7 +113,7 @@ def denoising_loss(backend, eps_hat, eps, scale, seed, offset, eager):
     which costs about as much as the kernel at image sizes). ``eager``: not tracing."""
     loss_kernel = _LossKernel(backend, eps, seed, offset, eager)
     tangent = _discrete_ops.forward_mode() and _discrete_ops.has_tangent(eps_hat)
-    if not ((torch.is_grad_enabled() and eps_hat.requires_grad) or tangent):
+    if not ((torch.is_grad_enabled() and eps_hat.requires_grad) or tangent or torch._C._are_functorch_transforms_active()):
         with _discrete_ops.below_autograd(eager):
             return loss_kernel.run(eps_hat, None, scale, False)[0]
     function = _discrete_ops.function(tangent)
