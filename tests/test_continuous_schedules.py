@@ -9,7 +9,8 @@ from scipy import stats
 from fastbound.continuous.schedules import CosineLogSNR, LinearLogSNR, LogisticProposal, alpha, sigma
 
 
-@pytest.mark.parametrize("schedule", [LinearLogSNR(), LinearLogSNR(-3.0, 7.0), CosineLogSNR(), CosineLogSNR(-8.0, 11.0)])
+@pytest.mark.parametrize("schedule", [LinearLogSNR(), LinearLogSNR(-3.0, 7.0), CosineLogSNR(), CosineLogSNR(-8.0, 11.0),
+                                      CosineLogSNR(-80.0, 20.0), CosineLogSNR(-700.0, 700.0)])
 def test_schedule_endpoints_derivative_inverse(schedule):
     t = torch.linspace(0, 1, 101, dtype=torch.float64)
     lam = schedule.logsnr(t)
@@ -99,3 +100,26 @@ def test_bad_arguments():
         CosineLogSNR(-3.0, math.inf)
     with pytest.raises(ValueError, match="loc"):
         LogisticProposal(-3.0, 3.0, loc=math.nan)
+
+
+def test_cosine_range_limit():
+    """Beyond ±COSINE_LOGSNR_LIMIT e^{-|λ|/2} leaves float64's normal range: refused, not inf."""
+    from fastbound.continuous.schedules import COSINE_LOGSNR_LIMIT
+
+    CosineLogSNR(-COSINE_LOGSNR_LIMIT, COSINE_LOGSNR_LIMIT)
+    with pytest.raises(ValueError, match="logsnr_max must be within"):
+        CosineLogSNR(-10.0, 2000.0)
+
+
+@pytest.mark.parametrize("proposal", [LogisticProposal(-10.0, 15.0, scale=0.01), LogisticProposal(2000.0, 2001.0),
+                                      LogisticProposal(-2001.0, -2000.0, loc=5.0, scale=0.5)])
+def test_proposal_far_tails_do_not_overflow(proposal):
+    """Windows thousands of scales from loc: the normaliser and the CDF window in float math
+    without overflow (they raised OverflowError)."""
+    lam = proposal.sample(4000, seed=0)
+    assert bool(((lam >= proposal.logsnr_min) & (lam <= proposal.logsnr_max)).all())
+    assert stats.kstest(lam.numpy(), lambda q: proposal.cdf(torch.as_tensor(q)).numpy()).pvalue > 1e-3
+    grid = torch.linspace(proposal.logsnr_min, proposal.logsnr_max, 20001, dtype=torch.float64)
+    assert torch.trapezoid(proposal.density(grid), grid).item() == pytest.approx(1.0, rel=1e-3)
+    u = torch.linspace(0.01, 0.99, 9, dtype=torch.float64)
+    torch.testing.assert_close(proposal.cdf(proposal.icdf(u)), u, rtol=1e-6, atol=1e-9)

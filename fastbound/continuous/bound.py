@@ -150,7 +150,7 @@ from . import _args, _ops
 from ._args import check_warm
 from .integrate import run as run_step
 from .reference import WARM_CODES
-from .schedules import LogisticProposal, _check_range, alpha, sigma
+from .schedules import LogisticProposal, _check_range, _sigmoid, alpha, sigma
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("importance", "quadrature")
@@ -227,6 +227,8 @@ class ContinuousNLLEstimate:
     def overall_bits_per_dim(self) -> tuple[float, float]:
         """(bits/dim, standard error) of the whole batch: mean nll over samples / (d ln 2)."""
         n = self.nll.numel()
+        if n == 0 or self.dims == 0:
+            return math.nan, math.nan  # no sample or no dimension: as bits_per_dim gives
         scale = 1.0 / (n * self.dims * math.log(2))
         return float(self.nll.sum()) * scale, float(self.stderr.pow(2).sum().sqrt()) * scale
 
@@ -532,8 +534,9 @@ def nll_bound(
     decoder = d / 2 * (math.log(2 * math.pi) + 1 - hi)
     discretisation = d * math.log(1 / BIN_WIDTH_8BIT) if data == "8bit" else 0.0
     j = FISHER_INFORMATION.get(setup.warm, math.inf)
-    tail = d / 2 * math.log1p(j * math.exp(-hi) / setup.warm_std**2) if setup.warm_std > 0 and math.isfinite(j) \
-        else math.inf
+    # log1p(j e^{-hi} / σ0²) in log space: no overflow for a very low hi or underflow of σ0².
+    tail = d / 2 * _softplus(math.log(j) - hi - 2 * math.log(setup.warm_std)) \
+        if setup.warm_std > 0 and math.isfinite(j) else math.inf
     exact = data == "8bit" and setup.warm == "uniform" and \
         math.isclose(setup.warm_std, uniform_dequantisation_std(), rel_tol=1e-6)
     with torch.inference_mode():
@@ -541,7 +544,7 @@ def nll_bound(
         acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         sq = torch.linalg.vector_norm(x.reshape(n_seq, d), dim=1, dtype=acc_dtype).double().square() \
             + d * setup.warm_std**2
-        alpha2 = 1 / (1 + math.exp(-lo))
+        alpha2 = _sigmoid(lo)
         prior = 0.5 * (alpha2 * (sq - d) + d * _softplus(lo))
         plan = _Plan(setup, n_seq, x.device)
         if n_seq:

@@ -49,6 +49,19 @@ def sigma(logsnr) -> torch.Tensor:
     return torch.sigmoid(-_as_float64(logsnr)).sqrt()
 
 
+def _log_sigmoid(y: float) -> float:
+    """log(1 / (1 + e^{-y})) for a float, exact in both tails."""
+    return -(max(-y, 0.0) + math.log1p(math.exp(-abs(y))))
+
+
+def _sigmoid(y: float) -> float:
+    """1 / (1 + e^{-y}) for a float, without overflow in either tail."""
+    if y >= 0:
+        return 1 / (1 + math.exp(-y))
+    e = math.exp(y)
+    return e / (1 + e)
+
+
 def _check_range(logsnr_min: float, logsnr_max: float) -> tuple[float, float]:
     for name, value in (("logsnr_min", logsnr_min), ("logsnr_max", logsnr_max)):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
@@ -105,6 +118,10 @@ class LinearLogSNR(LogSNRSchedule):
         return (self.logsnr_max - _as_float64(logsnr)) / (self.logsnr_max - self.logsnr_min)
 
 
+COSINE_LOGSNR_LIMIT = 1400.0
+"""The largest |λ| `CosineLogSNR` takes: e^{−|λ|/2} stays a normal float64."""
+
+
 @dataclass(frozen=True)
 class CosineLogSNR(LogSNRSchedule):
     r"""The cosine schedule α² = cos²(πt/2) (Nichol & Dhariwal 2021) in log-SNR, truncated to [λ_min, λ_max].
@@ -115,8 +132,11 @@ class CosineLogSNR(LogSNRSchedule):
     .. math:: \lambda(t) = -2\log\tan(a t + b),\quad b = \arctan e^{-\lambda_{max}/2},\
               a = \arctan e^{-\lambda_{min}/2} - b,
 
-    :math:`\lambda'(t) = -2a/(\sin(at+b)\cos(at+b)) = -4a/\sin(2(at+b))`, and
-    :math:`t(\lambda) = (\arctan e^{-\lambda/2} - b)/a`.
+    :math:`\lambda'(t) = -2a/(\sin(at+b)\cos(at+b))`, and
+    :math:`t(\lambda) = (\arctan e^{-\lambda/2} - b)/a`. Near θ = at + b → π/2 (low SNR) cos θ
+    is taken as sin c with c = π/2 − θ = arctan e^{λ_min/2} + a(1 − t), which keeps its relative
+    precision where cos θ would cancel: λ = −2(log sin θ − log sin c). |λ| up to
+    `COSINE_LOGSNR_LIMIT`, where e^{−|λ|/2} is still a normal float64.
     """
 
     logsnr_min: float = -15.0
@@ -124,19 +144,29 @@ class CosineLogSNR(LogSNRSchedule):
 
     def __post_init__(self):
         _check_range(self.logsnr_min, self.logsnr_max)
+        for name in ("logsnr_min", "logsnr_max"):
+            if abs(getattr(self, name)) > COSINE_LOGSNR_LIMIT:
+                raise ValueError(f"{name} must be within ±{COSINE_LOGSNR_LIMIT} for CosineLogSNR (float64 range), "
+                                 f"got {getattr(self, name)}")
 
     @property
     def _ab(self) -> tuple[float, float]:
         b = math.atan(math.exp(-self.logsnr_max / 2))
         return math.atan(math.exp(-self.logsnr_min / 2)) - b, b
 
-    def logsnr(self, t) -> torch.Tensor:
+    def _angles(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ, c = π/2 − θ) at t, each formed without cancellation."""
         a, b = self._ab
-        return -2 * torch.log(torch.tan(a * _as_float64(t) + b))
+        t = _as_float64(t)
+        return a * t + b, math.atan(math.exp(self.logsnr_min / 2)) + a * (1 - t)
+
+    def logsnr(self, t) -> torch.Tensor:
+        theta, c = self._angles(t)
+        return -2 * (torch.log(torch.sin(theta)) - torch.log(torch.sin(c)))
 
     def dlogsnr_dt(self, t) -> torch.Tensor:
-        a, b = self._ab
-        return -4 * a / torch.sin(2 * (a * _as_float64(t) + b))
+        theta, c = self._angles(t)
+        return -2 * self._ab[0] / (torch.sin(theta) * torch.sin(c))
 
     def time(self, logsnr) -> torch.Tensor:
         a, b = self._ab
@@ -210,41 +240,51 @@ class LogisticProposal:
     def log_density(self, logsnr) -> torch.Tensor:
         """log p(λ) on [λ_min, λ_max] (−inf outside), float64."""
         lam = _as_float64(logsnr)
-        log_z = math.log(self._z())
-        out = _log_sigmoid_pair((lam - self.loc) / self.scale) - math.log(self.scale) - log_z
+        out = _log_sigmoid_pair((lam - self.loc) / self.scale) - math.log(self.scale) - self._log_z()
         inside = (lam >= self.logsnr_min) & (lam <= self.logsnr_max)
         return torch.where(inside, out, torch.full_like(out, -math.inf))
 
-    def _z(self) -> float:
+    def _log_z(self) -> float:
+        """log(sigmoid(hi) − sigmoid(lo)) = log sigmoid(hi) + log sigmoid(−lo) + log(1 − e^{lo − hi}):
+        no cancellation, and finite however far the window lies in a tail."""
         lo, hi = self._y_range
-        # sigmoid(hi) - sigmoid(lo) = sigmoid(hi) sigmoid(-lo) (1 - e^{lo - hi}): no cancellation.
-        return (1 / (1 + math.exp(-hi))) * (1 / (1 + math.exp(lo))) * -math.expm1(lo - hi)
+        return _log_sigmoid(hi) + _log_sigmoid(-lo) + math.log(-math.expm1(lo - hi))
 
     def density(self, logsnr) -> torch.Tensor:
         return self.log_density(logsnr).exp()
 
     def _tail(self) -> tuple[bool, float, float]:
-        """(reflect, a, b): the CDF window [a, b] of y, or of −y when the window lies mostly above loc.
+        """(reflect, log a, log b): the CDF window [a, b] of y, or of −y when the window lies mostly
+        above loc, as logarithms.
 
         sigmoid keeps its relative precision only in the lower tail (sigmoid(y) ≈ e^y), so a window
-        in the upper tail is handled through y' = −y; otherwise 1 − sigmoid(y) would cancel.
+        in the upper tail is handled through y' = −y; otherwise 1 − sigmoid(y) would cancel. In
+        logarithms a window far in the tail (a, b below float64's range) keeps its resolution.
         """
         lo, hi = self._y_range
         if lo + hi > 0:
-            return True, 1 / (1 + math.exp(hi)), 1 / (1 + math.exp(lo))
-        return False, 1 / (1 + math.exp(-lo)), 1 / (1 + math.exp(-hi))
+            return True, _log_sigmoid(-hi), _log_sigmoid(-lo)
+        return False, _log_sigmoid(lo), _log_sigmoid(hi)
 
     def icdf(self, u) -> torch.Tensor:
-        """λ = F⁻¹(u) for u in [0, 1], float64, clamped into [λ_min, λ_max] against rounding."""
-        reflect, a, b = self._tail()
+        """λ = F⁻¹(u) for u in [0, 1], float64, clamped into [λ_min, λ_max] against rounding.
+
+        p = a (1 − u') + b u' as log p = logaddexp(log a + log(1 − u'), log b + log u'), then
+        y = log p − log(1 − p)."""
+        reflect, log_a, log_b = self._tail()
         u = _as_float64(u)
-        y = -torch.logit(a + (b - a) * (1 - u)) if reflect else torch.logit(a + (b - a) * u)
-        return (self.loc + self.scale * y).clamp(self.logsnr_min, self.logsnr_max)
+        u = 1 - u if reflect else u
+        log_p = torch.logaddexp(log_a + torch.log1p(-u), log_b + torch.log(u))
+        y = log_p - torch.log1p(-log_p.exp())
+        return (self.loc + self.scale * (-y if reflect else y)).clamp(self.logsnr_min, self.logsnr_max)
 
     def cdf(self, logsnr) -> torch.Tensor:
-        reflect, a, b = self._tail()
+        reflect, log_a, log_b = self._tail()
         y = (_as_float64(logsnr).clamp(self.logsnr_min, self.logsnr_max) - self.loc) / self.scale
-        return 1 - (torch.sigmoid(-y) - a) / (b - a) if reflect else (torch.sigmoid(y) - a) / (b - a)
+        # (F − a) / (b − a) = e^{log F − log b} (1 − e^{log a − log F}) / (1 − e^{log a − log b})
+        log_f = torch.nn.functional.logsigmoid(-y if reflect else y)
+        share = torch.exp(log_f - log_b + torch.log(-torch.expm1(log_a - log_f)) - math.log(-math.expm1(log_a - log_b)))
+        return 1 - share if reflect else share
 
     def sample(self, n: int, *, seed: int, offset: int = 0, device=None, backend: str | None = None) -> torch.Tensor:
         """n draws, float64, from fastbound's counter-based uniforms (`fastbound.sample_times`, iid)."""

@@ -29,7 +29,8 @@ def _alpha2_sigma2(logsnr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _softplus(t: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.softplus(t)
+    # exact in both tails (torch's softplus returns t itself above its threshold of 20)
+    return t.clamp_min(0) + torch.log1p(torch.exp(-t.abs()))
 
 
 class GaussianSource:
