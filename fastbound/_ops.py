@@ -63,6 +63,23 @@ def batched(t: torch.Tensor) -> bool:
     return torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
+def _vmapped(t: torch.Tensor | None) -> bool:
+    """Whether ``t`` is a vmap wrapper at some torch.func level (under grad levels' wrappers too)."""
+    while t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            return True
+        t = torch._C._functorch.get_unwrapped(t)
+    return False
+
+
+def vmapped_entry(t: torch.Tensor, b: int) -> torch.Tensor:
+    """Entry b of the innermost vmap level of ``t`` (a `_vmapped` tensor), below any grad wrappers."""
+    while not torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    value, dim = torch._C._functorch._unwrap_batched(t, torch._C._functorch.maybe_get_level(t))
+    return value if dim is None else value.select(dim, b)
+
+
 def base_requires_grad(*inputs) -> bool:
     """Whether an input, unwrapped from every torch.func level, requires grad in plain autograd."""
     for t in inputs:
@@ -375,12 +392,17 @@ class FusedLossWithTangents(torch.autograd.Function):
         call per batch entry of the scores, sigma or row scale; the ids stay those of the call."""
         if inplace:
             raise RuntimeError("fastbound's losses with inplace=True cannot run under torch.func.vmap; use inplace=False")
+        for name in ("x_t", "x0"):
+            if _vmapped(getattr(kernel, name, None)):
+                raise ValueError(f"fastbound's losses vmap over the scores (and the continuous loss's eps) only, "
+                                 f"not over {name}: keep {name} outside the vmapped function (in_dims=None)")
 
         def entry(t, dim, b):
             return t if t is None or dim is None else t.select(dim, b)
 
         outs = [_fused_forward(entry(score, in_dims[0], b), entry(sigma, in_dims[1], b), entry(row_scale, in_dims[2], b),
-                               kernel, need_grad, False, need_sigma, need_scale) for b in range(info.batch_size)]
+                               kernel.entry(b) if _vmapped(getattr(kernel, "eps", None)) else kernel,
+                               need_grad, False, need_sigma, need_scale) for b in range(info.batch_size)]
         stacked = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*outs))
         return stacked, tuple(None if t is None else 0 for t in stacked)
 

@@ -268,6 +268,23 @@ def test_per_example_gradients(kind, reduction):
     torch.testing.assert_close(torch.func.vmap(ours)(batch), torch.func.vmap(oracle)(batch))
 
 
+@pytest.mark.usefixtures("no_batching_fallback")
+def test_per_example_gradients_with_their_own_eps():
+    """The usual per-sample recipe for the continuous loss: each (eps_hat_b, eps_b) pair vmapped."""
+    eps_hat, eps = torch.randn(5, 3, 2, dtype=torch.float64), torch.randn(5, 3, 2, dtype=torch.float64)
+    ours = lambda h, e: denoising_loss(h[None], e[None], reduction="sum")
+    oracle = lambda h, e: cref.denoising_loss(h[None], e[None], reduction="sum")
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(ours))(eps_hat, eps), eps_hat - eps)
+    torch.testing.assert_close(torch.func.vmap(ours)(eps_hat, eps), torch.func.vmap(oracle)(eps_hat, eps))
+
+
+def test_vmap_over_ids_raises_clearly():
+    score, sigma, x_t, x0 = case("dce")
+    batch_ids = torch.stack([x_t, x_t])
+    with pytest.raises((ValueError, RuntimeError), match="x_t|check_loss_ids"):
+        torch.func.vmap(lambda s, t: fb.dce_loss(s, t, x0, reduction="sum"))(torch.stack([score, score]), batch_ids)
+
+
 # ----------------------------------------------------------------------------- torch.func: the fused head
 
 H = 5

@@ -16,6 +16,8 @@ kernels registered as ``<name>_triton`` in ``fastbound/triton_kernels/continuous
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from .. import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
@@ -105,6 +107,12 @@ class _LossKernel:
 
     def run(self, eps_hat, sigma, scale, need_grad):
         return self.op(eps_hat, self.eps, scale, self.seed, self.offset, need_grad)
+
+    def entry(self, b: int) -> "_LossKernel":
+        """This kernel with entry b of a vmapped eps (`fastbound._ops.FusedLossWithTangents.vmap`)."""
+        entry = copy.copy(self)
+        entry.eps = _discrete_ops.vmapped_entry(self.eps, b)
+        return entry
 
 
 def denoising_loss(backend, eps_hat, eps, scale, seed, offset, eager):
