@@ -251,7 +251,7 @@ def check_ids(name: str, value: object, shape: torch.Size | None = None) -> torc
 def check_same_device(device: torch.device, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but the scores are on {device}; move it to {device}")
+            raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; move it to {device}")
 
 
 def check_size(name: str, n: int, what: str) -> None:
@@ -291,9 +291,10 @@ def as_rows(name: str, value: float | torch.Tensor | None, shape: torch.Size, dt
         if not (value.is_floating_point() or value.dtype in INT_DTYPES):
             raise TypeError(f"{name} must be a real number or tensor, got {value.dtype}")
         if value.device != device:
-            raise ValueError(f"{name} is on {value.device} but the scores are on {device}; move it to {device}")
+            raise ValueError(f"{name} is on {value.device} but the other inputs are on {device}; move it to {device}")
         if value.requires_grad and not differentiable:
-            raise ValueError(f"fastbound differentiates the loss with respect to the scores only; pass {name}.detach()")
+            raise ValueError(f"{name} requires grad, but this fastbound call does not differentiate it; "
+                             f"pass {name}.detach()")
         try:
             value = torch.broadcast_to(value, shape)
         except RuntimeError:

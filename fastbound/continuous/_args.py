@@ -41,7 +41,8 @@ def check_finite(name: str, t: torch.Tensor, eager: bool | None = None) -> None:
     if mode == "off" or (mode == "sync" and math.isfinite(t.sum().item())):
         return
     checks = v.ValueChecks()
-    checks.add(~torch.isfinite(t), lambda: f"{name} must be finite everywhere (it holds NaN or infinity)", name)
+    checks.add(~torch.isfinite(t), lambda: f"{name} must be finite everywhere (it holds NaN or infinity, or values "
+               f"beyond {t.dtype}'s range)", name)
     checks.run()
 
 

@@ -296,7 +296,8 @@ def _check_x(x: object, data: str) -> torch.Tensor:
         raise ValueError("x must have shape (B, ...), got a scalar")
     if data == "8bit":
         if not (x.dtype in v.INT_DTYPES or x.is_floating_point()):
-            raise TypeError(f"x must hold 8-bit values 0..255 (an integer or float tensor), got {x.dtype}")
+            names = ", ".join(str(d).removeprefix("torch.") for d in v.INT_DTYPES)
+            raise TypeError(f"x must hold 8-bit values 0..255 as {names} or a floating-point dtype, got {x.dtype}")
         if x.numel():
             bad = (x < 0) | (x > 255)
             if x.is_floating_point():
@@ -463,7 +464,8 @@ def _accumulate(denoiser: Denoiser, x: torch.Tensor, plan: _Plan) -> torch.Tenso
         else:
             run_step(backend, eps_hat, eps, acc, weight, baseline, slot, 0, 0, True)
     if not bool(torch.isfinite(acc).all()):
-        raise ValueError("the denoiser returned non-finite values (NaN or infinity) in eps_hat")
+        raise ValueError("the denoiser returned non-finite values (NaN or infinity) in eps_hat, or values whose "
+                         "squared error overflows the accumulator")
     return acc
 
 
