@@ -72,14 +72,6 @@ def _vmapped(t: torch.Tensor | None) -> bool:
     return False
 
 
-def vmapped_entry(t: torch.Tensor, b: int) -> torch.Tensor:
-    """Entry b of the innermost vmap level of ``t`` (a `_vmapped` tensor), below any grad wrappers."""
-    while not torch._C._functorch.is_batchedtensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    value, dim = torch._C._functorch._unwrap_batched(t, torch._C._functorch.maybe_get_level(t))
-    return value if dim is None else value.select(dim, b)
-
-
 def base_requires_grad(*inputs) -> bool:
     """Whether an input, unwrapped from every torch.func level, requires grad in plain autograd."""
     for t in inputs:
@@ -123,6 +115,18 @@ def check_once(ctx, saved: torch.Tensor | None) -> None:
     base = getattr(ctx, "base_requires_grad", False)
     if base and (level < 0 or any(i.prev_grad_mode() for i in levels if i.level() == level)):
         raise RuntimeError(_ONCE_BASE)
+
+
+def check_outer_levels(saved: torch.Tensor) -> None:
+    """Raises under a differentiating torch.func transform (grad, jvp) outside the forward's level
+    (``saved``'s): the tangent rule's saved gradient is a constant of the forward, so a second
+    derivative through it (``jacfwd(jacfwd)``) would come out as zeros."""
+    if not torch._C._are_functorch_transforms_active():
+        return
+    level = torch._C._functorch.maybe_get_level(saved)
+    levels = [i for i in retrieve_all_functorch_interpreters() if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    if any(level < 0 or i.level() < level for i in levels):
+        raise RuntimeError(_ONCE)
 
 
 def _unit(factor: torch.Tensor) -> bool:
@@ -328,7 +332,8 @@ def _fused_backward(ctx, upstream, *_):
         if not ctx.need_grad:
             raise RuntimeError("the fused loss ran without its gradient (the scores did not require grad)")
         factor = upstream if live is None else upstream * live
-        if score is not None and not batched(factor) and not _unit(factor):
+        if score is not None and not (_vmapped(factor) or torch._C._functorch.is_legacy_batchedtensor(factor)) \
+                and not _unit(factor):
             d_score = _recompute(ctx.kernel, score, sigma, row_scale, live, factor)
         else:
             d_score = chain_rows(ctx, grad, factor, (x_t, x0, *ctx.kernel.zero_ints), ctx.kernel.scale)
@@ -343,7 +348,7 @@ def _recompute(kernel, score, sigma, row_scale, live, factor):
     """d out / d score = factor[:, None] * grad by the kernel itself, with the factor in the row
     scale: computed in the accumulation type and rounded once, as the oracle's (fp16 scores)."""
     used = row_scale if live is None else torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale)
-    with below_autograd(kernel.eager):
+    with torch.no_grad(), below_autograd(kernel.eager):  # a constant of this backward (`check_once`)
         return kernel.run(score, sigma, used * factor.to(row_scale.dtype), True)[1]
 
 
@@ -394,21 +399,24 @@ class FusedLossWithTangents(torch.autograd.Function):
             raise RuntimeError("fastbound's losses with inplace=True cannot run under torch.func.vmap; use inplace=False")
         for name in ("x_t", "x0"):
             if _vmapped(getattr(kernel, name, None)):
-                raise ValueError(f"fastbound's losses vmap over the scores (and the continuous loss's eps) only, "
+                raise ValueError(f"fastbound's losses vmap over the scores only, "
                                  f"not over {name}: keep {name} outside the vmapped function (in_dims=None)")
 
         def entry(t, dim, b):
             return t if t is None or dim is None else t.select(dim, b)
 
-        outs = [_fused_forward(entry(score, in_dims[0], b), entry(sigma, in_dims[1], b), entry(row_scale, in_dims[2], b),
-                               kernel.entry(b) if _vmapped(getattr(kernel, "eps", None)) else kernel,
-                               need_grad, False, need_sigma, need_scale) for b in range(info.batch_size)]
+        # Entries still batched at an outer vmap level go through this rule again.
+        outer = any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (score, sigma, row_scale))
+        forward = FusedLossWithTangents.apply if outer else _fused_forward
+        outs = [forward(entry(score, in_dims[0], b), entry(sigma, in_dims[1], b), entry(row_scale, in_dims[2], b),
+                        kernel, need_grad, False, need_sigma, need_scale) for b in range(info.batch_size)]
         stacked = tuple(None if parts[0] is None else torch.stack(parts) for parts in zip(*outs))
         return stacked, tuple(None if t is None else 0 for t in stacked)
 
     @staticmethod
     def jvp(ctx, t_score, t_sigma, t_scale, *_):
         grad, row_scale, unscaled, dsigma, live = ctx.saved_tensors
+        check_outer_levels(row_scale)
         out = None
         if t_score is not None:
             if grad is None:

@@ -160,11 +160,50 @@ def test_torch_func_grad_of_inputs_requiring_grad_raises():
     torch.func.grad(loss_of)(score.clone().requires_grad_().detach())
 
 
-def test_denoising_loss_torch_func_second_derivative_raises():
-    eps_hat, eps = torch.randn(4, 6), torch.randn(4, 6)
+def test_denoising_loss_torch_func_second_derivatives_are_exact():
+    """Under torch.func the continuous loss (given eps) is its formula in torch ops: every
+    transform follows it, second derivatives included (d²/dε̂² of ½‖ε − ε̂‖² summed is I)."""
+    eps_hat, eps = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
     loss_of = lambda e: denoising_loss(e, eps, reduction="sum")
+    eye = torch.eye(24, dtype=torch.float64).view(4, 6, 4, 6)
+    torch.testing.assert_close(torch.func.jacfwd(torch.func.jacfwd(loss_of))(eps_hat), eye)
+    torch.testing.assert_close(torch.func.hessian(loss_of)(eps_hat), eye)
+    torch.testing.assert_close(torch.func.grad(lambda t: torch.func.grad(loss_of)(t).pow(2).sum())(eps_hat),
+                               2 * (eps_hat - eps))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_over_forward_raises(kind):
+    """jacfwd(jacfwd): the tangent rule's saved gradient is a constant of the forward; it gave
+    all-zero Hessians once vmap was supported."""
+    score, sigma, x_t, x0 = case(kind)
+    loss_of = _loss_fn(kind, sigma, x_t, x0)
     with pytest.raises(RuntimeError, match="differentiable once"):
-        torch.func.grad(lambda t: torch.func.grad(loss_of)(t).pow(2).sum())(eps_hat)
+        torch.func.jacfwd(torch.func.jacfwd(loss_of))(score)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.func.jacrev(torch.func.jacfwd(loss_of))(score)
+    torch.testing.assert_close(torch.func.jacfwd(loss_of)(score), torch.func.grad(loss_of)(score))
+
+
+@pytest.mark.usefixtures("no_batching_fallback")
+@pytest.mark.parametrize("kind", KINDS)
+def test_nested_vmap_of_grad(kind):
+    score, sigma, x_t, x0 = case(kind)
+    batch = torch.stack([score, 2 * score]).unsqueeze(0).expand(2, 2, N, V) * torch.tensor([1.0, -1.0],
+                                                                                           dtype=torch.float64)[:, None, None, None]
+    ours = lambda s: call(fb, kind, s, sigma, x_t, x0, reduction="sum")
+    oracle = lambda s: call(ref, kind, s, sigma, x_t, x0, reduction="sum")
+    nested = lambda f: torch.func.vmap(torch.func.vmap(torch.func.grad(f)))(batch)
+    torch.testing.assert_close(nested(ours), nested(oracle))
+
+
+def test_continuous_nested_vmap_eps_at_another_level():
+    """eps vmapped outside, eps_hat inside: each pair as the oracle pairs them."""
+    eps_hat, eps = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(2, 4, 5, dtype=torch.float64)
+    f = lambda lib: torch.func.vmap(lambda e: torch.func.vmap(lambda h: lib(h, e, reduction="sum"))(eps_hat))(eps)
+    torch.testing.assert_close(f(denoising_loss), f(cref.denoising_loss))
+    g = lambda lib: torch.func.vmap(torch.func.grad(lambda h, e: lib(h, e, reduction="sum")), in_dims=(None, 0))(eps_hat[0], eps)
+    torch.testing.assert_close(g(denoising_loss), g(cref.denoising_loss))
 
 
 @pytest.mark.parametrize("weight", [None, "tensor", "requires_grad"])
@@ -348,3 +387,25 @@ def test_fused_head_torch_func_second_derivative_raises(kind):
         torch.func.grad(lambda h: torch.func.grad(fused)(h, weight, bias).pow(2).sum())(hidden)
     with pytest.raises(RuntimeError, match="detach"):
         torch.func.grad(fused)(hidden, weight.clone().requires_grad_(), bias)
+
+
+def test_fused_head_loss_may_change_in_place_before_backward():
+    """`loss /= accum_steps; loss.backward()`: the loss is saved only under torch.func."""
+    hidden, weight, bias, sigma, x_t, x0 = head_case("dce")
+    for reduction in REDUCTIONS:
+        h = hidden.clone().requires_grad_()
+        loss = head_loss("dce", sigma, x_t, x0, reduction)(h, weight, bias)
+        loss /= 4
+        loss.sum().backward()
+        hd = hidden.clone().requires_grad_()
+        (unfused("dce", sigma, x_t, x0, reduction)(hd, weight, bias) / 4).sum().backward()
+        torch.testing.assert_close(h.grad, hd.grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_head_torch_func_grad_of_unreduced(kind):
+    """reduction="none" then .sum() under torch.func.grad: the backward's rerun of the pass."""
+    hidden, weight, bias, sigma, x_t, x0 = head_case(kind)
+    fused, oracle = head_loss(kind, sigma, x_t, x0, "none"), unfused(kind, sigma, x_t, x0, "none")
+    torch.testing.assert_close(torch.func.grad(lambda h: fused(h, weight, bias).sum())(hidden),
+                               torch.func.grad(lambda h: oracle(h, weight, bias).sum())(hidden))

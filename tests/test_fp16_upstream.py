@@ -103,3 +103,14 @@ def test_scores_changed_before_the_backward_raise():
     t.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (loss * 2.0).backward()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_func_grad_recomputes_too(kind):
+    """torch.func.grad wraps the upstream: it must not be taken for a batched one (which keeps
+    the rescale)."""
+    score, sigma, x_t, x0 = make_case(kind, (N,), V, torch.float16, mask_frac=0.5)
+    sigma = sigma.reshape(N)
+    exact = grad_of(loss_of(ref, kind, sigma, x_t, x0, "mean"), score.double(), UPSTREAMS["scaler"])
+    got = torch.func.grad(lambda s: loss_of(fb, kind, sigma, x_t, x0, "mean")(s) * 2.0**16)(score)
+    assert off_ideal(got, exact) <= MAX_OFF

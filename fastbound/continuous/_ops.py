@@ -16,8 +16,6 @@ kernels registered as ``<name>_triton`` in ``fastbound/triton_kernels/continuous
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from .. import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
@@ -108,17 +106,16 @@ class _LossKernel:
     def run(self, eps_hat, sigma, scale, need_grad):
         return self.op(eps_hat, self.eps, scale, self.seed, self.offset, need_grad)
 
-    def entry(self, b: int) -> "_LossKernel":
-        """This kernel with entry b of a vmapped eps (`fastbound._ops.FusedLossWithTangents.vmap`)."""
-        entry = copy.copy(self)
-        entry.eps = _discrete_ops.vmapped_entry(self.eps, b)
-        return entry
-
 
 def denoising_loss(backend, eps_hat, eps, scale, seed, offset, eager):
     """Per-sample losses; differentiable in eps_hat through `FusedLoss`, the discrete losses'
     old-style Function (the raw op's torch.library autograd binds its arguments on every call,
     which costs about as much as the kernel at image sizes). ``eager``: not tracing."""
+    if eps is not None and torch._C._are_functorch_transforms_active():
+        # torch.func: the formula in torch ops, which every transform can follow (eps vmapped at
+        # any level, second derivatives); the kernel's accumulation type, ε̂'s gradient dtype.
+        acc = scale.dtype
+        return 0.5 * scale * (eps_hat.to(acc) - eps.to(acc)).square().sum(1)
     loss_kernel = _LossKernel(backend, eps, seed, offset, eager)
     tangent = _discrete_ops.forward_mode() and _discrete_ops.has_tangent(eps_hat)
     if not ((torch.is_grad_enabled() and eps_hat.requires_grad) or tangent or torch._C._are_functorch_transforms_active()):

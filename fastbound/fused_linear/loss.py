@@ -147,18 +147,21 @@ def _setup_context(ctx, inputs, output):
     ctx.reduce, *ctx.wants = inputs[7 + N_SPEC_ARGS:]
     ctx.has_bias = bias is not None
     ctx.n_inputs = len(inputs)
-    if torch._C._are_functorch_transforms_active():
+    functorch = torch._C._are_functorch_transforms_active()
+    if functorch:
         ctx.base_requires_grad = _ops.base_requires_grad(hidden, weight, bias)
-    # The loss is saved too: its torch.func level is the forward's (`fastbound._ops.check_once`).
+    # Under torch.func the loss is saved too: its level is the forward's (`fastbound._ops.check_once`).
+    # Not otherwise, so that `loss /= k` before the backward stays allowed.
+    level = output[0] if functorch else None
     # fp16 gradients written with the row scale alone may have lost bits to fp16's narrow range
     # that the upstream factor (a GradScaler's) would have kept: the inputs are kept to run the
     # pass again with that factor (as for reduction="none").
     inputs = (hidden, weight, bias, sigma, x_t, x0, row_scale)
     if ctx.reduce:
         again = any(ctx.wants) and hidden.dtype == torch.float16
-        ctx.save_for_backward(output[0], *output[1:], *(inputs if again else ()))
+        ctx.save_for_backward(level, *output[1:], *(inputs if again else ()))
     else:
-        ctx.save_for_backward(output[0], *inputs)
+        ctx.save_for_backward(level, *inputs)
     # The gradient outputs are constants of the forward: no gradient, no zero buffers for them.
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
@@ -185,8 +188,9 @@ def _backward(ctx, grad_loss, *_grad_of_grads):
         grads = [_scaled(g, grad_loss, own) if want else None for g, want in zip(saved, ctx.wants)]
     else:
         hidden, weight, bias, sigma, x_t, x0, row_scale = saved[-7:]
-        _, *grads = fused_linear_loss(hidden, weight, bias, sigma, x_t, x0, row_scale * grad_loss,
-                                      *ctx.spec_args, True, *ctx.wants)
+        with torch.no_grad():  # the pass's gradients are this backward's constants (`check_once`)
+            _, *grads = fused_linear_loss(hidden, weight, bias, sigma, x_t, x0, row_scale * grad_loss,
+                                          *ctx.spec_args, True, *ctx.wants)
         grads = [g if want else None for g, want in zip(grads, ctx.wants)]
     if not ctx.has_bias:
         grads[2] = None
