@@ -106,27 +106,30 @@ def check_once(ctx, saved: torch.Tensor | None) -> None:
     wrapped = saved is not None and torch._C._functorch.is_functorch_wrapped_tensor(saved)
     if not wrapped and not torch._C._are_functorch_transforms_active():
         raise RuntimeError(_ONCE)
-    levels = [i for i in retrieve_all_functorch_interpreters() if i.key() in (TransformType.Grad, TransformType.Jvp)]
-    # A wrapper's level, or a negative number for a plain tensor or a wrapper whose level has
-    # exited (vjp_fn called after vjp returned, as jacrev does): then every live level is outside.
-    level = -1 if saved is None else torch._C._functorch.maybe_get_level(saved)
-    if any(level < 0 or i.level() < level for i in levels):
-        raise RuntimeError(_ONCE)
-    base = getattr(ctx, "base_requires_grad", False)
-    if base and (level < 0 or any(i.prev_grad_mode() for i in levels if i.level() == level)):
-        raise RuntimeError(_ONCE_BASE)
+    check_outer_levels(saved)
+    if getattr(ctx, "base_requires_grad", False):
+        level, levels = _levels(saved)
+        if level < 0 or any(i.prev_grad_mode() for i in levels if i.level() == level):
+            raise RuntimeError(_ONCE_BASE)
 
 
-def check_outer_levels(saved: torch.Tensor) -> None:
+def check_outer_levels(saved: torch.Tensor | None) -> None:
     """Raises under a differentiating torch.func transform (grad, jvp) outside the forward's level
     (``saved``'s): the tangent rule's saved gradient is a constant of the forward, so a second
     derivative through it (``jacfwd(jacfwd)``) would come out as zeros."""
     if not torch._C._are_functorch_transforms_active():
         return
-    level = torch._C._functorch.maybe_get_level(saved)
-    levels = [i for i in retrieve_all_functorch_interpreters() if i.key() in (TransformType.Grad, TransformType.Jvp)]
+    level, levels = _levels(saved)
     if any(level < 0 or i.level() < level for i in levels):
         raise RuntimeError(_ONCE)
+
+
+def _levels(saved: torch.Tensor | None) -> tuple[int, list]:
+    """(``saved``'s torch.func level, the live differentiating levels: grad and jvp). The level is
+    negative for a plain tensor or a wrapper whose level has exited (a vjp_fn called after vjp
+    returned, as jacrev does): then every live level is outside it."""
+    level = -1 if saved is None else torch._C._functorch.maybe_get_level(saved)
+    return level, [i for i in retrieve_all_functorch_interpreters() if i.key() in (TransformType.Grad, TransformType.Jvp)]
 
 
 def _unit(factor: torch.Tensor) -> bool:

@@ -150,7 +150,7 @@ from . import _args, _ops
 from ._args import check_warm
 from .integrate import run as run_step
 from .reference import WARM_CODES
-from .schedules import LogisticProposal, _check_range, _sigmoid, alpha, sigma
+from .schedules import LogisticProposal, _check_range, _sigmoid, _softplus, alpha, sigma
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 METHODS = ("importance", "quadrature")
@@ -308,10 +308,6 @@ def _check_x(x: object, data: str) -> torch.Tensor:
     x = v.check_float_tensor("x", x)
     _args.check_finite("x", x, eager=True)
     return x
-
-
-def _softplus(t: float) -> float:
-    return max(t, 0.0) + math.log1p(math.exp(-abs(t)))
 
 
 class _Plan:

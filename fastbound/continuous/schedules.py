@@ -49,9 +49,14 @@ def sigma(logsnr) -> torch.Tensor:
     return torch.sigmoid(-_as_float64(logsnr)).sqrt()
 
 
+def _softplus(t: float) -> float:
+    """log(1 + e^t) for a float, exact in both tails."""
+    return max(t, 0.0) + math.log1p(math.exp(-abs(t)))
+
+
 def _log_sigmoid(y: float) -> float:
-    """log(1 / (1 + e^{-y})) for a float, exact in both tails."""
-    return -(max(-y, 0.0) + math.log1p(math.exp(-abs(y))))
+    """log(1 / (1 + e^{-y})) = −softplus(−y) for a float."""
+    return -_softplus(-y)
 
 
 def _sigmoid(y: float) -> float:

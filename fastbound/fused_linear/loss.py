@@ -156,12 +156,12 @@ def _setup_context(ctx, inputs, output):
     # fp16 gradients written with the row scale alone may have lost bits to fp16's narrow range
     # that the upstream factor (a GradScaler's) would have kept: the inputs are kept to run the
     # pass again with that factor (as for reduction="none").
-    inputs = (hidden, weight, bias, sigma, x_t, x0, row_scale)
-    if ctx.reduce:
-        again = any(ctx.wants) and hidden.dtype == torch.float16
-        ctx.save_for_backward(level, *output[1:], *(inputs if again else ()))
+    passed = (hidden, weight, bias, sigma, x_t, x0, row_scale)
+    ctx.rerun = not ctx.reduce or (any(ctx.wants) and hidden.dtype == torch.float16)
+    if not ctx.reduce:
+        ctx.save_for_backward(level, *passed)
     else:
-        ctx.save_for_backward(level, *inputs)
+        ctx.save_for_backward(level, *output[1:], *(passed if ctx.rerun else ()))
     # The gradient outputs are constants of the forward: no gradient, no zero buffers for them.
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
@@ -182,7 +182,7 @@ def _backward(ctx, grad_loss, *_grad_of_grads):
     loss, *saved = ctx.saved_tensors
     if not v.tracing(grad_loss):
         _ops.check_once(ctx, loss)
-    rerun = not ctx.reduce or (len(saved) > 3 and not _ops.batched(grad_loss) and not _ops._unit(grad_loss.reshape(1)))
+    rerun = not ctx.reduce or (ctx.rerun and not _ops.batched(grad_loss) and not _ops._unit(grad_loss.reshape(1)))
     if not rerun:
         own = not v.tracing(grad_loss) and not _ops.batched(grad_loss) and _ops.may_hand_out(ctx)
         grads = [_scaled(g, grad_loss, own) if want else None for g, want in zip(saved, ctx.wants)]
