@@ -63,8 +63,12 @@ def batched(t: torch.Tensor) -> bool:
     return torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def _vmapped(t: torch.Tensor | None) -> bool:
-    """Whether ``t`` is a vmap wrapper at some torch.func level (under grad levels' wrappers too)."""
+def vmapped(t: torch.Tensor | None) -> bool:
+    """Whether ``t`` carries a batch dimension: ``is_grads_batched``'s legacy wrapper, or a vmap
+    wrapper at some torch.func level (under grad levels' wrappers too). Unlike `batched`, a
+    torch.func.grad wrapper alone is not."""
+    if t is not None and torch._C._functorch.is_legacy_batchedtensor(t):
+        return True
     while t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
         if torch._C._functorch.is_batchedtensor(t):
             return True
@@ -335,8 +339,7 @@ def _fused_backward(ctx, upstream, *_):
         if not ctx.need_grad:
             raise RuntimeError("the fused loss ran without its gradient (the scores did not require grad)")
         factor = upstream if live is None else upstream * live
-        if score is not None and not (_vmapped(factor) or torch._C._functorch.is_legacy_batchedtensor(factor)) \
-                and not _unit(factor):
+        if score is not None and not vmapped(factor) and not _unit(factor):
             d_score = _recompute(ctx.kernel, score, sigma, row_scale, live, factor)
         else:
             d_score = chain_rows(ctx, grad, factor, (x_t, x0, *ctx.kernel.zero_ints), ctx.kernel.scale)
@@ -401,7 +404,7 @@ class FusedLossWithTangents(torch.autograd.Function):
         if inplace:
             raise RuntimeError("fastbound's losses with inplace=True cannot run under torch.func.vmap; use inplace=False")
         for name in ("x_t", "x0"):
-            if _vmapped(getattr(kernel, name, None)):
+            if vmapped(getattr(kernel, name, None)):
                 raise ValueError(f"fastbound's losses vmap over the scores only, "
                                  f"not over {name}: keep {name} outside the vmapped function (in_dims=None)")
 

@@ -114,3 +114,21 @@ def test_torch_func_grad_recomputes_too(kind):
     exact = grad_of(loss_of(ref, kind, sigma, x_t, x0, "mean"), score.double(), UPSTREAMS["scaler"])
     got = torch.func.grad(lambda s: loss_of(fb, kind, sigma, x_t, x0, "mean")(s) * 2.0**16)(score)
     assert off_ideal(got, exact) <= MAX_OFF
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_head_under_torch_func_grad_reruns_too(kind):
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(512, 64, generator=g).half()
+    weight = (torch.randn(300, 64, generator=g) / 8).half()
+    _, sigma, x_t, x0 = make_case(kind, (512,), 300, torch.float16, mask_frac=0.5)
+    sigma = sigma.reshape(512)
+
+    def fused(h):
+        if kind == "dce":
+            return fused_linear_dce_loss(h, weight, None, x_t, x0, reduction="mean") * 2.0**16
+        return fused_linear_dse_loss(h, weight, None, sigma, x_t, x0, graph=kind, reduction="mean") * 2.0**16
+
+    hd = hidden.double().requires_grad_()
+    (loss_of(ref, kind, sigma, x_t, x0, "mean")(hd @ weight.double().T) * 2.0**16).backward()
+    assert off_ideal(torch.func.grad(fused)(hidden), hd.grad) <= 5 * MAX_OFF

@@ -182,7 +182,7 @@ def _backward(ctx, grad_loss, *_grad_of_grads):
     loss, *saved = ctx.saved_tensors
     if not v.tracing(grad_loss):
         _ops.check_once(ctx, loss)
-    rerun = not ctx.reduce or (ctx.rerun and not _ops.batched(grad_loss) and not _ops._unit(grad_loss.reshape(1)))
+    rerun = not ctx.reduce or (ctx.rerun and not _ops.vmapped(grad_loss) and not _ops._unit(grad_loss.reshape(1)))
     if not rerun:
         own = not v.tracing(grad_loss) and not _ops.batched(grad_loss) and _ops.may_hand_out(ctx)
         grads = [_scaled(g, grad_loss, own) if want else None for g, want in zip(saved, ctx.wants)]
