@@ -72,8 +72,8 @@ def test_denoising_loss(upstream):
         assert off_ideal(got, exact) <= MAX_OFF
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_fused_head(kind):
+def head_case(kind):
+    """fp16 hidden states and head, ids and sigma, and the fused mean loss of (hidden, weight)."""
     g = torch.Generator().manual_seed(2)
     hidden = torch.randn(512, 64, generator=g).half()
     weight = (torch.randn(300, 64, generator=g) / 8).half()
@@ -85,6 +85,12 @@ def test_fused_head(kind):
             return fused_linear_dce_loss(h, w, None, x_t, x0, reduction="mean")
         return fused_linear_dse_loss(h, w, None, sigma, x_t, x0, graph=kind, reduction="mean")
 
+    return hidden, weight, sigma, x_t, x0, fused
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_head(kind):
+    hidden, weight, sigma, x_t, x0, fused = head_case(kind)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     (fused(h, w) * 2.0**16).backward()
     hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
@@ -118,17 +124,8 @@ def test_torch_func_grad_recomputes_too(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_fused_head_under_torch_func_grad_reruns_too(kind):
-    g = torch.Generator().manual_seed(2)
-    hidden = torch.randn(512, 64, generator=g).half()
-    weight = (torch.randn(300, 64, generator=g) / 8).half()
-    _, sigma, x_t, x0 = make_case(kind, (512,), 300, torch.float16, mask_frac=0.5)
-    sigma = sigma.reshape(512)
-
-    def fused(h):
-        if kind == "dce":
-            return fused_linear_dce_loss(h, weight, None, x_t, x0, reduction="mean") * 2.0**16
-        return fused_linear_dse_loss(h, weight, None, sigma, x_t, x0, graph=kind, reduction="mean") * 2.0**16
-
+    hidden, weight, sigma, x_t, x0, fused = head_case(kind)
     hd = hidden.double().requires_grad_()
     (loss_of(ref, kind, sigma, x_t, x0, "mean")(hd @ weight.double().T) * 2.0**16).backward()
-    assert off_ideal(torch.func.grad(fused)(hidden), hd.grad) <= 5 * MAX_OFF
+    got = torch.func.grad(lambda h: fused(h, weight) * 2.0**16)(hidden)
+    assert off_ideal(got, hd.grad) <= 5 * MAX_OFF
