@@ -620,6 +620,24 @@ def test_opcheck(device, backend):
 X = torch.randn(2, 3)
 
 
+@pytest.mark.parametrize("device, backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_perturb_finds_a_non_finite_x_anywhere(device, backend, dtype, bad):
+    """The CPU kernel checks x as it reads it (no separate pass); the other backends check before.
+    The bad value in a vector group of the first tile, in a later tile and in a row's scalar tail;
+    the dtype's largest finite values pass, with and without warm-up noise."""
+    x = torch.full((3, 1100), torch.finfo(dtype).max, dtype=dtype)
+    x[1, ::2] = -torch.finfo(dtype).max
+    for warm in (None, "laplace"):
+        perturb(x.to(device), 0.0, warm=warm, warm_std=0.5 if warm else 0.0, backend=backend)
+    for row, col in ((0, 3), (1, 700), (2, 1099)):
+        y = x.clone()
+        y[row, col] = bad
+        with pytest.raises(ValueError, match="x must be finite everywhere"):
+            perturb(y.to(device), 0.0, backend=backend)
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda: perturb(torch.tensor([[1.0, math.nan]]), 0.0), ValueError, "x must be finite"),
     (lambda: perturb(torch.ones(2, 3, dtype=torch.int64), 0.0), TypeError, "x must have dtype"),

@@ -81,30 +81,36 @@ FB_LANE void store(scalar_t* p, f32xw v) {
   }
 }
 
-// bfloat16 in two 16-lane halves joined by a shuffle (one register pair on AVX-512): moving
-// 8-lane parts through memory, as above, spills the 32 lanes to the stack and took ~20% more
-// time in perturb than float. The store rounds as convert.h's float_to_bf16_bits does, to the
-// same bits, with its NaN test made of integer arithmetic: a compare this wide is split into
-// scalar lanes by GCC (see the top of this file).
+// Float and bfloat16 move in 16-lane parts: assembling the 32 lanes from 8-lane ones, as above
+// (for float16), goes through the stack, whose 256-bit stores a 512-bit reload cannot forward,
+// and a shuffle joining two 16-lane halves is lowered lane by lane. The bfloat16 store rounds as
+// convert.h's float_to_bf16_bits does, to the same bits, with its NaN test made of integer
+// arithmetic: a compare wider than the target's registers is split into scalar lanes by GCC.
+FB_LANE f32xw load(const float* p) {
+  f32xw v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+FB_LANE void store(float* p, f32xw v) { std::memcpy(p, &v, sizeof v); }
 FB_LANE f32xw load(const c10::BFloat16* p) {
-  u16x16 lo, hi;
-  std::memcpy(&lo, p, sizeof lo);
-  std::memcpy(&hi, p + 16, sizeof hi);
-  const u32x16 a = widen(lo) << 16, b = widen(hi) << 16;
-  return (f32xw)__builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
-                                        21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+  f32xw v;
+  for (int64_t k = 0; k < kWidth; k += 16) {
+    u16x16 h;
+    std::memcpy(&h, p + k, sizeof h);
+    const u32x16 part = widen(h) << 16;
+    std::memcpy(reinterpret_cast<char*>(&v) + 4 * k, &part, sizeof part);
+  }
+  return v;
 }
 FB_LANE void store(c10::BFloat16* p, f32xw v) {
-  const u32xw u = (u32xw)v;
-  const u32xw rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const u32xw nan = (u32xw)((0x7F800000 - (i32xw)(u & 0x7FFFFFFFu)) >> 31);  // all ones where |v| is NaN
-  const u32xw bits = (rounded & ~nan) | (nan & 0x7FC0u);
-  const u16x16 lo = narrow(u32x16(__builtin_shufflevector(bits, bits, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                                          14, 15)));
-  const u16x16 hi = narrow(u32x16(__builtin_shufflevector(bits, bits, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27,
-                                                          28, 29, 30, 31)));
-  std::memcpy(p, &lo, sizeof lo);
-  std::memcpy(p + 16, &hi, sizeof hi);
+  for (int64_t k = 0; k < kWidth; k += 16) {
+    u32x16 u;
+    std::memcpy(&u, reinterpret_cast<const char*>(&v) + 4 * k, sizeof u);
+    const u32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const u32x16 nan = (u32x16)((0x7F800000 - (i32x16)(u & 0x7FFFFFFFu)) >> 31);  // all ones where NaN
+    const u16x16 h = narrow((rounded & ~nan) | (nan & 0x7FC0u));
+    std::memcpy(p + k, &h, sizeof h);
+  }
 }
 
 // eps of n elements from their words w0, w1 (continuous::eps_of), rounded to scalar_t:
