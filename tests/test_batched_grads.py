@@ -317,11 +317,39 @@ def test_per_example_gradients_with_their_own_eps():
     torch.testing.assert_close(torch.func.vmap(ours)(eps_hat, eps), torch.func.vmap(oracle)(eps_hat, eps))
 
 
-def test_vmap_over_ids_raises_clearly():
-    score, sigma, x_t, x0 = case("dce")
-    batch_ids = torch.stack([x_t, x_t])
-    with pytest.raises((ValueError, RuntimeError), match="x_t|check_loss_ids"):
-        torch.func.vmap(lambda s, t: fb.dce_loss(s, t, x0, reduction="sum"))(torch.stack([score, score]), batch_ids)
+@pytest.mark.parametrize("name", ["x_t", "x0", "sigma"])
+def test_vmap_over_ids_or_sigma_names_the_argument(name):
+    """The ids and sigma are checked on the host in one C++ pass, which has no batching rule: a vmap
+    over them is refused by name (a vmap over the scores and the weight is supported)."""
+    score, sigma, x_t, x0 = case("absorb")
+    args = {"sigma": sigma, "x_t": x_t, "x0": x0}
+    batched = torch.stack([args[name], args[name]])
+
+    def loss(s, a):
+        call = {**args, name: a}
+        return fb.dse_loss(s, call["sigma"], call["x_t"], call["x0"], graph="absorb", reduction="sum")
+
+    with pytest.raises(ValueError, match=f"vmap over {name} is not supported"):
+        torch.func.vmap(loss)(torch.stack([score, score]), batched)
+    if name != "sigma":
+        with pytest.raises(ValueError, match=f"vmap over {name} is not supported"):
+            torch.func.vmap(lambda s, a: fb.dce_loss(s, *((a, x0) if name == "x_t" else (x_t, a)),
+                                                     reduction="sum"))(torch.stack([score, score]), batched)
+
+
+@pytest.mark.parametrize("kind", ["absorb", "dce"])
+def test_vmap_over_the_weight_matches_a_loop(kind):
+    score, sigma, x_t, x0 = case(kind)
+    weights = torch.rand(3, score.shape[0], dtype=score.dtype)
+    scores = torch.stack([score, score * 0.5, score - 1])
+    if kind == "dce":
+        loss = lambda s, w: fb.dce_loss(s, x_t, x0, weight=w, reduction="sum")
+    else:
+        loss = lambda s, w: fb.dse_loss(s, sigma, x_t, x0, graph="absorb", weight=w, reduction="sum")
+    torch.testing.assert_close(torch.func.vmap(loss)(scores, weights),
+                               torch.stack([loss(s, w) for s, w in zip(scores, weights)]))
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(scores, weights),
+                               torch.stack([torch.func.grad(loss)(s, w) for s, w in zip(scores, weights)]))
 
 
 # ----------------------------------------------------------------------------- torch.func: the fused head
