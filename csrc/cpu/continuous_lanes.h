@@ -83,9 +83,8 @@ FB_LANE void store(scalar_t* p, f32xw v) {
 
 // Float and bfloat16 move in 16-lane parts: assembling the 32 lanes from 8-lane ones, as above
 // (for float16), goes through the stack, whose 256-bit stores a 512-bit reload cannot forward,
-// and a shuffle joining two 16-lane halves is lowered lane by lane. The bfloat16 store rounds as
-// convert.h's float_to_bf16_bits does, to the same bits, with its NaN test made of integer
-// arithmetic: a compare wider than the target's registers is split into scalar lanes by GCC.
+// and a shuffle joining two 16-lane halves is lowered lane by lane. The bfloat16 store takes
+// float_to_bf16_bits's wide form: sixteen lanes exceed the registers of every target but AVX-512.
 FB_LANE f32xw load(const float* p) {
   f32xw v;
   std::memcpy(&v, p, sizeof v);
@@ -104,11 +103,9 @@ FB_LANE f32xw load(const c10::BFloat16* p) {
 }
 FB_LANE void store(c10::BFloat16* p, f32xw v) {
   for (int64_t k = 0; k < kWidth; k += 16) {
-    u32x16 u;
-    std::memcpy(&u, reinterpret_cast<const char*>(&v) + 4 * k, sizeof u);
-    const u32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const u32x16 nan = (u32x16)((0x7F800000 - (i32x16)(u & 0x7FFFFFFFu)) >> 31);  // all ones where NaN
-    const u16x16 h = narrow((rounded & ~nan) | (nan & 0x7FC0u));
+    f32x16 part;
+    std::memcpy(&part, reinterpret_cast<const char*>(&v) + 4 * k, sizeof part);
+    const u16x16 h = narrow(float_to_bf16_bits</*kWide=*/true>(part));
     std::memcpy(p + k, &h, sizeof h);
   }
 }

@@ -220,12 +220,6 @@ FB_V4 u32x16 load_words16(const void* p) {
   std::memcpy(&w, p, sizeof w);
   return w;
 }
-// convert.h's float_to_bf16_bits on sixteen lanes (round to nearest even, NaN kept quiet).
-FB_V4 u32x16 bf16_bits(f32x16 x) {
-  const u32x16 u = (u32x16)x;
-  const u32x16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return x != x ? u32x16{} + 0x7FC0u : rounded;
-}
 
 template <bool kGrad, typename scalar_t>
 __attribute__((target("arch=x86-64-v4"))) float squared_error_v4(const scalar_t* __restrict eh,
@@ -256,7 +250,7 @@ __attribute__((target("arch=x86-64-v4"))) float squared_error_v4(const scalar_t*
       a += d_even * d_even;  // (s0, s2)
       b += d_odd * d_odd;    // (s1, s3)
       if constexpr (kGrad) {
-        const u32x16 w = bf16_bits(-scale * d_even) | (bf16_bits(-scale * d_odd) << 16);
+        const u32x16 w = float_to_bf16_bits(-scale * d_even) | (float_to_bf16_bits(-scale * d_odd) << 16);
         std::memcpy(g + i, &w, sizeof w);
       }
     }

@@ -69,12 +69,22 @@ FB_INLINE auto half_bits_to_float(U h) {
   return bits_to_float(sign | result);
 }
 
-template <typename F>
+// kWide: x may be wider than the target's registers, whose selects GCC 12 splits into scalar
+// lanes; the NaN test is then integer arithmetic (|x|'s bits above infinity's make
+// 0x7F800000 - |x| negative, and an arithmetic shift spreads its sign over the lane), at the
+// cost of two more instructions than the select at native widths.
+template <bool kWide = false, typename F>
 FB_INLINE auto float_to_bf16_bits(F x) {
   using U = decltype(float_to_bits(x));
   const U u = float_to_bits(x);
   const U rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return x != x ? U{} + 0x7FC0u : rounded;
+  if constexpr (kWide) {
+    static_assert(std::is_same_v<F, f32x16>, "the wide form is written for sixteen lanes");
+    const U nan = (U)((0x7F800000 - (i32x16)(u & 0x7FFFFFFFu)) >> 31);
+    return (rounded & ~nan) | (nan & 0x7FC0u);
+  } else {
+    return x != x ? U{} + 0x7FC0u : rounded;
+  }
 }
 
 template <typename F>
