@@ -112,11 +112,11 @@ def test_perturb_16_bit_outputs_round_as_torch_does(device, backend, dtype):
     """x̃ = x + 1.0·u of the uniform law takes no transcendental and the same float32 sum in the kernel
     and the oracle, so the 16-bit x̃ differ only if the kernel's rounding does: every finite 16-bit x
     (all exponents, subnormals, both zeros) against the oracle's `.to(dtype)`, bit for bit. The CPU
-    kernel's vector lanes take 32 values at a time and the tail one at a time (n = 32k + 5)."""
+    kernel's vector lanes take 64 (or 32) values at a time and the tail one at a time (n = 64k + 37)."""
     bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
     x = bits.view(dtype)
     x = x[torch.isfinite(x.float())]
-    x = torch.cat([x, x[:(5 - x.numel()) % 32]]).reshape(1, -1).to(device)
+    x = torch.cat([x, x[:(37 - x.numel()) % 64]]).reshape(1, -1).to(device)
     got = perturb(x, 0.0, warm="uniform", warm_std=1.0, seed=3, offset=11, return_warm=True, backend=backend)
     want = R.perturb(x, 0.0, warm="uniform", warm_std=1.0, seed=3, offset=11)
     assert torch.equal(got.x_warm.view(torch.int16), want[2].view(torch.int16))
@@ -225,7 +225,7 @@ def test_perturb_counters_follow_offset_plus_flat_index(device, backend):
 @pytest.mark.parametrize("law", LAWS)
 def test_perturb_element_does_not_depend_on_its_position(device, backend, law):
     """An element's noise is a function of its counter alone, bit for bit, wherever it falls: in a
-    vector of the CPU kernel's lanes (32 wide), in the scalar tail of a row, in either at another
+    vector of the CPU kernel's lanes (64 or 32 wide), in the scalar tail of a row, in either at another
     lane (the call's offset shifts which). The regenerating loss sees the same eps."""
     x = torch.full((1, 200), 0.25, device=device)
     full = perturb(x, 0.5, warm=law, warm_std=0.3 if law else 0.0, seed=6, offset=40, return_warm=True,

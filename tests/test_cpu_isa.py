@@ -6,9 +6,10 @@ for bit. Each path runs in its own process (the variable is read once), on the s
 every dtype, odd vocabularies around the lane widths, the DCE's 2048-column chunks, in place
 and not, and scores out of the exp's normal range (±100, ±inf, NaN); and the continuous loss and
 integration step (their 16-lane loops follow the same switch); and the continuous noise, whose
-Philox words come from 16-counter AVX-512 groups or 8-counter AVX2 ones by the same switch
-(perturb under every law and the regenerating loss, at counters that carry), as the discrete perturb's
-words are (both graphs, Bernoulli and exact-k). On a CPU without AVX-512
+Philox words come from 16-counter AVX-512 groups or 8-counter AVX2 ones, and whose transforms
+run on 64 or 32 lanes, by the same switch (perturb under every law and the regenerating loss,
+at counters that carry), as the discrete perturb's words are (both graphs, Bernoulli and
+exact-k). On a CPU without AVX-512
 both processes run the 8-lane path and the comparison still checks that the override is harmless.
 """
 
@@ -89,10 +90,11 @@ WORKER = textwrap.dedent(
             out[key + "/integrate"] = acc
 
     # The continuous noise (csrc/cpu/continuous_words.h: 16-counter AVX-512 groups against 8-counter
-    # AVX2 ones): perturb under every law and the regenerating loss, d around the groups' widths,
-    # offsets where the counter's low word wraps inside a group and where the whole counter wraps.
+    # AVX2 ones; continuous_lanes.h: 64-lane transforms against 32-lane ones): perturb under every
+    # law and the regenerating loss, d around the groups' and transforms' widths, offsets where the
+    # counter's low word wraps inside a group and where the whole counter wraps.
     for dname, dtype in DTYPES.items():
-        for d in (1, 15, 16, 17, 31, 33, 47, 512 + 37, 3 * 32 * 32 + 5):
+        for d in (1, 15, 16, 17, 31, 33, 47, 64 + 33, 512 + 37, 3 * 32 * 32 + 5):
             g = torch.Generator().manual_seed(d)
             x = torch.randn(3, d, generator=g).to(dtype)
             lam = torch.tensor([-4.0, 0.5, 6.0], dtype=torch.float64)

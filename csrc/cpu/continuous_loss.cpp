@@ -329,8 +329,20 @@ inline double tile_sum(const scalar_t* eh, const scalar_t* e, scalar_t* g, int64
 // eps of elements first .. first + n - 1, rounded to scalar_t as perturb returns it
 // (through a float tile for 16-bit types: the conversion inline would keep the loop scalar).
 template <typename acc_t>
-FB_CPU_CLONES void eps_tile(const uint32_t* w0, const uint32_t* w1, int64_t n, acc_t* out) {
-  continuous_lanes::eps_lanes(w0, w1, n, out);
+FB_CPU_CLONES void eps_tile_lanes(const uint32_t* w0, const uint32_t* w1, int64_t n, acc_t* out) {
+  continuous_lanes::eps_lanes<continuous_lanes::kWidth>(w0, w1, n, out);
+}
+template <typename acc_t>
+FB_CPU_WIDE void eps_tile_wide(const uint32_t* w0, const uint32_t* w1, int64_t n, acc_t* out) {
+  continuous_lanes::eps_lanes<continuous_lanes::kWideWidth>(w0, w1, n, out);
+}
+template <typename acc_t>
+void eps_tile(const uint32_t* w0, const uint32_t* w1, int64_t n, acc_t* out) {
+  if (wide_lanes()) {
+    eps_tile_wide(w0, w1, n, out);
+  } else {
+    eps_tile_lanes(w0, w1, n, out);
+  }
 }
 
 template <typename scalar_t>
