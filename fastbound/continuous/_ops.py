@@ -60,10 +60,14 @@ def _perturb_setup(ctx, inputs, output):
 
 
 def _perturb_backward(ctx, grad_z, grad_eps, grad_warm):
+    # In α's (the compute) dtype, rounded once to x's, as the oracle's autograd does: α rounded
+    # to a 16-bit dtype first would be off by its rounding, and 0 below float16's range.
     (alpha,) = ctx.saved_tensors
-    grad_x = None if grad_z is None else grad_z * alpha.to(grad_z.dtype)[:, None]
+    grad_x = None if grad_z is None else grad_z.to(alpha.dtype) * alpha[:, None]
     if ctx.return_warm and grad_warm is not None:
-        grad_x = grad_warm if grad_x is None else grad_x + grad_warm
+        grad_x = grad_warm if grad_x is None else (grad_x + grad_warm.to(alpha.dtype)).to(grad_warm.dtype)
+    elif grad_x is not None:
+        grad_x = grad_x.to(grad_z.dtype)
     return (grad_x,) + (None,) * 7
 
 
@@ -86,7 +90,7 @@ def perturb(backend, x, alpha, sigma, law, warm_std, seed, offset, return_warm):
         return op(x, alpha, sigma, law, warm_std, seed, offset, return_warm)
     z, eps, x_warm = op(x.detach(), alpha, sigma, law, warm_std, seed, offset, return_warm)
     dx = x - x.detach()
-    z = z + alpha.to(z.dtype)[:, None] * dx
+    z = z + (alpha[:, None] * dx.to(alpha.dtype)).to(z.dtype)  # the tangent rounded once, as in backward
     return z, eps, x_warm + dx if return_warm else x_warm
 
 
