@@ -437,3 +437,22 @@ def test_fused_head_torch_func_grad_of_unreduced(kind):
     fused, oracle = head_loss(kind, sigma, x_t, x0, "none"), unfused(kind, sigma, x_t, x0, "none")
     torch.testing.assert_close(torch.func.grad(lambda h: fused(h, weight, bias).sum())(hidden),
                                torch.func.grad(lambda h: oracle(h, weight, bias).sum())(hidden))
+
+
+def test_continuous_vmap_over_checked_inputs_names_the_argument():
+    """perturb's x and logsnr and the loss's weight are value-checked on the host and the ops have no
+    batching rule: a vmap over one of them (directly or under grad, as in per-sample gradients) is a
+    ValueError naming it; jacrev of perturb (no vmap over its inputs' values) still runs."""
+    from fastbound.continuous import perturb
+
+    x, lam = torch.randn(4, 2, 8), torch.zeros(2)
+    cases = [("x", lambda xx: perturb(xx, lam, seed=0).z, x),
+             ("logsnr", lambda ll: perturb(x[0], ll, seed=0).z, torch.zeros(4, 2)),
+             ("weight", lambda w: denoising_loss(x[0], x[1], weight=w), torch.ones(4, 2)),
+             ("x", torch.func.grad(lambda xx: perturb(xx, lam, seed=0).z.sum()), x)]
+    for name, fn, arg in cases:
+        with pytest.raises(ValueError, match=f"vmap over {name} is not supported"):
+            torch.func.vmap(fn)(arg)
+    jac = torch.func.jacrev(lambda xx: perturb(xx, lam, seed=0).z)(x[0])
+    alpha = cref.alpha_sigma(lam)[0].float()
+    assert torch.allclose(jac.reshape(16, 16).diagonal(), alpha.repeat_interleave(8))
