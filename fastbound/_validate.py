@@ -232,6 +232,15 @@ def check_tensor(name: str, value: object) -> torch.Tensor:
     return value
 
 
+def check_accumulator(name: str, t: torch.Tensor) -> None:
+    """An accumulator the integration steps add into in place, below autograd: one that requires
+    grad (under grad mode) would get no gradient, where PyTorch refuses an in-place op on a leaf
+    that requires grad, so it is refused too."""
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad: the step adds into it in place, outside autograd, so no "
+                         f"gradient would reach it; pass a tensor that does not require grad (e.g. {name}.detach())")
+
+
 def check_float_tensor(name: str, value: object, dtypes=FLOAT_DTYPES) -> torch.Tensor:
     t = check_tensor(name, value)
     if t.dtype not in dtypes:

@@ -104,6 +104,7 @@ def integrate_step(
     acc = v.check_float_tensor("acc", acc, (torch.float64,))
     if acc.dim() != 2 or acc.shape[1] != 2 or not acc.is_contiguous():
         raise ValueError(f"acc must be a contiguous (S, 2) float64 tensor, got shape {tuple(acc.shape)}")
+    v.check_accumulator("acc", acc)
     v.check_same_device(out.device, x_t=x_t, x0=x0, acc=acc, index=index)
     v.check_size("out", n_seq * length, "positions")
     v.check_size("out", n_cols, "columns")

@@ -348,3 +348,23 @@ def test_writing_acc_bumps_its_version(backend):
     assert acc._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         saved.backward()
+
+
+def test_an_accumulator_that_requires_grad_is_refused_by_name():
+    """Both integration steps add into acc in place below autograd, so an acc that requires grad
+    would get no gradient (PyTorch refuses an in-place op on such a leaf): a ValueError naming acc,
+    on the first call and on the cached fast path; under no_grad the update runs, as torch's would."""
+    import fastbound.continuous as fc
+
+    acc = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    calls = [lambda: integrate_step(torch.randn(1, 3, 5), torch.full((1, 3), 4), torch.tensor([[1, 2, 3]]),
+                                    torch.tensor([0.5]), 1.0, acc)]
+    calls += [lambda: fc.integrate_step(torch.randn(1, 4), torch.randn(1, 4), acc, weight=1.0)] * 2
+    fc.integrate_step(torch.randn(1, 4), torch.randn(1, 4), torch.zeros(1, 2, dtype=torch.float64), weight=1.0)
+    for call in calls:
+        with pytest.raises(ValueError, match="acc requires grad"):
+            call()
+    assert torch.equal(acc, torch.zeros(1, 2, dtype=torch.float64))
+    with torch.no_grad():
+        calls[1]()
+    assert bool((acc[:, 1] > 0).all())

@@ -107,7 +107,9 @@ def _cpu_step(eps_hat: torch.Tensor, eps: torch.Tensor | None, acc: torch.Tensor
 
 
 def check_writable(acc: torch.Tensor) -> None:
-    """PyTorch's rule for in-place updates of inference tensors (the op runs below autograd)."""
+    """PyTorch's rule for in-place updates of inference tensors (the op runs below autograd), and
+    no accumulator that requires grad (`fastbound._validate.check_accumulator`)."""
+    v.check_accumulator("acc", acc)
     if acc.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError("acc is an inference tensor: update it inside torch.inference_mode() (PyTorch forbids "
                            "in-place updates to inference tensors outside it), or pass a normal tensor")
