@@ -215,6 +215,12 @@ class ValueChecks:
             raise ValueError(self._checks[first][1]())
 
 
+def check_flag(name: str, value: object) -> None:
+    """A Python bool (a truthy string such as "no" must not switch a write over the scores on)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+
+
 def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
     choices = tuple(choices)
     if value not in choices:

@@ -122,6 +122,7 @@ def _prepare(score, x_t, x0, weight, reduction, ignore_index, backend, inplace, 
     flat = score.reshape(n, n_cols)
     if n_cols > 1 and flat.stride(1) != 1:
         flat = flat.contiguous()
+    v.check_flag("inplace", inplace)
     if inplace:
         _check_inplace(score, flat, score_name)
     ids = (_flat_ids(x_t, n), _flat_ids(x0, n))
@@ -455,7 +456,7 @@ def dse_loss(
     Uniform graph: SEDD's ``Uniform.score_entropy`` with :math:`\rho = a/(a+N)`, :math:`a = e^\sigma-1`
     (see `fastbound.reference.dse_uniform`). Returns float32 (float64 for float64 scores).
     """
-    if graph not in _names.GRAPH_CODES:
+    if not isinstance(graph, str) or graph not in _names.GRAPH_CODES:  # a list is unhashable
         v.check_choice("graph", graph, _names.GRAPH_CODES)
     key = _fast_key("dse", score, x_t, x0, weight, sigma, reduction, ignore_index, backend, inplace)
     if _FAST.get(key):

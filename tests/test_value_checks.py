@@ -333,3 +333,17 @@ def test_async_mode_raises_on_the_device():
                          capture_output=True, text=True, timeout=300)
     assert "launched" in run.stdout and "no assert" not in run.stdout, run.stdout + run.stderr
     assert run.returncode != 0 and "device-side assert" in run.stderr, run.stderr[-2000:]
+
+
+def test_flag_and_choice_arguments_are_checked_by_type():
+    """`inplace` switches a write over the scores on: only True or False is taken (the string "no" is
+    truthy); an unhashable `graph` gets the choice's ValueError, not a TypeError from a dict lookup."""
+    import fastbound as fb
+
+    s, x_t, x0, sigma = torch.randn(2, 3, 5), torch.full((2, 3), 4), torch.randint(0, 4, (2, 3)), torch.ones(2, 1)
+    for call in (lambda: fb.dse_loss(s, sigma, x_t, x0, inplace="no"), lambda: fb.dce_loss(s, x_t, x0, inplace=1)):
+        with pytest.raises(TypeError, match="inplace must be True or False"):
+            call()
+    with pytest.raises(ValueError, match="graph must be one of"):
+        fb.dse_loss(s, sigma, x_t, x0, graph=["absorb"])
+    assert fb.dse_loss(s, sigma, x_t, x0, inplace=False).shape == (2, 3)
