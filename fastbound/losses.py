@@ -184,7 +184,7 @@ def check_dse_ids(checks: v.ValueChecks, graph: str, x_t: torch.Tensor, x0: torc
     mask_id = dse_mask_id(mask_id, graph, n_cols, score_name)
     checks.ids("x_t", x_t, 0, n_cols)
     checks.ids("x0", x0, 0, n_cols, skip=ignore_index)
-    if mask_id >= 0:
+    if mask_id >= 0 and mask_id != ignore_index:  # ignored positions are skipped, whatever their id
         checks.add(x0 == mask_id, lambda: f"x0 contains the mask id {mask_id}; clean tokens cannot be masked")
 
 
@@ -207,7 +207,8 @@ def check_dce_ids(checks: v.ValueChecks, x_t: torch.Tensor, x0: torch.Tensor, n_
     """Id checks of the masked cross-entropy: x_t a token or the mask; x0 a token, never the mask."""
     checks.ids("x_t", x_t, 0, n_cols, allow=mask_id)
     checks.ids("x0", x0, 0, n_cols, skip=ignore_index)
-    checks.add(x0 == mask_id, lambda: f"x0 contains the mask id {mask_id}; clean tokens cannot be masked")
+    if mask_id != ignore_index:  # ignored positions are skipped, whatever their id
+        checks.add(x0 == mask_id, lambda: f"x0 contains the mask id {mask_id}; clean tokens cannot be masked")
 
 
 def _sigma_detail(sigma_dtype: torch.dtype, score_dtype: torch.dtype) -> str:

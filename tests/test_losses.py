@@ -876,3 +876,40 @@ def test_streamed_gradient_rows_equal_the_ordinary_ones(kind, dtype):
         small = loss_and_grad(rows)
         torch.testing.assert_close(big[0][rows], small[0], rtol=0, atol=0)
         torch.testing.assert_close(big[1][rows], small[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss", ["dse", "dce"])
+def test_ignore_index_may_be_the_mask_id(loss):
+    """A position whose x0 is ignore_index contributes nothing, whatever that id is: with
+    ignore_index = mask id (a padding id reused as the mask), the host checks skip those positions
+    as the kernels do, and the loss, its gradient and the integration step match the oracle,
+    on the first call and the cached fast path."""
+    import fastbound as fb
+    from fastbound import reference as R
+
+    V, mask = 7, 2
+    g = torch.Generator().manual_seed(0)
+    score = torch.randn(2, 5, V, generator=g, dtype=torch.float64)
+    x0 = torch.tensor([[0, 2, 3, 4, 2], [5, 6, 2, 0, 1]])
+    x_t = torch.where(torch.rand(2, 5, generator=g) < 0.6, torch.tensor(mask), x0)
+    sigma = torch.tensor([[0.7], [1.3]], dtype=torch.float64)
+    for _ in range(2):
+        leaf = score.clone().requires_grad_()
+        if loss == "dse":
+            got = fb.dse_loss(leaf, sigma, x_t, x0, mask_id=mask, ignore_index=mask)
+            want = R.dse_loss(score, sigma, x_t, x0, mask_id=mask, ignore_index=mask)
+        else:
+            got = fb.dce_loss(leaf, x_t, x0, mask_id=mask, ignore_index=mask)
+            want = R.dce_loss(score, x_t, x0, mask_id=mask, ignore_index=mask)
+        assert torch.allclose(got, want)
+        got.sum().backward()
+        ref_leaf = score.clone().requires_grad_()
+        (R.dse_loss(ref_leaf, sigma, x_t, x0, mask_id=mask, ignore_index=mask) if loss == "dse"
+         else R.dce_loss(ref_leaf, x_t, x0, mask_id=mask, ignore_index=mask)).sum().backward()
+        assert torch.allclose(leaf.grad, ref_leaf.grad)
+    acc = torch.zeros(2, 2, dtype=torch.float64)
+    fb.integrate_step(score, x_t, x0, sigma[:, 0], 1.0, acc, loss=loss, mask_id=mask, ignore_index=mask)
+    assert torch.allclose(acc, R.integrate_step(score, x_t, x0, sigma[:, 0], 1.0, torch.zeros_like(acc), loss=loss,
+                                                mask_id=mask, ignore_index=mask))
+    with pytest.raises(ValueError, match="x0 contains the mask id"):  # not ignored: still refused
+        fb.dce_loss(score, x_t, x0, mask_id=mask) if loss == "dce" else fb.dse_loss(score, sigma, x_t, x0, mask_id=mask)

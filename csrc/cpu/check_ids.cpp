@@ -58,7 +58,9 @@ void check_loss_ids_cpu(const at::Tensor& x_t, const at::Tensor& x0, const std::
   const int64_t bad_0 = first_bad(x0p, n, [&](int64_t id) { return !id_in_range(id, n_cols) && id != ignore_index; });
   TORCH_CHECK_VALUE(bad_0 == n, "x0 contains id ", bad_0 < n ? x0p[bad_0] : 0, " outside [0, ", n_cols, ")");
   const bool has_mask = loss == kLossDce || graph == kGraphAbsorb;
-  TORCH_CHECK_VALUE(!has_mask || first_bad(x0p, n, [&](int64_t id) { return id == mask_id; }) == n,
+  // An ignored position is skipped even when ignore_index is the mask id, as the kernels skip it.
+  TORCH_CHECK_VALUE(!has_mask || mask_id == ignore_index ||
+                        first_bad(x0p, n, [&](int64_t id) { return id == mask_id; }) == n,
                     "x0 contains the mask id ", mask_id, "; clean tokens cannot be masked");
   if (!sigma.has_value()) return;
   // Per row (the losses) or per sequence (the integration step): any length.
