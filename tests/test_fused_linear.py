@@ -522,3 +522,19 @@ def test_bf16_gemm_dtype_paths(kind, native, monkeypatch):
     for name in ("hidden", "weight", "bias"):
         assert got[name].grad.dtype == torch.bfloat16
         torch.testing.assert_close(got[name].grad, want[name].grad.bfloat16(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_fused_head_takes_ids_made_under_inference_mode(reduction):
+    """Ids made under torch.inference_mode cannot be saved for backward: the fused head saves a copy
+    (reduction="none" reruns the pass in the backward from them), as the unfused losses do."""
+    import fastbound as fb
+
+    with torch.inference_mode():
+        x0, x_t = torch.tensor([[0, 1, 2]]), torch.tensor([[4, 1, 4]])
+    h, w = torch.randn(1, 3, 8, requires_grad=True), torch.randn(5, 8, requires_grad=True)
+    loss = fb.fused_linear_dce_loss(h, w, None, x_t, x0, reduction=reduction)
+    loss.sum().backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    fb.dce_loss(h2 @ w2.T, x_t, x0).sum().backward()
+    assert torch.allclose(h.grad, h2.grad) and torch.allclose(w.grad, w2.grad)
