@@ -76,7 +76,8 @@ def integrate_step(
         sigma: total noise per sequence, a float or (B,) (used by ``loss="dse"``; may be
             ``None`` for DCE).
         weight: per-sequence weight :math:`w_b` (a float or (B,); default 1).
-        acc: (S, 2) float64 accumulator, contiguous: ``acc[index[b]] += (S_b, S_b**2)``.
+        acc: (S, 2) float64 accumulator, contiguous, not requiring grad (outside no_grad):
+            ``acc[index[b]] += (S_b, S_b**2)``.
         loss: ``"dce"`` (masked cross-entropy, absorbing graph; see `fastbound.dce_loss`
             for ``mask_id``) or ``"dse"`` (score entropy; see `fastbound.dse_loss`:
             absorbing mask = column V-1).

@@ -42,7 +42,7 @@ def integrate_step(
         eps_hat: (B, ...) noise prediction (float32, bfloat16, float16 or float64; any strides).
         eps: the noise, same shape, or None to regenerate it from ``(seed, offset)`` as
             `perturb` drew it (rounded to eps_hat's dtype, see `denoising_loss`).
-        acc: contiguous (n_slots, 2) float64 accumulator.
+        acc: contiguous (n_slots, 2) float64 accumulator, not requiring grad (outside no_grad).
         weight: w_b, a float or (B,). baseline: c_b, a float or (B,) (default 0).
         index: (B,) integer slot of each sample (default ``arange(B)``, then n_slots = B);
             samples may share a slot.
