@@ -76,6 +76,22 @@ def vmapped(t: torch.Tensor | None) -> bool:
     return False
 
 
+def refuse_vmap(name: str, t: torch.Tensor, instead: str) -> None:
+    """A ValueError naming ``name`` when a torch.func.vmap batches it (`vmapped`, so also under
+    grad levels, as in vmap(grad(f))): its checks read it on the host and the ops have no batching
+    rule for it, so torch would name neither the argument nor a way out. ``instead``: what to do."""
+    if torch._C._are_functorch_transforms_active() and vmapped(t):
+        raise ValueError(f"torch.func.vmap over {name} is not supported: {instead} (in_dims=None for {name}), "
+                         "or loop over the calls")
+
+
+def savable(*tensors: torch.Tensor | None) -> tuple:
+    """The tensors as save_for_backward takes them: a copy of each inference tensor (made under
+    torch.inference_mode, it cannot be saved, nor change in place afterwards, so nothing is lost).
+    Eager calls only: tracing sees no inference tensors and cannot ask."""
+    return tuple(t.clone() if t is not None and t.is_inference() else t for t in tensors)
+
+
 def base_requires_grad(*inputs) -> bool:
     """Whether an input, unwrapped from every torch.func level, requires grad in plain autograd."""
     for t in inputs:
@@ -315,11 +331,9 @@ def _fused_setup(ctx, inputs, output):
         ctx.base_requires_grad = base_requires_grad(score, sigma, row_scale)
     # The ids decide which gradient rows the backward may skip: saved, so that changing them
     # in place before the backward raises instead of skipping the wrong rows.
-    # Inference tensors (ids made under torch.inference_mode) cannot be saved: a copy is
-    # (and cannot change in place afterwards, so nothing is lost).
     ids = kernel.zero_ids
     if kernel.eager:  # tracing sees no inference tensors (and cannot ask)
-        ids = tuple(t.clone() if t is not None and t.is_inference() else t for t in ids)
+        ids = savable(*ids)
     # fp16's range is narrow: a gradient written with the row scale alone may be subnormal or zero
     # where the upstream factor (a GradScaler's 2^16) would have kept its bits, so a backward
     # with another factor computes it again from the scores (`_recompute`) instead of rescaling.

@@ -222,9 +222,8 @@ def check_values_on_cpu(x_t: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor
     per row or per sequence), in one pass of the C++ op ``check_loss_ids``: the same rules and
     messages, no torch ops of their own."""
     for name, t in (("x_t", x_t), ("x0", x0), ("sigma", sigma)) if torch._C._are_functorch_transforms_active() else ():
-        if t is not None and torch._C._functorch.is_batchedtensor(t):
-            raise ValueError(f"torch.func.vmap over {name} is not supported: map over the scores only "
-                             f"(in_dims=None for {name}), or loop over the calls")
+        if t is not None:
+            _ops.refuse_vmap(name, t, "map over the scores only")
     try:
         _backend.kernel("cpu", "check_loss_ids")(x_t, x0, sigma, n_cols, _names.LOSS_CODES[loss], graph, mask_id,
                                                  ignore_index)

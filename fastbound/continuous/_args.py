@@ -12,6 +12,7 @@ import math
 import torch
 
 from .. import _backend
+from .. import _ops as _discrete_ops
 from .. import _validate as v
 from ..noise import _uint64 as uint64_bits  # an int in [0, 2^64) as the int64 bit pattern the ops take
 
@@ -28,27 +29,13 @@ def batch_tensor(name: str, value: object) -> torch.Tensor:
     return t
 
 
-def refuse_vmap(name: str, t: torch.Tensor) -> None:
-    """A ValueError naming ``name`` when a torch.func.vmap batches it: the value checks read it on
-    the host and the ops have no batching rule, so torch would name neither the argument nor a
-    way out."""
-    if not torch._C._are_functorch_transforms_active():
-        return
-    functorch = torch._C._functorch
-    while functorch.is_functorch_wrapped_tensor(t) and not functorch.is_batchedtensor(t):
-        t = functorch.get_unwrapped(t)  # under grad / jvp layers, as in vmap(grad(f))
-    if functorch.is_batchedtensor(t):
-        raise ValueError(f"torch.func.vmap over {name} is not supported: call outside the vmap (in_dims=None "
-                         f"for {name}), or loop over the calls")
-
-
 def check_finite(name: str, t: torch.Tensor, eager: bool | None = None) -> None:
     """Follows the value-check mode of ``t``'s device (`fastbound.value_checks`): one read in "sync".
 
     That read is a sum, finite exactly when every element is (a non-finite element makes the sum
     NaN or infinite) unless it overflows; only then does the elementwise check decide.
     """
-    refuse_vmap(name, t)
+    _discrete_ops.refuse_vmap(name, t, "call outside the vmap")
     if not t.numel() or not (v.eager(t) if eager is None else eager):
         return
     # Host tensors are always read at once (`v.mode_for`, whose mode lookup costs a microsecond).
@@ -67,7 +54,7 @@ def check_finite_rows(rows: dict[str, torch.Tensor], eager: bool) -> None:
     NaN stays NaN, and a non-finite term makes the sum so); when it is not (or overflows), each
     tensor is checked alone and the first non-finite one named."""
     for name, t in rows.items():
-        refuse_vmap(name, t)
+        _discrete_ops.refuse_vmap(name, t, "call outside the vmap")
     tensors = list(rows.values())
     if (eager and len(tensors) == 2 and all(t.device.type in v.HOST_DEVICES and t.dtype == torch.float64
                                             for t in tensors) and math.isfinite(torch.dot(*tensors).item())):

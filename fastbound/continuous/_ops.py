@@ -63,12 +63,14 @@ def _perturb_backward(ctx, grad_z, grad_eps, grad_warm):
     # In α's (the compute) dtype, rounded once to x's, as the oracle's autograd does: α rounded
     # to a 16-bit dtype first would be off by its rounding, and 0 below float16's range.
     (alpha,) = ctx.saved_tensors
-    grad_x = None if grad_z is None else grad_z.to(alpha.dtype) * alpha[:, None]
-    if ctx.return_warm and grad_warm is not None:
-        grad_x = grad_warm if grad_x is None else (grad_x + grad_warm.to(alpha.dtype)).to(grad_warm.dtype)
-    elif grad_x is not None:
-        grad_x = grad_x.to(grad_z.dtype)
-    return (grad_x,) + (None,) * 7
+    grad_warm = grad_warm if ctx.return_warm else None
+    if grad_z is None and grad_warm is None:
+        return (None,) * 8
+    like = grad_z if grad_z is not None else grad_warm
+    grad_x = 0 if grad_z is None else grad_z.to(alpha.dtype) * alpha[:, None]
+    if grad_warm is not None:
+        grad_x = grad_x + grad_warm.to(alpha.dtype)
+    return (grad_x.to(like.dtype),) + (None,) * 7
 
 
 def register_autograd(suffix: str = "") -> None:

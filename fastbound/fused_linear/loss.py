@@ -156,9 +156,8 @@ def _setup_context(ctx, inputs, output):
     # fp16 gradients written with the row scale alone may have lost bits to fp16's narrow range
     # that the upstream factor (a GradScaler's) would have kept: the inputs are kept to run the
     # pass again with that factor (as for reduction="none").
-    # Ids made under torch.inference_mode cannot be saved: a copy is, as the unfused losses save them.
-    if not torch.compiler.is_compiling():  # tracing sees no inference tensors (and cannot ask)
-        x_t, x0 = (t.clone() if t.is_inference() else t for t in (x_t, x0))
+    if not torch.compiler.is_compiling():
+        x_t, x0 = _ops.savable(x_t, x0)
     passed = (hidden, weight, bias, sigma, x_t, x0, row_scale)
     ctx.rerun = not ctx.reduce or (any(ctx.wants) and hidden.dtype == torch.float16)
     if not ctx.reduce:
