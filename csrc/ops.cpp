@@ -51,7 +51,7 @@ TORCH_LIBRARY(fastbound, m) {
   // uint64 bit patterns. Returns (x_t, mask).
   m.def(
       "perturb(Tensor x0, Tensor? threshold, Tensor? num_masked, Tensor? maskable, int vocab_size, "
-      "int mask_id, int graph, int seed, int offset) -> (Tensor, Tensor)");
+      "int mask_id, int graph, SymInt seed, SymInt offset) -> (Tensor, Tensor)");
   // fastbound.perturb's common eager CPU call (csrc/cpu/perturb.cpp): x0 (B, L) or (L,), any strides;
   // the Bernoulli mode with the noise level `level` (sigma if is_sigma, else mask_ratio: a float
   // tensor shaped as perturb takes it, () or (B,) or (B or 1, L or 1), (L,) per token of an (L,) x0),
@@ -59,9 +59,9 @@ TORCH_LIBRARY(fastbound, m) {
   // for every element; maskable bool, broadcastable to x0. Returns (x_t, mask) of x0's shape.
   m.def(
       "perturb_level(Tensor x0, Tensor? level, bool is_sigma, int threshold, Tensor? maskable, int vocab_size, "
-      "int mask_id, int graph, int seed, int offset) -> (Tensor, Tensor)");
+      "int mask_id, int graph, SymInt seed, SymInt offset) -> (Tensor, Tensor)");
   // Philox4x32-10 words (N, 4) of the counters (N, 4) (each entry's low 32 bits) under key = seed.
-  m.def("philox4x32(Tensor counter, int seed) -> Tensor");
+  m.def("philox4x32(Tensor counter, SymInt seed) -> Tensor");
   // Likelihood integration step: per sequence b, S_b = weight_b * sum_i loss_i of the
   // (B, L, V) denoiser output; acc[index_b] += (S_b, S_b^2) in place (float64, no grad).
   // loss: 0 = DSE (graph: 0 absorb, 1 uniform), 1 = DCE; mask_id as in dse_forward / dce_forward.
@@ -75,31 +75,31 @@ TORCH_LIBRARY(fastbound, m) {
   // x (B, d), alpha and sigma (B,); warm: 0 none, 1 gaussian, 2 laplace, 3 logistic, 4 uniform.
   // Returns (z, eps, x_warm); x_warm is empty unless return_warm.
   m.def(
-      "continuous_perturb(Tensor x, Tensor alpha, Tensor sigma, int warm, float warm_std, int seed, "
-      "int offset, bool return_warm) -> (Tensor, Tensor, Tensor)");
+      "continuous_perturb(Tensor x, Tensor alpha, Tensor sigma, int warm, float warm_std, SymInt seed, "
+      "SymInt offset, bool return_warm) -> (Tensor, Tensor, Tensor)");
   // loss_b = 0.5 scale_b ||eps_b - eps_hat_b||^2 (B,) and, when need_grad, scale_b (eps_hat - eps).
   // eps None: regenerated from (seed, offset) and rounded to eps_hat's dtype.
   m.def(
-      "continuous_denoising_loss(Tensor eps_hat, Tensor? eps, Tensor scale, int seed, int offset, "
+      "continuous_denoising_loss(Tensor eps_hat, Tensor? eps, Tensor scale, SymInt seed, SymInt offset, "
       "bool need_grad) -> (Tensor, Tensor)");
   // denoising_loss's common eager call on CPU tensors, with a C++ autograd
   // (csrc/cpu/continuous_loss_autograd.cpp): eps_hat (B, ...) and eps (its shape, or None) of any
   // strides, flattened to (B, d) for continuous_denoising_loss; reduction 0 none (B,), 1 sum, 2 mean
   // (scalars; scale holds the 1/B). Differentiable in eps_hat only.
   m.def(
-      "continuous_loss(Tensor eps_hat, Tensor? eps, Tensor scale, int seed, int offset, int reduction) -> Tensor");
+      "continuous_loss(Tensor eps_hat, Tensor? eps, Tensor scale, SymInt seed, SymInt offset, int reduction) -> Tensor");
   // integrate_step's common eager call on CPU tensors (csrc/cpu/continuous_loss_autograd.cpp):
   // eps_hat and eps as in continuous_loss; weight and baseline float64 (B,) tensors (checked finite
   // here) or, when None, the floats weight_value / baseline_value for every sample; no index
   // (acc has one row per sample). Runs continuous_integrate_step and bumps acc's version.
   m.def(
       "continuous_integrate(Tensor eps_hat, Tensor? eps, Tensor(a!) acc, Tensor? weight, float weight_value, "
-      "Tensor? baseline, float baseline_value, int seed, int offset) -> ()");
+      "Tensor? baseline, float baseline_value, SymInt seed, SymInt offset) -> ()");
   // S_b = weight_b (||eps_b - eps_hat_b||^2 - baseline_b); acc[index_b] += (S_b, S_b^2).
   // weight, baseline float64 (B,); index int64 (B,); acc (n_slots, 2) float64.
   m.def(
       "continuous_integrate_step(Tensor eps_hat, Tensor? eps, Tensor(a!) acc, Tensor weight, "
-      "Tensor? baseline, Tensor? index, int seed, int offset) -> ()");
+      "Tensor? baseline, Tensor? index, SymInt seed, SymInt offset) -> ()");
   // ---- end fastbound.continuous
 }
 

@@ -47,7 +47,7 @@ from torch.autograd import forward_ad
 
 from . import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
 from . import _backend
-from ._validate import tracing
+from ._validate import as_int, tracing
 
 
 _ONCE = (
@@ -488,8 +488,4 @@ def cpu_buffer_cache(max_bytes: int | None = None) -> BufferCache:
     """
     if max_bytes is None:
         return BufferCache(*_C.cpu_buffer_cache())
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
-        raise TypeError(f"max_bytes must be an int, got {type(max_bytes).__name__}")
-    if max_bytes < 0:
-        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-    return BufferCache(*_C.cpu_buffer_cache(max_bytes))
+    return BufferCache(*_C.cpu_buffer_cache(as_int("max_bytes", max_bytes, minimum=0)))

@@ -41,10 +41,10 @@ whatever the mode: the read is free there.
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.fx.experimental.proxy_tensor import get_proxy_mode
@@ -283,10 +283,26 @@ def check_id_range(name: str, ids: torch.Tensor, lo: int, hi: int, *, skip: int 
     checks.run()
 
 
-def check_int64(name: str, value: object) -> int:
-    """A Python int that fits the kernels' int64 arguments."""
-    if not isinstance(value, int) or isinstance(value, bool):
+def as_int(name: str, value: object, minimum: int | None = None, below: int | None = None) -> int:
+    """An integer argument as a Python int: an int or a NumPy integer (what `operator.index` takes),
+    never a bool or a tensor; in [minimum, below) where they are given."""
+    if isinstance(value, (bool, torch.Tensor)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not isinstance(value, (int, torch.SymInt)):  # an int that torch.compile made dynamic stays symbolic
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if below is not None and value >= below:
+        raise ValueError(f"{name} must be < {below}, got {value}")
+    return value
+
+
+def check_int64(name: str, value: object) -> int:
+    """An int (`as_int`) that fits the kernels' int64 arguments."""
+    value = as_int(name, value)
     if not -(2**63) <= value < 2**63:
         raise ValueError(f"{name} must fit in int64, got {value}")
     return value
@@ -326,11 +342,7 @@ def check_extra_mask_id(mask_id: object, vocab_size: int) -> int:
     """The absorbing mask as an extra id after the real tokens [0, vocab_size); default vocab_size."""
     if mask_id is None:
         return vocab_size
-    if not isinstance(mask_id, (int, np.integer)) or isinstance(mask_id, bool):
-        raise TypeError(f"mask_id must be an int, got {type(mask_id).__name__}")
-    mask_id = int(mask_id)
-    if mask_id < 0:
-        raise ValueError(f"mask_id must be >= 0, got {mask_id}")
+    mask_id = as_int("mask_id", mask_id, minimum=0)
     if mask_id < vocab_size:
         raise ValueError(f"mask_id {mask_id} is a real token (ids in [0, vocab_size={vocab_size})); "
                          "the mask must be an extra id >= vocab_size")

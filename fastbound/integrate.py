@@ -101,7 +101,7 @@ def integrate_step(
     x0 = v.check_ids("x0", x0, out.shape[:2])
     v.check_choice("loss", loss, _names.LOSS_CODES)
     v.check_choice("graph", graph, _names.GRAPH_CODES)
-    v.check_int64("ignore_index", ignore_index)
+    ignore_index = v.check_int64("ignore_index", ignore_index)
     acc = v.check_float_tensor("acc", acc, (torch.float64,))
     if acc.dim() != 2 or acc.shape[1] != 2 or not acc.is_contiguous():
         raise ValueError(f"acc must be a contiguous (S, 2) float64 tensor, got shape {tuple(acc.shape)}")

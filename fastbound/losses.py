@@ -20,7 +20,6 @@ gradient values (see that file).
 
 from __future__ import annotations
 
-import operator
 from typing import Literal
 
 import torch
@@ -46,7 +45,6 @@ def _check_arguments(score, x_t, x0, reduction, ignore_index, backend, score_nam
     v.check_ids("x_t", x_t, lead)
     v.check_ids("x0", x0, lead)
     v.check_choice("reduction", reduction, REDUCTIONS)
-    v.check_int64("ignore_index", ignore_index)
     v.check_same_device(score.device, x_t=x_t, x0=x0)
     v.check_size(score_name, x_t.numel(), "positions")
     v.check_size(score_name, score.shape[-1], "columns")
@@ -154,16 +152,6 @@ def _check_inplace(score: torch.Tensor, flat: torch.Tensor, score_name: str) -> 
         )
 
 
-def _as_index(name: str, value: object) -> int:
-    """An int (a NumPy integer too, never a bool or a float)."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a non-negative int64, got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be a non-negative int64, got {value!r}") from None
-
-
 def dse_mask_id(mask_id: int | None, graph: str, n_cols: int, score_name: str = "score") -> int:
     """The absorbing graph's mask column: default V - 1, any column in [0, V); -1 for the uniform graph."""
     if graph != "absorb":
@@ -172,7 +160,7 @@ def dse_mask_id(mask_id: int | None, graph: str, n_cols: int, score_name: str = 
         raise ValueError(f"{score_name} needs V >= 2 columns for the absorbing graph (tokens + the mask column)")
     if mask_id is None:
         return n_cols - 1
-    mask_id = _as_index("mask_id", mask_id)
+    mask_id = v.as_int("mask_id", mask_id)
     if not 0 <= mask_id < n_cols:
         raise ValueError(f"mask_id must be a column of {score_name}, in [0, {n_cols}), got {mask_id}")
     return mask_id
@@ -194,7 +182,7 @@ def dce_mask_id(mask_id: int | None, n_cols: int, score_name: str = "logits") ->
         if n_cols < 2:
             raise ValueError(f"{score_name} need at least one real token column besides the mask column (V >= 2)")
         return n_cols - 1
-    mask_id = _as_index("mask_id", mask_id)
+    mask_id = v.as_int("mask_id", mask_id)
     if not 0 <= mask_id < 2**63:
         raise ValueError(f"mask_id must be a non-negative int64, got {mask_id!r}")
     if mask_id < n_cols and n_cols < 2:
@@ -466,6 +454,7 @@ def dse_loss(
             mask = dse_mask_id(mask_id, graph, score.shape[-1])
             return _fast_loss(score, _fast_sigma(sigma, acc), x_t, x0, weight_args, "dse", _names.GRAPH_CODES[graph],
                               mask, ignore_index, reduction)
+    ignore_index = v.check_int64("ignore_index", ignore_index)
     flat, (xt, x0f), row_scale, kernel_backend, eager = _prepare(
         score, x_t, x0, weight, reduction, ignore_index, backend, inplace, "score"
     )
@@ -532,6 +521,7 @@ def dce_loss(
             mask = dce_mask_id(mask_id, logits.shape[-1])
             return _fast_loss(logits, (None, 0.0), x_t, x0, weight_args, "dce", _names.GRAPH_CODES["absorb"], mask,
                               ignore_index, reduction)
+    ignore_index = v.check_int64("ignore_index", ignore_index)
     flat, (xt, x0f), row_scale, kernel_backend, eager = _prepare(
         logits, x_t, x0, weight, reduction, ignore_index, backend, inplace, "logits"
     )

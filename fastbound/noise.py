@@ -89,8 +89,7 @@ class NoiseStream:
 
     def take(self, count: int) -> int:
         """Reserves ``count`` counters and returns the offset of the first."""
-        if not isinstance(count, int) or count < 0:
-            raise ValueError(f"count must be a non-negative int, got {count!r}")
+        count = v.as_int("count", count, minimum=0)
         start = self.offset
         self.offset = (self.offset + count) % UINT64_RANGE
         return start
@@ -133,8 +132,7 @@ def _philox4x32_fake(counter, seed):
 
 def _uint64(name: str, value: object) -> int:
     """Checks an int in [0, 2^64) and returns its int64 bit pattern (what the ops take)."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = v.as_int(name, value)
     if not 0 <= value < UINT64_RANGE:
         raise ValueError(f"{name} must lie in [0, 2^64), got {value}")
     return value - UINT64_RANGE if value >= 2**63 else value
@@ -155,8 +153,7 @@ def philox_words(n: int, *, seed: int, offset: int = 0, device: torch.device | s
     Philox4x32-10(counter = (lo, hi, 0, 0) of offset + i, key = (lo, hi) of seed),
     the words element i of a `perturb` call with this seed and offset reads.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    n = v.as_int("n", n, minimum=0)
     seed_bits, offset_bits = _uint64("seed", seed), _uint64("offset", offset)
     dev = _device(device)
     index = torch.arange(n, dtype=torch.int64, device=dev) + offset_bits  # wraps mod 2^64
@@ -404,8 +401,7 @@ def perturb(
     if x0.dim() not in (1, 2):
         raise ValueError(f"x0 must have shape (B, L) or (L,), got {tuple(x0.shape)}")
     v.check_choice("graph", graph, _names.GRAPHS)
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
-        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+    vocab_size = v.as_int("vocab_size", vocab_size)
     if not 1 <= vocab_size <= MAX_VOCAB:
         raise ValueError(f"vocab_size must lie in [1, 2^32 - 1], got {vocab_size}")
     mask_id = _mask_id(mask_id, graph, vocab_size, x0.dtype)
@@ -487,8 +483,7 @@ def sample_times(
     are bit-identical on every device; with ``importance=True`` they go through ``pow``,
     whose last float64 bit may differ between devices (rarely visible after rounding).
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    n = v.as_int("n", n, minimum=0)
     v.check_choice("method", method, TIME_METHODS)
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps < 1:
         raise ValueError(f"eps must lie in [0, 1), got {eps!r}")
@@ -540,8 +535,7 @@ def sample_num_masked(
     ``"inverse"`` (the table's size depends on it) and checked in the mode of
     `fastbound.value_checks` for ``"uniform"``.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    n = v.as_int("n", n, minimum=0)
     v.check_choice("weights", weights, NUM_MASKED_WEIGHTS)
     dev = _device(device, length)
     if device is not None and isinstance(length, torch.Tensor):

@@ -459,6 +459,40 @@ def test_denoising_loss_traces_under_compile():
     torch.testing.assert_close(grad, want_grad)
 
 
+def test_a_new_seed_or_offset_does_not_recompile():
+    """seed and offset are SymInt in the ops' schemas: perturb and the regenerating loss under a new
+    offset each step compile twice (the first call specialises), not once per step."""
+    from torch._dynamo.testing import CompileCounter
+
+    x, lam, counter = torch.randn(3, 5), torch.tensor([-2.0, 0.0, 3.0]), CompileCounter()
+    eps_hat = torch.randn(3, 5, requires_grad=True)
+
+    def step(x, lam, eps_hat, offset):
+        out = perturb(x, lam, warm="laplace", warm_std=0.1, seed=offset + 1, offset=offset)
+        return out.z, out.eps, denoising_loss(eps_hat, seed=offset + 1, offset=offset, reduction="sum")
+
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    for offset in range(0, 150, 15):
+        got, want = compiled(x, lam, eps_hat, offset), step(x, lam, eps_hat, offset)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(got[2], eps_hat), torch.autograd.grad(want[2], eps_hat))
+    assert counter.frame_count == 2
+
+
+@pytest.mark.parametrize("regenerate", [False, True])
+def test_integrate_step_compiles_fullgraph(regenerate):
+    eps_hat, eps = torch.randn(4, 6), torch.randn(4, 6)
+    index, weight = torch.tensor([0, 1, 1, 0]), torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=torch.float64)
+    kwargs = dict(seed=3, offset=40) if regenerate else {}
+
+    def step(eps_hat, eps, acc):
+        integrate_step(eps_hat, None if regenerate else eps, acc, weight=weight, baseline=2.0, index=index, **kwargs)
+        return acc
+
+    got = torch.compile(step, fullgraph=True)(eps_hat, eps, torch.zeros(2, 2, dtype=torch.float64))
+    torch.testing.assert_close(got, step(eps_hat, eps, torch.zeros(2, 2, dtype=torch.float64)))
+
+
 # -----------------------------------------------------------------------------
 # integrate_step
 # -----------------------------------------------------------------------------

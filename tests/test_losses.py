@@ -329,7 +329,7 @@ def test_dse_bad_input(mutate, exc, match):
         (lambda a: a.update(x0=torch.full_like(a["x0"], 12)), ValueError, "x0"),
         (lambda a: a.update(x_t=torch.full_like(a["x_t"], 11)), ValueError, "x_t"),
         (lambda a: a.update(mask_id=-2), ValueError, "mask_id"),
-        (lambda a: a.update(mask_id="9"), ValueError, "mask_id"),
+        (lambda a: a.update(mask_id="9"), TypeError, "mask_id must be an int"),
         (lambda a: a.update(ignore_index=1.5), TypeError, "ignore_index"),
     ],
 )

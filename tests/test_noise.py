@@ -504,6 +504,23 @@ def test_perturb_compiles_fullgraph():
     _assert_same(compiled(x0, sigma), corrupt(x0, sigma))
 
 
+def test_a_new_seed_or_offset_does_not_recompile():
+    """seed and offset are SymInt in the ops' schemas: a training loop that draws with a new offset
+    each step compiles twice (the first call specialises, the second makes them dynamic), not once
+    per step until dynamo's recompile limit sends it back to eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    x0, sigma, counter = torch.randint(0, 10, (4, 16)), torch.ones(4), CompileCounter()
+
+    def corrupt(x0, sigma, seed, offset):
+        return perturb(x0, sigma=sigma, vocab_size=10, seed=seed, offset=offset)
+
+    compiled = torch.compile(corrupt, fullgraph=True, backend=counter)
+    for step in range(10):
+        _assert_same(compiled(x0, sigma, 7 + step, 64 * step), corrupt(x0, sigma, 7 + step, 64 * step))
+    assert counter.frame_count == 2
+
+
 # -----------------------------------------------------------------------------
 # Cross-backend bit identity
 # -----------------------------------------------------------------------------

@@ -347,3 +347,43 @@ def test_flag_and_choice_arguments_are_checked_by_type():
     with pytest.raises(ValueError, match="graph must be one of"):
         fb.dse_loss(s, sigma, x_t, x0, graph=["absorb"])
     assert fb.dse_loss(s, sigma, x_t, x0, inplace=False).shape == (2, 3)
+
+
+def _integer_calls(n):
+    """Calls with every integer argument of the public API given as ``n(value)``."""
+    from fastbound import continuous
+
+    torch.manual_seed(0)
+    s, x_t, x0, sigma = torch.randn(2, 3, 5), torch.full((2, 3), 4), torch.randint(0, 4, (2, 3)), torch.ones(2, 1)
+    x0[0, 0] = -7
+    x = torch.rand(2, 4) * 2 - 1
+    return {
+        "dse_loss": lambda: fb.dse_loss(s, sigma, x_t, x0, mask_id=n(4), ignore_index=n(-7)),
+        "dce_loss": lambda: fb.dce_loss(s, x_t, x0, mask_id=n(4), ignore_index=n(-7)),
+        "integrate_step": lambda: fb.integrate_step(s, x_t, x0, sigma.reshape(2), torch.ones(2),
+                                                    torch.zeros(2, 2, dtype=torch.float64), ignore_index=n(-7)),
+        "philox_words": lambda: fb.noise.philox_words(n(3), seed=n(2**64 - 1), offset=n(5)),
+        "perturb": lambda: continuous.perturb(x, torch.zeros(2), warm="uniform", warm_std=0.1, seed=n(3),
+                                              offset=n(2**63)).z,
+        "nll_bound": lambda: continuous.nll_bound(lambda z, lam: torch.zeros_like(z), x, n_samples=n(2), seed=n(1),
+                                                  batch_size=n(1)).nll,
+    }
+
+
+@pytest.mark.parametrize("api", list(_integer_calls(int)))
+def test_integer_arguments_take_numpy_integers(api):
+    """Every integer argument takes what `operator.index` takes (an index from a NumPy array, say)
+    and gives what the Python int gives."""
+    import numpy as np
+
+    def numpy_int(value):
+        return np.uint64(value) if value >= 2**63 else np.int64(value)
+
+    torch.testing.assert_close(_integer_calls(numpy_int)[api](), _integer_calls(int)[api](), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [True, 2.0, torch.tensor(2)], ids=["bool", "float", "tensor"])
+@pytest.mark.parametrize("api", list(_integer_calls(int)))
+def test_integer_arguments_refuse_bools_floats_and_tensors(api, bad):
+    with pytest.raises(TypeError, match="must be an int, got"):
+        _integer_calls(lambda value: bad)[api]()

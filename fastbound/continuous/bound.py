@@ -250,24 +250,16 @@ class _Setup:
     antithetic: bool
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _setup(method, data, warm, warm_std, logsnr_min, logsnr_max, n_samples, n_steps, proposal, seed, batch_size,
            backend, antithetic=False) -> _Setup:
     v.check_choice("method", method, METHODS)
     v.check_choice("data", data, DATA_KINDS)
     check_warm(warm, warm_std)
     logsnr_min, logsnr_max = _check_range(logsnr_min, logsnr_max)
-    n_samples = _check_int("n_samples", n_samples, 1)
+    n_samples = v.as_int("n_samples", n_samples, minimum=1)
     if n_steps is not None and method != "quadrature":
         raise ValueError(f"n_steps is the number of quadrature nodes; method={method!r} does not take it")
-    n_steps = DEFAULT_N_STEPS if n_steps is None else _check_int("n_steps", n_steps, 1)
+    n_steps = DEFAULT_N_STEPS if n_steps is None else v.as_int("n_steps", n_steps, minimum=1)
     if proposal is None:
         proposal = LogisticProposal(logsnr_min, logsnr_max)
     elif not isinstance(proposal, LogisticProposal):
@@ -275,12 +267,12 @@ def _setup(method, data, warm, warm_std, logsnr_min, logsnr_max, n_samples, n_st
     elif (proposal.logsnr_min, proposal.logsnr_max) != (logsnr_min, logsnr_max):
         raise ValueError(f"proposal covers [{proposal.logsnr_min}, {proposal.logsnr_max}] but the bound integrates "
                          f"over [logsnr_min, logsnr_max] = [{logsnr_min}, {logsnr_max}]")
-    seed = _check_int("seed", seed, 0)
+    seed = v.as_int("seed", seed, minimum=0)
     if not isinstance(antithetic, bool):
         raise TypeError(f"antithetic must be a bool, got {type(antithetic).__name__}")
     if batch_size is not None:
         # With pairs batch_size still bounds the denoiser's rows per call: batch_size // 2 draws.
-        batch_size = _check_int("batch_size", batch_size, 2 if antithetic else 1)
+        batch_size = v.as_int("batch_size", batch_size, minimum=2 if antithetic else 1)
     return _Setup(method, data, warm, float(warm_std), logsnr_min, logsnr_max, n_samples, n_steps, proposal, seed,
                   batch_size, backend, antithetic)
 
@@ -593,8 +585,8 @@ def fit_proposal(
         batch_size: the most rows per denoiser call (≥ 2; default 2·min(n_pilot, B)).
     """
     _check_denoiser(denoiser)
-    n_grid = _check_int("n_grid", n_grid, 2)
-    n_pilot = _check_int("n_pilot", n_pilot, 1)
+    n_grid = v.as_int("n_grid", n_grid, minimum=2)
+    n_pilot = v.as_int("n_pilot", n_pilot, minimum=1)
     setup = _setup("quadrature", data, warm, warm_std, logsnr_min, logsnr_max, 1, n_grid, None, seed, batch_size,
                    backend, antithetic=True)
     x = _check_x(x, data)

@@ -51,8 +51,8 @@ def integrate_step(
     Runs without autograd; bumps ``acc``'s version.
     """
     key = None
-    if (type(acc) in v.PLAIN and not acc.is_nested and not torch._is_functional_tensor(acc) and index is None
-            and weight is not None):  # acc: what its checks read
+    if (type(acc) in v.PLAIN and not acc.is_nested and index is None and weight is not None
+            and not v.tracing(acc)):  # acc: what its checks read
         key = _args.signature("integrate_step", eps_hat, eps, seed, offset, backend, acc.dtype, acc.shape,
                               acc.device, acc.layout, acc.is_contiguous())
     kernel_backend = _args.checked_backend(key)

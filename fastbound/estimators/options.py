@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from .. import _names
@@ -20,14 +19,6 @@ BYTES_PER_DRAW = 160
 """Memory an estimate holds per kept draw (its uniform, accumulator row, per-draw outputs and
 the temporaries of the error estimate): 88 bytes of peak RSS measured for ``"mc"`` and
 ``"time_free"`` (50 sequences x 20000 draws, CPU), with margin."""
-
-
-def check_int(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -59,23 +50,23 @@ class Options:
             raise ValueError("loss='dce' is the absorbing graph's loss; use loss='dse' with graph='uniform'")
         if self.graph == "uniform" and kind.counts_masked_tokens:
             raise ValueError(f"method={self.method!r} counts masked tokens and needs graph='absorb'")
-        n_samples = check_int("n_samples", self.n_samples, 1)
+        n_samples = v.as_int("n_samples", self.n_samples, minimum=1)
         if self.n_steps is not None and not kind.has_nodes:
             raise ValueError(f"n_steps is the number of quadrature nodes; method={self.method!r} does not take it")
-        n_steps = DEFAULT_N_STEPS if self.n_steps is None else check_int("n_steps", self.n_steps, 1)
+        n_steps = DEFAULT_N_STEPS if self.n_steps is None else v.as_int("n_steps", self.n_steps, minimum=1)
         vocab_size = self.vocab_size
         if vocab_size is None:
             if self.graph == "absorb" and self.mask_id is not None:
                 vocab_size = self.mask_id
             else:
                 raise ValueError("vocab_size (the number of real tokens) is required")
-        vocab_size = check_int("vocab_size", vocab_size, 1)
-        mask_id = vocab_size if self.mask_id is None else check_int("mask_id", self.mask_id, 0)
+        vocab_size = v.as_int("vocab_size", vocab_size, minimum=1)
+        mask_id = vocab_size if self.mask_id is None else v.as_int("mask_id", self.mask_id, minimum=0)
         if self.graph == "absorb" and mask_id < vocab_size:
             raise ValueError(f"mask_id {mask_id} is a real token (< vocab_size={vocab_size})")
         if self.batch_size is not None:
-            check_int("batch_size", self.batch_size, 1)
-        seed = check_int("seed", self.seed, 0)
+            v.as_int("batch_size", self.batch_size, minimum=1)
+        seed = v.as_int("seed", self.seed, minimum=0)
         schedule = LogLinear(eps=0.0) if self.schedule is None else self.schedule
         if not (callable(getattr(schedule, "total", None)) and callable(getattr(schedule, "rate", None))):
             raise TypeError(f"schedule must be a fastbound.schedules.Schedule, got {type(schedule).__name__}")

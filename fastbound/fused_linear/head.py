@@ -117,9 +117,7 @@ def check_chunk_size(chunk_size: object, n_hidden: int, n_cols: int, hidden: tor
     """``chunk_size`` (rows per chunk) or the automatic rule `chunk_rows` for the scores' dtype."""
     if chunk_size is None:
         return chunk_rows(n_hidden, n_cols, gemm_dtype(hidden.dtype, hidden.device))
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size
+    return v.as_int("chunk_size", chunk_size, minimum=1)
 
 
 def check_score_param(score_param: str, loss: str, graph: str) -> bool:

@@ -75,7 +75,7 @@ def head_integrate_step(
     n_seq, length = hidden.shape[:2]
     x_t = v.check_ids("x_t", x_t, hidden.shape[:2])
     x0 = v.check_ids("x0", x0, hidden.shape[:2])
-    v.check_int64("ignore_index", ignore_index)
+    ignore_index = v.check_int64("ignore_index", ignore_index)
     acc = v.check_float_tensor("acc", acc, (torch.float64,))
     if acc.dim() != 2 or acc.shape[1] != 2 or not acc.is_contiguous():
         raise ValueError(f"acc must be a contiguous (S, 2) float64 tensor, got shape {tuple(acc.shape)}")

@@ -229,7 +229,6 @@ def _prepare(hidden, weight, bias, x_t, x0, loss_weight, reduction, ignore_index
     x_t = v.check_ids("x_t", x_t, lead)
     x0 = v.check_ids("x0", x0, lead)
     v.check_choice("reduction", reduction, REDUCTIONS)
-    v.check_int64("ignore_index", ignore_index)
     for name, t in (("x_t", x_t), ("x0", x0)):
         if t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}; move it to {hidden.device}")
@@ -284,6 +283,7 @@ def fused_linear_dse_loss(
     """
     v.check_choice("graph", graph, _names.GRAPH_CODES)
     sedd = check_score_param(score_param, "dse", graph)
+    ignore_index = v.check_int64("ignore_index", ignore_index)
     flat, n_cols, lead, (xt, x0f), row_scale, chunk, kernel_backend = _prepare(
         hidden, weight, bias, x_t, x0, loss_weight, reduction, ignore_index, chunk_size, backend
     )
@@ -318,6 +318,7 @@ def fused_linear_dce_loss(
     has real tokens only), times ``loss_weight``. Other arguments as in
     `fused_linear_dse_loss` and `fastbound.dce_loss`.
     """
+    ignore_index = v.check_int64("ignore_index", ignore_index)
     flat, n_cols, lead, (xt, x0f), row_scale, chunk, kernel_backend = _prepare(
         hidden, weight, bias, x_t, x0, loss_weight, reduction, ignore_index, chunk_size, backend
     )
