@@ -91,12 +91,13 @@ def _constant(value: float, n: int, dtype: torch.dtype, device: torch.device) ->
 
 def per_sample(name: str, value: float | torch.Tensor | None, n: int, dtype: torch.dtype, device: torch.device,
                default: float | None = None, finite: bool = True, factor: float = 1.0,
-               eager: bool | None = None) -> torch.Tensor:
+               eager: bool | None = None, differentiable: bool = False) -> torch.Tensor:
     """A float or a (B,) / (1,) / 0-dim tensor, times ``factor``, as a contiguous (B,) tensor of ``dtype``.
 
     A float is checked on the host (no tensor pass) and its tensor cached in eager mode; a
     tensor's finiteness is read once (`check_finite`). ``eager``: `fastbound._validate.eager`
-    of the call's tensors, when the caller knows it.
+    of the call's tensors, when the caller knows it. ``differentiable``: a tensor that requires
+    grad keeps its graph (else it is refused).
     """
     if isinstance(value, torch.Tensor):
         if value.dim() > 1:
@@ -108,7 +109,8 @@ def per_sample(name: str, value: float | torch.Tensor | None, n: int, dtype: tor
                 and not value.requires_grad and value.is_contiguous()):
             out = value  # already what the kernels take
         else:
-            out = v.as_rows(name, value, torch.Size([n]), dtype, device, default=default)
+            out = v.as_rows(name, value, torch.Size([n]), dtype, device, default=default,
+                            differentiable=differentiable)
         if finite:
             check_finite(name, out, eager)
         return out if factor == 1.0 else out * factor

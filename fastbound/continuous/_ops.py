@@ -4,7 +4,8 @@ The ops (schemas in ``csrc/ops.cpp``; C++ CPU and CUDA kernels, and Triton
 kernels registered as ``<name>_triton`` in ``fastbound/triton_kernels/continuous_*.py``):
 
 * ``continuous_perturb`` -> (z, eps, x_warm). Differentiable in x: dz/dx = α_b,
-  dx̃/dx = 1 (ε does not depend on x); α, σ and the noise are constants.
+  dx̃/dx = 1 (ε does not depend on x); in α and σ: d z_b·/dα_b = x̃_b·, dz_b·/dσ_b = ε_b·
+  (x̃ written and saved then); the noise is a constant.
 * ``continuous_denoising_loss`` -> (loss (B,), d loss / d ε̂ (B, d)), the fused-loss
   contract of `fastbound._ops` (gradient written in the forward, free backward for a
   broadcast-1 upstream).
@@ -53,8 +54,11 @@ def _integrate_fake(eps_hat, eps, acc, weight, baseline, index, seed, offset):
 
 
 def _perturb_setup(ctx, inputs, output):
+    x, alpha, sigma = inputs[:3]
     ctx.mark_non_differentiable(output[1])  # ε does not depend on x
-    ctx.save_for_backward(inputs[1])
+    # dz/dα = x̃ and dz/dσ = ε per element (`perturb` asks the op for x̃ when α or σ needs grad).
+    schedule = alpha.requires_grad or sigma.requires_grad
+    ctx.save_for_backward(alpha, output[2] if schedule else None, output[1] if schedule else None)
     ctx.return_warm = inputs[-1]
     ctx.set_materialize_grads(False)
 
@@ -62,15 +66,20 @@ def _perturb_setup(ctx, inputs, output):
 def _perturb_backward(ctx, grad_z, grad_eps, grad_warm):
     # In α's (the compute) dtype, rounded once to x's, as the oracle's autograd does: α rounded
     # to a 16-bit dtype first would be off by its rounding, and 0 below float16's range.
-    (alpha,) = ctx.saved_tensors
+    alpha, x_warm, eps = ctx.saved_tensors
     grad_warm = grad_warm if ctx.return_warm else None
-    if grad_z is None and grad_warm is None:
-        return (None,) * 8
-    like = grad_z if grad_z is not None else grad_warm
-    grad_x = 0 if grad_z is None else grad_z.to(alpha.dtype) * alpha[:, None]
-    if grad_warm is not None:
-        grad_x = grad_x + grad_warm.to(alpha.dtype)
-    return (grad_x.to(like.dtype),) + (None,) * 7
+    grad_x = grad_alpha = grad_sigma = None
+    if ctx.needs_input_grad[0] and (grad_z is not None or grad_warm is not None):
+        like = grad_z if grad_z is not None else grad_warm
+        grad_x = 0 if grad_z is None else grad_z.to(alpha.dtype) * alpha[:, None]
+        if grad_warm is not None:
+            grad_x = grad_x + grad_warm.to(alpha.dtype)
+        grad_x = grad_x.to(like.dtype)
+    if grad_z is not None and ctx.needs_input_grad[1]:
+        grad_alpha = (grad_z.to(alpha.dtype) * x_warm.to(alpha.dtype)).sum(1)
+    if grad_z is not None and ctx.needs_input_grad[2]:
+        grad_sigma = (grad_z.to(alpha.dtype) * eps.to(alpha.dtype)).sum(1)
+    return (grad_x, grad_alpha, grad_sigma) + (None,) * 5
 
 
 def register_autograd(suffix: str = "") -> None:
@@ -84,16 +93,20 @@ register_autograd()
 
 
 def perturb(backend, x, alpha, sigma, law, warm_std, seed, offset, return_warm):
-    """(z, ε, x̃) of (B, d) rows. Forward-mode AD and torch.func (whose transforms cannot see the
-    op's registered autograd) get the linear part in torch ops around the op on the detached
-    rows: z = z₀ + α (x − x₀), x̃ = x̃₀ + (x − x₀), with x − x₀ zero in value."""
+    """(z, ε, x̃) of (B, d) rows; x̃ is empty unless ``return_warm`` or α or σ requires grad.
+    Forward-mode AD and torch.func (whose transforms cannot see the op's registered autograd)
+    get the linear part in torch ops around the op on the detached inputs:
+    z = z₀ + α (x − x₀) + (α − α₀) x̃₀ + (σ − σ₀) ε, x̃ = x̃₀ + (x − x₀), each difference zero in value."""
     op = kernel(backend, "continuous_perturb")
     if not (_discrete_ops.forward_mode() or torch._C._are_functorch_transforms_active()):
-        return op(x, alpha, sigma, law, warm_std, seed, offset, return_warm)
-    z, eps, x_warm = op(x.detach(), alpha, sigma, law, warm_std, seed, offset, return_warm)
+        return op(x, alpha, sigma, law, warm_std, seed, offset, return_warm or alpha.requires_grad or sigma.requires_grad)
+    z, eps, x_warm = op(x.detach(), alpha.detach(), sigma.detach(), law, warm_std, seed, offset, True)
+    acc = alpha.dtype
     dx = x - x.detach()
-    z = z + (alpha[:, None] * dx.to(alpha.dtype)).to(z.dtype)  # the tangent rounded once, as in backward
-    return z, eps, x_warm + dx if return_warm else x_warm
+    dz = (alpha[:, None] * dx.to(acc) + (alpha - alpha.detach())[:, None] * x_warm.to(acc)
+          + (sigma - sigma.detach())[:, None] * eps.to(acc))
+    z = z + dz.to(z.dtype)  # the tangent rounded once, as in backward
+    return z, eps, x_warm + dx if return_warm else x_warm[:0]
 
 
 class _LossKernel:
@@ -114,7 +127,7 @@ class _LossKernel:
 
 
 def denoising_loss(backend, eps_hat, eps, scale, seed, offset, eager):
-    """Per-sample losses; differentiable in eps_hat through `FusedLoss`, the discrete losses'
+    """Per-sample losses; differentiable in eps_hat and the row scale through `FusedLoss`, the discrete losses'
     old-style Function (the raw op's torch.library autograd binds its arguments on every call,
     which costs about as much as the kernel at image sizes). ``eager``: not tracing."""
     if eps is not None and torch._C._are_functorch_transforms_active():
@@ -123,12 +136,15 @@ def denoising_loss(backend, eps_hat, eps, scale, seed, offset, eager):
         acc = scale.dtype
         return 0.5 * scale * (eps_hat.to(acc) - eps.to(acc)).square().sum(1)
     loss_kernel = _LossKernel(backend, eps, seed, offset, eager)
-    tangent = _discrete_ops.forward_mode() and _discrete_ops.has_tangent(eps_hat)
-    if not ((torch.is_grad_enabled() and eps_hat.requires_grad) or tangent or torch._C._are_functorch_transforms_active()):
+    tangent = _discrete_ops.forward_mode() and (_discrete_ops.has_tangent(eps_hat) or _discrete_ops.has_tangent(scale))
+    functorch = torch._C._are_functorch_transforms_active()
+    need_grad = (torch.is_grad_enabled() and eps_hat.requires_grad) or tangent or functorch
+    need_scale = (torch.is_grad_enabled() and scale.requires_grad) or tangent or functorch
+    if not (need_grad or need_scale):
         with _discrete_ops.below_autograd(eager):
             return loss_kernel.run(eps_hat, None, scale, False)[0]
     function = _discrete_ops.function(tangent)
-    return function.apply(eps_hat, None, scale, loss_kernel, True, False, False, False)[0]
+    return function.apply(eps_hat, None, scale, loss_kernel, need_grad, False, False, need_scale)[0]
 
 
 def cpu_loss(eps_hat, eps, scale, seed, offset, reduction: int):

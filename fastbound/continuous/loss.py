@@ -36,19 +36,22 @@ def denoising_loss(
     offset: int = 0,
     backend: str | None = None,
 ) -> torch.Tensor:
-    r"""½ w_b ‖ε_b − ε̂_b‖² per sample, reduced; differentiable in ``eps_hat`` only.
+    r"""½ w_b ‖ε_b − ε̂_b‖² per sample, reduced; differentiable in ``eps_hat`` and ``weight``.
 
     Args:
         eps_hat: the model's noise prediction (B, ...), float32, bfloat16, float16 or float64.
         eps: the noise (same shape), or None to regenerate it from ``(seed, offset)`` as
             `perturb` drew it for an x of eps_hat's shape, rounded to eps_hat's dtype (exactly
             the ``eps`` perturb returns when x has that dtype).
-        weight: w_b, a float or (B,) (default 1); not differentiated.
+        weight: w_b, a float or (B,) (default 1). A weight that requires grad (VDM's learned
+            schedule weighs the loss by -dλ/dt) gets d loss_b / d w_b = ½ ‖ε_b − ε̂_b‖² per sample,
+            from the forward's own sums: no extra pass over the rows.
         reduction: ``"none"`` (B,), ``"sum"`` or ``"mean"`` (over B).
         seed, offset: only with ``eps=None``.
         backend: ``None``/``"auto"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
-    The loss is float32 (float64 for float64 eps_hat); the gradient has eps_hat's dtype.
+    The loss is float32 (float64 for float64 eps_hat); the gradient has eps_hat's dtype, the
+    weight's gradient the weight's.
     """
     # Only a plain str reduction keys the cache (anything else takes the checks every call).
     key = _args.signature("denoising_loss", eps_hat, eps, seed, offset, backend, reduction) \
@@ -89,4 +92,4 @@ def _scale(weight: float | torch.Tensor | None, eps_hat: torch.Tensor, reduction
     n = eps_hat.shape[0]
     acc = torch.float64 if eps_hat.dtype == torch.float64 else torch.float32
     return _args.per_sample("weight", weight, n, acc, eps_hat.device, default=1.0,
-                            factor=1.0 / n if reduction == "mean" and n else 1.0, eager=eager)
+                            factor=1.0 / n if reduction == "mean" and n else 1.0, eager=eager, differentiable=True)

@@ -43,10 +43,9 @@ class ContinuousPerturbed(NamedTuple):
 
 
 def _alpha_sigma(logsnr, n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample (α, σ) of the log-SNR in float64, rounded once to the kernels' compute dtype."""
-    if isinstance(logsnr, torch.Tensor) and logsnr.requires_grad:
-        raise ValueError("perturb does not differentiate with respect to logsnr; pass logsnr.detach()")
-    lam = _args.per_sample("logsnr", logsnr, n, torch.float64, device)
+    """Per-sample (α, σ) of the log-SNR in float64, rounded once to the kernels' compute dtype
+    (differentiable in a logsnr that requires grad)."""
+    lam = _args.per_sample("logsnr", logsnr, n, torch.float64, device, differentiable=True)
     return alpha(lam).to(dtype), sigma(lam).to(dtype)
 
 
@@ -65,7 +64,9 @@ def perturb(
 
     Args:
         x: clean data (B, ...), float32, bfloat16, float16 or float64, finite. Any strides.
-        logsnr: λ per sample, a float or (B,) (finite). Not differentiated.
+        logsnr: λ per sample, a float or (B,) (finite). A logsnr that requires grad (VDM's learned
+            schedule) gets dz/dλ = α' x̃ + σ' ε, α' = α σ²/2, σ' = −σ α²/2, summed per sample from
+            the x̃ and ε the kernel writes (then kept for the backward; in x's dtype).
         warm: the law of the unit-variance warm-up noise u (``None``: no warm start).
         warm_std: σ0 ≥ 0, the warm-up noise's standard deviation (must be 0 when ``warm`` is None).
         seed, offset: the noise's (seed, counter offset), uint64s; element i uses counter offset + i.
@@ -73,7 +74,7 @@ def perturb(
         backend: ``None``/``"auto"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
 
     Returns ``ContinuousPerturbed(z, eps, x_warm)`` in x's dtype, computed in float32
-    (float64 for float64 x). z and x̃ are differentiable in x (dz/dx = α, dx̃/dx = 1).
+    (float64 for float64 x). z and x̃ are differentiable in x (dz/dx = α, dx̃/dx = 1), z in logsnr.
     """
     x = _args.batch_tensor("x", x)
     _args.check_warm(warm, warm_std)
