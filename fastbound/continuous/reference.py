@@ -118,7 +118,7 @@ def perturb_with_words(x: torch.Tensor, w: torch.Tensor, logsnr, *, warm: str | 
     if warm is not None:
         u = warm_noise(w, warm, acc).reshape(x.shape)
         xa = xa + _const(warm_std, acc, x.device) * u
-    alpha, sigma = alpha_sigma(torch.as_tensor(logsnr, device=x.device).expand(b))
+    alpha, sigma = alpha_sigma(torch.as_tensor(logsnr, dtype=torch.float64, device=x.device).expand(b))  # a float λ exact
     view = (b,) + (1,) * (x.dim() - 1)
     z = alpha.to(acc).view(view) * xa + sigma.to(acc).view(view) * eps
     return z.to(x.dtype), eps.to(x.dtype), xa.to(x.dtype)
