@@ -142,6 +142,34 @@ def difference_floor(eps_hat, eps):
     return torch.sub(eps_hat.detach(), eps, out=reused_like(eps_hat))
 
 
+def weighted_inputs(shape: ImageShape, dtype: torch.dtype, generator: torch.Generator) -> dict:
+    """The loss's inputs and a learned per-image weight (VDM's γ'(t) > 0), float32."""
+    weight = torch.rand(shape.batch, generator=generator, device=generator.device) + 0.5
+    return dict(**loss_inputs(shape, dtype, generator), weight=weight)
+
+
+def fastbound_loss_weighted(eps_hat, eps, weight):
+    return continuous.denoising_loss(eps_hat, eps, weight=weight)
+
+
+def eager_loss_weighted(eps_hat, eps, weight):
+    return reference.denoising_loss(eps_hat, eps, weight=weight)
+
+
+def weighted_floor(eps_hat, eps, weight):
+    return difference_floor(eps_hat, eps)
+
+
+def fastbound_perturb_z(x, logsnr):
+    """perturb's z with gradients to x and λ (a learned schedule): the kernel also writes x̃,
+    the backward reads it and ε."""
+    return continuous.perturb(x, logsnr, warm=WARM, warm_std=WARM_STD, seed=1).z
+
+
+def eager_perturb_z(x, logsnr):
+    return eager_perturb(x, logsnr)[0]
+
+
 def regen_inputs(shape: ImageShape, dtype: torch.dtype, generator: torch.Generator) -> dict:
     return dict(eps_hat=loss_inputs(shape, dtype, generator)["eps_hat"])
 
@@ -253,6 +281,12 @@ CASES = [
          floor_call=read_both, floor_op="sum", grad_inputs=("eps_hat",), mode_only="fwd", **COMMON),
     Case("continuous_denoising_loss", loss_inputs, fastbound_loss, eager_loss, floor="eps_hat",
          floor_call=difference_floor, floor_op="sub", grad_inputs=("eps_hat",), mode_only="fwd_bwd", **COMMON),
+    Case("continuous_perturb_logsnr_grad", perturb_inputs, fastbound_perturb_z, eager_perturb_z, floor="x",
+         floor_call=perturb_floor, floor_op="clone+fill", grad_inputs=("x", "logsnr"), mode_only="fwd_bwd",
+         dtypes=(torch.float32,), fullgraph=False, **COMMON),  # 16-bit x: the λ gradient of the stored x̃, ε
+    Case("continuous_denoising_loss_weight_grad", weighted_inputs, fastbound_loss_weighted, eager_loss_weighted,
+         floor="eps_hat", floor_call=weighted_floor, floor_op="sub", grad_inputs=("eps_hat", "weight"),
+         mode_only="fwd_bwd", **COMMON),
     Case("continuous_denoising_loss_regen", regen_inputs, fastbound_loss_regen, eager_loss_regen, floor="eps_hat",
          floor_call=read_floor("eps_hat"), floor_op="sum", grad_inputs=("eps_hat",), mode_only="fwd",
          fullgraph=False, **COMMON),

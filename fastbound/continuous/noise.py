@@ -66,7 +66,10 @@ def perturb(
         x: clean data (B, ...), float32, bfloat16, float16 or float64, finite. Any strides.
         logsnr: λ per sample, a float or (B,) (finite). A logsnr that requires grad (VDM's learned
             schedule) gets dz/dλ = α' x̃ + σ' ε, α' = α σ²/2, σ' = −σ α²/2, summed per sample from
-            the x̃ and ε the kernel writes (then kept for the backward; in x's dtype).
+            the x̃ and ε the kernel writes (then kept for the backward). They are stored in x's
+            dtype, so for 16-bit x the λ gradient is that of the rounded x̃ and ε, as autograd of
+            the same formula in 16-bit torch ops would give (about 1% from the float32 one at
+            3×32×32, more where the sum cancels).
         warm: the law of the unit-variance warm-up noise u (``None``: no warm start).
         warm_std: σ0 ≥ 0, the warm-up noise's standard deviation (must be 0 when ``warm`` is None).
         seed, offset: the noise's (seed, counter offset), uint64s; element i uses counter offset + i.
