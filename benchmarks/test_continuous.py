@@ -283,7 +283,7 @@ CASES = [
          floor_call=difference_floor, floor_op="sub", grad_inputs=("eps_hat",), mode_only="fwd_bwd", **COMMON),
     Case("continuous_perturb_logsnr_grad", perturb_inputs, fastbound_perturb_z, eager_perturb_z, floor="x",
          floor_call=perturb_floor, floor_op="clone+fill", grad_inputs=("x", "logsnr"), mode_only="fwd_bwd",
-         dtypes=(torch.float32,), fullgraph=False, **COMMON),  # 16-bit x: the λ gradient of the stored x̃, ε
+         fullgraph=False, **COMMON),
     Case("continuous_denoising_loss_weight_grad", weighted_inputs, fastbound_loss_weighted, eager_loss_weighted,
          floor="eps_hat", floor_call=weighted_floor, floor_op="sub", grad_inputs=("eps_hat", "weight"),
          mode_only="fwd_bwd", **COMMON),

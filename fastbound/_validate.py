@@ -288,7 +288,7 @@ def as_int(name: str, value: object, minimum: int | None = None, below: int | No
     never a bool or a tensor; in [minimum, below) where they are given."""
     if isinstance(value, (bool, torch.Tensor)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not isinstance(value, (int, torch.SymInt)):  # an int that torch.compile made dynamic stays symbolic
+    if type(value) is not int and not isinstance(value, torch.SymInt):  # a dynamic int of torch.compile stays symbolic
         try:
             value = operator.index(value)
         except TypeError:

@@ -250,12 +250,18 @@ def _threshold(name: str, value, rows: int, cols: int, one_row: bool, device: to
     return p.mul_(float(2**UNIFORM_BITS)).ceil_().to(torch.int32)
 
 
+def _int_or_tensor(name: str, value: object) -> int:
+    """An int argument that may also be an integer tensor (`fastbound._validate.as_int`'s rules)."""
+    try:
+        return v.as_int(name, value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or an integer tensor, got {type(value).__name__}") from None
+
+
 def _num_masked(value, rows: int, cols: int, maskable: torch.Tensor | None, device: torch.device,
                 checks: v.ValueChecks) -> torch.Tensor:
     """Per-row k as int64 (B,), checked (in ``checks``) against the number of maskable positions of each row."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        k = torch.full((rows,), value, dtype=torch.int64, device=device)
-    elif isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"num_masked must hold integers, got {value.dtype}")
         if value.device != device:
@@ -264,7 +270,7 @@ def _num_masked(value, rows: int, cols: int, maskable: torch.Tensor | None, devi
             raise ValueError(f"num_masked of shape {tuple(value.shape)} must have one value per sequence ({rows},)")
         k = value.reshape(-1).to(torch.int64).expand(rows).contiguous()
     else:
-        raise TypeError(f"num_masked must be an int or an integer tensor, got {type(value).__name__}")
+        k = torch.full((rows,), _int_or_tensor("num_masked", value), dtype=torch.int64, device=device)
     if rows and checks.active(k):
         available = maskable.sum(1) if maskable is not None else torch.full_like(k, cols)
         bad = (k < 0) | (k > available)
@@ -542,18 +548,17 @@ def sample_num_masked(
         asked = torch.device(device)
         if asked.type != dev.type or asked.index not in (None, dev.index):
             raise ValueError(f"length is on {dev} but device={device!r} was asked for")
-    if isinstance(length, int) and not isinstance(length, bool):
+    if not isinstance(length, torch.Tensor):
+        length = _int_or_tensor("length", length)
         lengths = torch.full((n,), length, dtype=torch.int64, device=dev)
         bounds = (length, length)
-    elif isinstance(length, torch.Tensor):
+    else:
         if length.is_floating_point() or length.is_complex() or length.dtype == torch.bool:
             raise TypeError(f"length must hold integers, got {length.dtype}")
         if length.shape != (n,):
             raise ValueError(f"length must be an int or have shape ({n},), got {tuple(length.shape)}")
         lengths = length.to(torch.int64)
         bounds = None
-    else:
-        raise TypeError(f"length must be an int or an integer tensor, got {type(length).__name__}")
     if n == 0:
         return torch.empty(0, dtype=torch.int64, device=dev)
     limit = MAX_INVERSE_LENGTH if weights == "inverse" else v.INT32_MAX

@@ -349,28 +349,42 @@ def test_flag_and_choice_arguments_are_checked_by_type():
     assert fb.dse_loss(s, sigma, x_t, x0, inplace=False).shape == (2, 3)
 
 
-def _integer_calls(n):
-    """Calls with every integer argument of the public API given as ``n(value)``."""
+INTEGER_ARGUMENTS = {
+    "dse_loss": ("mask_id", "ignore_index"),
+    "dce_loss": ("mask_id", "ignore_index"),
+    "integrate_step": ("ignore_index",),
+    "philox_words": ("n", "seed", "offset"),
+    "perturb": ("seed", "offset"),
+    "nll_bound": ("n_samples", "seed", "batch_size"),
+}
+
+
+def _integer_calls(n, only=None):
+    """Calls with their integer arguments given as ``n(value)`` (every one, or only the one named)."""
     from fastbound import continuous
+
+    def i(name, value):
+        return n(value) if only in (None, name) else value
 
     torch.manual_seed(0)
     s, x_t, x0, sigma = torch.randn(2, 3, 5), torch.full((2, 3), 4), torch.randint(0, 4, (2, 3)), torch.ones(2, 1)
     x0[0, 0] = -7
     x = torch.rand(2, 4) * 2 - 1
     return {
-        "dse_loss": lambda: fb.dse_loss(s, sigma, x_t, x0, mask_id=n(4), ignore_index=n(-7)),
-        "dce_loss": lambda: fb.dce_loss(s, x_t, x0, mask_id=n(4), ignore_index=n(-7)),
+        "dse_loss": lambda: fb.dse_loss(s, sigma, x_t, x0, mask_id=i("mask_id", 4), ignore_index=i("ignore_index", -7)),
+        "dce_loss": lambda: fb.dce_loss(s, x_t, x0, mask_id=i("mask_id", 4), ignore_index=i("ignore_index", -7)),
         "integrate_step": lambda: fb.integrate_step(s, x_t, x0, sigma.reshape(2), torch.ones(2),
-                                                    torch.zeros(2, 2, dtype=torch.float64), ignore_index=n(-7)),
-        "philox_words": lambda: fb.noise.philox_words(n(3), seed=n(2**64 - 1), offset=n(5)),
-        "perturb": lambda: continuous.perturb(x, torch.zeros(2), warm="uniform", warm_std=0.1, seed=n(3),
-                                              offset=n(2**63)).z,
-        "nll_bound": lambda: continuous.nll_bound(lambda z, lam: torch.zeros_like(z), x, n_samples=n(2), seed=n(1),
-                                                  batch_size=n(1)).nll,
+                                                    torch.zeros(2, 2, dtype=torch.float64),
+                                                    ignore_index=i("ignore_index", -7)),
+        "philox_words": lambda: fb.noise.philox_words(i("n", 3), seed=i("seed", 2**64 - 1), offset=i("offset", 5)),
+        "perturb": lambda: continuous.perturb(x, torch.zeros(2), warm="uniform", warm_std=0.1, seed=i("seed", 3),
+                                              offset=i("offset", 2**63)).z,
+        "nll_bound": lambda: continuous.nll_bound(lambda z, lam: torch.zeros_like(z), x, n_samples=i("n_samples", 2),
+                                                  seed=i("seed", 1), batch_size=i("batch_size", 1)).nll,
     }
 
 
-@pytest.mark.parametrize("api", list(_integer_calls(int)))
+@pytest.mark.parametrize("api", list(INTEGER_ARGUMENTS))
 def test_integer_arguments_take_numpy_integers(api):
     """Every integer argument takes what `operator.index` takes (an index from a NumPy array, say)
     and gives what the Python int gives."""
@@ -383,7 +397,28 @@ def test_integer_arguments_take_numpy_integers(api):
 
 
 @pytest.mark.parametrize("bad", [True, 2.0, torch.tensor(2)], ids=["bool", "float", "tensor"])
-@pytest.mark.parametrize("api", list(_integer_calls(int)))
-def test_integer_arguments_refuse_bools_floats_and_tensors(api, bad):
-    with pytest.raises(TypeError, match="must be an int, got"):
-        _integer_calls(lambda value: bad)[api]()
+@pytest.mark.parametrize("api, argument", [(api, arg) for api, args in INTEGER_ARGUMENTS.items() for arg in args])
+def test_integer_arguments_refuse_bools_floats_and_tensors(api, argument, bad):
+    """One argument at a time, so that each argument's own check is what raises."""
+    with pytest.raises(TypeError, match=f"^{argument} must be an int, got"):
+        _integer_calls(lambda value: bad, only=argument)[api]()
+
+
+def test_int_or_tensor_arguments_take_numpy_integers():
+    """num_masked and length also take an integer tensor; as ints they follow `as_int`."""
+    import numpy as np
+
+    from fastbound.continuous import LogisticProposal
+
+    x0 = torch.randint(0, 9, (2, 8))
+    for n in (int, np.int64):
+        masked = fb.perturb(x0, num_masked=n(3), vocab_size=9, seed=1)[1]
+        assert masked.sum(1).tolist() == [3, 3]
+        assert fb.noise.sample_num_masked(4, length=n(8), seed=1).shape == (4,)
+        assert LogisticProposal(-5.0, 5.0).quadrature(n(3))[0].shape == (3,)
+    with pytest.raises(TypeError, match="num_masked must be an int or an integer tensor, got bool"):
+        fb.perturb(x0, num_masked=True, vocab_size=9, seed=1)
+    with pytest.raises(TypeError, match="length must be an int or an integer tensor, got float"):
+        fb.noise.sample_num_masked(4, length=8.0, seed=1)
+    with pytest.raises(TypeError, match="n_steps must be an int, got bool"):
+        LogisticProposal(-5.0, 5.0).quadrature(True)

@@ -23,6 +23,9 @@ from .. import _C  # noqa: F401  (loads the TORCH_LIBRARY registrations)
 from .. import _ops as _discrete_ops
 from .._backend import kernel
 from .._validate import tracing
+from .reference import WARM_CODES
+
+WARM_NONE = WARM_CODES[None]
 
 OPS = ("continuous_perturb", "continuous_denoising_loss", "continuous_integrate_step")
 """The ops with kernels on every backend (``continuous_loss`` is CPU only)."""
@@ -54,11 +57,18 @@ def _integrate_fake(eps_hat, eps, acc, weight, baseline, index, seed, offset):
 
 
 def _perturb_setup(ctx, inputs, output):
-    x, alpha, sigma = inputs[:3]
-    ctx.mark_non_differentiable(output[1])  # ε does not depend on x
-    # dz/dα = x̃ and dz/dσ = ε per element (`perturb` asks the op for x̃ when α or σ needs grad).
+    x, alpha, sigma, law = inputs[:4]
+    _, eps, x_warm = output
+    ctx.mark_non_differentiable(eps)  # ε depends on no input
+    if not x.requires_grad:
+        ctx.mark_non_differentiable(x_warm)  # x̃ depends on x alone
+    # dz/dα = x̃ (x itself without a warm-up law) and dz/dσ = ε per element.
     schedule = alpha.requires_grad or sigma.requires_grad
-    ctx.save_for_backward(alpha, output[2] if schedule else None, output[1] if schedule else None)
+    if schedule and law != WARM_NONE and x_warm.shape != x.shape:
+        raise RuntimeError("continuous_perturb differentiates alpha and sigma only with return_warm=True or without "
+                           "a warm-up law: dz/dalpha is x_warm")
+    tilde = (x if law == WARM_NONE else x_warm) if schedule else None
+    ctx.save_for_backward(alpha, tilde, eps if schedule else None)
     ctx.return_warm = inputs[-1]
     ctx.set_materialize_grads(False)
 
@@ -93,13 +103,15 @@ register_autograd()
 
 
 def perturb(backend, x, alpha, sigma, law, warm_std, seed, offset, return_warm):
-    """(z, ε, x̃) of (B, d) rows; x̃ is empty unless ``return_warm`` or α or σ requires grad.
+    """(z, ε, x̃) of (B, d) rows; x̃ is empty unless ``return_warm`` or, with a warm-up law, α or σ
+    requires grad (x̃ is then dz/dα; without a law it is x).
     Forward-mode AD and torch.func (whose transforms cannot see the op's registered autograd)
     get the linear part in torch ops around the op on the detached inputs:
     z = z₀ + α (x − x₀) + (α − α₀) x̃₀ + (σ − σ₀) ε, x̃ = x̃₀ + (x − x₀), each difference zero in value."""
     op = kernel(backend, "continuous_perturb")
     if not (_discrete_ops.forward_mode() or torch._C._are_functorch_transforms_active()):
-        return op(x, alpha, sigma, law, warm_std, seed, offset, return_warm or alpha.requires_grad or sigma.requires_grad)
+        schedule = (alpha.requires_grad or sigma.requires_grad) and law != WARM_NONE
+        return op(x, alpha, sigma, law, warm_std, seed, offset, return_warm or schedule)
     z, eps, x_warm = op(x.detach(), alpha.detach(), sigma.detach(), law, warm_std, seed, offset, True)
     acc = alpha.dtype
     dx = x - x.detach()

@@ -45,7 +45,9 @@ def denoising_loss(
             the ``eps`` perturb returns when x has that dtype).
         weight: w_b, a float or (B,) (default 1). A weight that requires grad (VDM's learned
             schedule weighs the loss by -dλ/dt) gets d loss_b / d w_b = ½ ‖ε_b − ε̂_b‖² per sample,
-            from the forward's own sums: no extra pass over the rows.
+            from the forward's own sums, no extra pass over the rows: loss_b / w_b (a zero
+            weight's row runs with weight 1), so exact to the compute type's rounding where
+            w_b and loss_b are normal numbers of it.
         reduction: ``"none"`` (B,), ``"sum"`` or ``"mean"`` (over B).
         seed, offset: only with ``eps=None``.
         backend: ``None``/``"auto"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.

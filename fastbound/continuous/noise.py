@@ -66,10 +66,9 @@ def perturb(
         x: clean data (B, ...), float32, bfloat16, float16 or float64, finite. Any strides.
         logsnr: λ per sample, a float or (B,) (finite). A logsnr that requires grad (VDM's learned
             schedule) gets dz/dλ = α' x̃ + σ' ε, α' = α σ²/2, σ' = −σ α²/2, summed per sample from
-            the x̃ and ε the kernel writes (then kept for the backward). They are stored in x's
-            dtype, so for 16-bit x the λ gradient is that of the rounded x̃ and ε, as autograd of
-            the same formula in 16-bit torch ops would give (about 1% from the float32 one at
-            3×32×32, more where the sum cancels).
+            the x̃ and ε the kernel writes (then kept for the backward; x itself without a warm-up
+            law). For 16-bit x the kernel then runs on float32 rows, so the gradient sums the
+            float32 x̃ and ε, and the outputs are rounded from them (the same bits).
         warm: the law of the unit-variance warm-up noise u (``None``: no warm start).
         warm_std: σ0 ≥ 0, the warm-up noise's standard deviation (must be 0 when ``warm`` is None).
         seed, offset: the noise's (seed, counter offset), uint64s; element i uses counter offset + i.
@@ -88,6 +87,16 @@ def perturb(
     _args.check_finite("x", x)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     alpha, sigma = _alpha_sigma(logsnr, x.shape[0], x.device, acc)
-    z, eps, x_warm = _ops.perturb(kernel_backend, _args.rows(x), alpha, sigma, WARM_CODES[warm], float(warm_std),
-                                  seed_bits, offset_bits, return_warm)
+    rows = _args.rows(x)
+    sixteen = x.dtype in (torch.bfloat16, torch.float16)
+    if sixteen and alpha.requires_grad:
+        # The λ gradient sums x̃ and ε: from the kernel's float32 values, not their 16-bit roundings
+        # (and no x̃ beyond float16's range). The outputs are the same bits: the kernel rounds its
+        # float32 results to nearest even, as `.to` does.
+        z, eps, x_warm = _ops.perturb(kernel_backend, rows.float(), alpha, sigma, WARM_CODES[warm],
+                                      float(warm_std), seed_bits, offset_bits, return_warm)
+        z, eps, x_warm = z.to(x.dtype), eps.to(x.dtype), x_warm.to(x.dtype)
+    else:
+        z, eps, x_warm = _ops.perturb(kernel_backend, rows, alpha, sigma, WARM_CODES[warm], float(warm_std),
+                                      seed_bits, offset_bits, return_warm)
     return ContinuousPerturbed(z.view(x.shape), eps.view(x.shape), x_warm.view(x.shape) if return_warm else None)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import _validate as v
 from ..noise import sample_times
 
 VDM_LOGSNR_MIN = -5.0
@@ -303,7 +304,7 @@ class LogisticProposal:
         :math:`\int f\,d\lambda = \int_0^1 f(F^{-1}(u))/p(F^{-1}(u))\,du`, so the nodes are
         spread as the proposal's mass is and the weights are :math:`w^{GL}_k / p(\lambda_k)`.
         """
-        nodes, weights = np.polynomial.legendre.leggauss(n_steps)
+        nodes, weights = np.polynomial.legendre.leggauss(v.as_int("n_steps", n_steps, minimum=1))
         u = torch.tensor((nodes + 1) / 2, dtype=torch.float64, device=device)
         lam = self.icdf(u)
         w = torch.tensor(weights / 2, dtype=torch.float64, device=device) / self.density(lam)
