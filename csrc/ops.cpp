@@ -85,7 +85,7 @@ TORCH_LIBRARY(fastbound, m) {
   // denoising_loss's common eager call on CPU tensors, with a C++ autograd
   // (csrc/cpu/continuous_loss_autograd.cpp): eps_hat (B, ...) and eps (its shape, or None) of any
   // strides, flattened to (B, d) for continuous_denoising_loss; reduction 0 none (B,), 1 sum, 2 mean
-  // (scalars; scale holds the 1/B). Differentiable in eps_hat only.
+  // (scalars; scale holds the 1/B). Differentiable in eps_hat and scale.
   m.def(
       "continuous_loss(Tensor eps_hat, Tensor? eps, Tensor scale, SymInt seed, SymInt offset, int reduction) -> Tensor");
   // integrate_step's common eager call on CPU tensors (csrc/cpu/continuous_loss_autograd.cpp):

@@ -60,8 +60,7 @@ def denoising_loss(
         if type(reduction) is str else None
     kernel_backend = _args.checked_backend(key)
     if kernel_backend is not None:  # an eager CPU call like one already checked: the value checks only
-        if kernel_backend == "cpu" and eps_hat.dtype != torch.float16 and not _discrete_ops.forward_mode() and not (
-                isinstance(weight, torch.Tensor) and weight.requires_grad):
+        if kernel_backend == "cpu" and eps_hat.dtype != torch.float16 and not _discrete_ops.forward_mode():
             return _cpu_loss(eps_hat, eps, weight, reduction, seed, offset)
         flat, eps_rows, seed_bits, offset_bits = _args.checked_pair(eps_hat, eps, seed, offset)
         eager = True
