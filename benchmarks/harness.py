@@ -318,6 +318,8 @@ class Settings:
 
 MIN_ROUNDS, MAX_ROUNDS = 5, 2000
 PAIRED_MAX_ROUNDS = 50
+PAIRED_MAX_PROVIDER_ROUNDS = 400
+"""Alternating calls against each extra provider (small-size cases: calls of tens of µs)."""
 """Most alternating (fastbound, floor) calls of `_paired_floor`, the ratio over the floor."""
 FLOOR_MIN_ROUNDS, FLOOR_TIME_FACTOR = 20, 2
 """The floor is the denominator of every ratio: at least FLOOR_MIN_ROUNDS rounds and
@@ -470,6 +472,22 @@ def _paired_floor(target: Callable[..., None], setup: Callable[[], tuple[tuple, 
             "paired_ratio": statistics.median(f / b for f, b in zip(fast, base)), "paired_rounds": rounds}
 
 
+def _paired_provider(target: Callable[..., None], other: Callable[..., None], setup: Callable[[], tuple[tuple, Inputs]],
+                     rounds: int) -> float:
+    """The median over ``rounds`` alternating (fastbound, other provider) calls of other / fastbound:
+    the `vs <provider>` ratio of two calls that saw the same machine (calls of tens of µs, whose
+    separate benchmarks' minimums move by more than the difference they would show)."""
+    ratios = []
+    for i in range(rounds):  # each goes first in every other pair: no order effect
+        if i % 2:
+            slow = _seconds(other, setup()[1])
+            ratios.append(slow / _seconds(target, setup()[1]))
+        else:
+            fast = _seconds(target, setup()[1])
+            ratios.append(_seconds(other, setup()[1]) / fast)
+    return statistics.median(ratios)
+
+
 def _check(spec: Spec, actual: Result, expected: Result, inputs: Inputs) -> None:
     if spec.provider == "floor":
         if spec.case.floor_call is None:
@@ -519,6 +537,12 @@ def run(spec: Spec, benchmark, settings: Settings) -> None:
     if spec.provider == "fastbound" and not settings.smoke:
         paired = _paired_floor(target, setup, provider_fn(replace(spec, provider="floor")), inputs,
                                device, min(rounds, PAIRED_MAX_ROUNDS))
+        for name, other in spec.case.extra_providers.items():
+            def other_target(other=other, **leaves) -> None:
+                _call(other, leaves, spec.backward, device)
+
+            paired[f"paired_vs_{name}"] = _paired_provider(target, other_target, setup,
+                                                           min(rounds, PAIRED_MAX_PROVIDER_ROUNDS))
 
     # 3. Peak memory of one more call (the profiler would distort the timing).
     leaves = setup()[1]

@@ -69,6 +69,7 @@ def collect(run: dict, stat: str) -> dict[tuple, dict[str, dict]]:
             "paired": (info["paired_seconds"], info["paired_floor_seconds"],
                        info.get("paired_ratio", info["paired_seconds"] / info["paired_floor_seconds"]))
             if "paired_seconds" in info and stat == "min" else None,
+            "paired_vs": {k[len("paired_vs_"):]: v for k, v in info.items() if k.startswith("paired_vs_")},
         }
     order = {"fp32": 0, "bf16": 1}
     return dict(sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][5], kv[0][3] * kv[0][4], order.get(kv[0][2], 2), kv[0][1])))
@@ -161,7 +162,8 @@ def table(rows: dict[tuple, dict[str, dict]]) -> list[str]:
         "each pair sees the same machine: the median of the pairs' ratios (`floor ms` is the floor's "
         "fastest call). Floors: " + floors(rows) + ". "
         "`saved`: share of the eager oracle's peak that fastbound does not need."
-        + (" `vs <provider>`: that provider's time over fastbound's (" + ", ".join(f"`{p}`" for p in extras)
+        + (" `vs <provider>`: that provider's time over fastbound's, the median ratio of alternating calls "
+           "where the run has them (" + ", ".join(f"`{p}`" for p in extras)
            + "; `bare_op` is the raw `torch.ops` kernel call, so `vs bare_op` below 1 is the Python layer's cost)."
            if extras else ""),
         "",
@@ -188,8 +190,9 @@ def table(rows: dict[tuple, dict[str, dict]]) -> list[str]:
             _ratio(time["compile"], time["fastbound"]),
             _times(over_floor(providers)),
         ]
+        paired_vs = providers.get("fastbound", {}).get("paired_vs", {})
         for p in extras:
-            cells += [_ms(time[p]), _ratio(time[p], time["fastbound"])]
+            cells += [_ms(time[p]), _times(paired_vs[p]) if p in paired_vs else _ratio(time[p], time["fastbound"])]
         cells += [_mib(peak[p]) for p in PROVIDERS]
         cells += [_saved(peak["fastbound"], peak["eager"])]
         lines.append("| " + " | ".join(cells) + " |")
