@@ -318,9 +318,9 @@ class Settings:
 
 MIN_ROUNDS, MAX_ROUNDS = 5, 2000
 PAIRED_MAX_ROUNDS = 50
-PAIRED_MAX_PROVIDER_ROUNDS = 400
-"""Alternating calls against each extra provider (small-size cases: calls of tens of µs)."""
 """Most alternating (fastbound, floor) calls of `_paired_floor`, the ratio over the floor."""
+PAIRED_MAX_PROVIDER_ROUNDS = 400
+"""Most alternating (fastbound, provider) calls of `_paired_provider` (small-size cases: calls of tens of µs)."""
 FLOOR_MIN_ROUNDS, FLOOR_TIME_FACTOR = 20, 2
 """The floor is the denominator of every ratio: at least FLOOR_MIN_ROUNDS rounds and
 FLOOR_TIME_FACTOR times the target seconds, so that its minimum is stable run to run."""

@@ -283,9 +283,9 @@ def check_id_range(name: str, ids: torch.Tensor, lo: int, hi: int, *, skip: int 
     checks.run()
 
 
-def as_int(name: str, value: object, minimum: int | None = None, below: int | None = None) -> int:
+def as_int(name: str, value: object, minimum: int | None = None) -> int:
     """An integer argument as a Python int: an int or a NumPy integer (what `operator.index` takes),
-    never a bool or a tensor; in [minimum, below) where they are given."""
+    never a bool or a tensor; at least ``minimum`` where it is given."""
     if isinstance(value, (bool, torch.Tensor)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if type(value) is not int and not isinstance(value, torch.SymInt):  # a dynamic int of torch.compile stays symbolic
@@ -295,8 +295,6 @@ def as_int(name: str, value: object, minimum: int | None = None, below: int | No
             raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if below is not None and value >= below:
-        raise ValueError(f"{name} must be < {below}, got {value}")
     return value
 
 

@@ -87,16 +87,13 @@ def perturb(
     _args.check_finite("x", x)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     alpha, sigma = _alpha_sigma(logsnr, x.shape[0], x.device, acc)
+    # A differentiated λ sums x̃ and ε: for 16-bit x from the kernel's float32 values, not their
+    # 16-bit roundings (and no x̃ beyond float16's range). The outputs are the same bits: the
+    # kernel rounds its float32 results to nearest even, as `.to` does.
+    widen = alpha.requires_grad and x.dtype in (torch.bfloat16, torch.float16)
     rows = _args.rows(x)
-    sixteen = x.dtype in (torch.bfloat16, torch.float16)
-    if sixteen and alpha.requires_grad:
-        # The λ gradient sums x̃ and ε: from the kernel's float32 values, not their 16-bit roundings
-        # (and no x̃ beyond float16's range). The outputs are the same bits: the kernel rounds its
-        # float32 results to nearest even, as `.to` does.
-        z, eps, x_warm = _ops.perturb(kernel_backend, rows.float(), alpha, sigma, WARM_CODES[warm],
-                                      float(warm_std), seed_bits, offset_bits, return_warm)
+    z, eps, x_warm = _ops.perturb(kernel_backend, rows.float() if widen else rows, alpha, sigma, WARM_CODES[warm],
+                                  float(warm_std), seed_bits, offset_bits, return_warm)
+    if widen:
         z, eps, x_warm = z.to(x.dtype), eps.to(x.dtype), x_warm.to(x.dtype)
-    else:
-        z, eps, x_warm = _ops.perturb(kernel_backend, rows, alpha, sigma, WARM_CODES[warm], float(warm_std),
-                                      seed_bits, offset_bits, return_warm)
     return ContinuousPerturbed(z.view(x.shape), eps.view(x.shape), x_warm.view(x.shape) if return_warm else None)
